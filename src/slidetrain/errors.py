@@ -1,0 +1,35 @@
+"""One exception hierarchy for the whole package.
+
+Every message names the slide, file or config key, the bad value and what was
+expected, so a user reading a Snakemake log knows what to fix.
+"""
+
+from __future__ import annotations
+
+
+class SlidetrainError(Exception):
+    """Base of every error slidetrain raises on purpose."""
+
+
+class ConfigError(SlidetrainError):
+    """A config key is missing, unknown or has a bad value."""
+
+
+class SheetError(SlidetrainError):
+    """A slide sheet is malformed (missing file, unknown label, duplicate id, ...)."""
+
+
+class SlideError(SlidetrainError):
+    """A slide cannot be read or lacks what a step needs (MPP, levels, ...)."""
+
+    def __init__(self, slide: str, message: str):
+        self.slide = str(slide)
+        super().__init__(f"slide {self.slide}: {message}")
+
+
+class NoTissueError(SlideError):
+    """Masking found no tissue (or too little to tile) on a slide."""
+
+
+class SplitError(SlidetrainError):
+    """A split is inconsistent (patient in two parts, class missing, ...)."""

@@ -1,0 +1,94 @@
+"""The contract every MIL aggregator keeps, and the config every method starts from.
+
+An aggregator takes one bag of tile features `(N, D)` and returns a
+`MILOutput`. Training goes through three hooks so methods with their own
+losses (CLAM, DSMIL, DTFD) or stages (MIL-RNN) plug into one harness:
+`loss`, `probabilities`, `on_epoch_start`; `param_groups` lets a method ask for
+separate optimisers (DTFD's two tiers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from slidetrain.errors import ConfigError
+
+
+@dataclass
+class MILOutput:
+    logits: Tensor  # (C,) slide-level scores
+    attention: Tensor | None = None  # (N,) or (C, N): per-tile scores for heatmaps
+    extras: dict = field(default_factory=dict)  # method-specific terms for `loss`
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser and schedule keys shared by every method (its block may override defaults)."""
+
+    epochs: int = 20
+    optimizer: str = "adam"  # adam | adamw | sgd | radam_lookahead
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    scheduler: str = "none"  # none | cosine | step | plateau
+    min_lr: float = 0.0  # cosine floor
+    step_milestones: tuple[int, ...] = ()  # step: epochs at which lr *= step_gamma
+    step_gamma: float = 0.1
+    plateau_patience: int = 5
+    accumulation: int = 1  # slides per optimiser step
+    grad_clip: float = 0.0  # 0 = off
+    class_weights: bool = False  # weight CE by inverse class frequency of the training part
+    early_stopping_patience: int = 0  # 0 = off; epochs without validation improvement
+    early_stopping_min_epochs: int = 0
+    selection_metric: str = "val_loss"  # val_loss | val_auroc | val_accuracy
+    max_instances: int = 0  # 0 = all; else random subset per training bag (memory guard)
+
+
+def config_from_dict(cls: type, params: dict | None, where: str) -> object:
+    """Build dataclass `cls` from `params`; an unknown key is an error naming `where.key`."""
+    params = dict(params or {})
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}"
+        )
+    for name, value in list(params.items()):
+        default = getattr(cls, name, None) if not callable(getattr(cls, name, None)) else None
+        if isinstance(default, tuple) and isinstance(value, list):
+            params[name] = tuple(value)
+    try:
+        return cls(**params)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from err
+
+
+class MILModel(nn.Module):
+    """Base class of every aggregator in the registry."""
+
+    #: per-tile attention comes back in MILOutput.attention (used for heatmaps)
+    has_attention: bool = False
+
+    def forward(self, bag: Tensor) -> MILOutput:  # bag: (N, D)
+        raise NotImplementedError
+
+    def loss(self, out: MILOutput, label: Tensor, class_weights: Tensor | None = None) -> Tensor:
+        """Slide-level cross-entropy; methods with their own losses override this."""
+        return F.cross_entropy(out.logits.unsqueeze(0), label.view(1), weight=class_weights)
+
+    def probabilities(self, out: MILOutput) -> Tensor:
+        """(C,) class probabilities used for metrics."""
+        return torch.softmax(out.logits, dim=-1)
+
+    def param_groups(self) -> list[list[nn.Parameter]]:
+        """Parameter sets that get one optimiser each (one set by default)."""
+        return [list(self.parameters())]
+
+    def on_epoch_start(self, epoch: int, n_epochs: int) -> None:
+        """Hook for staged methods (MIL-RNN); epoch counts from 0."""
