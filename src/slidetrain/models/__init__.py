@@ -63,6 +63,6 @@ def model_keys(cfg: TrainConfig) -> dict:
 
 
 # One import per model file: importing registers the model.
-from slidetrain.models import abmil, pooling  # noqa: E402,F401
+from slidetrain.models import abmil, clam, dsmil, dtfd, gma, milrnn, pooling, transmil  # noqa: E402,F401
 
 __all__ = ["REGISTRY", "MILModel", "MILOutput", "TrainConfig", "build_model", "get_entry", "method_config", "register"]

@@ -79,8 +79,14 @@ class MILModel(nn.Module):
         raise NotImplementedError
 
     def loss(self, out: MILOutput, label: Tensor, class_weights: Tensor | None = None) -> Tensor:
-        """Slide-level cross-entropy; methods with their own losses override this."""
-        return F.cross_entropy(out.logits.unsqueeze(0), label.view(1), weight=class_weights)
+        """Slide-level cross-entropy; methods with their own losses override this.
+
+        With one slide per step, `F.cross_entropy(weight=...)` would normalise the
+        weight away (a weighted mean over one sample), so the slide's class weight
+        multiplies the loss instead.
+        """
+        loss = F.cross_entropy(out.logits.unsqueeze(0), label.view(1))
+        return loss * class_weights[label] if class_weights is not None else loss
 
     def probabilities(self, out: MILOutput) -> Tensor:
         """(C,) class probabilities used for metrics."""
@@ -92,3 +98,7 @@ class MILModel(nn.Module):
 
     def on_epoch_start(self, epoch: int, n_epochs: int) -> None:
         """Hook for staged methods (MIL-RNN); epoch counts from 0."""
+
+    def selectable(self) -> bool:
+        """Whether the model in its current stage may be selected on validation (MIL-RNN: RNN stage only)."""
+        return True

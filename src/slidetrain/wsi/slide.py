@@ -92,11 +92,19 @@ class Slide:
 
 
 def rgba_to_rgb_on_white(rgba: np.ndarray) -> np.ndarray:
-    """Composite OpenSlide's premultiplied RGBA onto white: no-data areas become background."""
-    rgb = rgba[..., :3].astype(np.uint16)
-    alpha = rgba[..., 3:4].astype(np.uint16)
-    out = rgb + (255 - alpha)  # premultiplied: colour already scaled by alpha
-    return np.clip(out, 0, 255).astype(np.uint8)
+    """Composite OpenSlide's RGBA onto white: no-data areas become background. (H, W, 4) -> (H, W, 3).
+
+    openslide-python returns *non*-premultiplied RGBA (it un-premultiplies
+    OpenSlide's ARGB), so partly transparent pixels are blended as
+    rgb * a + 255 * (1 - a). Fully opaque regions, the usual case, are a copy.
+    """
+    rgba = np.asarray(rgba)
+    alpha = rgba[..., 3]
+    if alpha.size == 0 or alpha.min() == 255:
+        return np.ascontiguousarray(rgba[..., :3])
+    a = alpha.astype(np.uint32)[..., None]
+    out = (rgba[..., :3].astype(np.uint32) * a + 255 * (255 - a) + 127) // 255
+    return out.astype(np.uint8)
 
 
 def read_mpp(handle: openslide.OpenSlide) -> float | None:
@@ -140,6 +148,13 @@ def open_slide(path: str | Path, slide_id: str | None = None, mpp_fallback: floa
     try:
         handle = openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError as err:
+        kind = _sniff_tiff(path)
+        if kind:  # a cut-short TIFF (directories lost) is "unsupported" to OpenSlide
+            raise SlideError(
+                slide_id,
+                f"{path} starts like a {kind} file but OpenSlide cannot read it: truncated or corrupt, "
+                f"or not a tiled pyramid (expected a complete slide file; copy it again): {err}",
+            ) from err
         raise SlideError(slide_id, f"{path} is not a slide format OpenSlide can read (expected SVS, tiled TIFF, NDPI, MRXS, ...): {err}") from err
     except openslide.OpenSlideError as err:
         raise SlideError(slide_id, f"{path} could not be opened (truncated or corrupt?): {err}") from err
@@ -157,6 +172,13 @@ def open_slide(path: str | Path, slide_id: str | None = None, mpp_fallback: floa
     slide = Slide(path=path, slide_id=slide_id, handle=handle, mpp=mpp, mpp_source=source)
     _check_readable(slide)
     return slide
+
+
+def _sniff_tiff(path: Path) -> str | None:
+    """'TIFF' or 'BigTIFF' if the file has a TIFF header (SVS, NDPI, generic TIFF), else None."""
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    return {b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"II+\x00": "BigTIFF", b"MM\x00+": "BigTIFF"}.get(magic)
 
 
 def _check_readable(slide: Slide) -> None:

@@ -1,0 +1,30 @@
+# slidetrain: from raw slides to the papers' tables.
+#   snakemake --cores all results/tables/table1.csv      (default config: synthetic dataset, CPU)
+#   snakemake -n --workflow-profile profiles/slurm ...   (SLURM cluster)
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/slides.smk"
+include: "workflow/rules/preprocess.smk"
+include: "workflow/rules/features.smk"
+include: "workflow/rules/splits.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/tables.smk"
+include: "workflow/rules/bench.smk"
+
+
+rule all:
+    input:
+        "results/tables/table1.csv",
+        "results/qc/excluded.csv",
+        "results/bench/preprocess.csv",
+    default_target: True

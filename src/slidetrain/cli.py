@@ -1,0 +1,226 @@
+"""`slidetrain` command line: one subcommand per pipeline step, so every rule can be run by hand.
+
+Imports are inside the subcommands: `slidetrain --help` and the light steps
+must not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from slidetrain.errors import SlidetrainError
+
+
+def _json_arg(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"expected JSON, got {text!r}: {err}") from err
+
+
+def cmd_make_sheet(a: argparse.Namespace) -> None:
+    from slidetrain.io import atomic_path
+    from slidetrain.wsi.synthetic import synthetic_sheet
+
+    sheet = synthetic_sheet(a.n_slides, a.seed)
+    with atomic_path(a.out) as tmp:
+        sheet.to_csv(tmp, sep="\t", index=False)
+
+
+def cmd_synthesize(a: argparse.Namespace) -> None:
+    from slidetrain.wsi.synthetic import synthetic_spec, write_synthetic_slide
+
+    spec = synthetic_spec(a.slide_id, a.label, a.seed, tuple(a.size_range_px))
+    write_synthetic_slide(a.out, spec, truth_path=a.truth)
+
+
+def cmd_preprocess(a: argparse.Namespace) -> None:
+    from slidetrain.wsi.exclusion import preprocess_or_exclude
+
+    preprocess_or_exclude(
+        a.slide, a.slide_id, outputs=a.outputs, params=a.params, on_bad_slide=a.on_bad_slide, status_json=a.status
+    )
+
+
+def cmd_features(a: argparse.Namespace) -> None:
+    from slidetrain.wsi.features import FeatureJob, extract_features
+
+    jobs = []
+    for item in a.slides:
+        slide_id, _, path = item.partition("=")
+        jobs.append(FeatureJob(slide_id, Path(path), Path(a.tiles_dir) / f"{slide_id}.h5", Path(a.out_dir) / f"{slide_id}.h5"))
+    extract_features(
+        jobs, a.encoder, a.weights, batch_size=a.batch_size, device=a.device, threads=a.threads,
+        seed=a.seed, mpp_fallback=a.mpp_fallback,
+    )
+
+
+def cmd_split(a: argparse.Namespace) -> None:
+    from slidetrain.data.sheet import read_sheet
+    from slidetrain.data.splits import make_split, read_official_split, write_split
+    from slidetrain.wsi.exclusion import excluded_slides
+
+    sheet = read_sheet(a.sheet, a.classes, check_files=False)
+    excluded = excluded_slides(a.status) if a.status else {}
+    sheet = sheet[~sheet.slide_id.isin(excluded)].reset_index(drop=True)
+    if a.official:
+        split = read_official_split(a.official, sheet)
+    else:
+        split = make_split(sheet, seed=a.seed, fractions=tuple(a.fractions))
+    write_split(split, a.out)
+
+
+def cmd_train_mil(a: argparse.Namespace) -> None:
+    from slidetrain.train.mil import fit_mil
+
+    fit_mil(a.method, a.params, Path(a.split), Path(a.features), a.classes, Path(a.out), a.seed, a.threads)
+
+
+def cmd_evaluate_mil(a: argparse.Namespace) -> None:
+    from slidetrain.train.mil import evaluate_mil
+
+    evaluate_mil(
+        Path(a.model), Path(a.split), Path(a.features), a.classes, Path(a.predictions), Path(a.metrics),
+        attention_h5=Path(a.attention) if a.attention else None, ordinal=a.ordinal,
+        n_bootstrap=a.n_bootstrap, seed=a.seed,
+    )
+
+
+def cmd_table1(a: argparse.Namespace) -> None:
+    from slidetrain.paper.tables import table1
+
+    paper_names = dict(item.split("=", 1) for item in a.paper_names)
+    not_applicable = [tuple(item.split(":", 1)) for item in a.not_applicable]
+    table1(a.metrics, a.out_csv, a.out_md, paper_names, not_applicable, a.method_order)
+
+
+def cmd_qc_table(a: argparse.Namespace) -> None:
+    from slidetrain.wsi.exclusion import write_exclusion_table
+
+    write_exclusion_table(a.status, a.out)
+
+
+def cmd_bench_preprocess(a: argparse.Namespace) -> None:
+    from slidetrain.bench.preprocess import preprocess_table
+
+    preprocess_table(a.timings, a.features, a.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slidetrain", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("make-sheet", help="write the synthetic dataset's slide sheet")
+    s.add_argument("--n-slides", type=int, required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_make_sheet)
+
+    s = sub.add_parser("synthesize", help="draw one synthetic slide (pyramidal TIFF + truth masks)")
+    s.add_argument("--slide-id", required=True)
+    s.add_argument("--label", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size-range-px", type=int, nargs=2, default=(3000, 6000))
+    s.add_argument("--out", required=True)
+    s.add_argument("--truth")
+    s.set_defaults(func=cmd_synthesize)
+
+    s = sub.add_parser("preprocess", help="mask tissue, tile, write QC picture and the whole-slide image")
+    s.add_argument("--slide", required=True)
+    s.add_argument("--slide-id", required=True)
+    s.add_argument("--outputs", type=_json_arg, required=True, help="JSON: mask_png, qc_path, tiles_h5, image_path, image_meta_json, timings_json")
+    s.add_argument("--params", type=_json_arg, default={}, help="JSON: preprocess parameters")
+    s.add_argument("--on-bad-slide", choices=["error", "exclude"], default="error")
+    s.add_argument("--status", required=True, help="status JSON (ok or excluded with the reason)")
+    s.set_defaults(func=cmd_preprocess)
+
+    s = sub.add_parser("features", help="extract frozen tile features for slides (encoder loaded once)")
+    s.add_argument("--slides", nargs="+", required=True, help="slide_id=path pairs")
+    s.add_argument("--tiles-dir", required=True)
+    s.add_argument("--out-dir", required=True)
+    s.add_argument("--encoder", required=True)
+    s.add_argument("--weights", default="none")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--mpp-fallback", type=float)
+    s.set_defaults(func=cmd_features)
+
+    s = sub.add_parser("split", help="write a seeded, patient-grouped, stratified split (or validate an official one)")
+    s.add_argument("--sheet", required=True)
+    s.add_argument("--classes", nargs="+", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--fractions", type=float, nargs=3, default=(0.6, 0.15, 0.25))
+    s.add_argument("--official")
+    s.add_argument("--status", nargs="*", help="per-slide preprocessing status files; excluded slides are left out")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_split)
+
+    s = sub.add_parser("train-mil", help="train a MIL aggregator on frozen features")
+    s.add_argument("--method", required=True)
+    s.add_argument("--params", type=_json_arg, default={})
+    s.add_argument("--split", required=True)
+    s.add_argument("--features", required=True)
+    s.add_argument("--classes", nargs="+", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=1)
+    s.set_defaults(func=cmd_train_mil)
+
+    s = sub.add_parser("evaluate-mil", help="score a trained aggregator on the test part")
+    s.add_argument("--model", required=True)
+    s.add_argument("--split", required=True)
+    s.add_argument("--features", required=True)
+    s.add_argument("--classes", nargs="+", required=True)
+    s.add_argument("--predictions", required=True)
+    s.add_argument("--metrics", required=True)
+    s.add_argument("--attention")
+    s.add_argument("--ordinal", action="store_true")
+    s.add_argument("--n-bootstrap", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_evaluate_mil)
+
+    s = sub.add_parser("table1", help="Table 1 from run metrics")
+    s.add_argument("--metrics", nargs="+", required=True, help="metrics.json files under results/{dataset}/runs/{method}/{split}/{seed}/")
+    s.add_argument("--out-csv", required=True)
+    s.add_argument("--out-md", required=True)
+    s.add_argument("--paper-names", nargs="*", default=[], help="dataset=name in the paper's table")
+    s.add_argument("--not-applicable", nargs="*", default=[], help="method:dataset pairs shown as '/'")
+    s.add_argument("--method-order", nargs="*", default=[])
+    s.set_defaults(func=cmd_table1)
+
+    s = sub.add_parser("qc-table", help="collect excluded slides and their reasons")
+    s.add_argument("--status", nargs="+", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_qc_table)
+
+    s = sub.add_parser("bench-preprocess", help="per-slide preprocessing seconds")
+    s.add_argument("--timings", nargs="+", required=True)
+    s.add_argument("--features", nargs="*", default=[])
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_bench_preprocess)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        args.func(args)
+    except SlidetrainError as err:
+        print(f"slidetrain {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

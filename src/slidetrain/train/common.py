@@ -1,0 +1,101 @@
+"""What every training strategy shares: seeding, provenance, checkpoints, history.
+
+A checkpoint is written atomically at the end of every epoch and carries the
+RNG states, so a run killed at any point resumes from its last finished epoch
+and ends exactly where an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from slidetrain.io import atomic_path, write_json
+
+#: test hook: exit hard (as a kill would) right after the checkpoint of this epoch (1-based) is saved
+STOP_AFTER_EPOCH_ENV = "SLIDETRAIN_STOP_AFTER_EPOCH"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def git_commit() -> str:
+    """The commit of the code that ran (with '+dirty' if the tree had changes), or 'unknown'."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_provenance(path: Path, method: str, cfg, seed: int, extra: dict | None = None) -> None:
+    """The resolved config, seed and git commit beside the model."""
+    write_json(
+        path,
+        {
+            "method": method,
+            "config": asdict(cfg) if is_dataclass(cfg) else dict(cfg),
+            "seed": seed,
+            "git_commit": git_commit(),
+            "torch": torch.__version__,
+            **(extra or {}),
+        },
+    )
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def maybe_stop_for_test(epoch_done: int) -> None:
+    """Simulate a kill after `epoch_done` epochs when the test hook asks for it."""
+    stop = os.environ.get(STOP_AFTER_EPOCH_ENV)
+    if stop and int(stop) == epoch_done:
+        os._exit(137)
+
+
+def write_history(path: Path, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+
+
+def is_better(value: float, best: float | None, metric: str) -> bool:
+    """Loss-like metrics improve downwards, scores upwards; NaN never improves."""
+    if value != value:  # NaN
+        return False
+    if best is None:
+        return True
+    return value < best if metric.endswith("loss") else value > best

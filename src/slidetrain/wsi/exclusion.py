@@ -1,0 +1,98 @@
+"""`on_bad_slide`: fail on an unusable slide (default), or exclude it with its reason on record.
+
+An excluded slide still gets every per-slide output (Snakemake's DAG is fixed
+when the workflow is parsed), but as placeholders flagged `excluded` that the
+later steps recognise: features are empty, splits leave the slide out, and
+`results/qc/excluded.csv` lists it with the reason. Nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+from slidetrain.errors import SlideError
+from slidetrain.io import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+OUTPUT_KEYS = ("mask_png", "qc_path", "tiles_h5", "image_path", "image_meta_json", "timings_json")
+
+
+def preprocess_or_exclude(
+    slide_path: str | Path,
+    slide_id: str,
+    outputs: dict,
+    params: dict,
+    on_bad_slide: str,
+    status_json: str | Path,
+) -> dict:
+    from slidetrain.wsi.preprocess import preprocess_slide
+
+    missing = [k for k in OUTPUT_KEYS if k not in outputs]
+    if missing:
+        raise ValueError(f"preprocess outputs lack {missing}")
+    try:
+        timings = preprocess_slide(slide_path, slide_id, **outputs, **params)
+    except SlideError as err:
+        if on_bad_slide != "exclude":
+            raise
+        log.warning("excluding %s: %s", slide_id, err)
+        write_placeholders(slide_id, outputs, str(err))
+        write_json(status_json, {"slide_id": slide_id, "status": "excluded", "reason": str(err)})
+        return {"excluded": str(err)}
+    write_json(status_json, {"slide_id": slide_id, "status": "ok", "reason": ""})
+    return timings
+
+
+def write_placeholders(slide_id: str, outputs: dict, reason: str) -> None:
+    """Every per-slide output, flagged excluded, so the DAG completes and later steps know why."""
+    with atomic_path(outputs["mask_png"]) as tmp:
+        Image.fromarray(np.zeros((1, 1), np.uint8)).save(tmp, format="PNG")
+    picture = Image.new("RGB", (640, 120), "white")
+    ImageDraw.Draw(picture).multiline_text((10, 10), f"{slide_id}: EXCLUDED\n{reason[:300]}", fill="red")
+    with atomic_path(outputs["qc_path"]) as tmp:
+        picture.save(tmp, format="PNG" if str(outputs["qc_path"]).endswith(".png") else "JPEG")
+    with atomic_path(outputs["tiles_h5"]) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("coords", data=np.zeros((0, 2), np.int64))
+            f["coords"].attrs["excluded"] = reason
+            f.attrs["excluded"] = reason
+    with atomic_path(outputs["image_path"]) as tmp:
+        Image.new("RGB", (1, 1), "white").save(tmp, format="JPEG")
+    write_json(outputs["image_meta_json"], {"slide_id": slide_id, "excluded": reason})
+    write_json(outputs["timings_json"], {"slide_id": slide_id, "excluded": reason})
+
+
+def read_status(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def excluded_slides(status_files: list[str | Path]) -> dict[str, str]:
+    """slide_id -> reason, for every status file that says excluded."""
+    out = {}
+    for path in status_files:
+        status = read_status(path)
+        if status["status"] == "excluded":
+            out[status["slide_id"]] = status["reason"]
+    return out
+
+
+def write_exclusion_table(status_files: list[str | Path], out_csv: str | Path) -> pd.DataFrame:
+    """results/qc/excluded.csv: dataset, slide_id, reason (dataset = the folder above qc/status/)."""
+    rows = []
+    for path in status_files:
+        status = read_status(path)
+        if status["status"] == "excluded":
+            dataset = Path(path).parents[2].name  # results/{dataset}/qc/status/{slide}.json
+            rows.append({"dataset": dataset, "slide_id": status["slide_id"], "reason": status["reason"]})
+    table = pd.DataFrame(rows, columns=["dataset", "slide_id", "reason"])
+    with atomic_path(out_csv) as tmp:
+        table.to_csv(tmp, index=False)
+    return table

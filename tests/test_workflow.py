@@ -1,0 +1,97 @@
+"""The whole DAG on a tiny config, as a user runs it: snakemake from a fresh folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from slidetrain.wsi.synthetic import synthetic_sheet
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "data" / "tiny_config.yaml"
+pytestmark = pytest.mark.workflow
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+           "--configfile", str(workdir / "config" / "config.yaml"), "--cores", "2", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("tiny")
+    (work / "config" / "sheets").mkdir(parents=True)
+    shutil.copy(TINY, work / "config" / "config.yaml")
+    sheet = synthetic_sheet(15, seed=3)
+    # One file that is not a slide: with on_bad_slide: exclude it must be listed, with its reason, not skipped.
+    (work / "not_a_slide.svs").write_text("this is not a slide\n")
+    bad = pd.DataFrame([{"slide_id": "broken_01", "patient_id": "pat_bad", "label": "normal",
+                         "source": str(work / "not_a_slide.svs")}])
+    pd.concat([sheet, bad]).to_csv(work / "config" / "sheets" / "synthetic.tsv", sep="\t", index=False)
+    proc = snakemake(work, "results/tables/table1.csv", "results/bench/preprocess.csv")
+    return work, proc
+
+
+def test_tiny_config_runs_the_whole_dag(tiny_run):
+    work, _ = tiny_run
+    table = pd.read_csv(work / "results" / "tables" / "table1.csv")
+    assert list(table.columns) == ["method", "dataset", "accuracy", "auroc", "accuracy_std", "auroc_std",
+                                   "n_seeds", "paper_accuracy", "paper_auroc"]
+    assert sorted(table.method) == ["abmil", "maxpool"]
+    assert (table.n_seeds == 1).all()
+    assert table.accuracy.between(0, 1).all()
+    assert (work / "results" / "tables" / "table1.md").read_text().startswith("| method |")
+    run = work / "results" / "synthetic" / "runs" / "abmil" / "mccv0" / "0"
+    for name in ("model.pt", "history.csv", "run.json", "predictions.csv", "metrics.json", "attention.h5"):
+        assert (run / name).exists(), name
+    assert not list(work.rglob(".tmp-*")), "a temporary file was left behind"
+
+
+def test_bad_slide_is_excluded_with_its_reason(tiny_run):
+    work, _ = tiny_run
+    excluded = pd.read_csv(work / "results" / "qc" / "excluded.csv")
+    assert excluded.slide_id.tolist() == ["broken_01"]
+    assert "not a slide format" in excluded.reason.iloc[0]
+    split = pd.read_csv(work / "results" / "synthetic" / "splits" / "mccv0.csv")
+    assert "broken_01" not in set(split.slide_id)
+    assert len(split) == 15
+
+
+def test_preprocess_benchmark_has_every_slide(tiny_run):
+    work, _ = tiny_run
+    bench = pd.read_csv(work / "results" / "bench" / "preprocess.csv")
+    ok = bench[bench.dataset == "synthetic"].dropna(subset=["mask_s"])
+    assert len(ok) == 15
+    assert (ok[["mask_s", "tile_s", "image_s", "features_s"]] >= 0).all().all()
+    assert (ok.n_tiles > 0).all()
+    assert "bench_large" in set(bench.dataset)
+
+
+def test_rerun_has_nothing_to_do(tiny_run):
+    work, _ = tiny_run
+    proc = snakemake(work, "-n", "results/tables/table1.csv")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_unknown_method_is_a_parse_time_error(tiny_run, tmp_path):
+    work, _ = tiny_run
+    cfg = (work / "config" / "config.yaml").read_text().replace("methods: [maxpool, abmil]", "methods: [maxpool, nosuchmil]")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(cfg)
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work), "--configfile", str(bad),
+         "-n", "results/tables/table1.csv"], capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "nosuchmil" in proc.stdout + proc.stderr

@@ -1,0 +1,25 @@
+# Seeded, stratified, patient-grouped splits (mccv0..N-1), or a dataset's official split.
+# Slides excluded during preprocessing (on_bad_slide: exclude) are left out here, on record.
+
+
+rule make_split:
+    input:
+        sheet=lambda w: dataset_cfg(w.dataset)["sheet"],
+        status=lambda w: statuses(w.dataset),
+        official=lambda w: OFFICIAL[w.dataset] if w.split == "official" else [],
+    output:
+        "results/{dataset}/splits/{split}.csv",
+    params:
+        classes=lambda w: " ".join(dataset_cfg(w.dataset)["classes"]),
+        seed=lambda w: config["splits"]["seed"] + (0 if w.split == "official" else int(w.split[4:])),
+        fractions=" ".join(map(str, config["splits"]["fractions"])),
+        official=lambda w, input: f"--official {input.official}" if w.split == "official" else "",
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/{dataset}/splits/{split}.log",
+    benchmark:
+        "benchmarks/{dataset}/splits/{split}.tsv"
+    shell:
+        "slidetrain split --sheet {input.sheet} --classes {params.classes} --seed {params.seed}"
+        " --fractions {params.fractions} {params.official} --status {input.status} --out {output} > {log} 2>&1"
