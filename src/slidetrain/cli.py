@@ -35,6 +35,10 @@ def cmd_synthesize(a: argparse.Namespace) -> None:
     from slidetrain.wsi.synthetic import synthetic_spec, write_synthetic_slide
 
     spec = synthetic_spec(a.slide_id, a.label, a.seed, tuple(a.size_range_px))
+    if a.size_px:  # an exact size, e.g. the 40,960 x 30,720 benchmark slide
+        import dataclasses
+
+        spec = dataclasses.replace(spec, width_px=a.size_px[0], height_px=a.size_px[1])
     write_synthetic_slide(a.out, spec, truth_path=a.truth)
 
 
@@ -110,6 +114,18 @@ def cmd_bench_preprocess(a: argparse.Namespace) -> None:
     preprocess_table(a.timings, a.features, a.out)
 
 
+def cmd_bench_bags(a: argparse.Namespace) -> None:
+    from slidetrain.bench.mil_throughput import make_bench_bags
+
+    make_bench_bags(Path(a.out_dir), Path(a.split), a.n_bags, a.n_instances, a.dim, a.seed)
+
+
+def cmd_bench_mil(a: argparse.Namespace) -> None:
+    from slidetrain.bench.mil_throughput import throughput_table
+
+    throughput_table([Path(p) for p in a.runs], [Path(p) for p in a.benchmarks], Path(a.out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slidetrain", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -126,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label", required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size-range-px", type=int, nargs=2, default=(3000, 6000))
+    s.add_argument("--size-px", type=int, nargs=2, help="exact level-0 width and height (overrides the range)")
     s.add_argument("--out", required=True)
     s.add_argument("--truth")
     s.set_defaults(func=cmd_synthesize)
@@ -205,6 +222,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--features", nargs="*", default=[])
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_bench_preprocess)
+
+    s = sub.add_parser("bench-bags", help="write synthetic feature bags for the MIL throughput benchmark")
+    s.add_argument("--out-dir", required=True)
+    s.add_argument("--split", required=True)
+    s.add_argument("--n-bags", type=int, default=1000)
+    s.add_argument("--n-instances", type=int, default=2000)
+    s.add_argument("--dim", type=int, default=512)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_bench_bags)
+
+    s = sub.add_parser("bench-mil", help="collect MIL training-epoch seconds per method")
+    s.add_argument("--runs", nargs="+", required=True)
+    s.add_argument("--benchmarks", nargs="+", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_bench_mil)
     return p
 
 

@@ -5,7 +5,7 @@ rule synthesize_large_slide:
     output:
         slide="resources/bench/large.tiff",
     params:
-        size=lambda w: " ".join(map(str, [max(config.get("bench", {}).get("large_slide_px", [40960, 30720]))] * 2)),
+        size=" ".join(map(str, config.get("bench", {}).get("large_slide_px", [40960, 30720]))),
     conda:
         "../../envs/slidetrain.yaml"
     log:
@@ -17,7 +17,7 @@ rule synthesize_large_slide:
         runtime=30,
     shell:
         "slidetrain synthesize --slide-id large --label high_grade --seed 0"
-        " --size-range-px {params.size} --out {output.slide} > {log} 2>&1"
+        " --size-px {params.size} --out {output.slide} > {log} 2>&1"
 
 
 use rule preprocess_slide as preprocess_large_slide with:
@@ -70,3 +70,61 @@ rule bench_preprocess:
     shell:
         "slidetrain bench-preprocess --timings {input.timings} {input.large} --features {input.features}"
         " --out {output} > {log} 2>&1"
+
+
+rule bench_bags:
+    output:
+        bags=directory("resources/bench/mil_bags"),
+        split="resources/bench/mil_bags_split.csv",
+    params:
+        n_bags=config.get("bench", {}).get("mil_bags", 1000),
+        n_instances=config.get("bench", {}).get("mil_instances", 2000),
+        dim=config.get("bench", {}).get("mil_dim", 512),
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/bench/mil_bags.log",
+    benchmark:
+        "benchmarks/bench/mil_bags.tsv"
+    shell:
+        "slidetrain bench-bags --out-dir {output.bags} --split {output.split} --n-bags {params.n_bags}"
+        " --n-instances {params.n_instances} --dim {params.dim} > {log} 2>&1"
+
+
+rule bench_mil_epoch:
+    input:
+        bags="resources/bench/mil_bags",
+        split="resources/bench/mil_bags_split.csv",
+    output:
+        history="results/bench/mil/{method}/history.csv",
+    params:
+        method_params=lambda w: json.dumps({**config["methods"].get(w.method, {}), "epochs": 1}),
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/bench/mil/{method}.log",
+    benchmark:
+        "benchmarks/bench/mil/{method}.tsv"
+    threads: config.get("training", {}).get("threads", 1)
+    shell:
+        "slidetrain train-mil --method {wildcards.method} --params '{params.method_params}'"
+        " --split {input.split} --features {input.bags} --classes negative positive"
+        " --out $(dirname {output.history}) --seed 0 --threads {threads} > {log} 2>&1"
+
+
+rule bench_mil_throughput:
+    input:
+        runs=expand("results/bench/mil/{method}/history.csv", method=MIL_METHODS),
+    output:
+        "results/bench/mil_throughput.csv",
+    params:
+        runs=expand("results/bench/mil/{method}", method=MIL_METHODS),
+        benchmarks=expand("benchmarks/bench/mil/{method}.tsv", method=MIL_METHODS),
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/bench/mil_throughput.log",
+    benchmark:
+        "benchmarks/bench/mil_throughput.tsv"
+    shell:
+        "slidetrain bench-mil --runs {params.runs} --benchmarks {params.benchmarks} --out {output} > {log} 2>&1"

@@ -29,6 +29,31 @@ if TYPE_CHECKING:
 BAND_LEVEL_PIXELS = 16_000_000  # max pixels of the read level held at once (~48 MB RGB)
 
 
+SNAP_TOLERANCE = 0.02  # level-0/target ratios within 2 % of an integer are that integer
+
+
+def level0_downsample(slide: Slide, magnification: float) -> float:
+    """Level-0 px per output px at `magnification`; SlideError if that would upsample.
+
+    Scanners write mpp like 0.499 or 0.2527, so the exact ratio to 20x is
+    1.002 or 1.979; taken literally every tile would be resampled by 0.2 %. A
+    ratio within 2 % of an integer is snapped to it, which is what the
+    objective-power-based magnifications of CLAM and TRIDENT amount to.
+    """
+    ds = slide.downsample_for_magnification(magnification)
+    nearest = round(ds)
+    if nearest >= 1 and abs(ds - nearest) <= SNAP_TOLERANCE * ds:
+        ds = float(nearest)
+    if ds < 1.0:
+        raise SlideError(
+            slide.slide_id,
+            f"magnification {magnification}x is above the slide's scan magnification "
+            f"{slide.level0_magnification:.2f}x (mpp {slide.mpp}); expected <= "
+            f"{slide.level0_magnification:.2f}x, as we never upsample",
+        )
+    return ds
+
+
 def read_scaled(
     slide: Slide,
     downsample: float,
@@ -121,13 +146,7 @@ def extract_slide_image(
     meta: level0_bbox (x0, y0, x1, y1), magnification, downsample (level-0 px per
     output px), downsample_xy, size (W, H), read_level, slide_id, mpp.
     """
-    ds = slide.downsample_for_magnification(magnification)
-    if ds < 1.0:
-        raise SlideError(
-            slide.slide_id,
-            f"slide image magnification {magnification}x is above the slide's scan magnification "
-            f"{slide.level0_magnification:.1f}x (expected <= {slide.level0_magnification:.1f}x; we never upsample)",
-        )
+    ds = level0_downsample(slide, magnification)
     try:
         bbox = tissue_bbox(tissue, slide.dimensions, margin_level0=round(margin_px * ds))
     except NoTissueError:

@@ -23,15 +23,15 @@ Presets
             failure: on slides smaller than the area filter (a_t = 100 x 512^2
             level-0 px = 26.2 Mpx, e.g. a 2220 x 2967 px region) nothing survives
             and NoTissueError is raised ("0 contours" in CLAM).
-``default`` CLAM's numbers plus three fixes:
+``default`` CLAM's numbers plus four fixes:
             * area filters capped relative to the slide: a_t at 0.1 % and a_h at
               0.2 % of the slide area. CLAM's a_t (26.2 Mpx at level 0) assumes
               resection slides; it removes whole biopsies, crops and small
               slides (on the 2220 x 2967 Aperio fixture it exceeds the slide).
               0.1 % still drops dust and specks (<< 0.01 % of a slide) but keeps
               small pieces, including tissue that a pen stroke cuts apart (on 12
-              synthetic slides a 1 % cap dropped such pieces, worst recall 0.90;
-              with 0.1 % the worst is 0.93). CLAM's a_t only wins on slides above
+              synthetic slides a 1 % cap dropped such pieces, worst recall of
+              visible tissue 0.94; with 0.1 % it is 0.96). CLAM's a_t only wins above
               26 Gpx, so in practice a_t = 0.1 % of the slide area. The caps
               apply to the tcga and biopsy presets too.
             * the segmentation scale is made exact and bounded: the finest
@@ -46,7 +46,7 @@ Presets
             * the Otsu option ignores pen pixels and clips saturation at 100
               when choosing its threshold: otherwise a blue pen or saturated
               lesions (1 % of pixels at S ~ 170) pull the split to S ~ 80 and
-              most tissue is lost (12 synthetic slides: worst recall 0.10 -> 0.90).
+              most tissue is lost (12 synthetic slides: worst recall 0.10 -> 0.92).
 ``tcga``    default with CLAM's tcga.csv filters: a_t 16, a_h 4.
 ``biopsy``  default with CLAM's biopsy.csv: sthresh 15, mthresh 11, close 2,
             a_t 1, a_h 1, max_n_holes 2.

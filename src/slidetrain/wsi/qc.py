@@ -30,7 +30,7 @@ def qc_picture(
     coords: np.ndarray,
     tile_size_level0: int,
     title: str = "",
-    max_side_px: int = 1600,
+    max_side_px: int = 1024,  # 1024 lets typical slides read the 4x-down level instead of 2x: 4x less decoding
 ) -> None:
     """Write the QC picture (PNG, or JPEG for .jpg/.jpeg) atomically."""
     w0, h0 = slide.dimensions
@@ -67,4 +67,6 @@ def qc_picture(
     path = Path(path)
     fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
     with atomic_path(path) as tmp:
-        canvas.save(tmp, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+        # PNG at zlib level 1: a photo-like thumbnail barely shrinks further but encodes ~5x slower.
+        options = {"quality": 90} if fmt == "JPEG" else {"compress_level": 1}
+        canvas.save(tmp, format=fmt, **options)

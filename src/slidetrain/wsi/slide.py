@@ -186,7 +186,9 @@ def _check_readable(slide: Slide) -> None:
     level = slide.level_count - 1
     w, h = slide.level_dimensions[level]
     try:
-        slide.handle.read_region((0, 0), level, (min(w, 4096), min(h, 4096)))
+        # A corner of the smallest level: cheap even on single-level slides, and a file cut short
+        # usually loses its last (smallest) pages first.
+        slide.handle.read_region((0, 0), level, (min(w, 1024), min(h, 1024)))
     except openslide.OpenSlideError as err:
         slide.close()
         raise SlideError(slide.slide_id, f"{slide.path} is truncated or corrupt: decoding level {level} failed: {err}") from err

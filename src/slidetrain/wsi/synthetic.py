@@ -14,10 +14,11 @@ doubles as the ground truth). Texture (stroma fibres, nuclei) is drawn at 5x
 horizontal strips whose random numbers come from fixed row blocks, so the
 result does not depend on strip size and memory stays bounded. Colour comes
 from a Beer-Lambert stain model (optical density = hematoxylin + eosin + ink),
-which gives H&E hues for free. Levels 0 (20x) and 1 (10x) are bicubic
-upsamplings of the 5x canvas written tile row by tile row, so a 20x read looks
-like slightly soft tissue, not blocks, and even a 40,960 x 30,720 slide needs
-only the 5x canvas (~240 MB) in memory.
+which gives H&E hues for free. Nuclei are soft-edged blobs 2-4 px across at
+5x, so levels 0 (20x) and 1 (10x), bilinear upsamplings of the 5x canvas
+written tile row by tile row (plus fine grain at 20x), look like slightly
+soft tissue, not blocks. A 40,960 x 30,720 slide needs only the 5x canvas
+(~300 MB) in memory (measured peak RSS ~0.7 GB, ~45 s of one core).
 
 File layout: a tiled (256 px) JPEG TIFF with one page per level (downsample 2
 per level, not SubIFDs, so OpenSlide's generic-tiff driver sees the pyramid)
@@ -64,9 +65,8 @@ SMALLEST_LEVEL_SIDE_PX = 500  # add levels until the smallest side drops below t
 
 _BLOCK_ROWS = 32  # random numbers are drawn per block of 5x rows, so strips tile seamlessly
 _HALO_ROWS = 8  # >= the largest filter radius used on the 5x canvas
-_UPSAMPLE = (
-    Image.Resampling.BILINEAR
-)  # 5x canvas -> 10x, 20x: as good as bicubic on soft content, faster
+# 5x canvas -> 10x and 20x: on this soft content as good as bicubic, and a third faster.
+_UPSAMPLE = Image.Resampling.BILINEAR
 
 # Stain optical-density directions (Macenko-style H&E vectors, unit length) and ink colours.
 _H_OD = np.array([0.5626, 0.7201, 0.4062], np.float32)  # hematoxylin: purple-blue
@@ -79,7 +79,8 @@ _PEN_OD = {
 }
 _DEBRIS_OD = np.array([0.9, 1.0, 1.15], np.float32)  # grey-brown dust
 
-# Nucleus populations: (impulses per 5x px, gaussian sigma in 5x px, hematoxylin OD, threshold).
+# Nucleus populations: (impulses per 5x px, gaussian sigma in 5x px, hematoxylin OD, offset
+# subtracted from the blob profile, which sets how far a nucleus extends).
 # Lesions differ from normal tissue in density, size and darkness, each visible at 5x.
 _NUCLEI = {
     "normal": (0.012, 0.9, 1.55, 0.15),
@@ -93,7 +94,8 @@ class SyntheticSpec:
     """Everything needed to draw one synthetic slide; `seed` drives all random detail.
 
     Sizes are level-0 pixels at `mpp`. Fractions are targets that the drawing
-    meets exactly on the downsample-16 truth grid. Change a field with
+    meets on the downsample-16 truth grid (lesions exactly; tissue up to the
+    crumbs it removes). Change a field with
     `dataclasses.replace` (e.g. a 40,960 x 30,720 benchmark slide); the rest of
     the drawing adapts.
     """
@@ -248,9 +250,8 @@ class _Layout:
     fields_a: np.ndarray  # (h, w, 3) uint8: soft tissue, low-grade, high-grade masks
     fields_b: np.ndarray  # (h, w, 3) uint8: white gaps, pen alpha, stain variation
     fields_c: np.ndarray  # (h, w, 3) uint8: nucleus density variation, fibre orientation, unused
-    debris_objects: list[
-        tuple[float, float, float, int]
-    ]  # level-0 (x, y, radius, kind 0 speck / 1 bubble)
+    # Level-0 (x, y, radius, kind): kind 0 a dust speck, 1 an air bubble.
+    debris_objects: list[tuple[float, float, float, int]]
 
 
 def _grid_shape(spec: SyntheticSpec) -> tuple[int, int]:
@@ -266,9 +267,7 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cell_px: flo
     )
     img = Image.fromarray(coarse)
     box = (1.0, 1.0, 1.0 + w / cell_px, 1.0 + h / cell_px)
-    out = np.asarray(
-        img.resize((w, h), Image.Resampling.BICUBIC, box=box), dtype=np.float32
-    )  # (h, w)
+    out = np.asarray(img.resize((w, h), Image.Resampling.BICUBIC, box=box), np.float32)  # (h, w)
     return (out - out.mean()) / (out.std() + 1e-6)
 
 
@@ -323,7 +322,8 @@ def _lesion_grade(spec: SyntheticSpec, rng: np.random.Generator, tissue: np.ndar
     if spec.n_lesions == 0 or spec.lesion_fraction <= 0 or not tissue.any():
         return grade_map
     depth = ndimage.distance_transform_edt(tissue)  # (h, w) grid px to the tissue edge
-    ys, xs = np.nonzero(depth >= max(2.0, 0.3 * depth.max()))
+    # Centres well inside tissue (but on tiny tissue, wherever is deepest).
+    ys, xs = np.nonzero(depth >= min(depth.max(), max(2.0, 0.3 * depth.max())))
     tissue_area = float(tissue.sum())
     radius0 = math.sqrt(spec.lesion_fraction * tissue_area / (spec.n_lesions * np.pi))
     n_high = round(spec.high_grade_share * spec.n_lesions)
@@ -409,15 +409,15 @@ def _debris(
 def _debris_mask(
     objects: list[tuple[float, float, float, int]], shape: tuple[int, int]
 ) -> np.ndarray:
+    """Debris discs rasterised on the truth grid (h, w): at least the cell each one falls in."""
     mask = np.zeros(shape, bool)
-    yy, xx = np.ogrid[0 : shape[0], 0 : shape[1]]
     for x, y, radius, _kind in objects:
-        gx, gy, gr = (
-            x / TRUTH_DOWNSAMPLE - 0.5,
-            y / TRUTH_DOWNSAMPLE - 0.5,
-            max(radius / TRUTH_DOWNSAMPLE, 0.75),
-        )
-        mask |= (yy - gy) ** 2 + (xx - gx) ** 2 <= gr * gr
+        gx, gy = x / TRUTH_DOWNSAMPLE - 0.5, y / TRUTH_DOWNSAMPLE - 0.5  # cell-centre coordinates
+        gr = max(radius / TRUTH_DOWNSAMPLE, 0.75)
+        y0, y1 = max(0, int(gy - gr)), min(shape[0], int(gy + gr) + 2)
+        x0, x1 = max(0, int(gx - gr)), min(shape[1], int(gx + gr) + 2)
+        yy, xx = np.ogrid[y0:y1, x0:x1]
+        mask[y0:y1, x0:x1] |= (yy - gy) ** 2 + (xx - gx) ** 2 <= gr * gr
     return mask
 
 
@@ -448,9 +448,8 @@ def _layout(spec: SyntheticSpec) -> _Layout:
         return ndimage.gaussian_filter(mask.astype(np.float32), 0.7)
 
     gaps = _smooth_noise(rng, shape, 70 / um_per_cell)
-    gaps = np.clip((gaps - 1.3) * 1.5, 0, 1) * (
-        grade == 0
-    )  # lumens, fat, tears: not in dense lesions
+    # Lumens, fat, tears: white spaces in normal tissue, none in the dense lesions.
+    gaps = np.clip((gaps - 1.3) * 1.5, 0, 1) * (grade == 0)
     stain = 0.5 + 0.12 * _smooth_noise(rng, shape, 600 / um_per_cell)
     density = 0.5 + 0.15 * _smooth_noise(rng, shape, 250 / um_per_cell)
     orient = 0.5 + 0.5 * np.tanh(3.0 * _smooth_noise(rng, shape, 150 / um_per_cell))
@@ -473,9 +472,8 @@ def _layout(spec: SyntheticSpec) -> _Layout:
 
 
 def _canvas_shape(spec: SyntheticSpec) -> tuple[int, int]:
-    return math.ceil(spec.height_px / CANVAS_DOWNSAMPLE), math.ceil(
-        spec.width_px / CANVAS_DOWNSAMPLE
-    )
+    h, w = spec.height_px, spec.width_px
+    return math.ceil(h / CANVAS_DOWNSAMPLE), math.ceil(w / CANVAS_DOWNSAMPLE)
 
 
 def _block_noise(seed: int, rows: tuple[int, int], width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -541,9 +539,8 @@ def _gauss1d(x: np.ndarray, sigma: float, axis: int) -> np.ndarray:
 
 
 _FIBRE_SIGMA = 2.2  # 5x px along a fibre; across it the noise stays white
-_FIBRE_GAIN = math.sqrt(
-    2.0 * math.sqrt(np.pi) * _FIBRE_SIGMA
-)  # makes 1-D smoothed white noise unit variance
+# 1-D gaussian smoothing leaves white noise with variance 1 / (2 sqrt(pi) sigma): undo that.
+_FIBRE_GAIN = math.sqrt(2.0 * math.sqrt(np.pi) * _FIBRE_SIGMA)
 
 
 def _render_strip(spec: SyntheticSpec, layout: _Layout, rows: tuple[int, int]) -> np.ndarray:
@@ -557,15 +554,13 @@ def _render_strip(spec: SyntheticSpec, layout: _Layout, rows: tuple[int, int]) -
     e0, e1 = max(0, r0 - _HALO_ROWS), min(h5, r1 + _HALO_ROWS)  # extended rows for the filters
     uni, nrm = _block_noise(spec.seed, (e0, e1), w5)  # (he, W5) each
     tis_f, low_f, high_f = _upsample_planes(layout.fields_a, (e0, e1), w5)  # (he, W5) float32 each
-    gap_f, pen_f, stain_f = _upsample_planes(layout.fields_b, (e0, e1), w5)
-    dens_f, orient_f, _ = _upsample_planes(layout.fields_c, (e0, e1), w5)
+    gaps, pen_f, stain_f = _upsample_planes(layout.fields_b, (e0, e1), w5)
+    dens_f, orient, _ = _upsample_planes(layout.fields_c, (e0, e1), w5)
     tissue = _ramp(tis_f, 4.0)  # (he, W5) crisp but anti-aliased edge
     low_m = _ramp(low_f, 3.0)  # lesion membership, inside tissue or not
     high_m = _ramp(high_f, 3.0)
-    gaps = gap_f
 
     # Stroma fibres: noise smoothed along x or along y, the direction switching between regions.
-    orient = orient_f
     fib_y = _gauss1d(nrm, _FIBRE_SIGMA, axis=0)
     fib = _gauss1d(nrm, _FIBRE_SIGMA, axis=1)
     fib -= fib_y
@@ -709,7 +704,7 @@ def _upsampled_tiles(
 ) -> Iterator[np.ndarray]:
     """Tiles (tile_px, tile_px, 3) in row-major order of the canvas upsampled by `factor`.
 
-    One tile row is resampled at a time (bicubic, with the neighbouring canvas
+    One tile row is resampled at a time (bilinear, with the neighbouring canvas
     rows as support), so memory is one strip, not the whole level. `grain`
     (tile_px, w, 3), shifted per strip so it does not repeat visibly, is added
     to every strip.

@@ -12,7 +12,10 @@ top-left (x, y), with attributes patch_size (px at the target magnification),
 patch_size_level0, level0_magnification, target_magnification, overlap, name,
 and CLAM's patch_level / downsample / level_dim / downsampled_level_dim for the
 pyramid level that holds the target scale, so either tool's users can bring
-or take files.
+or take files. `patch_size` follows TRIDENT (px at the target magnification);
+a CLAM reader (read `patch_size` px at `patch_level`) gets exactly our tile
+when the pyramid has a level at the target scale, and otherwise should use
+`patch_size_level0`, as TRIDENT does.
 """
 
 from __future__ import annotations
@@ -28,32 +31,9 @@ from PIL import Image
 
 from slidetrain.errors import ConfigError, NoTissueError, SlideError
 from slidetrain.io import atomic_path
+from slidetrain.wsi.image import level0_downsample
 from slidetrain.wsi.mask import TissueMask, mask_area_fraction
 from slidetrain.wsi.slide import Slide
-
-SNAP_TOLERANCE = 0.02  # level-0/target ratios within 2 % of an integer are that integer
-
-
-def level0_downsample(slide: Slide, target_magnification: float) -> float:
-    """Level-0 px per target px; never below 1 (we do not upsample).
-
-    Scanners write mpp like 0.499 or 0.2527, so the exact ratio to 20x is
-    1.002 or 1.979; taken literally every tile would be resampled by 0.2 %. A
-    ratio within 2 % of an integer is snapped to it, which is what the
-    objective-power-based magnifications of CLAM and TRIDENT amount to.
-    """
-    ds = slide.downsample_for_magnification(target_magnification)
-    nearest = round(ds)
-    if nearest >= 1 and abs(ds - nearest) <= SNAP_TOLERANCE * ds:
-        ds = float(nearest)
-    if ds < 1.0:
-        raise SlideError(
-            slide.slide_id,
-            f"target magnification {target_magnification}x is above the slide's scan magnification "
-            f"{slide.level0_magnification:.2f}x (mpp {slide.mpp}); expected a target <= "
-            f"{slide.level0_magnification:.2f}x, as tiles are never upsampled",
-        )
-    return ds
 
 
 def patch_size_level0(slide: Slide, target_magnification: float, tile_px: int) -> int:
