@@ -511,7 +511,7 @@ def test_qc_picture(blob_slide, tmp_path, suffix):
         qc_picture(tmp_path / f"qc{suffix}", slide, tissue, coords, 128, title="test")
     with Image.open(tmp_path / f"qc{suffix}") as img:
         assert img.format == ("PNG" if suffix == ".png" else "JPEG")
-        assert img.size == (1600, 1200 + 18)  # 2048 x 1536 slide, long side 1600, caption banner
+        assert img.size == (1024, 768 + 18)  # 2048 x 1536 slide, long side 1024, caption banner
     assert len(list(tmp_path.iterdir())) == 1
 
 
