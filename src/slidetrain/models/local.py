@@ -1,0 +1,447 @@
+"""ResNet34 cut into K locally supervised modules (Zhang et al., MICCAI 2022).
+
+Facts reproduced from the authors' code (cvlab-stonybrook/local_learning_wsi):
+
+- torchvision ResNet34 with ``conv1.stride = 3``, cut into a 9-entry list:
+  stem (conv1, bn1, relu, maxpool), layer1[0], layer1[1], layer1[2],
+  layer2[0:2], layer2[2:4], layer3[0:3], layer3[3:6], layer4.
+- Module k (1..K, K in {4, 8}) runs entries (k-1)*g+1 .. k*g with g = 8 // K.
+  The stem (entry 0) is frozen and run under no_grad outside the modules.
+- Every backbone BatchNorm stays in eval mode while training.
+- Modules 1..K-1 get an auxiliary net: a "1c2f" conv + gated-attention
+  classifier and a random feature reconstruction (RFR) decoder. Module K is
+  trained with the final head.
+
+Where the description we were handed and the code differ, the code is the
+default and the other reading is an option:
+
+- The "norm" after the classifier conv is ``GroupNorm(C, C)`` in the code
+  (config ``head_norm: group``); ``head_norm: batch`` gives BatchNorm2d.
+- The classifier conv has no bias (it is followed by a norm).
+- Attention dropout acts on the softmaxed attention weights.
+- The RFR decoder's middle width is the module's output width.
+
+RFR is a fixed cost per slide (10 crops of up to 128 x 128 at module 1,
+decoded at the input's resolution), so on small images (about 1-2k px a
+side) local learning needs more memory and time than E2E; the savings of
+the paper's Table 2 appear on whole slides at 5x (8k px a side and more).
+
+Two guards the code lacks, which only matter on maps far smaller than a real
+slide at 5x (our tests and the synthetic dataset): a map smaller than the
+classifier's conv kernel is zero-padded to the kernel size, and when the conv
+output has a single spatial position the per-channel norm over positions is
+undefined (GroupNorm would return a constant), so it is skipped.
+
+Launch: these are building blocks; ``slidetrain.train.local.build_learner``
+assembles them into a learner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+from slidetrain.errors import ConfigError
+from slidetrain.models.encoders import load_resnet
+
+#: names of the 9 entries, in order (entry 0 is the frozen stem)
+ENTRY_NAMES: tuple[str, ...] = (
+    "stem",
+    "layer1.0",
+    "layer1.1",
+    "layer1.2",
+    "layer2.0-1",
+    "layer2.2-3",
+    "layer3.0-2",
+    "layer3.3-5",
+    "layer4",
+)
+#: output channels of each entry
+ENTRY_OUT_CHANNELS: tuple[int, ...] = (64, 64, 64, 64, 128, 128, 256, 256, 512)
+#: spatial downsampling of each entry relative to its input
+ENTRY_STRIDES: tuple[int, ...] = (6, 1, 1, 1, 2, 1, 2, 1, 2)
+STEM_STRIDE = 3  # conv1 stride in the authors' code (torchvision: 2)
+MAX_K = 8
+ALLOWED_K = (4, 8)
+
+
+# --------------------------------------------------------------------------- backbone
+
+
+def load_resnet34(weights: str = "none") -> torchvision.models.ResNet:
+    """torchvision ResNet34 with `weights`: "none" | "imagenet" | path to a state dict.
+
+    Shares the package's loader (`slidetrain.models.encoders.load_resnet`); a
+    random init ("none") follows torch's seed so runs with different seeds
+    start from different backbones.
+    """
+    return load_resnet("resnet34", "ResNet34_Weights", weights, seed=torch.initial_seed())
+
+
+def entries_from_resnet(net: torchvision.models.ResNet) -> nn.ModuleList:
+    """The authors' 9-entry cut of `net` (sets conv1.stride = 3; the blocks are shared, not copied)."""
+    net.conv1.stride = (STEM_STRIDE, STEM_STRIDE)
+    return nn.ModuleList(
+        [
+            nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool),
+            net.layer1[0],
+            net.layer1[1],
+            net.layer1[2],
+            net.layer2[0:2],
+            net.layer2[2:4],
+            net.layer3[0:3],
+            net.layer3[3:6],
+            net.layer4,
+        ]
+    )
+
+
+def resnet34_entries(weights: str = "none") -> nn.ModuleList:
+    """ResNet34 (`weights`: none | imagenet | state-dict path) as the authors' 9-entry list."""
+    return entries_from_resnet(load_resnet34(weights))
+
+
+def check_k(K: int, where: str = "K") -> int:
+    if K not in ALLOWED_K:
+        raise ConfigError(
+            f"{where}: expected one of {list(ALLOWED_K)} (the authors' cuts), got {K!r}"
+        )
+    return K
+
+
+def module_groups(K: int) -> list[list[int]]:
+    """Entry indices run by modules 1..K: module k runs (k-1)*g+1 .. k*g with g = 8 // K."""
+    check_k(K)
+    g = MAX_K // K
+    return [list(range((k - 1) * g + 1, k * g + 1)) for k in range(1, K + 1)]
+
+
+def module_channels(K: int) -> list[tuple[int, int]]:
+    """(input channels, output channels) of modules 1..K (module 1's input is the stem's 64)."""
+    return [
+        (ENTRY_OUT_CHANNELS[grp[0] - 1], ENTRY_OUT_CHANNELS[grp[-1]]) for grp in module_groups(K)
+    ]
+
+
+def module_strides(K: int) -> list[int]:
+    """Spatial downsampling of each module (input size / output size)."""
+    out = []
+    for grp in module_groups(K):
+        s = 1
+        for i in grp:
+            s *= ENTRY_STRIDES[i]
+        out.append(s)
+    return out
+
+
+class LocalBackbone(nn.Module):
+    """The 9 entries with the frozen stem and every BatchNorm kept in eval mode.
+
+    `K=None` makes one module of entries 1..8 (end-to-end training).
+    """
+
+    def __init__(self, entries: nn.ModuleList, K: int | None = None):
+        super().__init__()
+        if len(entries) != len(ENTRY_NAMES):
+            raise ValueError(f"expected {len(ENTRY_NAMES)} entries, got {len(entries)}")
+        self.entries = entries
+        self.K = K
+        self.groups = module_groups(K) if K is not None else [list(range(1, len(ENTRY_NAMES)))]
+        for p in self.entries[0].parameters():
+            p.requires_grad_(False)
+
+    @property
+    def n_modules(self) -> int:
+        return len(self.groups)
+
+    def train(self, mode: bool = True) -> LocalBackbone:
+        super().train(mode)
+        # Batch statistics of one whole slide are neither a batch nor stable:
+        # keep the (pre-trained) running statistics, as the authors do.
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
+    def stem(self, image: Tensor) -> Tensor:
+        """(1, 3, H, W) -> (1, 64, ~H/6, ~W/6), frozen, without a graph."""
+        with torch.no_grad():
+            return self.entries[0](image)
+
+    def run_module(self, k: int, x: Tensor) -> Tensor:
+        """Module k (1-based) on its input map."""
+        for i in self.groups[k - 1]:
+            x = self.entries[i](x)
+        return x
+
+    def module_blocks(self, k: int) -> list[nn.Module]:
+        return [self.entries[i] for i in self.groups[k - 1]]
+
+    def module_parameters(self, k: int) -> Iterator[nn.Parameter]:
+        for block in self.module_blocks(k):
+            yield from block.parameters()
+
+    def forward(self, image: Tensor) -> Tensor:
+        x = self.stem(image)
+        for k in range(1, self.n_modules + 1):
+            x = self.run_module(k, x)
+        return x  # (1, 512, h, w)
+
+
+# --------------------------------------------------------------------------- heads
+
+
+class GatedAttentionPool(nn.Module):
+    """Gated attention (Ilse et al.) over positions; dropout on the softmaxed weights (authors' code)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.2):
+        super().__init__()
+        self.V = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh())
+        self.U = nn.Sequential(nn.Linear(dim, hidden), nn.Sigmoid())
+        self.w = nn.Linear(hidden, 1)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:  # h: (N, D)
+        scores = self.w(self.V(h) * self.U(h)).squeeze(1)  # (N,)
+        weights = self.dropout(torch.softmax(scores, dim=0))  # (N,)
+        return weights @ h, weights  # (D,), (N,)
+
+
+class ConvAttentionHead(nn.Module):
+    """The authors' "1c2f" classifier on one feature map.
+
+    Conv2d(C, C, k, stride=k) -> norm -> ReLU -> gated attention over the
+    positions -> Linear(C, fc_hidden) -> ReLU -> Linear(fc_hidden, classes).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        n_classes: int,
+        kernel: int,
+        attn_hidden: int,
+        fc_hidden: int,
+        norm: str = "group",
+        dropout: float = 0.2,
+    ):
+        super().__init__()
+        self.kernel = kernel
+        self.conv = nn.Conv2d(channels, channels, kernel, stride=kernel, bias=False)
+        if norm == "group":
+            self.norm: nn.Module = nn.GroupNorm(channels, channels)
+        elif norm == "batch":
+            self.norm = nn.BatchNorm2d(channels)
+        else:
+            raise ConfigError(f"aux_norm: expected 'group' or 'batch', got {norm!r}")
+        self.pool = GatedAttentionPool(channels, attn_hidden, dropout)
+        self.fc = nn.Sequential(
+            nn.Linear(channels, fc_hidden), nn.ReLU(), nn.Linear(fc_hidden, n_classes)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (1, C, H, W) -> (n_classes,)
+        if x.shape[0] != 1:
+            raise ValueError(f"one slide at a time: got a batch of {x.shape[0]}")
+        pad_h, pad_w = max(self.kernel - x.shape[2], 0), max(self.kernel - x.shape[3], 0)
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))  # zero = no activation after ReLU
+        y = self.conv(x)  # (1, C, h, w)
+        if y.shape[2] * y.shape[3] > 1:
+            y = self.norm(y)
+        y = F.relu(y)
+        h = y.flatten(2)[0].transpose(0, 1)  # (h*w, C)
+        pooled, _ = self.pool(h)  # (C,)
+        return self.fc(pooled)  # (n_classes,)
+
+
+def aux_kernel(channels: int) -> int:
+    """Classifier conv kernel (= stride): 9 for 64/128-channel modules, 7 for 256-channel ones."""
+    return 9 if channels <= 128 else 7
+
+
+def aux_classifier(channels: int, n_classes: int, norm: str = "group") -> ConvAttentionHead:
+    """Auxiliary classifier of modules 1..K-1 (attention hidden C//2, 128-unit hidden layer)."""
+    return ConvAttentionHead(channels, n_classes, aux_kernel(channels), channels // 2, 128, norm)
+
+
+def final_head(n_classes: int, norm: str = "group", channels: int = 512) -> ConvAttentionHead:
+    """Classifier after module K: conv k=5 s=5, attention hidden 128, 512-unit hidden layer."""
+    return ConvAttentionHead(channels, n_classes, 5, 128, 512, norm)
+
+
+# --------------------------------------------------------------------------- RFR
+
+
+@dataclass(frozen=True)
+class RFRSpec:
+    in_channels: int  # channels of the module's input (the reconstruction target)
+    out_channels: int  # channels of the module's output
+    patch_sz: int  # crop side on the module OUTPUT
+    upscale: int  # input side / output side (the module's stride)
+
+
+_R64 = RFRSpec(64, 64, 128, 1)
+#: the authors' per-module RFR table (modules 1..K-1)
+RFR_TABLE: dict[int, tuple[RFRSpec, ...]] = {
+    4: (_R64, RFRSpec(64, 128, 64, 2), RFRSpec(128, 256, 32, 2)),
+    8: (
+        _R64,
+        _R64,
+        _R64,
+        RFRSpec(64, 128, 64, 2),
+        RFRSpec(128, 128, 64, 1),
+        RFRSpec(128, 256, 32, 2),
+        RFRSpec(256, 256, 32, 1),
+    ),
+}
+
+
+def rfr_specs(K: int) -> tuple[RFRSpec, ...]:
+    return RFR_TABLE[check_k(K)]
+
+
+Box = tuple[int, int, int, int]  # (top, left, height, width) in map pixels
+
+
+def sample_rfr_boxes(
+    out_hw: tuple[int, int],
+    in_hw: tuple[int, int],
+    patch_sz: int,
+    upscale: int,
+    n_patch: int,
+    generator: torch.Generator | None = None,
+) -> list[tuple[Box, Box]]:
+    """`n_patch` pairs (box on the module output, matching box on its input).
+
+    Output pixel i sits over input pixel upscale*i (receptive-field centres of
+    stride-`upscale` convs with "same" padding), so an output box
+    (t, l, h, w) matches the input box (t, l, h, w) * upscale. Crops are
+    clipped so both boxes lie inside their maps; a map smaller than the patch
+    is used whole.
+    """
+    (out_h, out_w), (in_h, in_w) = out_hw, in_hw
+    ph = min(patch_sz, out_h, in_h // upscale)
+    pw = min(patch_sz, out_w, in_w // upscale)
+    if ph < 1 or pw < 1:
+        raise ValueError(f"RFR: input map {in_hw} too small for upscale {upscale}")
+    max_top = min(out_h - ph, (in_h - ph * upscale) // upscale)
+    max_left = min(out_w - pw, (in_w - pw * upscale) // upscale)
+    tops = torch.randint(0, max_top + 1, (n_patch,), generator=generator).tolist()
+    lefts = torch.randint(0, max_left + 1, (n_patch,), generator=generator).tolist()
+    u = upscale
+    return [
+        ((t, c, ph, pw), (t * u, c * u, ph * u, pw * u)) for t, c in zip(tops, lefts, strict=True)
+    ]
+
+
+def crop_boxes(x: Tensor, boxes: list[Box]) -> Tensor:
+    """(1, C, H, W) and equally sized boxes -> (n, C, h, w)."""
+    return torch.cat([x[:, :, t : t + h, c : c + w] for t, c, h, w in boxes], dim=0)
+
+
+class RFRDecoder(nn.Module):
+    """Random feature reconstruction: rebuild random input crops from the matching output crops.
+
+    Decoder Conv3x3(C_out, C_out) -> BN -> ReLU -> Conv3x3(C_out, C_in) after
+    a bilinear (align_corners=True) upsampling of the output crops to the
+    input crops' size; L1 loss against the detached input.
+    """
+
+    def __init__(self, spec: RFRSpec, n_patch: int = 10):
+        super().__init__()
+        self.spec = spec
+        self.n_patch = n_patch
+        c_in, c_out = spec.in_channels, spec.out_channels
+        self.decoder = nn.Sequential(
+            nn.Conv2d(c_out, c_out, 3, padding=1),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(),
+            nn.Conv2d(c_out, c_in, 3, padding=1),
+        )
+
+    def forward(
+        self, out_map: Tensor, in_map: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
+        # out_map: (1, C_out, h, w) with graph; in_map: (1, C_in, H, W), the module's input
+        boxes = sample_rfr_boxes(
+            tuple(out_map.shape[-2:]),
+            tuple(in_map.shape[-2:]),
+            self.spec.patch_sz,
+            self.spec.upscale,
+            self.n_patch,
+            generator,
+        )
+        src = crop_boxes(out_map, [b[0] for b in boxes])  # (n, C_out, ph, pw)
+        target = crop_boxes(in_map.detach(), [b[1] for b in boxes])  # (n, C_in, ph*u, pw*u)
+        src = F.interpolate(src, size=target.shape[-2:], mode="bilinear", align_corners=True)
+        return F.l1_loss(self.decoder(src), target)
+
+
+class LocalAux(nn.Module):
+    """Auxiliary net G_k of module k < K: classifier A_k and (optionally) RFR decoder U_k."""
+
+    def __init__(
+        self,
+        spec: RFRSpec,
+        n_classes: int,
+        rfr: bool = True,
+        n_patch: int = 10,
+        norm: str = "group",
+    ):
+        super().__init__()
+        self.classifier = aux_classifier(spec.out_channels, n_classes, norm)
+        self.rfr = RFRDecoder(spec, n_patch) if rfr else None
+
+
+class LocalNet(nn.Module):
+    """Backbone cut into K modules + auxiliary nets for modules 1..K-1 + final head after module K."""
+
+    def __init__(
+        self,
+        n_classes: int,
+        K: int = 4,
+        weights: str = "none",
+        rfr: bool = True,
+        n_patch: int = 10,
+        norm: str = "group",
+        entries: nn.ModuleList | None = None,
+    ):
+        super().__init__()
+        self.backbone = LocalBackbone(
+            entries if entries is not None else resnet34_entries(weights), K
+        )
+        self.aux = nn.ModuleList(
+            [LocalAux(spec, n_classes, rfr, n_patch, norm) for spec in rfr_specs(K)]
+        )
+        self.head = final_head(n_classes, norm)
+
+    @property
+    def K(self) -> int:
+        return self.backbone.n_modules
+
+    def forward(self, image: Tensor) -> Tensor:  # (1, 3, H, W) -> (n_classes,) logits
+        return self.head(self.backbone(image))
+
+
+class E2ENet(nn.Module):
+    """The same backbone (frozen stem, BN in eval) and final head, trained end to end."""
+
+    def __init__(
+        self,
+        n_classes: int,
+        weights: str = "none",
+        norm: str = "group",
+        entries: nn.ModuleList | None = None,
+    ):
+        super().__init__()
+        self.backbone = LocalBackbone(
+            entries if entries is not None else resnet34_entries(weights), None
+        )
+        self.head = final_head(n_classes, norm)
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.head(self.backbone(image))

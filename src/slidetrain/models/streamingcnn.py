@@ -1,0 +1,228 @@
+"""StreamingCNN baseline (Pinckaers et al.): ResNet34 trained on the whole image, streamed.
+
+The trunk conv1 .. layer3 runs through `slidetrain.partitioned.StreamingEngine`
+(tile by tile forward under no_grad, tile by tile recomputation backward), so
+its activations never exist for the whole image at once. The head, run
+normally on the layer3 map, is layer4 + global max pool + Linear(512, C), as
+in the authors' code (`net.avgpool = AdaptiveMaxPool2d(1)`, fc Xavier-normal,
+bias 0).
+
+Choices, following DIAGNijmegen/pathology-streaming-pipeline (REFERENCE_NOTES):
+
+- Batch norm: every BN, streamed or not, is kept in eval mode (running
+  statistics frozen: a tile cannot see the image's statistics). Its affine
+  weight and bias stay trainable, as in the authors' code (they only call
+  `.eval()` on BN modules).
+- Split: `stream_until="layer3"` (default; REFERENCE_NOTES and the code's
+  mixed-precision path) or `"layer4.0"` (the code's fp32 path streams the
+  first layer4 block too).
+- What trains: `train_all_layers=True` (default: end-to-end, as in the paper,
+  which trained in fp32) or False: only the last streamed entry and the head,
+  as the code does in fp32 without --train_all_layers. (The code's own
+  defaults, mixed precision without --train_all_layers, train the head only;
+  mixed precision is not reproduced here: everything runs in fp32.)
+- Optimiser: SGD momentum 0.9, lr 1e-4, effective batch 16 slides
+  (accumulation 16), 50 epochs, no weight decay: the code's defaults.
+- `tile_px` keeps StreamingCNN's meaning (input tile including overlap, 5120)
+  under `tile_mode="total"`; `"core"` counts only the pixels a tile owns.
+
+Example:
+    learner = StreamingLearner(n_classes=2, cfg=StreamingConfig(tile_px=2048))
+    for image, label in slides:  # image (3, H, W), normalised
+        learner.train_slide(image, label)
+        ...  # learner.step() every cfg.accumulation slides
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from slidetrain.errors import ConfigError
+from slidetrain.models.encoders import load_resnet
+from slidetrain.partitioned import TILE_MODES, StreamingEngine
+from slidetrain.train.optim import build_optimizer, build_scheduler
+
+STREAM_SPLITS = ("layer3", "layer4.0")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("none", "cosine", "step", "plateau")
+
+
+@dataclass
+class StreamingConfig:
+    """StreamingCNN keys; defaults are the authors' code (train.py, ExperimentOptions)."""
+
+    epochs: int = 50
+    tile_px: int = 5120  # streaming tile (input pixels); see tile_mode
+    tile_mode: str = "total"  # total: tile_px includes the overlap (StreamingCNN) | core: owned px
+    weights: str = "none"  # none | imagenet | path to a torchvision ResNet34 state dict
+    stream_until: str = "layer3"  # layer3 | layer4.0 (the code's fp32 split)
+    train_all_layers: bool = True  # False: only the last streamed entry + head (the code's default)
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    lr: float = 1e-4
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    betas: tuple[float, float] = (0.9, 0.999)  # adam, adamw
+    weight_decay: float = 0.0
+    scheduler: str = "none"  # none | cosine | step | plateau (stepped once per epoch)
+    min_lr: float = 0.0  # cosine floor
+    step_milestones: tuple[int, ...] = ()
+    step_gamma: float = 0.1  # step and plateau factor
+    plateau_patience: int = 5
+    accumulation: int = 16  # slides per optimiser step (the code: batch 16, one image per GPU pass)
+    grad_clip: float = 0.0  # 0 = off
+    class_weights: list[float] | None = None  # CE weight per class
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        self.step_milestones = tuple(self.step_milestones)
+        choices = {
+            "tile_mode": TILE_MODES,
+            "stream_until": STREAM_SPLITS,
+            "optimizer": OPTIMIZERS,
+            "scheduler": SCHEDULERS,
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(
+                    f"StreamingConfig.{key}: expected one of {allowed}, got {getattr(self, key)!r}"
+                )
+        for key in ("epochs", "tile_px", "accumulation"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"StreamingConfig.{key}: expected an integer >= 1, got {value!r}")
+        for key in ("lr", "weight_decay", "grad_clip", "min_lr"):
+            if not isinstance(getattr(self, key), int | float) or getattr(self, key) < 0:
+                raise ConfigError(
+                    f"StreamingConfig.{key}: expected a number >= 0, got {getattr(self, key)!r}"
+                )
+
+
+def freeze_batchnorm(module: nn.Module) -> None:
+    """Eval mode for every BN: running statistics frozen, affine parameters untouched."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+class StreamingResNet34(nn.Module):
+    """ResNet34 as trunk (streamed) + head (layer4 rest, global max pool, Linear(512, C))."""
+
+    def __init__(self, n_classes: int, weights: str = "none", stream_until: str = "layer3"):
+        super().__init__()
+        # seed for weights="none" drawn from the global RNG, so the run's seed decides the init
+        seed = int(torch.randint(2**31 - 1, ()).item())
+        net = load_resnet("resnet34", "ResNet34_Weights", weights, seed=seed)
+        stem = [net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3]
+        if stream_until == "layer4.0":
+            self.trunk = nn.Sequential(*stem, net.layer4[0])
+            rest = net.layer4[1:]
+        else:
+            self.trunk = nn.Sequential(*stem)
+            rest = net.layer4
+        fc = nn.Linear(512, n_classes)
+        nn.init.xavier_normal_(fc.weight)
+        nn.init.zeros_(fc.bias)
+        self.head = nn.Sequential(rest, nn.AdaptiveMaxPool2d(1), nn.Flatten(1), fc)
+        freeze_batchnorm(self)
+
+    def train(self, mode: bool = True) -> StreamingResNet34:
+        super().train(mode)
+        freeze_batchnorm(self)
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, 3, H, W) -> (B, C); plain, not streamed
+        return self.head(self.trunk(x))
+
+
+class StreamingLearner:
+    """One slide at a time: streamed trunk forward, head forward/backward, streamed trunk backward.
+
+    Same interface as the whole-image learners of `slidetrain.train.local`:
+    `train_slide` accumulates gradients (loss / accumulation), `step` every
+    `accumulation` slides, `end_epoch` steps the schedule, `predict` gives (C,)
+    probabilities on the CPU, `state_dict` resumes exactly.
+    """
+
+    def __init__(self, n_classes: int, cfg: StreamingConfig, device: torch.device | str = "cpu"):
+        if n_classes < 2:
+            raise ConfigError(f"n_classes: expected >= 2, got {n_classes}")
+        self.cfg, self.device = cfg, torch.device(device)
+        self.model = StreamingResNet34(n_classes, cfg.weights, cfg.stream_until).to(self.device)
+        if not cfg.train_all_layers:
+            for p in self.model.trunk[:-1].parameters():
+                p.requires_grad_(False)
+        self.engine = StreamingEngine(self.model.trunk, cfg.tile_px, cfg.tile_mode, self.device)
+        self.class_weights = None
+        if cfg.class_weights is not None:
+            if len(cfg.class_weights) != n_classes:
+                raise ConfigError(
+                    f"StreamingConfig.class_weights: expected {n_classes} weights, got {cfg.class_weights}"
+                )
+            self.class_weights = torch.tensor(
+                cfg.class_weights, dtype=torch.float32, device=self.device
+            )
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def train_slide(self, image: Tensor, label: int) -> dict[str, float]:
+        """Add the gradients of this slide's CE / accumulation; the image stays on its device."""
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"train_slide: expected a (3, H, W) image, got {tuple(image.shape)}")
+        self.model.train()  # BN stays frozen (StreamingResNet34.train)
+        x = image.to(torch.float32)[None]  # (1, 3, H, W); crops move to the device one by one
+        fmap = self.engine.forward(x).to(self.device).requires_grad_()  # (1, 256, h, w), no graph
+        logits = self.model.head(fmap)  # (1, C)
+        target = torch.tensor([int(label)], device=self.device)
+        loss = F.cross_entropy(logits, target, weight=self.class_weights)
+        (loss / self.cfg.accumulation).backward()  # head grads + dL/dfmap
+        if any(p.requires_grad for p in self.model.trunk.parameters()):
+            self.engine.accumulate_grad(x, fmap.grad)  # trunk grads, tile by tile
+        return {"ce": float(loss.detach())}
+
+    def step(self) -> None:
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def end_epoch(self, epoch: int, val_loss: float | None) -> None:
+        self.scheduler.step(val_loss)
+
+    @torch.no_grad()
+    def predict(self, image: Tensor) -> Tensor:
+        """Class probabilities (C,), on the CPU, for one image (3, H, W)."""
+        self.model.eval()
+        fmap = self.engine.forward(image.to(torch.float32)[None]).to(self.device)  # (1, 256, h, w)
+        return torch.softmax(self.model.head(fmap).float(), dim=1)[0].cpu()
+
+    def state_dict(self) -> dict:
+        return {
+            "learner": type(self).__name__,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("learner") != type(self).__name__:
+            raise ConfigError(
+                f"checkpoint: written by {state.get('learner')!r}, cannot resume a {type(self).__name__}"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _register() -> None:
+    from slidetrain.train.local import register_learner
+
+    register_learner("streamingcnn", StreamingConfig, StreamingLearner)
+
+
+_register()
