@@ -27,4 +27,5 @@ rule all:
         "results/tables/table1.csv",
         "results/qc/excluded.csv",
         "results/bench/preprocess.csv",
+        expand("results/figures/attention_{dataset}.png", dataset=config["table1"]["datasets"]),
     default_target: True

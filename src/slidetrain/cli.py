@@ -45,8 +45,12 @@ def cmd_synthesize(a: argparse.Namespace) -> None:
 def cmd_preprocess(a: argparse.Namespace) -> None:
     from slidetrain.wsi.exclusion import preprocess_or_exclude
 
+    outputs = {
+        "mask_png": a.mask, "qc_path": a.qc, "tiles_h5": a.tiles, "image_path": a.image,
+        "image_meta_json": a.image_meta, "timings_json": a.timings,
+    }
     preprocess_or_exclude(
-        a.slide, a.slide_id, outputs=a.outputs, params=a.params, on_bad_slide=a.on_bad_slide, status_json=a.status
+        a.slide, a.slide_id, outputs=outputs, params=a.params, on_bad_slide=a.on_bad_slide, status_json=a.status
     )
 
 
@@ -108,6 +112,18 @@ def cmd_qc_table(a: argparse.Namespace) -> None:
     write_exclusion_table(a.status, a.out)
 
 
+def cmd_qc_status(a: argparse.Namespace) -> None:
+    from slidetrain.wsi.exclusion import write_status_table
+
+    write_status_table(a.status, a.out)
+
+
+def cmd_feature_index(a: argparse.Namespace) -> None:
+    from slidetrain.wsi.features import write_feature_index
+
+    write_feature_index(a.features, a.out)
+
+
 def cmd_bench_preprocess(a: argparse.Namespace) -> None:
     from slidetrain.bench.preprocess import preprocess_table
 
@@ -124,6 +140,15 @@ def cmd_bench_mil(a: argparse.Namespace) -> None:
     from slidetrain.bench.mil_throughput import throughput_table
 
     throughput_table([Path(p) for p in a.runs], [Path(p) for p in a.benchmarks], Path(a.out))
+
+
+def cmd_attention_figure(a: argparse.Namespace) -> None:
+    from slidetrain.paper.figures import attention_figure
+
+    attention_figure(
+        a.dataset, Path(a.table1), Path(a.runs_dir), Path(a.images_dir), Path(a.tiles_dir),
+        Path(a.truth_dir) if a.truth_dir else None, a.classes, a.methods, Path(a.out), a.split, a.seed,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,7 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("preprocess", help="mask tissue, tile, write QC picture and the whole-slide image")
     s.add_argument("--slide", required=True)
     s.add_argument("--slide-id", required=True)
-    s.add_argument("--outputs", type=_json_arg, required=True, help="JSON: mask_png, qc_path, tiles_h5, image_path, image_meta_json, timings_json")
+    s.add_argument("--mask", required=True, help="tissue mask PNG (0/255 at the segmentation level)")
+    s.add_argument("--qc", required=True, help="QC picture (thumbnail, mask outline, kept tiles)")
+    s.add_argument("--tiles", required=True, help="tile coordinates h5 (CLAM/TRIDENT layout)")
+    s.add_argument("--image", required=True, help="whole-slide image JPEG at the image magnification")
+    s.add_argument("--image-meta", required=True, help="its JSON (level-0 box, downsample)")
+    s.add_argument("--timings", required=True, help="per-stage seconds JSON")
     s.add_argument("--params", type=_json_arg, default={}, help="JSON: preprocess parameters")
     s.add_argument("--on-bad-slide", choices=["error", "exclude"], default="error")
     s.add_argument("--status", required=True, help="status JSON (ok or excluded with the reason)")
@@ -175,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--fractions", type=float, nargs=3, default=(0.6, 0.15, 0.25))
     s.add_argument("--official")
-    s.add_argument("--status", nargs="*", help="per-slide preprocessing status files; excluded slides are left out")
+    s.add_argument("--status", help="the dataset's QC status table; excluded slides are left out")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_split)
 
@@ -212,8 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--method-order", nargs="*", default=[])
     s.set_defaults(func=cmd_table1)
 
-    s = sub.add_parser("qc-table", help="collect excluded slides and their reasons")
+    s = sub.add_parser("qc-status", help="one dataset's per-slide QC statuses as one table")
     s.add_argument("--status", nargs="+", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_qc_status)
+
+    s = sub.add_parser("feature-index", help="index of a dataset's feature files (checks each is complete)")
+    s.add_argument("--features", nargs="+", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_feature_index)
+
+    s = sub.add_parser("qc-table", help="collect excluded slides and their reasons over datasets")
+    s.add_argument("--status", nargs="+", required=True, help="per-dataset status tables")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_qc_table)
 
@@ -237,6 +277,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--benchmarks", nargs="+", required=True)
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_bench_mil)
+
+    s = sub.add_parser("attention-figure", help="heatmaps of the best attention method on test slides")
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--table1", required=True)
+    s.add_argument("--runs-dir", required=True)
+    s.add_argument("--images-dir", required=True)
+    s.add_argument("--tiles-dir", required=True)
+    s.add_argument("--truth-dir")
+    s.add_argument("--classes", nargs="+", required=True)
+    s.add_argument("--methods", nargs="+", required=True, help="attention methods to choose from")
+    s.add_argument("--split", default="mccv0")
+    s.add_argument("--seed", default="0")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_attention_figure)
     return p
 
 

@@ -32,22 +32,7 @@ use rule preprocess_slide as preprocess_large_slide with:
         timings="results/bench_large/timings/{slide}.json",
         status="results/bench_large/qc/status/{slide}.json",
     params:
-        outputs=lambda w, output: json.dumps(
-            {
-                "mask_png": output.mask,
-                "qc_path": output.qc,
-                "tiles_h5": output.tiles,
-                "image_path": output.image,
-                "image_meta_json": output.image_meta,
-                "timings_json": output.timings,
-            }
-        ),
-        params=lambda w: json.dumps(
-            {k: v for k, v in config["preprocess"].items() if k != "on_bad_slide"} | {"mpp_fallback": None}
-        ),
-        on_bad_slide="error",
-    conda:
-        "../../envs/slidetrain.yaml"
+        args=lambda w: preprocess_args(w, dataset_block={"mpp_fallback": None}, on_bad_slide="error"),
     log:
         "logs/bench_large/preprocess/{slide}.log",
     benchmark:

@@ -61,16 +61,12 @@ def slide_ids(dataset):
     return SHEETS[dataset].slide_id.tolist()
 
 
-def slide_row(dataset, slide):
-    try:
-        return SHEETS[dataset].loc[slide]
-    except KeyError:
-        raise WorkflowError(f"slide {slide!r} is not in the sheet of dataset {dataset!r}")
-
-
 def slide_file(dataset, slide):
     """Where a slide lives: drawn by the pipeline (synthetic) or the sheet's path."""
-    source = slide_row(dataset, slide).source
+    try:
+        source = SHEETS[dataset].at[slide, "source"]
+    except KeyError:
+        raise WorkflowError(f"slide {slide!r} is not in the sheet of dataset {dataset!r}")
     if source == SYNTHETIC:
         return f"resources/{dataset}/slides/{slide}.tiff"
     return str(local_path(source, Path(dataset_cfg(dataset)["sheet"]).parent))
@@ -89,6 +85,11 @@ def features_of(dataset):
     return expand("results/{dataset}/features/{enc}/{slide}.h5", dataset=dataset, enc=enc, slide=slide_ids(dataset))
 
 
+def feature_index(wildcards):
+    """Training jobs depend on the dataset's feature index, one file, not one per slide (DAG size)."""
+    return f"results/{wildcards.dataset}/features/{config['features']['encoder']}/index.csv"
+
+
 def method_params(method):
     if method not in config["methods"]:
         raise WorkflowError(f"method {method!r} has no block under `methods` in the config; known: {MIL_METHODS}")
@@ -102,20 +103,43 @@ def runs_of(dataset, method):
         dataset=dataset, method=method, split=splits, seed=SEEDS,
     )
 
-def preprocess_params(wildcards):
+def _preprocess_args(dataset_block, on_bad_slide):
     p = config["preprocess"]
-    return json.dumps(
-        {
-            "mask_preset": p["mask_preset"],
-            "mask_overrides": p.get("mask_overrides", {}),
-            "target_magnification": p["target_magnification"],
-            "tile_px": p["tile_px"],
-            "overlap_px": p["overlap_px"],
-            "min_tissue_fraction": p["min_tissue_fraction"],
-            "image_magnification": p["image_magnification"],
-            "mpp_fallback": dataset_cfg(wildcards.dataset).get("mpp_fallback"),
-        }
-    )
+    params = {
+        "mask_preset": p["mask_preset"],
+        "mask_overrides": p.get("mask_overrides", {}),
+        "target_magnification": p["target_magnification"],
+        "tile_px": p["tile_px"],
+        "overlap_px": p["overlap_px"],
+        "min_tissue_fraction": p["min_tissue_fraction"],
+        "image_magnification": p["image_magnification"],
+        "mpp_fallback": dataset_block.get("mpp_fallback"),
+    }
+    return f"--params '{json.dumps(params)}' --on-bad-slide {on_bad_slide}"
+
+
+# Per-slide rules take one params function each: Snakemake inspects every function per job,
+# which dominates planning at 10,000+ slides. The strings are computed once per dataset.
+_PREPROCESS_ARGS = {d: _preprocess_args(dataset_cfg(d), config["preprocess"]["on_bad_slide"]) for d in SHEETS}
+
+
+def preprocess_args(wildcards, dataset_block=None, on_bad_slide=None):
+    if dataset_block is not None:
+        return _preprocess_args(dataset_block, on_bad_slide)
+    return _PREPROCESS_ARGS[wildcards.dataset]
+
+
+def synthesize_args(wildcards):
+    ds = dataset_cfg(wildcards.dataset)
+    size = " ".join(map(str, ds["synthetic_size_range_px"]))
+    label = SHEETS[wildcards.dataset].at[wildcards.slide, "label"]
+    return f"--label {label} --seed {ds['synthetic_seed']} --size-range-px {size}"
+
+
+def mpp_arg(wildcards):
+    mpp = dataset_cfg(wildcards.dataset).get("mpp_fallback")
+    return f"--mpp-fallback {mpp}" if mpp else ""
+
 
 def table1_metrics(wildcards):
     files = []
@@ -127,9 +151,23 @@ def table1_metrics(wildcards):
     return files
 
 
-# Methods that only work on two-class tasks; Table 1 shows "/" for them elsewhere, as the paper does.
-BINARY_ONLY = {"milrnn"}
-
-
 def table1_applicable(method, dataset):
-    return not (method in BINARY_ONLY and len(dataset_cfg(dataset)["classes"]) != 2)
+    """Binary-only methods (MIL-RNN) get a '/' row on multi-class datasets, as the paper shows."""
+    from slidetrain.models import REGISTRY
+
+    return not (REGISTRY[method].binary_only and len(dataset_cfg(dataset)["classes"]) != 2)
+
+
+def attention_methods(dataset):
+    """Table 1 methods that export per-tile attention and ran on `dataset`."""
+    from slidetrain.models import REGISTRY
+
+    return [
+        m
+        for m in config["table1"]["methods"]
+        if REGISTRY[m].model_cls.has_attention and table1_applicable(m, dataset)
+    ]
+
+
+def is_synthetic(dataset):
+    return bool((SHEETS[dataset].source == SYNTHETIC).all())

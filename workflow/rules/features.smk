@@ -1,5 +1,5 @@
-# Frozen tile features per slide and encoder. On a cluster, `group: "features"` lets the executor
-# bundle many slides into one submission (--group-components features=64).
+# Frozen tile features per slide and encoder. On a cluster, profiles/slurm groups these jobs so that
+# one submission runs many slides.
 
 
 rule extract_features:
@@ -12,11 +12,7 @@ rule extract_features:
         weights=config["features"]["weights"],
         batch_size=config["features"]["batch_size"],
         device=config["features"]["device"],
-        mpp=lambda w: (
-            f"--mpp-fallback {dataset_cfg(w.dataset)['mpp_fallback']}"
-            if dataset_cfg(w.dataset).get("mpp_fallback")
-            else ""
-        ),
+        mpp=mpp_arg,
     conda:
         "../../envs/slidetrain.yaml"
     log:
@@ -24,8 +20,6 @@ rule extract_features:
     benchmark:
         "benchmarks/{dataset}/features/{encoder}/{slide}.tsv"
     threads: config["features"].get("threads", 1)
-    group:
-        "features"
     resources:
         mem_mb=4000,
         runtime=30,
@@ -35,3 +29,21 @@ rule extract_features:
         " --tiles-dir $(dirname {input.tiles}) --out-dir $(dirname {output})"
         " --encoder {wildcards.encoder} --weights {params.weights:q} --batch-size {params.batch_size}"
         " --device {params.device} --threads {threads} {params.mpp} > {log} 2>&1"
+
+
+rule feature_index:
+    input:
+        lambda w: expand(
+            "results/{dataset}/features/{encoder}/{slide}.h5",
+            dataset=w.dataset, encoder=w.encoder, slide=slide_ids(w.dataset),
+        ),
+    output:
+        "results/{dataset}/features/{encoder}/index.csv",
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/{dataset}/features/{encoder}/index.log",
+    benchmark:
+        "benchmarks/{dataset}/features/{encoder}/index.tsv"
+    shell:
+        "slidetrain feature-index --features {input} --out {output} > {log} 2>&1"

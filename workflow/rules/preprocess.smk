@@ -14,18 +14,7 @@ rule preprocess_slide:
         timings="results/{dataset}/timings/{slide}.json",
         status="results/{dataset}/qc/status/{slide}.json",
     params:
-        outputs=lambda w, output: json.dumps(
-            {
-                "mask_png": output.mask,
-                "qc_path": output.qc,
-                "tiles_h5": output.tiles,
-                "image_path": output.image,
-                "image_meta_json": output.image_meta,
-                "timings_json": output.timings,
-            }
-        ),
-        params=preprocess_params,
-        on_bad_slide=config["preprocess"]["on_bad_slide"],
+        args=preprocess_args,
     conda:
         "../../envs/slidetrain.yaml"
     log:
@@ -36,14 +25,29 @@ rule preprocess_slide:
         mem_mb=4000,
         runtime=30,
     shell:
-        "slidetrain preprocess --slide {input.slide:q} --slide-id {wildcards.slide}"
-        " --outputs '{params.outputs}' --params '{params.params}'"
-        " --on-bad-slide {params.on_bad_slide} --status {output.status} > {log} 2>&1"
+        "slidetrain preprocess --slide {input.slide:q} --slide-id {wildcards.slide} {params.args}"
+        " --mask {output.mask} --qc {output.qc} --tiles {output.tiles} --image {output.image}"
+        " --image-meta {output.image_meta} --timings {output.timings} --status {output.status} > {log} 2>&1"
+
+
+rule qc_status:
+    input:
+        lambda w: statuses(w.dataset),
+    output:
+        "results/{dataset}/qc/status.csv",
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/{dataset}/qc_status.log",
+    benchmark:
+        "benchmarks/{dataset}/qc_status.tsv"
+    shell:
+        "slidetrain qc-status --status {input} --out {output} > {log} 2>&1"
 
 
 rule qc_table:
     input:
-        [statuses(d) for d in SHEETS],
+        expand("results/{dataset}/qc/status.csv", dataset=SHEETS),
     output:
         "results/qc/excluded.csv",
     conda:

@@ -6,9 +6,7 @@ rule synthesize_slide:
         slide="resources/{dataset}/slides/{slide}.tiff",
         truth="resources/{dataset}/slides/{slide}.truth.npz",
     params:
-        label=lambda w: slide_row(w.dataset, w.slide).label,
-        seed=lambda w: dataset_cfg(w.dataset)["synthetic_seed"],
-        size=lambda w: " ".join(map(str, dataset_cfg(w.dataset)["synthetic_size_range_px"])),
+        args=synthesize_args,
     conda:
         "../../envs/slidetrain.yaml"
     log:
@@ -19,5 +17,5 @@ rule synthesize_slide:
         mem_mb=2000,
         runtime=10,
     shell:
-        "slidetrain synthesize --slide-id {wildcards.slide} --label {params.label} --seed {params.seed}"
-        " --size-range-px {params.size} --out {output.slide} --truth {output.truth} > {log} 2>&1"
+        "slidetrain synthesize --slide-id {wildcards.slide} {params.args}"
+        " --out {output.slide} --truth {output.truth} > {log} 2>&1"

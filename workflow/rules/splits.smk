@@ -5,7 +5,7 @@
 rule make_split:
     input:
         sheet=lambda w: dataset_cfg(w.dataset)["sheet"],
-        status=lambda w: statuses(w.dataset),
+        status="results/{dataset}/qc/status.csv",
         official=lambda w: OFFICIAL[w.dataset] if w.split == "official" else [],
     output:
         "results/{dataset}/splits/{split}.csv",

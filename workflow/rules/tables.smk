@@ -30,3 +30,42 @@ rule table1:
         "slidetrain table1 --metrics {input.metrics} --out-csv {output.csv} --out-md {output.md}"
         " --paper-names {params.paper_names} --not-applicable {params.not_applicable}"
         " --method-order {params.order} > {log} 2>&1"
+
+
+rule attention_figure:
+    input:
+        table1="results/tables/table1.csv",
+        attention=lambda w: expand(
+            "results/{dataset}/runs/{method}/{split}/{seed}/attention.h5",
+            dataset=w.dataset, method=attention_methods(w.dataset), split=SPLITS[0], seed=SEEDS[0],
+        ),
+        images=lambda w: expand("results/{dataset}/images/{slide}.jpg", dataset=w.dataset, slide=slide_ids(w.dataset)),
+        tiles=lambda w: expand("results/{dataset}/tiles/{slide}.h5", dataset=w.dataset, slide=slide_ids(w.dataset)),
+        truth=lambda w: (
+            expand("resources/{dataset}/slides/{slide}.truth.npz", dataset=w.dataset, slide=slide_ids(w.dataset))
+            if is_synthetic(w.dataset)
+            else []
+        ),
+    output:
+        report(
+            "results/figures/attention_{dataset}.png",
+            caption="../report/attention.rst",
+            category="Figures",
+        ),
+    params:
+        classes=lambda w: " ".join(dataset_cfg(w.dataset)["classes"]),
+        methods=lambda w: " ".join(attention_methods(w.dataset)),
+        truth=lambda w: f"--truth-dir resources/{w.dataset}/slides" if is_synthetic(w.dataset) else "",
+        split=SPLITS[0],
+        seed=SEEDS[0],
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/figures/attention_{dataset}.log",
+    benchmark:
+        "benchmarks/figures/attention_{dataset}.tsv"
+    shell:
+        "slidetrain attention-figure --dataset {wildcards.dataset} --table1 {input.table1}"
+        " --runs-dir results/{wildcards.dataset}/runs --images-dir results/{wildcards.dataset}/images"
+        " --tiles-dir results/{wildcards.dataset}/tiles {params.truth} --classes {params.classes}"
+        " --methods {params.methods} --split {params.split} --seed {params.seed} --out {output} > {log} 2>&1"

@@ -4,7 +4,7 @@
 rule train_mil:
     input:
         split="results/{dataset}/splits/{split}.csv",
-        features=lambda w: features_of(w.dataset),
+        features=feature_index,
     output:
         model="results/{dataset}/runs/{method}/{split}/{seed}/model.pt",
         history="results/{dataset}/runs/{method}/{split}/{seed}/history.csv",
@@ -33,7 +33,7 @@ rule evaluate_mil:
     input:
         model="results/{dataset}/runs/{method}/{split}/{seed}/model.pt",
         split="results/{dataset}/splits/{split}.csv",
-        features=lambda w: features_of(w.dataset),
+        features=feature_index,
     output:
         predictions="results/{dataset}/runs/{method}/{split}/{seed}/predictions.csv",
         metrics="results/{dataset}/runs/{method}/{split}/{seed}/metrics.json",

@@ -74,25 +74,34 @@ def read_status(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def excluded_slides(status_files: list[str | Path]) -> dict[str, str]:
-    """slide_id -> reason, for every status file that says excluded."""
-    out = {}
-    for path in status_files:
-        status = read_status(path)
-        if status["status"] == "excluded":
-            out[status["slide_id"]] = status["reason"]
-    return out
+def excluded_slides(status_table: str | Path) -> dict[str, str]:
+    """slide_id -> reason, for every excluded slide of a dataset's status table."""
+    table = read_status_table(status_table)
+    excluded = table[table.status == "excluded"]
+    return dict(zip(excluded.slide_id, excluded.reason, strict=True))
 
 
-def write_exclusion_table(status_files: list[str | Path], out_csv: str | Path) -> pd.DataFrame:
-    """results/qc/excluded.csv: dataset, slide_id, reason (dataset = the folder above qc/status/)."""
+def write_exclusion_table(status_tables: list[str | Path], out_csv: str | Path) -> pd.DataFrame:
+    """results/qc/excluded.csv: dataset, slide_id, reason (dataset = the folder above qc/)."""
     rows = []
-    for path in status_files:
-        status = read_status(path)
-        if status["status"] == "excluded":
-            dataset = Path(path).parents[2].name  # results/{dataset}/qc/status/{slide}.json
-            rows.append({"dataset": dataset, "slide_id": status["slide_id"], "reason": status["reason"]})
+    for path in status_tables:
+        dataset = Path(path).parents[1].name  # results/{dataset}/qc/status.csv
+        for slide_id, reason in excluded_slides(path).items():
+            rows.append({"dataset": dataset, "slide_id": slide_id, "reason": reason})
     table = pd.DataFrame(rows, columns=["dataset", "slide_id", "reason"])
     with atomic_path(out_csv) as tmp:
         table.to_csv(tmp, index=False)
     return table
+
+
+def write_status_table(status_files: list[str | Path], out_csv: str | Path) -> pd.DataFrame:
+    """results/{dataset}/qc/status.csv: one row per slide (slide_id, status, reason), the per-dataset QC index."""
+    rows = [read_status(p) for p in status_files]
+    table = pd.DataFrame(rows, columns=["slide_id", "status", "reason"]).fillna("")
+    with atomic_path(out_csv) as tmp:
+        table.to_csv(tmp, index=False)
+    return table
+
+
+def read_status_table(path: str | Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype=str, keep_default_na=False)

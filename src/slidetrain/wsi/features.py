@@ -16,6 +16,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 import torch
 from tqdm import tqdm
 
@@ -122,8 +123,6 @@ def extract_features(
             rows.append({"slide_id": job.slide_id, "features_s": seconds, "n_tiles": len(coords)})
             log.info("%s: %d tiles in %.2f s", job.slide_id, len(coords), seconds)
     if timings_csv is not None:
-        import pandas as pd
-
         done = []
         for j in jobs:
             with h5py.File(j.out_h5, "r") as f:
@@ -131,3 +130,23 @@ def extract_features(
         with atomic_path(timings_csv) as tmp:
             pd.DataFrame(done).to_csv(tmp, index=False)
     return rows
+
+
+def write_feature_index(feature_files: list[str | Path], out_csv: str | Path) -> pd.DataFrame:
+    """features/{encoder}/index.csv: slide_id, n_tiles, dim, excluded — what training jobs depend on.
+
+    One index per dataset keeps the DAG small (a training job lists one file,
+    not one per slide) and fails here, naming the slide, if a file is incomplete.
+    """
+    rows = []
+    for path in feature_files:
+        path = Path(path)
+        if not is_complete(path):
+            raise OSError(f"slide {path.stem}: feature file {path} is incomplete; delete it and rerun")
+        with h5py.File(path, "r") as f:
+            n, dim = f["features"].shape
+        rows.append({"slide_id": path.stem, "n_tiles": n, "dim": dim, "empty": n == 0})
+    table = pd.DataFrame(rows, columns=["slide_id", "n_tiles", "dim", "empty"])
+    with atomic_path(out_csv) as tmp:
+        table.to_csv(tmp, index=False)
+    return table
