@@ -118,3 +118,41 @@ def test_unknown_config_key_names_the_method_and_key():
         method_config("abmil", {"learning_rate": 0.1})
     with pytest.raises(ConfigError, match="unknown method 'nosuch'"):
         method_config("nosuch", {})
+
+
+@pytest.mark.parametrize("method", ["milrnn", "gma"])
+def test_binary_task_trains_milrnn_and_gma(tmp_path, method):
+    """MIL-RNN (binary only) and GMA through the real harness on a two-class task."""
+    rng = np.random.default_rng(1)
+    features_dir = tmp_path / "features"
+    rows = []
+    for i in range(30):
+        label = i % 2
+        n = int(rng.integers(12, 40))
+        x = rng.normal(size=(n, 16)).astype(np.float32)
+        if label:
+            x[: max(2, n // 5), 0] += 4.0
+        write_features(features_dir / f"b{i:02d}.h5", x, np.zeros((n, 2), np.int64), {"seconds": 0.0})
+        part = "train" if i < 20 else ("val" if i < 24 else "test")
+        rows.append({"slide_id": f"b{i:02d}", "patient_id": f"p{i:02d}", "label": ["neg", "pos"][label], "part": part})
+    split_csv = tmp_path / "split.csv"
+    write_split(pd.DataFrame(rows), split_csv)
+    from slidetrain.train.mil import evaluate_mil, fit_mil
+
+    params = {"epochs": 8, "lr": 1e-3} if method == "milrnn" else {"epochs": 8, "optimizer": "adam", "lr": 1e-3}
+    out = tmp_path / method
+    fit_mil(method, params, split_csv, features_dir, ["neg", "pos"], out, seed=0)
+    history = pd.read_csv(out / "history.csv")
+    if method == "milrnn":  # selection only in the RNN stage (epochs 5-8)
+        assert not history.selected.iloc[:4].any() and history.selected.iloc[4:].any()
+    result = evaluate_mil(out / "model.pt", split_csv, features_dir, ["neg", "pos"], out / "p.csv", out / "m.json",
+                          n_bootstrap=10)
+    assert result["metrics"]["auroc"] >= 0.75
+
+
+def test_milrnn_refuses_a_three_class_task():
+    from slidetrain.errors import ConfigError
+    from slidetrain.models import build_model, method_config
+
+    with pytest.raises(ConfigError, match="binary tasks only"):
+        build_model("milrnn", 16, 3, method_config("milrnn", {}))

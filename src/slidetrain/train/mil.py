@@ -144,7 +144,7 @@ def fit_mil(
             out = model(x)
             loss = model.loss(out, torch.tensor(bag.label), weights)
             (loss / cfg.accumulation).backward()
-            train_losses.append(float(loss))
+            train_losses.append(float(loss.detach()))
             if step % cfg.accumulation == 0 or step == len(order):
                 for group, opt in zip(model.param_groups(), optimizers, strict=True):
                     if cfg.grad_clip > 0:
