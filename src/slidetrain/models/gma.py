@@ -21,8 +21,7 @@ from torch import Tensor, nn
 from slidetrain.models import register
 from slidetrain.models.attention import AttentionScores, attention_pool
 from slidetrain.models.base import MILModel, MILOutput, TrainConfig
-
-SIZES = {"small": (512, 256), "big": (512, 384)}  # (embedding, attention hidden)
+from slidetrain.models.clam import SIZES  # the same [512, 256] / [512, 384] size table
 
 
 @dataclass
