@@ -71,3 +71,17 @@ def test_bad_weights_and_encoder_names():
         build_encoder("resnet18", "/no/such/weights.pt")
     with pytest.raises(ConfigError, match="unknown encoder 'vit'"):
         build_encoder("vit")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_light_resnet_is_torchvisions_resnet(arch):
+    """Same parameter names and shapes, same outputs for the same weights: torchvision checkpoints load as is."""
+    import torchvision
+
+    from slidetrain.models.resnet import resnet
+
+    ours, theirs = resnet(arch).eval(), getattr(torchvision.models, arch)(weights=None).eval()
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.rand(2, 3, 96, 96)
+    assert torch.allclose(ours(x), theirs(x), atol=1e-5)

@@ -17,10 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from slidetrain.errors import ConfigError
+from slidetrain.models.resnet import resnet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,7 +38,7 @@ ENCODER_NAMES = tuple(_SPECS)
 class TruncatedResNet(nn.Module):
     """ResNet trunk up to `last_layer`, then global average pooling: (B, 3, H, W) -> (B, dim)."""
 
-    def __init__(self, resnet: torchvision.models.ResNet, last_layer: str, dim: int):
+    def __init__(self, resnet: nn.Module, last_layer: str, dim: int):
         super().__init__()
         names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
         keep = names[: names.index(last_layer) + 1]
@@ -50,16 +50,32 @@ class TruncatedResNet(nn.Module):
         return self.pool(self.trunk(x)).flatten(1)  # (B, dim)
 
 
-def load_resnet(arch: str, weights_enum: str, weights: str, seed: int = 0) -> torchvision.models.ResNet:
-    """A torchvision ResNet with `weights` = none | imagenet | path to a state dict."""
-    builder = getattr(torchvision.models, arch)
+def load_resnet(arch: str, weights_enum: str, weights: str, seed: int = 0, light: bool = False) -> nn.Module:
+    """A ResNet with `weights` = none | imagenet | path to a state dict.
+
+    `light=True` builds slidetrain's torchvision-compatible ResNet (same names and
+    weights, no torchvision import: per-slide feature jobs start seconds faster);
+    otherwise torchvision's own class, which the partitioned engine knows.
+    """
+    if light:
+        builder = lambda weights=None: resnet(arch)  # noqa: E731
+    else:
+        import torchvision
+
+        builder = getattr(torchvision.models, arch)
     if weights == "none":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # same random encoder in every process and shard
             return builder(weights=None)
     if weights == "imagenet":
+        import torchvision
+
         enum = getattr(torchvision.models, weights_enum).IMAGENET1K_V1
         try:
+            if light:
+                model = builder()
+                model.load_state_dict(enum.get_state_dict(progress=False))
+                return model
             return builder(weights=enum)
         except Exception as err:  # download failures come as URLError/OSError/RuntimeError
             raise ConfigError(
@@ -86,7 +102,7 @@ def build_encoder(name: str, weights: str = "none", seed: int = 0) -> TruncatedR
     if name not in _SPECS:
         raise ConfigError(f"features.encoder: unknown encoder {name!r}; expected one of {list(_SPECS)}")
     arch, enum, last, dim = _SPECS[name]
-    encoder = TruncatedResNet(load_resnet(arch, enum, weights, seed), last, dim)
+    encoder = TruncatedResNet(load_resnet(arch, enum, weights, seed, light=True), last, dim)
     return encoder.eval()
 
 
