@@ -48,6 +48,10 @@ class TrainConfig:
     early_stopping_min_epochs: int = 0
     selection_metric: str = "val_loss"  # val_loss | val_auroc | val_accuracy
     max_instances: int = 0  # 0 = all; else random subset per training bag (memory guard)
+    # none (the references: raw features) | standardize (per-dimension z-score with the training
+    # part's statistics, stored with the model). Random-init encoders give features of mean ~35 and
+    # norm ~1000, on which attention MILs saturate at their reference learning rates.
+    feature_norm: str = "none"
 
 
 def config_from_dict(cls: type, params: dict | None, where: str) -> object:

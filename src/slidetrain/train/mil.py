@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from slidetrain.data.bags import Bag, load_bags
 from slidetrain.data.splits import read_split
-from slidetrain.errors import SplitError
+from slidetrain.errors import ConfigError, SplitError
 from slidetrain.evaluate.metrics import classification_metrics, evaluate_predictions
 from slidetrain.io import atomic_path, write_json
 from slidetrain.models import build_model, method_config
@@ -52,6 +52,23 @@ def part_bags(split: pd.DataFrame, part: str, class_names: list[str], features_d
         raise SplitError(f"split has no slides in part {part!r}")
     lookup = {c: i for i, c in enumerate(class_names)}
     return load_bags(rows.slide_id.tolist(), [lookup[x] for x in rows.label], features_dir)
+
+
+def feature_stats(bags: list[Bag], feature_norm: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-dimension mean and std over every training tile, or None when features stay raw."""
+    if feature_norm == "none":
+        return None
+    if feature_norm != "standardize":
+        raise ConfigError(f"feature_norm: unknown value {feature_norm!r}; expected none or standardize")
+    x = torch.cat([b.features for b in bags]).double()  # (sum N, D)
+    return x.mean(0).float(), x.std(0).clamp_min(1e-6).float()
+
+
+def normalise_bags(bags: list[Bag], stats: tuple[torch.Tensor, torch.Tensor] | None) -> list[Bag]:
+    if stats is None:
+        return bags
+    mean, std = stats
+    return [Bag(b.slide_id, b.label, (b.features - mean) / std, b.coords) for b in bags]
 
 
 def class_weight_tensor(bags: list[Bag], n_classes: int) -> torch.Tensor:
@@ -100,6 +117,8 @@ def fit_mil(
     n_classes = len(class_names)
     train, val = (part_bags(split, p, class_names, features_dir) for p in ("train", "val"))
     in_dim = train[0].features.shape[1]
+    norm_stats = feature_stats(train, cfg.feature_norm)  # training part only: val/test never leak in
+    train, val = normalise_bags(train, norm_stats), normalise_bags(val, norm_stats)
 
     seed_everything(seed)
     model = build_model(method, in_dim, n_classes, cfg)
@@ -136,7 +155,8 @@ def fit_mil(
         train_losses = []
         for opt in optimizers:
             opt.zero_grad()
-        for step, idx in enumerate(tqdm(order, desc=f"{method} epoch {epoch + 1}/{cfg.epochs}", leave=False), 1):
+        steps = tqdm(order, desc=f"{method} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)  # quiet in logs
+        for step, idx in enumerate(steps, 1):
             bag = train[idx]
             x = bag.features
             if cfg.max_instances and len(x) > cfg.max_instances:
@@ -204,17 +224,18 @@ def fit_mil(
     model_path = out_dir / "model.pt"
     with atomic_path(model_path) as tmp:
         torch.save({"method": method, "config": asdict(cfg), "in_dim": in_dim, "class_names": class_names,
-                    "state_dict": best_state}, tmp)
+                    "state_dict": best_state, "feature_norm": norm_stats}, tmp)
     ckpt_path.unlink(missing_ok=True)  # the run is complete: nothing left to resume
     return model_path
 
 
-def load_trained(model_path: Path) -> MILModel:
+def load_trained(model_path: Path) -> tuple[MILModel, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The selected model and the feature normalisation it was trained with."""
     saved = torch.load(model_path, map_location="cpu", weights_only=False)
     cfg = method_config(saved["method"], saved["config"])
     model = build_model(saved["method"], saved["in_dim"], len(saved["class_names"]), cfg)
     model.load_state_dict(saved["state_dict"])
-    return model.eval()
+    return model.eval(), saved.get("feature_norm")
 
 
 def evaluate_mil(
@@ -230,9 +251,9 @@ def evaluate_mil(
     seed: int = 0,
 ) -> dict:
     """Score the test part once: predictions CSV, per-tile attention (h5), metrics JSON with bootstrap CIs."""
-    model = load_trained(model_path)
+    model, norm_stats = load_trained(model_path)
     split = read_split(split_csv)
-    test = part_bags(split, "test", class_names, features_dir)
+    test = normalise_bags(part_bags(split, "test", class_names, features_dir), norm_stats)
     _, probs, attentions = predict_bags(model, test)
     pred = pd.DataFrame({"slide_id": [b.slide_id for b in test], "label": [class_names[b.label] for b in test]})
     pred["predicted"] = [class_names[i] for i in probs.argmax(1)]
