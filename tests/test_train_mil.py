@@ -156,3 +156,18 @@ def test_milrnn_refuses_a_three_class_task():
 
     with pytest.raises(ConfigError, match="binary tasks only"):
         build_model("milrnn", 16, 3, method_config("milrnn", {}))
+
+
+def test_feature_stats_match_the_concatenated_statistics():
+    from slidetrain.data.bags import Bag
+    from slidetrain.train.mil import feature_stats, normalise_bags
+
+    rng = np.random.default_rng(0)
+    bags = [Bag(f"s{i}", 0, torch.from_numpy(rng.normal(5, 3, size=(n, 4)).astype(np.float32)), np.zeros((n, 2)))
+            for i, n in enumerate([3, 10, 7])]
+    x = torch.cat([b.features for b in bags])
+    mean, std = feature_stats(bags, "standardize")
+    assert torch.allclose(mean, x.mean(0), atol=1e-5) and torch.allclose(std, x.std(0), atol=1e-5)
+    z = torch.cat([b.features for b in normalise_bags(bags, (mean, std))])
+    assert torch.allclose(z.mean(0), torch.zeros(4), atol=1e-5) and torch.allclose(z.std(0), torch.ones(4), atol=1e-4)
+    assert feature_stats(bags, "none") is None

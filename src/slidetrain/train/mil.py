@@ -55,20 +55,33 @@ def part_bags(split: pd.DataFrame, part: str, class_names: list[str], features_d
 
 
 def feature_stats(bags: list[Bag], feature_norm: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per-dimension mean and std over every training tile, or None when features stay raw."""
+    """Per-dimension mean and std over every training tile, or None when features stay raw.
+
+    Accumulated bag by bag in float64: the training part can hold millions of tiles.
+    """
     if feature_norm == "none":
         return None
     if feature_norm != "standardize":
         raise ConfigError(f"feature_norm: unknown value {feature_norm!r}; expected none or standardize")
-    x = torch.cat([b.features for b in bags]).double()  # (sum N, D)
-    return x.mean(0).float(), x.std(0).clamp_min(1e-6).float()
+    dim = bags[0].features.shape[1]
+    total, total_sq, n = torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64), 0
+    for b in bags:
+        x = b.features.double()  # (N, D)
+        total += x.sum(0)
+        total_sq += (x * x).sum(0)
+        n += len(x)
+    mean = total / n
+    var = (total_sq / n - mean * mean).clamp_min(0) * n / max(n - 1, 1)
+    return mean.float(), var.sqrt().clamp_min(1e-6).float()
 
 
 def normalise_bags(bags: list[Bag], stats: tuple[torch.Tensor, torch.Tensor] | None) -> list[Bag]:
-    if stats is None:
-        return bags
-    mean, std = stats
-    return [Bag(b.slide_id, b.label, (b.features - mean) / std, b.coords) for b in bags]
+    """Standardise in place: the bags were read for this run alone, and a copy would double memory."""
+    if stats is not None:
+        mean, std = stats
+        for b in bags:
+            b.features.sub_(mean).div_(std)
+    return bags
 
 
 def class_weight_tensor(bags: list[Bag], n_classes: int) -> torch.Tensor:
