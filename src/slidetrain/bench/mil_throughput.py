@@ -42,7 +42,7 @@ def throughput_table(run_dirs: list[Path], benchmark_tsvs: list[Path], out_csv: 
         job = pd.read_csv(bench, sep="\t")
         rows.append(
             {
-                "method": Path(run_dir).parent.name,
+                "method": Path(run_dir).name,  # results/bench/mil/{method}
                 "epoch_s": float(history.seconds.iloc[0]),
                 "job_s": float(job.s.iloc[0]),
                 "max_rss_mb": float(job.max_rss.iloc[0]) if "max_rss" in job else np.nan,
