@@ -290,10 +290,14 @@ def test_nystrom_is_exact_attention_when_tokens_fit_in_landmarks() -> None:
     x = torch.randn(5, 16, dtype=torch.float64)
     padded = torch.cat([torch.zeros(3, 16, dtype=torch.float64), x])  # zero tokens in front
     q, k, v = attn.to_qkv(padded).view(8, 3, 2, 8).permute(1, 2, 0, 3)
-    exact = torch.softmax(q @ k.transpose(1, 2) * 8**-0.5, dim=-1) @ v
+    weights = torch.softmax(q @ k.transpose(1, 2) * 8**-0.5, dim=-1)  # (h, 8, 8)
+    exact = weights @ v
     exact = exact + attn.res_conv(v[None])[0]
     exact = attn.to_out(exact.transpose(0, 1).reshape(8, 16))[-5:]
-    assert torch.allclose(attn(x), exact, atol=1e-6)
+    out, row = attn(x, query_row=1)
+    assert torch.allclose(out, exact, atol=1e-6)
+    # the exported row is that query's attention over the real tokens (the heatmap TransMIL writes)
+    assert torch.allclose(row, weights[:, 3 + 1, 3:], atol=1e-6)
 
 
 def test_dtfd_param_groups_are_the_two_tiers() -> None:

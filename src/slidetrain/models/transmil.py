@@ -95,7 +95,8 @@ class NystromAttention(nn.Module):
             bias=False,
         )
 
-    def forward(self, x: Tensor) -> Tensor:  # x: (n, dim)
+    def forward(self, x: Tensor, query_row: int | None = None) -> tuple[Tensor, Tensor | None]:  # x: (n, dim)
+        """Output (n, dim) and, if `query_row` is given, that token's approximate attention (h, n)."""
         n = x.shape[0]
         m = self.landmarks
         pad = (-n) % m
@@ -111,12 +112,14 @@ class NystromAttention(nn.Module):
         kernel1 = torch.softmax(q @ k_land.transpose(1, 2), dim=-1)  # (h, n', m)
         kernel2 = torch.softmax(q_land @ k_land.transpose(1, 2), dim=-1)  # (h, m, m)
         kernel3 = torch.softmax(q_land @ k.transpose(1, 2), dim=-1)  # (h, m, n')
-        out = (kernel1 @ iterative_pinv(kernel2, self.pinv_iterations)) @ (
-            kernel3 @ v
-        )  # (h, n', d)
+        left = kernel1 @ iterative_pinv(kernel2, self.pinv_iterations)  # (h, n', m)
+        out = left @ (kernel3 @ v)  # (h, n', d)
         out = out + self.res_conv(v.unsqueeze(0))[0]  # (h, n', d)
         out = out.transpose(0, 1).reshape(n_pad, self.heads * self.dim_head)  # (n', h*d)
-        return self.to_out(out)[-n:]  # (n, dim)
+        row = None
+        if query_row is not None:  # one row of the approximated attention matrix: cheap, (h, m) @ (h, m, n')
+            row = (left[:, pad + query_row : pad + query_row + 1] @ kernel3)[:, 0, pad:]  # (h, n)
+        return self.to_out(out)[-n:], row  # (n, dim)
 
 
 class TransLayer(nn.Module):
@@ -133,8 +136,9 @@ class TransLayer(nn.Module):
             dropout=cfg.dropout,
         )
 
-    def forward(self, x: Tensor) -> Tensor:  # (n, dim)
-        return x + self.attn(self.norm(x))
+    def forward(self, x: Tensor, query_row: int | None = None) -> tuple[Tensor, Tensor | None]:  # (n, dim)
+        out, row = self.attn(self.norm(x), query_row)
+        return x + out, row
 
 
 class PPEG(nn.Module):
@@ -153,7 +157,12 @@ class PPEG(nn.Module):
 
 @register("transmil", TransMILConfig)
 class TransMIL(MILModel):
-    has_attention = False
+    """Exported attention: the class token's row of the last layer's Nystrom-approximated attention,
+    averaged over heads, folded from the square grid back onto the N tiles (the repeated filler
+    tokens add to the tiles they copy), clipped at 0 and normalised to sum 1 (the approximation
+    can leave small negative entries)."""
+
+    has_attention = True
 
     def __init__(self, in_dim: int, n_classes: int, cfg: TransMILConfig):
         super().__init__()
@@ -174,7 +183,13 @@ class TransMIL(MILModel):
         if extra:  # fill the square grid by repeating the first tokens
             h = torch.cat([h, h[torch.arange(extra, device=h.device) % n]])  # (side^2, dim)
         x = torch.cat([self.cls_token, h])  # (1 + side^2, dim)
-        x = self.layer1(x)
+        x, _ = self.layer1(x)
         x = self.pos(x, side)
-        x = self.layer2(x)
-        return MILOutput(logits=self.classifier(self.norm(x[0])))  # (C,)
+        x, row = self.layer2(x, query_row=0)  # row: (h, 1 + side^2)
+        scores = row.detach().mean(0)[1:]  # (side^2,) over grid tokens
+        per_tile = torch.zeros(n, dtype=scores.dtype, device=scores.device)
+        per_tile.index_add_(0, torch.arange(side * side, device=scores.device) % n, scores)  # fillers -> originals
+        per_tile = per_tile.clamp_min(0)
+        total = per_tile.sum()
+        attention = per_tile / total if total > 0 else torch.full_like(per_tile, 1.0 / n)
+        return MILOutput(logits=self.classifier(self.norm(x[0])), attention=attention)  # (C,), (N,)
