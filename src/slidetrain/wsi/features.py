@@ -104,7 +104,6 @@ def extract_features(
     threads: int = 1,
     seed: int = 0,
     mpp_fallback: float | None = None,
-    timings_csv: Path | None = None,
 ) -> list[dict]:
     """Extract features for every job not already complete; returns per-slide timing rows."""
     torch.set_num_threads(max(1, threads))
@@ -122,13 +121,6 @@ def extract_features(
             )
             rows.append({"slide_id": job.slide_id, "features_s": seconds, "n_tiles": len(coords)})
             log.info("%s: %d tiles in %.2f s", job.slide_id, len(coords), seconds)
-    if timings_csv is not None:
-        done = []
-        for j in jobs:
-            with h5py.File(j.out_h5, "r") as f:
-                done.append({"slide_id": j.slide_id, "features_s": float(f.attrs["seconds"]), "n_tiles": len(f["coords"])})
-        with atomic_path(timings_csv) as tmp:
-            pd.DataFrame(done).to_csv(tmp, index=False)
     return rows
 
 
