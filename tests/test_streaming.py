@@ -76,11 +76,24 @@ def test_resnet34_streamed_output_equals_full(resnet_case):
 
 
 def test_resnet34_streamed_param_grads_equal_backprop(resnet_case):
+    """fp32: the streamed sum runs tile by tile, so it adds the same terms in another order than the
+    full backward; over ~10^5 positions per weight that costs up to ~6e-3 relative error on some CPUs
+    (AMD EPYC, oneDNN), ~1e-5 on others. The float64 test below shows the engine itself is exact."""
     trunk, x, engine, _, grad_out = resnet_case
     reference = full_backward(trunk, x, grad_out)
     engine.accumulate_grad(x, grad_out)
-    assert_grads_match(list(trunk.parameters()), reference)
+    assert_grads_match(list(trunk.parameters()), reference, tol=2e-2)
     trunk.zero_grad(set_to_none=True)
+
+
+def test_resnet34_streamed_param_grads_equal_backprop_float64():
+    trunk = resnet34_to_layer3().double()
+    x = torch.randn(1, 3, 320, 448, generator=torch.Generator().manual_seed(1)).double()
+    engine = StreamingEngine(trunk, 128, tile_mode="core")
+    grad_out = torch.randn(trunk(x).shape, generator=torch.Generator().manual_seed(2)).double()
+    reference = full_backward(trunk, x, grad_out)
+    engine.accumulate_grad(x, grad_out)
+    assert_grads_match(list(trunk.parameters()), reference, tol=1e-10)
 
 
 def tiny_stack(ceil_mode: bool = False) -> nn.Sequential:

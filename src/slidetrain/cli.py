@@ -98,6 +98,23 @@ def cmd_evaluate_mil(a: argparse.Namespace) -> None:
     )
 
 
+def cmd_train_image(a: argparse.Namespace) -> None:
+    from slidetrain.train.wholeimage import fit_whole_image
+
+    fit_whole_image(
+        a.method, a.params, Path(a.split), Path(a.images), a.classes, Path(a.out), a.seed, a.threads, a.device
+    )
+
+
+def cmd_evaluate_image(a: argparse.Namespace) -> None:
+    from slidetrain.train.wholeimage import evaluate_whole_image
+
+    evaluate_whole_image(
+        Path(a.model), Path(a.split), Path(a.images), a.classes, Path(a.predictions), Path(a.metrics),
+        ordinal=a.ordinal, n_bootstrap=a.n_bootstrap, seed=a.seed, device=a.device,
+    )
+
+
 def cmd_table1(a: argparse.Namespace) -> None:
     from slidetrain.paper.tables import table1
 
@@ -149,6 +166,66 @@ def cmd_attention_figure(a: argparse.Namespace) -> None:
         a.dataset, Path(a.table1), Path(a.runs_dir), Path(a.images_dir), Path(a.tiles_dir),
         Path(a.truth_dir) if a.truth_dir else None, a.classes, a.methods, Path(a.out), a.split, a.seed,
     )
+
+
+def cmd_bench_train_memory(a: argparse.Namespace) -> None:
+    from slidetrain.bench.local_memory import bench_train_memory
+
+    bench_train_memory(
+        a.method, a.size, a.device, a.out, params=a.params, seed=a.seed, threads=a.threads, timeout_s=a.timeout_s
+    )
+
+
+def cmd_table2(a: argparse.Namespace) -> None:
+    from slidetrain.bench.local_memory import write_table2
+
+    write_table2(a.measurements, a.out, a.markdown)
+
+
+def cmd_bench_inference(a: argparse.Namespace) -> None:
+    from slidetrain.bench.inference_speed import bench_inference
+
+    bench_inference(
+        a.slides, a.out, a.markdown, device=a.device, threads=a.threads, warmup=a.warmup, repeats=a.repeats,
+        batch_size=a.batch_size, tile_px=a.tile_px, min_tissue_fraction=a.min_tissue_fraction, seed=a.seed,
+        mask_preset=a.mask_preset, mpp_fallback=a.mpp_fallback,
+    )
+
+
+def _add_bench_local_parsers(sub) -> None:
+    """Table 2 (training memory) and Table 3 (inference speed) of the local-learning paper."""
+    s = sub.add_parser("bench-train-memory", help="peak memory of one training slide + step of a whole-image method")
+    s.add_argument("--method", required=True, help="e2e | local_k4 | local_k8 (any whole-image learner)")
+    s.add_argument("--size", required=True, help="image WIDTHxHEIGHT in px, as the paper writes it (8698x7496)")
+    s.add_argument("--device", default="cpu", help="cpu (fresh process, peak RSS) or cuda[:i] (max allocated)")
+    s.add_argument("--params", type=_json_arg, default={}, help="JSON: learner config overrides")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, help="torch threads in the measured process (default: torch's)")
+    s.add_argument("--timeout-s", type=float, help="CPU: give up after this many seconds")
+    s.add_argument("--out", required=True, help="measurement JSON")
+    s.set_defaults(func=cmd_bench_train_memory)
+
+    s = sub.add_parser("table2", help="Table 2 (training memory vs E2E) from bench-train-memory JSONs")
+    s.add_argument("--measurements", nargs="+", required=True)
+    s.add_argument("--out", required=True, help="CSV")
+    s.add_argument("--markdown", help="Markdown copy")
+    s.set_defaults(func=cmd_table2)
+
+    s = sub.add_parser("bench-inference", help="Table 3: tile pipeline (gated ABMIL) vs whole-slide inference")
+    s.add_argument("--slides", nargs="+", required=True, help="slide files (OpenSlide formats)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    s.add_argument("--warmup", type=int, default=1, help="untimed runs of each pipeline per slide")
+    s.add_argument("--repeats", type=int, default=1, help="timed runs per slide (stage seconds are their mean)")
+    s.add_argument("--batch-size", type=int, default=64, help="tiles per encoder batch")
+    s.add_argument("--tile-px", type=int, default=224, help="tile side at 5x")
+    s.add_argument("--min-tissue-fraction", type=float, default=0.5, help="keep tiles with this much tissue")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--mask-preset", default="default")
+    s.add_argument("--mpp-fallback", type=float)
+    s.add_argument("--out", required=True, help="CSV")
+    s.add_argument("--markdown", help="Markdown copy")
+    s.set_defaults(func=cmd_bench_inference)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,6 +310,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_evaluate_mil)
 
+    s = sub.add_parser("train-image", help="train a whole-image learner (local_k4, e2e, streamingcnn, ...)")
+    s.add_argument("--method", required=True)
+    s.add_argument("--params", type=_json_arg, default={})
+    s.add_argument("--split", required=True)
+    s.add_argument("--images", required=True, help="folder of {slide_id}.jpg whole-slide images")
+    s.add_argument("--classes", nargs="+", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_train_image)
+
+    s = sub.add_parser("evaluate-image", help="score a trained whole-image learner on the test part")
+    s.add_argument("--model", required=True)
+    s.add_argument("--split", required=True)
+    s.add_argument("--images", required=True)
+    s.add_argument("--classes", nargs="+", required=True)
+    s.add_argument("--predictions", required=True)
+    s.add_argument("--metrics", required=True)
+    s.add_argument("--ordinal", action="store_true")
+    s.add_argument("--n-bootstrap", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_evaluate_image)
+
     s = sub.add_parser("table1", help="Table 1 from run metrics")
     s.add_argument("--metrics", nargs="+", required=True, help="metrics.json files under results/{dataset}/runs/{method}/{split}/{seed}/")
     s.add_argument("--out-csv", required=True)
@@ -291,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", default="0")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_attention_figure)
+    _add_bench_local_parsers(sub)
     return p
 
 

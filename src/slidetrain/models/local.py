@@ -26,6 +26,17 @@ decoded at the input's resolution), so on small images (about 1-2k px a
 side) local learning needs more memory and time than E2E; the savings of
 the paper's Table 2 appear on whole slides at 5x (8k px a side and more).
 
+Memory on a whole slide, in U = one 64 x H/6 x W/6 float32 map (0.43 GiB
+at 8698 x 7496): E2E holds about 32 U at its peak; local learning's peak is
+module 1, i.e. the image (1.7 U), module 1's autograd graph (its input plus
+4 maps per 64-channel block: K=4 two blocks, K=8 one) and that graph's
+backward transients (CPU/oneDNN: about 4 U for K=4, 3 U for K=8), plus the
+fixed model, optimiser and RFR cost; measured on CPU (bench.local_memory)
+about 15 U (47 % of E2E) for K=4 and 11 U (35 %) for K=8. That is plain
+autograd's floor for this cut; going lower would take recomputation. The
+stem runs in bands (`stem_bands`) so that its 8 U transient stays below
+that peak, and the RFR decoder makes no copy it does not need.
+
 Two guards the code lacks, which only matter on maps far smaller than a real
 slide at 5x (our tests and the synthetic dataset): a map smaller than the
 classifier's conv kernel is zero-padded to the kernel size, and when the conv
@@ -106,6 +117,71 @@ def resnet34_entries(weights: str = "none") -> nn.ModuleList:
     return entries_from_resnet(load_resnet34(weights))
 
 
+def _conv_pool_geometry(stem: nn.Module) -> tuple[nn.Conv2d, nn.MaxPool2d] | None:
+    """(conv, pool) of a torchvision stem (conv, bn, relu, maxpool) that `stem_bands` can split, else None."""
+    parts = list(stem.children()) if isinstance(stem, nn.Sequential) else []
+    if len(parts) != 4:
+        return None
+    conv, bn, _, pool = parts
+    if not (isinstance(conv, nn.Conv2d) and isinstance(pool, nn.MaxPool2d)):
+        return None
+    if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.training:
+        return None  # batch statistics of a band are not those of the image
+    if isinstance(conv.padding, str) or conv.dilation != (1, 1) or conv.groups != 1:
+        return None
+    if conv.padding_mode != "zeros":
+        return None
+    if pool.ceil_mode or pool.dilation not in (1, (1, 1)) or pool.return_indices:
+        return None
+    return conv, pool
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def stem_bands(stem: nn.Module, image: Tensor, band_rows: int | None = None) -> Tensor:
+    """`stem(image)` for a (conv, bn, relu, maxpool) stem in eval mode, computed in horizontal bands.
+
+    Output rows [j0, j1) need max-pool input rows [j0*s - p, (j1-1)*s - p + k)
+    and those need image rows through the conv's window; rows outside the
+    maps are the ops' own padding (zeros before the conv, -inf before the
+    pool), so every output pixel sees exactly the numbers the whole-image
+    call sees. `band_rows` (output rows per band) defaults to 1/16 of the
+    output, at least 32; a stem of another shape, or with its BatchNorm in
+    training mode (batch statistics), is run whole.
+    """
+    geometry = _conv_pool_geometry(stem)
+    if geometry is None or image.ndim != 4:
+        return stem(image)
+    conv, pool = geometry
+    (kc, _), (sc, scw), (pc, pcw) = _pair(conv.kernel_size), _pair(conv.stride), _pair(conv.padding)
+    (km, _), (sm, _), (pm, pmw) = _pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding)
+    height = image.shape[2]
+    conv_h = (height + 2 * pc - kc) // sc + 1
+    out_h = (conv_h + 2 * pm - km) // sm + 1
+    band_rows = band_rows or max(32, -(-out_h // 16))
+    if out_h <= band_rows:
+        return stem(image)
+    bn_relu = nn.Sequential(*list(stem.children())[1:3])
+    out = None
+    for j0 in range(0, out_h, band_rows):
+        j1 = min(out_h, j0 + band_rows)
+        a, b = j0 * sm - pm, (j1 - 1) * sm - pm + km  # pool input rows (conv rows), may overhang
+        ca, cb = max(a, 0), min(b, conv_h)
+        ia, ib = ca * sc - pc, (cb - 1) * sc - pc + kc  # image rows, may overhang
+        band = image[:, :, max(ia, 0) : min(ib, height)]  # (1, 3, rows, W)
+        band = F.pad(band, (0, 0, max(-ia, 0), max(ib - height, 0)))  # the conv's zero padding
+        y = F.conv2d(band, conv.weight, conv.bias, (sc, scw), (0, pcw))
+        y = bn_relu(y)  # (1, 64, cb - ca, W/3)
+        y = F.pad(y, (0, 0, ca - a, b - cb), value=float("-inf"))  # the pool's implicit padding
+        y = F.max_pool2d(y, pool.kernel_size, pool.stride, (0, pmw))  # (1, 64, j1 - j0, W/6)
+        if out is None:
+            out = y.new_empty((y.shape[0], y.shape[1], out_h, y.shape[3]))
+        out[:, :, j0:j1] = y
+    return out
+
+
 def check_k(K: int, where: str = "K") -> int:
     if K not in ALLOWED_K:
         raise ConfigError(
@@ -169,9 +245,15 @@ class LocalBackbone(nn.Module):
         return self
 
     def stem(self, image: Tensor) -> Tensor:
-        """(1, 3, H, W) -> (1, 64, ~H/6, ~W/6), frozen, without a graph."""
+        """(1, 3, H, W) -> (1, 64, ~H/6, ~W/6), frozen, without a graph.
+
+        Run in horizontal bands of the output (`stem_bands`): the conv output
+        (64 channels at H/3 x W/3, 4x the stem's output) and its BN copy
+        then never exist whole. On a whole slide that transient (8x the
+        output) was the peak of local learning with K=8.
+        """
         with torch.no_grad():
-            return self.entries[0](image)
+            return stem_bands(self.entries[0], image)
 
     def run_module(self, k: int, x: Tensor) -> Tensor:
         """Module k (1-based) on its input map."""
@@ -359,7 +441,7 @@ class RFRDecoder(nn.Module):
         self.decoder = nn.Sequential(
             nn.Conv2d(c_out, c_out, 3, padding=1),
             nn.BatchNorm2d(c_out),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),  # BN's backward needs its input, not its output
             nn.Conv2d(c_out, c_in, 3, padding=1),
         )
 
@@ -377,7 +459,8 @@ class RFRDecoder(nn.Module):
         )
         src = crop_boxes(out_map, [b[0] for b in boxes])  # (n, C_out, ph, pw)
         target = crop_boxes(in_map.detach(), [b[1] for b in boxes])  # (n, C_in, ph*u, pw*u)
-        src = F.interpolate(src, size=target.shape[-2:], mode="bilinear", align_corners=True)
+        if src.shape[-2:] != target.shape[-2:]:  # same size (upscale 1): the identity, no copy
+            src = F.interpolate(src, size=target.shape[-2:], mode="bilinear", align_corners=True)
         return F.l1_loss(self.decoder(src), target)
 
 

@@ -44,6 +44,8 @@ from torch import Tensor, nn
 from slidetrain.errors import ConfigError
 from slidetrain.models.encoders import load_resnet
 from slidetrain.partitioned import TILE_MODES, StreamingEngine
+from slidetrain.train.common import SELECTION_METRICS
+from slidetrain.train.local import WholeImageLearner
 from slidetrain.train.optim import build_optimizer, build_scheduler
 
 STREAM_SPLITS = ("layer3", "layer4.0")
@@ -75,6 +77,7 @@ class StreamingConfig:
     accumulation: int = 16  # slides per optimiser step (the code: batch 16, one image per GPU pass)
     grad_clip: float = 0.0  # 0 = off
     class_weights: list[float] | None = None  # CE weight per class
+    selection_metric: str = "val_loss"  # val_loss | val_auroc | val_accuracy (validation part only)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -84,6 +87,7 @@ class StreamingConfig:
             "stream_until": STREAM_SPLITS,
             "optimizer": OPTIMIZERS,
             "scheduler": SCHEDULERS,
+            "selection_metric": SELECTION_METRICS,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -138,7 +142,7 @@ class StreamingResNet34(nn.Module):
         return self.head(self.trunk(x))
 
 
-class StreamingLearner:
+class StreamingLearner(WholeImageLearner):
     """One slide at a time: streamed trunk forward, head forward/backward, streamed trunk backward.
 
     Same interface as the whole-image learners of `slidetrain.train.local`:
@@ -183,7 +187,8 @@ class StreamingLearner:
         (loss / self.cfg.accumulation).backward()  # head grads + dL/dfmap
         if any(p.requires_grad for p in self.model.trunk.parameters()):
             self.engine.accumulate_grad(x, fmap.grad)  # trunk grads, tile by tile
-        return {"ce": float(loss.detach())}
+        ce = float(loss.detach())
+        return {"ce": ce, "loss": ce}  # "loss": the main loss every learner reports
 
     def step(self) -> None:
         if self.cfg.grad_clip > 0:
@@ -210,10 +215,7 @@ class StreamingLearner:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("learner") != type(self).__name__:
-            raise ConfigError(
-                f"checkpoint: written by {state.get('learner')!r}, cannot resume a {type(self).__name__}"
-            )
+        self._check_learner_tag(state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

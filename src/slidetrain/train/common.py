@@ -7,9 +7,12 @@ and ends exactly where an uninterrupted run would.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import subprocess
+from collections.abc import Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
@@ -17,7 +20,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from slidetrain.errors import SplitError
 from slidetrain.io import atomic_path, write_json
+
+#: validation metrics a run may select its model on (history columns)
+SELECTION_METRICS = ("val_loss", "val_auroc", "val_accuracy")
 
 #: test hook: exit hard (as a kill would) right after the checkpoint of this epoch (1-based) is saved
 STOP_AFTER_EPOCH_ENV = "SLIDETRAIN_STOP_AFTER_EPOCH"
@@ -99,3 +106,33 @@ def is_better(value: float, best: float | None, metric: str) -> bool:
     if best is None:
         return True
     return value < best if metric.endswith("loss") else value > best
+
+
+def config_hash(method: str, cfg, seed: int, split_csv: Path) -> str:
+    """Identifies what a checkpoint was trained for, so a changed config never resumes a stale run."""
+    blob = json.dumps({"method": method, "cfg": asdict(cfg), "seed": seed, "split": Path(split_csv).read_text()},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def part_slides(split: pd.DataFrame, part: str, class_names: list[str]) -> tuple[list[str], list[int]]:
+    """Slide ids and class indices (in `class_names` order) of one part of a split."""
+    rows = split[split.part == part]
+    if rows.empty:
+        raise SplitError(f"split has no slides in part {part!r}")
+    lookup = {c: i for i, c in enumerate(class_names)}
+    unknown = sorted(set(rows.label) - set(lookup))
+    if unknown:
+        raise SplitError(f"part {part!r}: label(s) {unknown} are not among the classes {list(class_names)}")
+    return rows.slide_id.tolist(), [lookup[x] for x in rows.label]
+
+
+def predictions_table(
+    slide_ids: Sequence[str], labels: Sequence[int], probs: np.ndarray, class_names: list[str]
+) -> pd.DataFrame:
+    """slide_id, label, predicted, prob_<class>...: the predictions CSV every evaluation writes."""
+    pred = pd.DataFrame({"slide_id": list(slide_ids), "label": [class_names[i] for i in labels]})
+    pred["predicted"] = [class_names[i] for i in probs.argmax(1)]
+    for i, c in enumerate(class_names):
+        pred[f"prob_{c}"] = probs[:, i]  # probs: (N, C)
+    return pred

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from slidetrain.errors import ConfigError, SlidetrainError
 from slidetrain.models.local import ALLOWED_K, E2ENet, LocalNet
+from slidetrain.train.common import SELECTION_METRICS
 from slidetrain.train.optim import build_scheduler
 
 #: normalisation statistics of TCGA slides at 5x used by the authors
@@ -100,6 +101,7 @@ class WholeImageConfig:
     head_norm: str = "group"  # norm after the classifier conv: group (code) | batch
     on_oom: str = "error"  # error | crop
     oom_retries: int = 1  # on_oom=crop: crops of 1/6 per edge before giving up (code: 1)
+    selection_metric: str = "val_loss"  # val_loss | val_auroc | val_accuracy (validation part only)
 
     def __post_init__(self) -> None:
         _positive_int(self, "epochs")
@@ -111,6 +113,7 @@ class WholeImageConfig:
         _choice(self, "scheduler", ("none", "step", "plateau", "cosine"))
         _choice(self, "head_norm", ("group", "batch"))
         _choice(self, "on_oom", ("error", "crop"))
+        _choice(self, "selection_metric", SELECTION_METRICS)
         if not isinstance(self.oom_retries, int) or self.oom_retries < 0:
             raise ConfigKeyError(
                 "oom_retries", f"expected an integer >= 0, got {self.oom_retries!r}"
@@ -346,6 +349,13 @@ class WholeImageLearner(abc.ABC):
     @abc.abstractmethod
     def load_state_dict(self, state: dict) -> None: ...
 
+    def _check_learner_tag(self, state: dict) -> None:
+        """A state carries its learner's class name ("learner"); refuse one written by another learner."""
+        if state.get("learner") != type(self).__name__:
+            raise ConfigError(
+                f"checkpoint: written by {state.get('learner')!r}, cannot resume a {type(self).__name__}"
+            )
+
 
 class _ResNetLearner(WholeImageLearner):
     """Shared machinery of LocalLearner and E2ELearner: optimiser, schedule, OOM policy, checkpoints."""
@@ -494,10 +504,7 @@ class _ResNetLearner(WholeImageLearner):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("learner") != type(self).__name__:
-            raise ConfigError(
-                f"checkpoint: written by {state.get('learner')!r}, cannot resume a {type(self).__name__}"
-            )
+        self._check_learner_tag(state)
         self._load_extra_state(state)
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

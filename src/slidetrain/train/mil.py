@@ -10,8 +10,6 @@ by `evaluate_mil`, once, after training.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from dataclasses import asdict
@@ -25,15 +23,18 @@ from tqdm import tqdm
 
 from slidetrain.data.bags import Bag, load_bags
 from slidetrain.data.splits import read_split
-from slidetrain.errors import ConfigError, SplitError
+from slidetrain.errors import ConfigError
 from slidetrain.evaluate.metrics import classification_metrics, evaluate_predictions
 from slidetrain.io import atomic_path, write_json
 from slidetrain.models import build_model, method_config
-from slidetrain.models.base import MILModel, TrainConfig
+from slidetrain.models.base import MILModel
 from slidetrain.train.common import (
+    config_hash,
     is_better,
     load_checkpoint,
     maybe_stop_for_test,
+    part_slides,
+    predictions_table,
     rng_state,
     save_checkpoint,
     seed_everything,
@@ -47,11 +48,7 @@ log = logging.getLogger(__name__)
 
 
 def part_bags(split: pd.DataFrame, part: str, class_names: list[str], features_dir: Path) -> list[Bag]:
-    rows = split[split.part == part]
-    if rows.empty:
-        raise SplitError(f"split has no slides in part {part!r}")
-    lookup = {c: i for i, c in enumerate(class_names)}
-    return load_bags(rows.slide_id.tolist(), [lookup[x] for x in rows.label], features_dir)
+    return load_bags(*part_slides(split, part, class_names), features_dir)
 
 
 def feature_stats(bags: list[Bag], feature_norm: str) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -102,13 +99,6 @@ def predict_bags(model: MILModel, bags: list[Bag], class_weights: torch.Tensor |
         probs.append(model.probabilities(out).numpy())
         attentions.append(None if out.attention is None else out.attention.numpy())
     return float(np.mean(losses)), np.stack(probs), attentions
-
-
-def config_hash(method: str, cfg: TrainConfig, seed: int, split_csv: Path) -> str:
-    """Identifies what a checkpoint was trained for, so a changed config never resumes a stale run."""
-    blob = json.dumps({"method": method, "cfg": asdict(cfg), "seed": seed, "split": Path(split_csv).read_text()},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def fit_mil(
@@ -268,10 +258,7 @@ def evaluate_mil(
     split = read_split(split_csv)
     test = normalise_bags(part_bags(split, "test", class_names, features_dir), norm_stats)
     _, probs, attentions = predict_bags(model, test)
-    pred = pd.DataFrame({"slide_id": [b.slide_id for b in test], "label": [class_names[b.label] for b in test]})
-    pred["predicted"] = [class_names[i] for i in probs.argmax(1)]
-    for i, c in enumerate(class_names):
-        pred[f"prob_{c}"] = probs[:, i]
+    pred = predictions_table([b.slide_id for b in test], [b.label for b in test], probs, class_names)
     with atomic_path(predictions_csv) as tmp:
         pred.to_csv(tmp, index=False)
     if attention_h5 is not None:

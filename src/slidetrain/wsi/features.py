@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,14 +49,10 @@ def is_complete(path: Path) -> bool:
 
 
 @torch.no_grad()
-def embed_slide(
-    encoder: torch.nn.Module, job: FeatureJob, batch_size: int, device: torch.device, mpp_fallback: float | None
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Features (N, D) and coords (N, 2) of one slide's tiles; also seconds spent."""
-    t0 = time.perf_counter()
-    coords, attrs = read_tiles_h5(job.tiles_h5)
-    if "excluded" in attrs or len(coords) == 0:  # excluded slide: an empty, flagged feature file
-        return np.zeros((0, getattr(encoder, "dim", 0)), np.float32), coords, 0.0
+def embed_tiles(
+    encoder: torch.nn.Module, tiles: Iterable[np.ndarray], batch_size: int, device: torch.device
+) -> np.ndarray:
+    """Features (N, D) float32 of RGB uint8 tiles (T, T, 3): ImageNet-normalised batches of `batch_size`."""
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     feats: list[np.ndarray] = []
@@ -66,15 +63,29 @@ def embed_slide(
         feats.append(encoder((x - mean) / std).float().cpu().numpy())  # (B, D)
         batch.clear()
 
-    with open_slide(job.slide_path, job.slide_id, mpp_fallback) as slide:
-        for tile in read_tiles(slide, coords, float(attrs["target_magnification"]), int(attrs["patch_size"])):
-            batch.append(tile)  # (T, T, 3) uint8
-            if len(batch) == batch_size:
-                flush()
-        if batch:
+    for tile in tiles:
+        batch.append(tile)  # (T, T, 3) uint8
+        if len(batch) == batch_size:
             flush()
+    if batch:
+        flush()
     features = np.concatenate(feats) if feats else np.zeros((0, getattr(encoder, "dim", 0)), np.float32)
-    return features.astype(np.float32), coords, time.perf_counter() - t0
+    return features.astype(np.float32, copy=False)
+
+
+@torch.no_grad()
+def embed_slide(
+    encoder: torch.nn.Module, job: FeatureJob, batch_size: int, device: torch.device, mpp_fallback: float | None
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Features (N, D) and coords (N, 2) of one slide's tiles; also seconds spent."""
+    t0 = time.perf_counter()
+    coords, attrs = read_tiles_h5(job.tiles_h5)
+    if "excluded" in attrs or len(coords) == 0:  # excluded slide: an empty, flagged feature file
+        return np.zeros((0, getattr(encoder, "dim", 0)), np.float32), coords, 0.0
+    with open_slide(job.slide_path, job.slide_id, mpp_fallback) as slide:
+        tiles = read_tiles(slide, coords, float(attrs["target_magnification"]), int(attrs["patch_size"]))
+        features = embed_tiles(encoder, tiles, batch_size, device)
+    return features, coords, time.perf_counter() - t0
 
 
 def write_features(path: Path, features: np.ndarray, coords: np.ndarray, attrs: dict) -> None:
