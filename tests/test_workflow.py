@@ -39,7 +39,7 @@ def tiny_run(tmp_path_factory):
     bad = pd.DataFrame([{"slide_id": "broken_01", "patient_id": "pat_bad", "label": "normal",
                          "source": str(work / "not_a_slide.svs")}])
     pd.concat([sheet, bad]).to_csv(work / "config" / "sheets" / "synthetic.tsv", sep="\t", index=False)
-    proc = snakemake(work, "results/tables/table1.csv", "results/bench/preprocess.csv")
+    proc = snakemake(work, "results/tables/table1.csv", "results/tables/table4.csv", "results/bench/preprocess.csv")
     return work, proc
 
 
@@ -48,14 +48,27 @@ def test_tiny_config_runs_the_whole_dag(tiny_run):
     table = pd.read_csv(work / "results" / "tables" / "table1.csv")
     assert list(table.columns) == ["method", "dataset", "accuracy", "auroc", "accuracy_std", "auroc_std",
                                    "n_seeds", "paper_accuracy", "paper_auroc"]
-    assert sorted(table.method) == ["abmil", "maxpool"]
+    assert sorted(table.method) == ["abmil", "local_k4", "maxpool"]
     assert (table.n_seeds == 1).all()
     assert table.accuracy.between(0, 1).all()
     assert (work / "results" / "tables" / "table1.md").read_text().startswith("| method |")
     run = work / "results" / "synthetic" / "runs" / "abmil" / "mccv0" / "0"
     for name in ("model.pt", "history.csv", "run.json", "predictions.csv", "metrics.json", "attention.h5"):
         assert (run / name).exists(), name
+    whole_image = work / "results" / "synthetic" / "runs" / "local_k4" / "mccv0" / "0"
+    for name in ("model.pt", "history.csv", "run.json", "predictions.csv", "metrics.json"):
+        assert (whole_image / name).exists(), name
     assert not list(work.rglob(".tmp-*")), "a temporary file was left behind"
+
+
+def test_table4_reads_the_ablation_runs(tiny_run):
+    work, _ = tiny_run
+    table = pd.read_csv(work / "results" / "tables" / "table4.csv")
+    assert list(table.columns) == ["setting", "dataset", "accuracy", "paper_accuracy", "accuracy_std", "n_runs"]
+    assert table.setting.tolist() == ["K=4 with RFR"] and table.n_runs.tolist() == [1]
+    metrics = pd.read_json(work / "results" / "synthetic" / "runs" / "local_k4" / "mccv0" / "0" / "metrics.json",
+                           typ="series")
+    assert table.accuracy.iloc[0] == pytest.approx(metrics["metrics"]["accuracy"], abs=1e-4)
 
 
 def test_bad_slide_is_excluded_with_its_reason(tiny_run):
@@ -86,7 +99,7 @@ def test_rerun_has_nothing_to_do(tiny_run):
 
 def test_unknown_method_is_a_parse_time_error(tiny_run, tmp_path):
     work, _ = tiny_run
-    cfg = (work / "config" / "config.yaml").read_text().replace("methods: [maxpool, abmil]", "methods: [maxpool, nosuchmil]")
+    cfg = (work / "config" / "config.yaml").read_text().replace("methods: [maxpool, abmil, local_k4]", "methods: [maxpool, nosuchmil]")
     bad = tmp_path / "bad.yaml"
     bad.write_text(cfg)
     proc = subprocess.run(

@@ -123,6 +123,12 @@ def cmd_table1(a: argparse.Namespace) -> None:
     table1(a.metrics, a.out_csv, a.out_md, paper_names, not_applicable, a.method_order)
 
 
+def cmd_table4(a: argparse.Namespace) -> None:
+    from slidetrain.paper.tables import table4
+
+    table4(a.metrics, a.out_csv, a.out_md, dict(item.split("=", 1) for item in a.paper_names))
+
+
 def cmd_qc_table(a: argparse.Namespace) -> None:
     from slidetrain.wsi.exclusion import write_exclusion_table
 
@@ -343,6 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--not-applicable", nargs="*", default=[], help="method:dataset pairs shown as '/'")
     s.add_argument("--method-order", nargs="*", default=[])
     s.set_defaults(func=cmd_table1)
+
+    s = sub.add_parser("table4", help="Table 4 (RFR ablation) from local-learning run metrics")
+    s.add_argument("--metrics", nargs="+", required=True, help="metrics.json of local_k4/_k8(_norfr) runs")
+    s.add_argument("--out-csv", required=True)
+    s.add_argument("--out-md", required=True)
+    s.add_argument("--paper-names", nargs="*", default=[], help="dataset=name in the paper's table")
+    s.set_defaults(func=cmd_table4)
 
     s = sub.add_parser("qc-status", help="one dataset's per-slide QC statuses as one table")
     s.add_argument("--status", nargs="+", required=True)

@@ -113,3 +113,102 @@ rule bench_mil_throughput:
         "benchmarks/bench/mil_throughput.tsv"
     shell:
         "slidetrain bench-mil --runs {params.runs} --benchmarks {params.benchmarks} --out {output} > {log} 2>&1"
+
+
+# Table 2: peak memory of one training slide (+ optimiser step) per image size and method, one job each
+# so that every measurement runs alone (CPU: a fresh process' peak RSS; CUDA: max_memory_allocated).
+
+
+rule bench_train_memory:
+    output:
+        "results/bench/train_memory/{device}/{size}/{method}.json",
+    wildcard_constraints:
+        size=r"\d+x\d+",
+        device=r"cpu|cuda(:\d+)?",
+    params:
+        method_params=lambda w: json.dumps(_bench_cfg("train_memory", {}).get("params", {}).get(w.method, {})),
+        threads=_bench_cfg("threads", 2),
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/bench/train_memory/{device}/{size}/{method}.log",
+    benchmark:
+        "benchmarks/bench/train_memory/{device}/{size}/{method}.tsv"
+    threads: _bench_cfg("threads", 2)
+    resources:
+        mem_mb=_bench_cfg("train_memory", {}).get("mem_mb", 20000),
+        runtime=60,
+        gpu=lambda w: 1 if w.device.startswith("cuda") else 0,
+    shell:
+        "slidetrain bench-train-memory --method {wildcards.method} --size {wildcards.size}"
+        " --device {wildcards.device} --params '{params.method_params}' --threads {threads}"
+        " --out {output} > {log} 2>&1"
+
+
+rule table2:
+    input:
+        expand(
+            "results/bench/train_memory/{device}/{size}/{method}.json",
+            device=_bench_cfg("device", "cpu"),
+            size=_bench_cfg("train_memory", {}).get("sizes", []),
+            method=["e2e", "local_k4", "local_k8"],
+        ),
+    output:
+        csv="results/tables/table2.csv",
+        md="results/tables/table2.md",
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/tables/table2.log",
+    benchmark:
+        "benchmarks/tables/table2.tsv"
+    shell:
+        "slidetrain table2 --measurements {input} --out {output.csv} --markdown {output.md} > {log} 2>&1"
+
+
+# Table 3: the same synthetic slides through the tile pipeline (tiling, features, gated ABMIL) and
+# through local-learning whole-slide inference, timed side by side in one process.
+rule synthesize_inference_slide:
+    output:
+        "resources/bench/inference/{size}.tiff",
+    wildcard_constraints:
+        size=r"\d+x\d+",
+    params:
+        size=lambda w: " ".join(map(str, _INFERENCE_SLIDES[w.size])),
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/bench/inference/synthesize_{size}.log",
+    benchmark:
+        "benchmarks/bench/inference/synthesize_{size}.tsv"
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    shell:
+        "slidetrain synthesize --slide-id bench_{wildcards.size} --label high_grade --seed 1"
+        " --size-px {params.size} --out {output} > {log} 2>&1"
+
+
+rule table3:
+    input:
+        expand("resources/bench/inference/{size}.tiff", size=_INFERENCE_SLIDES),
+    output:
+        csv="results/tables/table3.csv",
+        md="results/tables/table3.md",
+    params:
+        device=_bench_cfg("device", "cpu"),
+        threads=_bench_cfg("threads", 2),
+        repeats=_bench_cfg("inference", {}).get("repeats", 1),
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/tables/table3.log",
+    benchmark:
+        "benchmarks/tables/table3.tsv"
+    threads: _bench_cfg("threads", 2)
+    resources:
+        runtime=60,
+        gpu=1 if _bench_cfg("device", "cpu").startswith("cuda") else 0,
+    shell:
+        "slidetrain bench-inference --slides {input} --device {params.device} --threads {threads}"
+        " --repeats {params.repeats} --out {output.csv} --markdown {output.md} > {log} 2>&1"

@@ -24,19 +24,39 @@ SHEETS = _load_sheets()
 SPLITS = [f"mccv{i}" for i in range(config["splits"]["mccv_folds"])]
 OFFICIAL = config["splits"].get("official", {})
 SEEDS = [str(s) for s in config["seeds"]]
-MIL_METHODS = sorted(config["methods"])
+
+def _whole_image_methods():
+    from slidetrain.train.local import whole_image_methods
+
+    return set(whole_image_methods())
+
+
+# Two trainers share the run layout: MIL aggregators on cached features, whole-image learners on the
+# 5x (or configured) slide images. Each rule accepts only its own methods (wildcard constraints).
+IMAGE_METHODS = sorted(m for m in config["methods"] if m in _whole_image_methods())
+MIL_METHODS = sorted(m for m in config["methods"] if m not in IMAGE_METHODS)
+ALL_METHODS = sorted(config["methods"])
+
+
+def _method_regex(methods):
+    # A never-matching pattern when a config has no method of this kind (an empty alternation matches "").
+    return "|".join(methods) if methods else "(?!x)x"
 
 
 def _check_methods():
     """Every method a table asks for has a config block that its dataclass accepts (fail before any job runs)."""
     from slidetrain.models import method_config
+    from slidetrain.train.local import learner_config
 
-    for method in config["table1"]["methods"]:
-        if method not in config["methods"]:
-            raise WorkflowError(f"table1.methods names {method!r}, which has no block under `methods`; known: {MIL_METHODS}")
+    for table in ("table1", "table4"):
+        for method in config.get(table, {}).get("methods", []):
+            if method not in config["methods"]:
+                raise WorkflowError(
+                    f"{table}.methods names {method!r}, which has no block under `methods`; known: {ALL_METHODS}"
+                )
     for method, params in config["methods"].items():
         try:
-            method_config(method, params)
+            (learner_config if method in IMAGE_METHODS else method_config)(method, params)
         except SlidetrainError as err:
             raise WorkflowError(f"config: {err}")
 
@@ -92,12 +112,14 @@ def feature_index(wildcards):
 
 def method_params(method):
     if method not in config["methods"]:
-        raise WorkflowError(f"method {method!r} has no block under `methods` in the config; known: {MIL_METHODS}")
+        raise WorkflowError(f"method {method!r} has no block under `methods` in the config; known: {ALL_METHODS}")
     return json.dumps(config["methods"][method])
 
 
 def runs_of(dataset, method):
     splits = SPLITS + (["official"] if dataset in OFFICIAL else [])
+    if method in IMAGE_METHODS and config.get("training", {}).get("whole_image_splits"):
+        splits = splits[: config["training"]["whole_image_splits"]]
     return expand(
         "results/{dataset}/runs/{method}/{split}/{seed}/metrics.json",
         dataset=dataset, method=method, split=splits, seed=SEEDS,
@@ -155,6 +177,8 @@ def table1_applicable(method, dataset):
     """Binary-only methods (MIL-RNN) get a '/' row on multi-class datasets, as the paper shows."""
     from slidetrain.models import REGISTRY
 
+    if method in IMAGE_METHODS:
+        return True
     return not (REGISTRY[method].binary_only and len(dataset_cfg(dataset)["classes"]) != 2)
 
 
@@ -165,9 +189,28 @@ def attention_methods(dataset):
     return [
         m
         for m in config["table1"]["methods"]
-        if REGISTRY[m].model_cls.has_attention and table1_applicable(m, dataset)
+        if m in MIL_METHODS and REGISTRY[m].model_cls.has_attention and table1_applicable(m, dataset)
     ]
 
 
 def is_synthetic(dataset):
     return bool((SHEETS[dataset].source == SYNTHETIC).all())
+
+
+def table4_metrics(wildcards):
+    return [f for d in config["table4"]["datasets"] for m in config["table4"]["methods"] for f in runs_of(d, m)]
+
+
+def images_dir(dataset):
+    return f"results/{dataset}/images"
+
+
+def _image_device():
+    return config.get("training", {}).get("device", "cpu")
+
+
+def _bench_cfg(key, default=None):
+    return config.get("bench", {}).get(key, default)
+
+
+_INFERENCE_SLIDES = {f"{w}x{h}": (w, h) for w, h in _bench_cfg("inference", {}).get("slide_px", [])}

@@ -69,3 +69,24 @@ rule attention_figure:
         " --runs-dir results/{wildcards.dataset}/runs --images-dir results/{wildcards.dataset}/images"
         " --tiles-dir results/{wildcards.dataset}/tiles {params.truth} --classes {params.classes}"
         " --methods {params.methods} --split {params.split} --seed {params.seed} --out {output} > {log} 2>&1"
+
+
+rule table4:
+    input:
+        metrics=table4_metrics,
+    output:
+        csv="results/tables/table4.csv",
+        md="results/tables/table4.md",
+    params:
+        paper_names=" ".join(
+            f"{d}={dataset_cfg(d)['paper_name']}" for d in config["table4"]["datasets"] if dataset_cfg(d).get("paper_name")
+        ),
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/tables/table4.log",
+    benchmark:
+        "benchmarks/tables/table4.tsv"
+    shell:
+        "slidetrain table4 --metrics {input.metrics} --out-csv {output.csv} --out-md {output.md}"
+        " --paper-names {params.paper_names} > {log} 2>&1"

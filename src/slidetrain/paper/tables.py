@@ -30,6 +30,7 @@ PAPER_METHOD_NAMES = {
     "streamingcnn": "StreamingCNN",
     "local_k4": "Local K=4",
     "local_k8": "Local K=8",
+    "e2e": "E2E",
 }
 TABLE1_COLUMNS = [
     "method", "dataset", "accuracy", "auroc", "accuracy_std", "auroc_std", "n_seeds", "paper_accuracy", "paper_auroc",
@@ -94,6 +95,51 @@ def table1(
     if method_order:
         order = {m: i for i, m in enumerate(method_order)}
         table = table.sort_values(["dataset", "method"], key=lambda s: s.map(order) if s.name == "method" else s)
+    with atomic_path(out_csv) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.4f")
+    with atomic_path(out_md) as tmp:
+        tmp.write_text(to_markdown(table))
+    return table
+
+
+#: whole-image method -> the RFR ablation's setting name (the local-learning paper's Table 4)
+TABLE4_SETTINGS = {
+    "local_k4_norfr": "K=4 without RFR",
+    "local_k4": "K=4 with RFR",
+    "local_k8_norfr": "K=8 without RFR",
+    "local_k8": "K=8 with RFR",
+}
+TABLE4_COLUMNS = ["setting", "dataset", "accuracy", "paper_accuracy", "accuracy_std", "n_runs"]
+
+
+def table4(
+    metrics_paths: list[str | Path],
+    out_csv: str | Path,
+    out_md: str | Path,
+    paper_names: dict[str, str] | None = None,
+) -> pd.DataFrame:
+    """The RFR ablation: test accuracy (mean over runs) of K=4/8 with and without RFR, paper values beside."""
+    runs = collect_runs(metrics_paths)
+    unknown = sorted(set(runs.method) - set(TABLE4_SETTINGS))
+    if unknown:
+        raise ValueError(f"table4: methods {unknown} are not settings of the RFR ablation {sorted(TABLE4_SETTINGS)}")
+    paper = paper_table("local_table4")
+    paper_names = paper_names or {}
+    rows = []
+    for method, setting in TABLE4_SETTINGS.items():
+        for dataset, group in runs[runs.method == method].groupby("dataset", sort=True):
+            ref = paper[(paper.setting == setting) & (paper.dataset == paper_names.get(dataset))]
+            rows.append(
+                {
+                    "setting": setting,
+                    "dataset": dataset,
+                    "accuracy": group.accuracy.mean(),
+                    "paper_accuracy": ref.accuracy.iloc[0] if len(ref) else np.nan,
+                    "accuracy_std": group.accuracy.std(ddof=1) if len(group) > 1 else np.nan,
+                    "n_runs": len(group),
+                }
+            )
+    table = pd.DataFrame(rows, columns=TABLE4_COLUMNS)
     with atomic_path(out_csv) as tmp:
         table.to_csv(tmp, index=False, float_format="%.4f")
     with atomic_path(out_md) as tmp:

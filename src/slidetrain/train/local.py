@@ -668,6 +668,12 @@ def _load_learner_modules() -> None:
         importlib.import_module(name)
 
 
+def whole_image_methods() -> list[str]:
+    """Every registered whole-image method (the workflow routes these to the image trainer)."""
+    _load_learner_modules()
+    return sorted(LEARNERS)
+
+
 def learner_config(method: str, params: dict | None = None) -> Any:
     """The validated config of `method`: defaults, then the method's preset, then `params`."""
     _load_learner_modules()
@@ -719,6 +725,7 @@ __all__ = [
     "SlideOOMError",
     "WholeImageConfig",
     "WholeImageLearner",
+    "whole_image_methods",
     "augment_slide",
     "build_learner",
     "channel_stats",
