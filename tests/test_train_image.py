@@ -253,3 +253,21 @@ def test_slides_trained_on_a_crop_are_listed_in_the_history(dataset, tmp_path, m
         sizes = dict(e.split(":") for e in entries.split(";"))
         assert sorted(sizes) == TRAIN_IDS  # every slide, none dropped
         assert all(int(h) < 64 and int(w) < 64 for h, w in (s.split("x") for s in sizes.values()))
+
+
+def test_a_diverged_run_stops_with_a_clear_error(dataset, tmp_path, monkeypatch):
+    """Non-finite validation probabilities stop the run naming the method and epoch, not a bare ValueError."""
+    import slidetrain.train.wholeimage as wholeimage
+    from slidetrain.errors import TrainingError
+
+    split_csv, images = dataset
+    real = wholeimage.predict_images
+
+    def diverged(*args, **kwargs):
+        loss, probs = real(*args, **kwargs)
+        return loss, np.full_like(probs, np.nan)
+
+    monkeypatch.setattr(wholeimage, "predict_images", diverged)
+    with pytest.raises(TrainingError, match=r"e2e: training diverged in epoch 1"):
+        fit_whole_image("e2e", {**E2E, "epochs": 1}, split_csv, images, CLASSES, tmp_path / "run", seed=0)
+    assert not (tmp_path / "run" / "model.pt").exists()

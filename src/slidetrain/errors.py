@@ -33,3 +33,7 @@ class NoTissueError(SlideError):
 
 class SplitError(SlidetrainError):
     """A split is inconsistent (patient in two parts, class missing, ...)."""
+
+
+class TrainingError(SlidetrainError):
+    """Training diverged (non-finite loss or predictions)."""

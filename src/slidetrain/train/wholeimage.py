@@ -33,7 +33,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from slidetrain.data.splits import read_split
-from slidetrain.errors import ConfigError, SlideError
+from slidetrain.errors import ConfigError, SlideError, TrainingError
 from slidetrain.evaluate.metrics import classification_metrics, evaluate_predictions
 from slidetrain.io import atomic_path, write_json
 from slidetrain.train.common import (
@@ -237,6 +237,11 @@ def fit_whole_image(
             if position % cfg.accumulation == 0 or position == n_train:
                 learner.step()
         val_loss, val_probs = predict_images(learner, val_images, val_labels, stats, cfg.class_weights)
+        if not np.isfinite(val_probs).all():
+            raise TrainingError(
+                f"{method}: training diverged in epoch {epoch + 1} (non-finite validation probabilities); "
+                f"lower the learning rate or set grad_clip in its config block (last checkpoint: epoch {epoch})"
+            )
         val_metrics = classification_metrics(np.array(val_labels), val_probs)
         learner.end_epoch(epoch, val_loss)
         row = {
