@@ -30,7 +30,6 @@ PAPER_METHOD_NAMES = {
     "streamingcnn": "StreamingCNN",
     "local_k4": "Local K=4",
     "local_k8": "Local K=8",
-    "e2e": "E2E",
 }
 TABLE1_COLUMNS = [
     "method", "dataset", "accuracy", "auroc", "accuracy_std", "auroc_std", "n_seeds", "paper_accuracy", "paper_auroc",
