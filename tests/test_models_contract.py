@@ -317,7 +317,8 @@ def test_milrnn_stage_switch_and_checkpoint() -> None:
     with torch.no_grad():
         out1 = model(bag)
     top = out1.extras["tile_scores"].argmax()
-    assert torch.equal(out1.logits, model.tile_classifier(bag[top]).detach())
+    # stage 1 scores the top tile alone; a single-row matmul may round differently from the batch's
+    torch.testing.assert_close(out1.logits, model.tile_classifier(bag[top]).detach(), rtol=1e-6, atol=1e-6)
     model.on_epoch_start(3, 10)
     state = model.state_dict()
     restored = make("milrnn", IN_DIM, 2, seed=5)
