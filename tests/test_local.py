@@ -256,8 +256,9 @@ def test_backbone_bn_stays_in_eval_and_stats_unchanged(weights):
     assert has_grad(bn_weights) or learner.optimizer.state[bn_weights[0]]
 
 
-def test_e2e_every_non_stem_parameter_gets_gradient(weights):
-    learner = build_learner("e2e", 2, {"weights": weights, "accumulation": 1})
+@pytest.mark.parametrize("stem", ["trained", "frozen"])
+def test_e2e_every_parameter_gets_gradient_stem_only_when_trained(weights, stem):
+    learner = build_learner("e2e", 2, {"weights": weights, "accumulation": 1, "stem": stem})
     assert isinstance(learner, E2ELearner)
     no_dropout(learner)
     # A 64 x 480 strip (fewer pixels than 256 x 256) gives a 2 x 10 layer4 map, so
@@ -269,14 +270,46 @@ def test_e2e_every_non_stem_parameter_gets_gradient(weights):
     losses = learner.train_slide(image, 1)
     assert set(losses) >= {"final_ce", "loss"}
     net = learner.net
-    stem = {id(p) for p in net.backbone.entries[0].parameters()}
+    stem_ids = {id(p) for p in net.backbone.entries[0].parameters()}
     # softmax ignores a constant shift: the attention score's bias has zero gradient by design
     shift = {id(net.head.pool.w.bias)}
+    frozen = stem_ids if stem == "frozen" else set()
     for name, p in net.named_parameters():
-        if id(p) in stem:
+        if id(p) in frozen:
             assert p.grad is None, name
         elif id(p) not in shift:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # the stem's BatchNorm keeps its statistics either way (every backbone BN is in eval)
+    assert not net.backbone.entries[0][1].training
+
+
+@pytest.mark.parametrize(
+    "method, params, released",
+    [
+        ("local_k4", {}, True),
+        ("local_k8", {"rfr": True}, True),
+        ("e2e", {"stem": "frozen"}, True),
+        ("e2e", {"stem": "trained"}, False),  # conv1's weight gradient needs the image
+        ("local_k4", {"on_oom": "crop"}, False),  # a retry crops the image, so it is kept
+    ],
+)
+def test_image_is_released_after_a_frozen_stem(method, params, released):
+    """Passed as a temporary, the slide image is freed before module 1 runs when nothing needs it."""
+    import weakref
+
+    learner = build_learner(method, 2, {"weights": "none", **params})
+    refs: list[weakref.ref] = []
+
+    def slide() -> torch.Tensor:
+        image = normalise(colour_image(7, 96))
+        refs.append(weakref.ref(image))
+        return image
+
+    alive: list[bool] = []
+    first_block = learner.net.backbone.entries[1]
+    first_block.register_forward_pre_hook(lambda m, a: alive.append(refs[0]() is not None))
+    learner.train_slide(slide(), 1)
+    assert alive == [not released]
 
 
 # --------------------------------------------------------------------------- RFR geometry

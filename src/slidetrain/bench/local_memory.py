@@ -109,10 +109,10 @@ def train_one_slide(
     torch.manual_seed(seed)
     learner = build_learner(method, n_classes=2, params=params, device=device)
     generator = torch.Generator().manual_seed(seed)
-    image = torch.randn(3, height, width, generator=generator)  # (3, H, W), like a normalised slide
-    if torch.device(device).type != "cpu":
-        image = image.to(device)  # on the device, as the paper's input; the CPU copy is freed
-    learner.train_slide(image, 1)
+    # (3, H, W), like a normalised slide, on the device (the paper's input). It is passed as a
+    # temporary, as the training loop passes it, so that a learner that no longer needs it after a
+    # frozen stem can free it (`train_slide`).
+    learner.train_slide(torch.randn(3, height, width, generator=generator).to(device), 1)
     learner.step()
 
 

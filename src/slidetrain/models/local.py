@@ -221,15 +221,21 @@ class LocalBackbone(nn.Module):
     `K=None` makes one module of entries 1..8 (end-to-end training).
     """
 
-    def __init__(self, entries: nn.ModuleList, K: int | None = None):
+    def __init__(self, entries: nn.ModuleList, K: int | None = None, train_stem: bool = False):
         super().__init__()
         if len(entries) != len(ENTRY_NAMES):
             raise ValueError(f"expected {len(ENTRY_NAMES)} entries, got {len(entries)}")
+        if train_stem and K is not None:
+            raise ValueError("train_stem: only end-to-end training (K=None) trains the stem")
         self.entries = entries
         self.K = K
-        self.groups = module_groups(K) if K is not None else [list(range(1, len(ENTRY_NAMES)))]
+        self.train_stem = train_stem
+        first = 0 if train_stem else 1  # a trained stem is part of the one end-to-end module
+        self.groups = (
+            module_groups(K) if K is not None else [list(range(first, len(ENTRY_NAMES)))]
+        )
         for p in self.entries[0].parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(train_stem)
 
     @property
     def n_modules(self) -> int:
@@ -255,6 +261,12 @@ class LocalBackbone(nn.Module):
         with torch.no_grad():
             return stem_bands(self.entries[0], image)
 
+    def prepare(self, image: Tensor) -> Tensor:
+        """(1, 3, H, W) image -> the input of module 1: the frozen stem's output, or the image
+        itself when the stem is trained. After this call a frozen stem's image is not needed
+        again (no gradient reaches it), so a caller that drops it frees its memory."""
+        return image if self.train_stem else self.stem(image)
+
     def run_module(self, k: int, x: Tensor) -> Tensor:
         """Module k (1-based) on its input map."""
         for i in self.groups[k - 1]:
@@ -269,7 +281,10 @@ class LocalBackbone(nn.Module):
             yield from block.parameters()
 
     def forward(self, image: Tensor) -> Tensor:
-        x = self.stem(image)
+        return self.forward_prepared(self.prepare(image))  # (1, 512, h, w)
+
+    def forward_prepared(self, x: Tensor) -> Tensor:
+        """Every module on the output of `prepare`."""
         for k in range(1, self.n_modules + 1):
             x = self.run_module(k, x)
         return x  # (1, 512, h, w)
@@ -511,7 +526,13 @@ class LocalNet(nn.Module):
 
 
 class E2ENet(nn.Module):
-    """The same backbone (frozen stem, BN in eval) and final head, trained end to end."""
+    """The same backbone (BN in eval) and final head, trained end to end.
+
+    `train_stem=True` (the paper's E2E: the entire network is trained) also trains
+    conv1/bn1 and so keeps the stem's activations (64 channels at H/3 x W/3) for
+    backward; `train_stem=False` freezes the stem as local learning does, so that
+    only the gradient isolation differs between the two.
+    """
 
     def __init__(
         self,
@@ -519,12 +540,16 @@ class E2ENet(nn.Module):
         weights: str = "none",
         norm: str = "group",
         entries: nn.ModuleList | None = None,
+        train_stem: bool = True,
     ):
         super().__init__()
         self.backbone = LocalBackbone(
-            entries if entries is not None else resnet34_entries(weights), None
+            entries if entries is not None else resnet34_entries(weights), None, train_stem
         )
         self.head = final_head(n_classes, norm)
 
     def forward(self, image: Tensor) -> Tensor:
         return self.head(self.backbone(image))
+
+    def forward_prepared(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone.forward_prepared(x))

@@ -225,8 +225,16 @@ def fit_whole_image(
         train_losses, cropped = [], []
         steps = tqdm(order, desc=f"{method} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)  # quiet in logs
         for position, idx in enumerate(steps, 1):
-            image = augment_slide(as_input(train_images[idx]), augment_generator(seed, epoch, position))
-            losses = learner.train_slide(normalise(image, stats["mean"], stats["std"]), train_labels[idx])
+            # one expression: no name holds the float image, so a learner that is done with it
+            # after a frozen stem frees it (train_slide)
+            losses = learner.train_slide(
+                normalise(
+                    augment_slide(as_input(train_images[idx]), augment_generator(seed, epoch, position)),
+                    stats["mean"],
+                    stats["std"],
+                ),
+                train_labels[idx],
+            )
             if "loss" not in losses:
                 raise ConfigError(f"{method}: its learner's train_slide returned no 'loss' (got {sorted(losses)})")
             train_losses.append(losses["loss"])
