@@ -11,14 +11,17 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
-import pandas as pd
 from PIL import Image, ImageDraw
 
 from slidetrain.errors import SlideError
 from slidetrain.io import atomic_path, write_json
+
+if TYPE_CHECKING:  # pandas costs 0.2 s to import; per-slide jobs do not need it
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,8 @@ def excluded_slides(status_table: str | Path) -> dict[str, str]:
 
 def write_exclusion_table(status_tables: list[str | Path], out_csv: str | Path) -> pd.DataFrame:
     """results/qc/excluded.csv: dataset, slide_id, reason (dataset = the folder above qc/)."""
+    import pandas as pd
+
     rows = []
     for path in status_tables:
         dataset = Path(path).parents[1].name  # results/{dataset}/qc/status.csv
@@ -96,6 +101,8 @@ def write_exclusion_table(status_tables: list[str | Path], out_csv: str | Path) 
 
 def write_status_table(status_files: list[str | Path], out_csv: str | Path) -> pd.DataFrame:
     """results/{dataset}/qc/status.csv: one row per slide (slide_id, status, reason), the per-dataset QC index."""
+    import pandas as pd
+
     rows = [read_status(p) for p in status_files]
     table = pd.DataFrame(rows, columns=["slide_id", "status", "reason"]).fillna("")
     with atomic_path(out_csv) as tmp:
@@ -104,4 +111,6 @@ def write_status_table(status_files: list[str | Path], out_csv: str | Path) -> p
 
 
 def read_status_table(path: str | Path) -> pd.DataFrame:
+    import pandas as pd
+
     return pd.read_csv(path, dtype=str, keep_default_na=False)

@@ -14,10 +14,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
-import pandas as pd
 import torch
 from tqdm import tqdm
 
@@ -25,6 +25,9 @@ from slidetrain.io import atomic_path
 from slidetrain.models.encoders import IMAGENET_MEAN, IMAGENET_STD, build_encoder
 from slidetrain.wsi.slide import open_slide
 from slidetrain.wsi.tile import read_tiles, read_tiles_h5
+
+if TYPE_CHECKING:  # pandas costs 0.2 s to import; per-slide jobs do not need it
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +144,8 @@ def write_feature_index(feature_files: list[str | Path], out_csv: str | Path) ->
     One index per dataset keeps the DAG small (a training job lists one file,
     not one per slide) and fails here, naming the slide, if a file is incomplete.
     """
+    import pandas as pd
+
     rows = []
     for path in feature_files:
         path = Path(path)

@@ -42,16 +42,18 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import tifffile
 from PIL import Image, ImageChops
 from scipy import ndimage
 
 from slidetrain.errors import ConfigError, SheetError
 from slidetrain.io import atomic_path
+
+if TYPE_CHECKING:  # pandas costs 0.2 s to import; per-slide jobs do not need it
+    import pandas as pd
 
 GRADE_NAMES = {0: "normal", 1: "low_grade", 2: "high_grade"}
 GRADE_OF_NAME = {name: grade for grade, name in GRADE_NAMES.items()}
@@ -144,6 +146,8 @@ def synthetic_sheet(
     round-robin over patients (two-slide patients first), so classes are
     balanced to within a few slides. Vectorised: 10,000+ slides in milliseconds.
     """
+    import pandas as pd
+
     if n_slides < 1:
         raise ConfigError(f"synthetic n_slides must be >= 1, got {n_slides}")
     if not 0.0 <= two_slide_patient_fraction <= 1.0:

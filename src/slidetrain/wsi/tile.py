@@ -24,6 +24,7 @@ import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -32,8 +33,10 @@ from PIL import Image
 from slidetrain.errors import ConfigError, NoTissueError, SlideError
 from slidetrain.io import atomic_path
 from slidetrain.wsi.image import level0_downsample
-from slidetrain.wsi.mask import TissueMask, mask_area_fraction
 from slidetrain.wsi.slide import Slide
+
+if TYPE_CHECKING:  # the mask module imports scipy (0.25 s): feature jobs only read tiles
+    from slidetrain.wsi.mask import TissueMask
 
 
 def patch_size_level0(slide: Slide, target_magnification: float, tile_px: int) -> int:
@@ -97,6 +100,8 @@ def tile_coordinates(
     keep = tissue.mask[cy, cx]  # (M,) centre in tissue
     if min_tissue_fraction > 0 and keep.any():
         boxes = np.concatenate([cand[keep], cand[keep] + size0], axis=1)  # (K, 4)
+        from slidetrain.wsi.mask import mask_area_fraction
+
         frac = mask_area_fraction(tissue, boxes)
         keep[np.flatnonzero(keep)] = frac >= min_tissue_fraction - 1e-9
     coords = cand[keep]
