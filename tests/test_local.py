@@ -287,7 +287,7 @@ def test_e2e_every_parameter_gets_gradient_stem_only_when_trained(weights, stem)
     "method, params, released",
     [
         ("local_k4", {}, True),
-        ("local_k8", {"rfr": True}, True),
+        ("local_k8", {}, True),
         ("e2e", {"stem": "frozen"}, True),
         ("e2e", {"stem": "trained"}, False),  # conv1's weight gradient needs the image
         ("local_k4", {"on_oom": "crop"}, False),  # a retry crops the image, so it is kept

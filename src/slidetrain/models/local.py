@@ -216,9 +216,10 @@ def module_strides(K: int) -> list[int]:
 
 
 class LocalBackbone(nn.Module):
-    """The 9 entries with the frozen stem and every BatchNorm kept in eval mode.
+    """The 9 entries, every BatchNorm kept in eval mode; the stem frozen unless `train_stem`.
 
-    `K=None` makes one module of entries 1..8 (end-to-end training).
+    `K=None` makes one module of entries 1..8 (end-to-end training), or of entries
+    0..8 with `train_stem=True` (the stem trained with the rest: the paper's E2E).
     """
 
     def __init__(self, entries: nn.ModuleList, K: int | None = None, train_stem: bool = False):
