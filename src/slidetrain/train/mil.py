@@ -4,8 +4,11 @@
         --features results/synthetic/features/resnet34 --out results/synthetic/runs/abmil/mccv0/0 --seed 0
 
 One slide per step (bags differ in size), `accumulation` slides per optimiser
-step, model selection on the validation part only; the test part is read only
-by `evaluate_mil`, once, after training.
+step (the loss is averaged over the slides of each step, a last short batch
+included), model selection on the validation part only (the method's
+`selection_rule`: metric and first eligible epoch; early stopping by
+`early_stopping_patience`), through the shared harness (train/harness.py);
+the test part is read only by `evaluate_mil`, once, after training.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ from slidetrain.train.harness import Selection, run_epochs, write_run_files
 from slidetrain.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
+
+#: history columns a MIL run may select on
+MIL_SELECTION_METRICS = ("val_loss", "val_auroc", "val_accuracy", "val_balanced_accuracy", "val_acc_auroc")
 
 
 def part_bags(split: pd.DataFrame, part: str, class_names: list[str], features_dir: Path) -> list[Bag]:
@@ -75,6 +81,14 @@ def class_weight_tensor(bags: list[Bag], n_classes: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
+def balanced_sampling_weights(bags: list[Bag], n_classes: int) -> np.ndarray:
+    """Per-slide draw probabilities 1 / (slides of its class), normalised (CLAM's weighted sampler)."""
+    labels = np.array([b.label for b in bags])
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    w = 1.0 / counts[labels]
+    return w / w.sum()
+
+
 @torch.no_grad()
 def predict_bags(model: MILModel, bags: list[Bag], class_weights: torch.Tensor | None = None):
     """(mean loss, probs (N, C), attentions list) with the model in eval mode."""
@@ -110,35 +124,49 @@ def fit_mil(
     norm_stats = feature_stats(train, cfg.feature_norm)  # training part only: val/test never leak in
     train, val = normalise_bags(train, norm_stats), normalise_bags(val, norm_stats)
 
+    metric, start_fraction = cfg.selection_rule()
+    if metric not in MIL_SELECTION_METRICS:
+        raise ConfigError(f"methods.{method}.selection_metric: expected one of {list(MIL_SELECTION_METRICS)}, "
+                          f"got {metric!r}")
+
     seed_everything(seed)
     model = build_model(method, in_dim, n_classes, cfg)
-    optimizers = [build_optimizer(group, cfg) for group in model.param_groups()]
+    group_cfgs = model.group_configs(cfg)
+    optimizers = [build_optimizer(g, c) for g, c in zip(model.param_groups(), group_cfgs, strict=True)]
     iters_per_epoch = -(-len(train) // cfg.accumulation)  # optimiser steps per epoch (per-iteration schedules)
-    schedulers = [build_scheduler(opt, cfg, iters_per_epoch) for opt in optimizers]
+    schedulers = [build_scheduler(opt, c, iters_per_epoch) for opt, c in zip(optimizers, group_cfgs, strict=True)]
     weights = class_weight_tensor(train, n_classes) if cfg.class_weights else None
+    sample_p = balanced_sampling_weights(train, n_classes) if cfg.weighted_sample else None
 
     def train_epoch(epoch: int) -> dict:
         model.on_epoch_start(epoch, cfg.epochs)
+        model.eval()
+        with torch.no_grad():
+            inputs = model.epoch_bags([b.features for b in train])  # MIL-RNN stage 1: the top tiles
         model.train()
-        order = np.random.default_rng([seed, epoch]).permutation(len(train))
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.choice(len(train), len(train), p=sample_p) if sample_p is not None else rng.permutation(len(train))
         sub_rng = np.random.default_rng([seed, epoch, 1])
+        acc = model.accumulation(cfg.accumulation)
         train_losses = []
         for opt in optimizers:
             opt.zero_grad()
         steps = tqdm(order, desc=f"{method} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)  # quiet in logs
         for step, idx in enumerate(steps, 1):
             bag = train[idx]
-            x = bag.features
+            x = inputs[idx]
             if cfg.max_instances and len(x) > cfg.max_instances:
                 x = x[torch.from_numpy(np.sort(sub_rng.choice(len(x), cfg.max_instances, replace=False)))]
             out = model(x)
             loss = model.loss(out, torch.tensor(bag.label), weights)
-            (loss / cfg.accumulation).backward()
+            window = min(acc, len(order) - (step - 1) // acc * acc)  # slides in this step's batch
+            (loss / window).backward()  # the batch's mean loss, a last short batch included
             train_losses.append(float(loss.detach()))
-            if step % cfg.accumulation == 0 or step == len(order):
-                for group, opt, sch in zip(model.param_groups(), optimizers, schedulers, strict=True):
-                    if cfg.grad_clip > 0:
+            if step % acc == 0 or step == len(order):
+                if cfg.grad_clip > 0:
+                    for group in model.clip_groups():
                         torch.nn.utils.clip_grad_norm_(group, cfg.grad_clip)
+                for opt, sch in zip(optimizers, schedulers, strict=True):
                     opt.step()
                     opt.zero_grad()
                     sch.step_iteration()
@@ -153,6 +181,8 @@ def fit_mil(
             "val_loss": val_loss,
             "val_accuracy": val_metrics["accuracy"],
             "val_auroc": val_metrics["auroc"],
+            "val_balanced_accuracy": val_metrics["balanced_accuracy"],
+            "val_acc_auroc": (val_metrics["accuracy"] + val_metrics["auroc"]) / 2,  # DSMIL's selection score
             "lr": optimizers[0].param_groups[0]["lr"],
         }
 
@@ -160,8 +190,8 @@ def fit_mil(
         out_dir, config_hash(method, cfg, seed, split_csv), cfg.epochs, train_epoch, validate,
         stateful={"model": model, "optimizers": optimizers, "schedulers": schedulers},
         snapshot=model.state_dict,
-        selection=Selection(cfg.selection_metric, patience=cfg.early_stopping_patience,
-                            min_epochs=cfg.early_stopping_min_epochs),
+        selection=Selection(metric, start_epoch=int(start_fraction * cfg.epochs),
+                            patience=cfg.early_stopping_patience, min_epochs=cfg.early_stopping_min_epochs),
         selectable=model.selectable,
         logger=log,
     )
