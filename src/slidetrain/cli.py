@@ -75,6 +75,10 @@ def cmd_split(a: argparse.Namespace) -> None:
     sheet = read_sheet(a.sheet, a.classes, check_files=False)
     excluded = excluded_slides(a.status) if a.status else {}
     sheet = sheet[~sheet.slide_id.isin(excluded)].reset_index(drop=True)
+    if a.label_map:  # a derived dataset: same slides, mapped labels (stratified on the new labels)
+        from slidetrain.data.sheet import relabel
+
+        sheet = relabel(sheet, a.label_map)
     if a.official:
         split = read_official_split(a.official, sheet)
     else:
@@ -258,13 +262,14 @@ def cmd_evaluate_tilebag(a: argparse.Namespace) -> None:
 def cmd_e2e_table1(a: argparse.Namespace) -> None:
     from slidetrain.paper.e2e import e2e_table1
 
-    e2e_table1(a.metrics, a.out, markdown=a.markdown)
+    paper_k = {int(k): int(v) for k, _, v in (x.partition("=") for x in a.paper_k or [])}
+    e2e_table1(a.metrics, a.out, paper_k=paper_k, markdown=a.markdown)
 
 
 def cmd_e2e_figure4(a: argparse.Namespace) -> None:
     from slidetrain.paper.e2e import e2e_figure4
 
-    e2e_figure4(a.histories, a.metrics, a.out)
+    e2e_figure4(a.histories, a.out)
 
 
 def cmd_bench_max_tiles(a: argparse.Namespace) -> None:
@@ -277,7 +282,7 @@ def cmd_bench_max_tiles(a: argparse.Namespace) -> None:
 def cmd_e2e_figure1(a: argparse.Namespace) -> None:
     from slidetrain.paper.e2e import e2e_figure1
 
-    e2e_figure1(a.table, a.out)
+    e2e_figure1(a.tables, a.out_table, a.out)
 
 
 def cmd_bench_tilebag_step(a: argparse.Namespace) -> None:
@@ -320,13 +325,13 @@ def _add_tilebag_parsers(sub) -> None:
 
     s = sub.add_parser("e2e-table1", help="Campanella et al. Table 1: K sweep and frozen-feature rows")
     s.add_argument("--metrics", nargs="+", required=True, help="metrics.json of every run (path names the run)")
+    s.add_argument("--paper-k", nargs="*", help="K=PAPER_K: the paper's K whose values a scaled K sits beside")
     s.add_argument("--out", required=True)
     s.add_argument("--markdown")
     s.set_defaults(func=cmd_e2e_table1)
 
     s = sub.add_parser("e2e-figure4", help="Campanella et al. Figure 4: loss and AUC against K")
-    s.add_argument("--histories", nargs="+", required=True)
-    s.add_argument("--metrics", nargs="+", required=True)
+    s.add_argument("--histories", nargs="+", required=True, help="history.csv of every tile-bag run")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_e2e_figure4)
 
@@ -343,8 +348,9 @@ def _add_tilebag_parsers(sub) -> None:
     s.set_defaults(func=cmd_bench_max_tiles)
 
     s = sub.add_parser("e2e-figure1", help="Campanella et al. Figure 1: max tiles per encoder and precision")
-    s.add_argument("--table", required=True)
-    s.add_argument("--out", required=True)
+    s.add_argument("--tables", nargs="+", required=True, help="bench-max-tiles CSVs (one per encoder)")
+    s.add_argument("--out-table", required=True, help="the merged CSV")
+    s.add_argument("--out", required=True, help="the figure (PNG)")
     s.set_defaults(func=cmd_e2e_figure1)
 
     s = sub.add_parser("bench-tilebag-step", help="step time with on-the-fly reading vs tiles in memory")
@@ -416,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fractions", type=float, nargs=3, default=(0.6, 0.15, 0.25))
     s.add_argument("--official")
     s.add_argument("--status", help="the dataset's QC status table; excluded slides are left out")
+    s.add_argument("--label-map", type=_json_arg, help="JSON {label: new label}: a derived dataset's labels")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_split)
 
