@@ -94,15 +94,15 @@ def fits(encoder_name: str, precision: str, n_tiles: int, tile_px: int, device: 
 def search_max(fit: Callable[[int], bool], start: int = 1, limit: int = 65536) -> int:
     """Largest N in [0, limit] with fit(N), assuming fit is monotone: doubling, then bisection."""
     lo, hi = 0, None  # lo fits (0 trivially), hi misses
-    n = max(1, start)
-    while n <= limit:
+    n = max(1, min(start, limit))
+    while hi is None:
         if fit(n):
-            lo, n = n, n * 2
+            lo = n
+            if n == limit:
+                return limit
+            n = min(2 * n, limit)
         else:
             hi = n
-            break
-    if hi is None:
-        return lo  # everything up to limit fits (or the doubling passed it): lo is the last probe
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if fit(mid):
