@@ -248,3 +248,55 @@ def _bench_cfg(key, default=None):
 
 
 _INFERENCE_SLIDES = {f"{w}x{h}": (w, h) for w, h in _bench_cfg("inference", {}).get("slide_px", [])}
+
+
+# Tile-bag end-to-end (workflow/rules/tilebag.smk)
+def _tb(key, default=None):
+    return config.get("tilebag", {}).get(key, default)
+
+
+TILEBAG_SPLITS = SPLITS[: _tb("splits", len(SPLITS))]
+
+
+def tilebag_params(wildcards):
+    return json.dumps({**_tb("params", {}), "k": int(wildcards.k)})
+
+
+def tilebag_data_args(wildcards):
+    base = base_dataset(wildcards.dataset)
+    ds = dataset_cfg(wildcards.dataset)
+    args = (
+        f"--sheet {dataset_cfg(base)['sheet']} --slides-dir resources/{base}/slides --tiles-dir results/{base}/tiles"
+        f" --classes {' '.join(ds['classes'])}"
+    )
+    return args + (" --ordinal" if ds.get("ordinal") else "")
+
+
+def tilebag_slides(wildcards):
+    base = base_dataset(wildcards.dataset)
+    return [slide_file(base, s) for s in slide_ids(base)]
+
+
+def _tilebag_threads():
+    # one torch thread for the step, plus the reader worker processes
+    return 1 + int(_tb("params", {}).get("workers", 2))
+
+
+def _e2e_runs(kind):
+    """metrics.json (kind "metrics") or history.csv of the K sweep, then the frozen-feature MIL runs."""
+    name = "metrics.json" if kind == "metrics" else "history.csv"
+    files = expand(
+        "results/{dataset}/runs/tilebag_k{k}/{split}/{seed}/{name}",
+        dataset=_tb("datasets", []), k=_tb("k_sweep", []), split=TILEBAG_SPLITS, seed=SEEDS, name=name,
+    )
+    if kind == "metrics":
+        files += expand(
+            "results/{dataset}/runs/{method}/{split}/{seed}/metrics.json",
+            dataset=_tb("datasets", []), method=_tb("frozen_methods", []), split=TILEBAG_SPLITS, seed=SEEDS,
+        )
+    return files
+
+
+def _step_slides(wildcards=None):
+    dataset = base_dataset(_tb("datasets", ["synthetic"])[0])
+    return {s: slide_file(dataset, s) for s in slide_ids(dataset)[: _tb("step", {}).get("slides", 8)]}

@@ -3,37 +3,6 @@
 # Runs live beside the MIL runs: results/{dataset}/runs/tilebag_k{K}/{split}/{seed}/.
 
 
-def _tb(key, default=None):
-    return config.get("tilebag", {}).get(key, default)
-
-
-TILEBAG_SPLITS = SPLITS[: _tb("splits", len(SPLITS))]
-
-
-def tilebag_params(wildcards):
-    return json.dumps({**_tb("params", {}), "k": int(wildcards.k)})
-
-
-def tilebag_data_args(wildcards):
-    base = base_dataset(wildcards.dataset)
-    ds = dataset_cfg(wildcards.dataset)
-    args = (
-        f"--sheet {dataset_cfg(base)['sheet']} --slides-dir resources/{base}/slides --tiles-dir results/{base}/tiles"
-        f" --classes {' '.join(ds['classes'])}"
-    )
-    return args + (" --ordinal" if ds.get("ordinal") else "")
-
-
-def tilebag_slides(wildcards):
-    base = base_dataset(wildcards.dataset)
-    return [slide_file(base, s) for s in slide_ids(base)]
-
-
-def _tilebag_threads():
-    # one torch thread for the step, plus the reader worker processes
-    return 1 + int(_tb("params", {}).get("workers", 2))
-
-
 rule train_tilebag:
     input:
         split="results/{dataset}/splits/{split}.csv",
@@ -97,21 +66,6 @@ rule evaluate_tilebag:
         "slidetrain evaluate-tilebag --model {input.model} --split {input.split} {params.data}"
         " --predictions {output.predictions} --metrics {output.metrics} --attention {output.attention}"
         " --n-bootstrap {params.n_bootstrap} --seed {wildcards.seed} > {log} 2>&1"
-
-
-def _e2e_runs(kind):
-    """metrics.json (kind "metrics") or history.csv of the K sweep, then the frozen-feature MIL runs."""
-    name = "metrics.json" if kind == "metrics" else "history.csv"
-    files = expand(
-        "results/{dataset}/runs/tilebag_k{k}/{split}/{seed}/{name}",
-        dataset=_tb("datasets", []), k=_tb("k_sweep", []), split=TILEBAG_SPLITS, seed=SEEDS, name=name,
-    )
-    if kind == "metrics":
-        files += expand(
-            "results/{dataset}/runs/{method}/{split}/{seed}/metrics.json",
-            dataset=_tb("datasets", []), method=_tb("frozen_methods", []), split=TILEBAG_SPLITS, seed=SEEDS,
-        )
-    return files
 
 
 rule e2e_table1:
@@ -192,11 +146,6 @@ rule e2e_figure1:
         "benchmarks/figures/e2e_figure1.tsv"
     shell:
         "slidetrain e2e-figure1 --tables {input} --out-table {output.table} --out {output.figure} > {log} 2>&1"
-
-
-def _step_slides(wildcards=None):
-    dataset = base_dataset(_tb("datasets", ["synthetic"])[0])
-    return {s: slide_file(dataset, s) for s in slide_ids(dataset)[: _tb("step", {}).get("slides", 8)]}
 
 
 rule bench_tilebag_step:
