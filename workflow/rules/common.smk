@@ -21,6 +21,32 @@ def _load_sheets():
 
 
 SHEETS = _load_sheets()
+
+
+def _load_derived():
+    """Derived datasets: a dataset's slides under a label map (binary from graded, ...), no new slides.
+
+    They reuse the source dataset's slides, tiles, features and QC; only splits and runs are their own.
+    """
+    derived = config.get("derived_datasets", {}) or {}
+    for name, block in derived.items():
+        base = block["from"]
+        if name in SHEETS:
+            raise WorkflowError(f"derived_datasets.{name}: the name is already a dataset under `datasets`")
+        if base not in SHEETS:
+            raise WorkflowError(f"derived_datasets.{name}.from: {base!r} is not a dataset; known: {sorted(SHEETS)}")
+        unmapped = sorted(set(config["datasets"][base]["classes"]) - set(block["label_map"]))
+        if unmapped:
+            raise WorkflowError(f"derived_datasets.{name}.label_map: no target for class(es) {unmapped} of {base}")
+        unknown = sorted(set(block["label_map"].values()) - set(block["classes"]))
+        if unknown:
+            raise WorkflowError(
+                f"derived_datasets.{name}.label_map: target(s) {unknown} are not among its classes {block['classes']}"
+            )
+    return derived
+
+
+DERIVED = _load_derived()
 SPLITS = [f"mccv{i}" for i in range(config["splits"]["mccv_folds"])]
 OFFICIAL = config["splits"].get("official", {})
 SEEDS = [str(s) for s in config["seeds"]]
@@ -65,7 +91,7 @@ _check_methods()
 
 
 wildcard_constraints:
-    dataset="|".join(SHEETS),
+    dataset="|".join([*SHEETS, *DERIVED]),
     slide=r"[A-Za-z0-9][A-Za-z0-9._-]*",
     split=r"mccv\d+|official",
     seed=r"\d+",
@@ -74,7 +100,15 @@ wildcard_constraints:
 
 
 def dataset_cfg(dataset):
+    if dataset in DERIVED:  # the source's block (sheet, mpp_fallback, ...) with the derived labels
+        block = DERIVED[dataset]
+        return {**config["datasets"][block["from"]], "paper_name": None, "ordinal": False, **block}
     return config["datasets"][dataset]
+
+
+def base_dataset(dataset):
+    """The dataset whose slides, tiles and features `dataset` uses (itself unless derived)."""
+    return DERIVED[dataset]["from"] if dataset in DERIVED else dataset
 
 
 def slide_ids(dataset):
@@ -107,7 +141,7 @@ def features_of(dataset):
 
 def feature_index(wildcards):
     """Training jobs depend on the dataset's feature index, one file, not one per slide (DAG size)."""
-    return f"results/{wildcards.dataset}/features/{config['features']['encoder']}/index.csv"
+    return f"results/{base_dataset(wildcards.dataset)}/features/{config['features']['encoder']}/index.csv"
 
 
 def method_params(method):
@@ -214,3 +248,55 @@ def _bench_cfg(key, default=None):
 
 
 _INFERENCE_SLIDES = {f"{w}x{h}": (w, h) for w, h in _bench_cfg("inference", {}).get("slide_px", [])}
+
+
+# Tile-bag end-to-end (workflow/rules/tilebag.smk)
+def _tb(key, default=None):
+    return config.get("tilebag", {}).get(key, default)
+
+
+TILEBAG_SPLITS = SPLITS[: _tb("splits", len(SPLITS))]
+
+
+def tilebag_params(wildcards):
+    return json.dumps({**_tb("params", {}), "k": int(wildcards.k)})
+
+
+def tilebag_data_args(wildcards):
+    base = base_dataset(wildcards.dataset)
+    ds = dataset_cfg(wildcards.dataset)
+    args = (
+        f"--sheet {dataset_cfg(base)['sheet']} --slides-dir resources/{base}/slides --tiles-dir results/{base}/tiles"
+        f" --classes {' '.join(ds['classes'])}"
+    )
+    return args + (" --ordinal" if ds.get("ordinal") else "")
+
+
+def tilebag_slides(wildcards):
+    base = base_dataset(wildcards.dataset)
+    return [slide_file(base, s) for s in slide_ids(base)]
+
+
+def _tilebag_threads():
+    # one torch thread for the step, plus the reader worker processes
+    return 1 + int(_tb("params", {}).get("workers", 2))
+
+
+def _e2e_runs(kind):
+    """metrics.json (kind "metrics") or history.csv of the K sweep, then the frozen-feature MIL runs."""
+    name = "metrics.json" if kind == "metrics" else "history.csv"
+    files = expand(
+        "results/{dataset}/runs/tilebag_k{k}/{split}/{seed}/{name}",
+        dataset=_tb("datasets", []), k=_tb("k_sweep", []), split=TILEBAG_SPLITS, seed=SEEDS, name=name,
+    )
+    if kind == "metrics":
+        files += expand(
+            "results/{dataset}/runs/{method}/{split}/{seed}/metrics.json",
+            dataset=_tb("datasets", []), method=_tb("frozen_methods", []), split=TILEBAG_SPLITS, seed=SEEDS,
+        )
+    return files
+
+
+def _step_slides(wildcards=None):
+    dataset = base_dataset(_tb("datasets", ["synthetic"])[0])
+    return {s: slide_file(dataset, s) for s in slide_ids(dataset)[: _tb("step", {}).get("slides", 8)]}
