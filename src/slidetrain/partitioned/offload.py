@@ -79,6 +79,13 @@ class OffloadEngine:
         self.max_transfer_bytes = int(max_transfer_bytes)
         self.ledger = DeviceLedger()
         self.pinned = self.device.type == "cuda"
+        self.parts_run = 0  # partitions moved to the device so far (tests check that they split)
+        self.spatial_parts_run = 0  # of which cut inside a sample's map
+
+    def record(self, parts: list[Part], out_size: Size) -> list[Part]:
+        self.parts_run += len(parts)
+        self.spatial_parts_run += sum(p.out != ((0, out_size[0]), (0, out_size[1])) for p in parts)
+        return parts
 
     def to_device(self, x: Tensor) -> Tensor:
         """A sub-tensor on the device (a copy when the device is the host: crops overlap)."""
@@ -213,8 +220,8 @@ class _ConvFn(torch.autograd.Function):
         n, c_out = x.shape[0], weight.shape[0]
         y = engine.host_empty((n, c_out, *out_size), dtype)  # (N, C_out, H_out, W_out) on host
         reserve = nbytes(w, b) if dtype != weight.dtype else 0
-        parts = plan_parts(node, n, x.shape[1], c_out, in_size, x.element_size(),
-                           engine.max_transfer_bytes, 1, 1, reserve)
+        parts = engine.record(plan_parts(node, n, x.shape[1], c_out, in_size, x.element_size(),
+                                         engine.max_transfer_bytes, 1, 1, reserve), out_size)
         cast = (w, b) if dtype != weight.dtype else ()  # fp16 copies of the parameters under AMP
         with torch.autocast(engine.device.type, enabled=False), engine.ledger.hold(*cast):
             for part in parts:
@@ -287,8 +294,10 @@ class OffloadConv2d(nn.Module):
 
 
 def _bn_parts(engine: OffloadEngine, x: Tensor, factor: int) -> list[Part]:
-    return plan_parts(None, x.shape[0], x.shape[1], x.shape[1], tuple(x.shape[-2:]),
-                      x.element_size(), engine.max_transfer_bytes, factor, 1)  # type: ignore[arg-type]
+    size: Size = tuple(x.shape[-2:])  # type: ignore[assignment]
+    parts = plan_parts(None, x.shape[0], x.shape[1], x.shape[1], size, x.element_size(),
+                       engine.max_transfer_bytes, factor, 1)
+    return engine.record(parts, size)
 
 
 def _part_view(x: Tensor, part: Part) -> Tensor:
