@@ -157,3 +157,21 @@ def test_cuda_memory_stays_under_budget():  # pragma: no cover - GPU only
     torch.cuda.synchronize()
     params = sum(p.numel() * 4 for p in trunk.parameters())
     assert torch.cuda.max_memory_allocated() - base <= engine.max_transfer_bytes + 3 * params + 64 * 2**20
+
+
+def test_sweep_runs_baselines_side_by_side_and_offload_fits_where_plain_does_not(tmp_path):
+    import pandas as pd
+
+    from slidetrain.bench.offload_sweep import SweepConfig, run_sweep, summarise
+    from slidetrain.paper.offload_figure import offload_figure
+
+    rows = run_sweep(SweepConfig(sides=[128, 256], budget_bytes=230 * 2**20, warmup=1, repeats=2), log=lambda m: None)
+    frame = pd.DataFrame(rows)
+    assert set(frame.config[frame.image_side == 128]) >= {"plain", "save_on_cpu"}
+    assert "plain" not in set(frame.config[frame.image_side == 256])  # plain no longer fits
+    assert frame.config[frame.image_side == 256].str.startswith("offload").any()
+    assert (frame.peak_device_gb <= 230 * 2**20 / 1e9).all()
+    assert summarise(rows)["largest_side_offload"] == 256
+    frame.to_csv(tmp_path / "sweep.csv", index=False)
+    offload_figure(tmp_path / "sweep.csv", tmp_path / "fig.png")
+    assert (tmp_path / "fig.png").stat().st_size > 1000
