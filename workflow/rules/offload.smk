@@ -1,8 +1,7 @@
 # Big-Layers (issue 13): the offload engine's equivalence to plain PyTorch, and Figure 2's sweep.
 
 
-def _offload_cfg(key, default):
-    return config.get("bench", {}).get("offload", {}).get(key, default)
+OFFLOAD_BENCH = config.get("bench", {}).get("offload", {})
 
 
 rule offload_equivalence:
@@ -25,13 +24,13 @@ rule offload_sweep:
     output:
         report("results/bench/offload_sweep.csv", caption="../report/offload_sweep.rst", category="Big-Layers"),
     params:
-        sides=" ".join(str(s) for s in _offload_cfg("sides", [256, 384, 512, 768, 1024])),
-        budget_mb=_offload_cfg("budget_mb", 300),
-        device=_offload_cfg("device", "cpu"),
-        warmup=_offload_cfg("warmup", 5),
-        repeats=_offload_cfg("repeats", 10),
-        max_transfer_mb=_offload_cfg("max_transfer_mb", 256),
-    threads: _offload_cfg("threads", 2)
+        sides=" ".join(str(s) for s in OFFLOAD_BENCH.get("sides", [256, 384, 512, 768, 1024])),
+        budget_mb=OFFLOAD_BENCH.get("budget_mb", 300),
+        device=OFFLOAD_BENCH.get("device", "cpu"),
+        warmup=OFFLOAD_BENCH.get("warmup", 5),
+        repeats=OFFLOAD_BENCH.get("repeats", 10),
+        max_transfer_mb=OFFLOAD_BENCH.get("max_transfer_mb", 256),
+    threads: OFFLOAD_BENCH.get("threads", 2)
     conda:
         "../../envs/slidetrain.yaml"
     log:
@@ -39,7 +38,7 @@ rule offload_sweep:
     benchmark:
         "benchmarks/bench/offload_sweep.tsv"
     resources:
-        mem_mb=_offload_cfg("mem_mb", 6000),
+        mem_mb=OFFLOAD_BENCH.get("mem_mb", 6000),
         runtime=60,
     shell:
         "slidetrain bench-offload-sweep --sides {params.sides} --budget-mb {params.budget_mb}"
