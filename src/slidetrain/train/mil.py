@@ -126,7 +126,8 @@ def fit_mil(
     seed_everything(seed)
     model = build_model(method, in_dim, n_classes, cfg)
     optimizers = [build_optimizer(group, cfg) for group in model.param_groups()]
-    schedulers = [build_scheduler(opt, cfg) for opt in optimizers]
+    iters_per_epoch = -(-len(train) // cfg.accumulation)  # optimiser steps per epoch (per-iteration schedules)
+    schedulers = [build_scheduler(opt, cfg, iters_per_epoch) for opt in optimizers]
     weights = class_weight_tensor(train, n_classes) if cfg.class_weights else None
     tag = config_hash(method, cfg, seed, split_csv)
 
@@ -169,11 +170,12 @@ def fit_mil(
             (loss / cfg.accumulation).backward()
             train_losses.append(float(loss.detach()))
             if step % cfg.accumulation == 0 or step == len(order):
-                for group, opt in zip(model.param_groups(), optimizers, strict=True):
+                for group, opt, sch in zip(model.param_groups(), optimizers, schedulers, strict=True):
                     if cfg.grad_clip > 0:
                         torch.nn.utils.clip_grad_norm_(group, cfg.grad_clip)
                     opt.step()
                     opt.zero_grad()
+                    sch.step_iteration()
         val_loss, val_probs, _ = predict_bags(model, val, weights)
         val_metrics = classification_metrics(np.array([b.label for b in val]), val_probs)
         for sch in schedulers:

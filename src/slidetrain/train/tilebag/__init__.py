@@ -1,0 +1,192 @@
+"""Tile-bag end-to-end training: encoder and MIL aggregator trained together on K tiles per slide.
+
+    slidetrain train-tilebag --params '{"k": 16, "backbone": "resnet18"}' \
+        --split results/synthetic_binary/splits/mccv0.csv --sheet config/sheets/synthetic.tsv \
+        --slides-dir resources/synthetic/slides --tiles-dir results/synthetic/tiles \
+        --tile-px 128 --target-magnification 5 --classes negative positive \
+        --out results/synthetic_binary/runs/tilebag_k16/mccv0/0 --seed 0
+    slidetrain evaluate-tilebag --model .../model.pt --split ... (same data arguments) \
+        --predictions .../predictions.csv --metrics .../metrics.json --attention .../attention.h5
+
+One slide per step (Campanella et al., Big-Layers); `executor` picks how the
+bag's forward and backward run (executors.py); selection on the validation
+part only; the test part is read once, by `evaluate_tilebag`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+
+from slidetrain.data.splits import read_split
+from slidetrain.data.tilebag import BagSampling, SlideRef, slide_paths, slide_refs
+from slidetrain.evaluate.metrics import evaluate_predictions
+from slidetrain.io import atomic_path, write_json
+from slidetrain.models.base import config_from_dict
+from slidetrain.train.common import (
+    config_hash,
+    is_better,
+    load_checkpoint,
+    maybe_stop_for_test,
+    part_slides,
+    predictions_table,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+    write_history,
+    write_provenance,
+)
+from slidetrain.train.tilebag.model import TileBagConfig, build_tilebag_model, selection_metric
+from slidetrain.train.tilebag.trainer import TileBagTrainer, metrics_over_repeats, resolve_device
+
+log = logging.getLogger(__name__)
+
+METHOD = "tilebag"
+
+
+def tilebag_config(params: dict | None) -> TileBagConfig:
+    return config_from_dict(TileBagConfig, params, where="methods.tilebag")
+
+
+def _refs(split: pd.DataFrame, part: str, class_names: list[str], sheet_csv: Path, slides_dir: Path,
+          tiles_dir: Path) -> list[SlideRef]:
+    # Only slide_id and source are read from the sheet: a derived dataset's split relabels the slides.
+    sep = "\t" if Path(sheet_csv).suffix in (".tsv", ".txt") else ","
+    sheet = pd.read_csv(sheet_csv, sep=sep, dtype=str, keep_default_na=False)
+    ids, labels = part_slides(split, part, class_names)
+    return slide_refs(ids, labels, slide_paths(sheet, Path(sheet_csv).parent, Path(slides_dir)), tiles_dir)
+
+
+def _class_weights(refs: list[SlideRef], n_classes: int) -> torch.Tensor:
+    counts = np.bincount([r.label for r in refs], minlength=n_classes).astype(np.float64)
+    return torch.tensor(np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / n_classes, 0.0),
+                        dtype=torch.float32)
+
+
+def fit_tilebag(
+    params: dict | None, split_csv: Path, sheet_csv: Path, slides_dir: Path, tiles_dir: Path,
+    sampling: dict, class_names: list[str], out_dir: Path, seed: int, ordinal: bool = False, threads: int = 1,
+) -> Path:
+    """Train; writes model.pt, history.csv and run.json in `out_dir` (checkpoint.pt while running)."""
+    torch.set_num_threads(max(1, threads))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = tilebag_config(params)
+    split = read_split(split_csv)
+    samp = BagSampling(k=cfg.k, input_px=cfg.input_px, augment=cfg.augment, **sampling)
+    train, val = (_refs(split, p, class_names, sheet_csv, slides_dir, tiles_dir) for p in ("train", "val"))
+    device = resolve_device(cfg.device)
+    metric = selection_metric(cfg, ordinal)
+
+    seed_everything(seed)
+    model = build_tilebag_model(cfg, len(class_names), seed)
+    weights = _class_weights(train, len(class_names)) if cfg.class_weights else None
+    trainer = TileBagTrainer(model, cfg, samp, train, seed, device, weights)
+    tag = config_hash(METHOD, cfg, seed, split_csv)
+
+    ckpt_path = out_dir / "checkpoint.pt"
+    state = load_checkpoint(ckpt_path)
+    if state is not None and state.get("tag") != tag:
+        log.warning("ignoring %s: it was written for another config/seed/split", ckpt_path)
+        state = None
+    if state is None:
+        start_epoch, history, best, best_state, stale = 0, [], None, None, 0
+    else:
+        trainer.load_state_dict(state["trainer"])
+        set_rng_state(state["rng"])
+        start_epoch, history, best = state["epoch"], state["history"], state["best"]
+        best_state, stale = state["best_state"], state["stale"]
+        log.info("resuming %s from epoch %d", out_dir, start_epoch)
+
+    t_start = time.perf_counter()
+    labels_val = np.array([r.label for r in val])
+    for epoch in range(start_epoch, cfg.epochs):
+        row = {"epoch": epoch + 1, **trainer.train_epoch(epoch)}
+        t0 = time.perf_counter()
+        pred = trainer.predict(val)
+        m = metrics_over_repeats(labels_val, pred.probs, ordinal)
+        row.update(val_loss=pred.loss, val_accuracy=m["accuracy"], val_auroc=m["auroc"],
+                   val_qwk=m.get("qwk", float("nan")), val_seconds=time.perf_counter() - t0)
+        if is_better(row[metric], best, metric):
+            best, stale, row["selected"] = row[metric], 0, True
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            stale, row["selected"] = stale + 1, False
+        history.append(row)
+        log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+        save_checkpoint(ckpt_path, {"tag": tag, "epoch": epoch + 1, "trainer": trainer.state_dict(),
+                                    "rng": rng_state(), "history": history, "best": best,
+                                    "best_state": best_state, "stale": stale})
+        write_history(out_dir / "history.csv", history)
+        maybe_stop_for_test(epoch + 1)
+        if cfg.early_stopping_patience and epoch + 1 >= cfg.early_stopping_min_epochs \
+                and stale >= cfg.early_stopping_patience:
+            log.info("early stopping after epoch %d (%d epochs without improvement)", epoch + 1, stale)
+            break
+
+    if best_state is None:  # every validation value was NaN: keep the last model, say so
+        log.warning("no epoch improved %s; keeping the last model", metric)
+        best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    write_provenance(out_dir / "run.json", METHOD, cfg, seed, {
+        "class_names": class_names, "split": str(split_csv), "tiles": str(tiles_dir), "sampling": sampling,
+        "selection_metric": metric, "train_seconds": time.perf_counter() - t_start, "epochs_run": len(history),
+    })
+    model_path = out_dir / "model.pt"
+    with atomic_path(model_path) as tmp:
+        torch.save({"method": METHOD, "config": asdict(cfg), "class_names": class_names, "sampling": sampling,
+                    "state_dict": best_state}, tmp)
+    ckpt_path.unlink(missing_ok=True)  # complete: nothing left to resume
+    return model_path
+
+
+def evaluate_tilebag(
+    model_path: Path, split_csv: Path, sheet_csv: Path, slides_dir: Path, tiles_dir: Path, class_names: list[str],
+    predictions_csv: Path, metrics_json: Path, attention_h5: Path | None = None, ordinal: bool = False,
+    n_bootstrap: int = 1000, seed: int = 0, threads: int = 1,
+) -> dict:
+    """Score the test part once: predictions (mean over repeats), attention h5, metrics with bootstrap CIs."""
+    torch.set_num_threads(max(1, threads))
+    saved = torch.load(model_path, map_location="cpu", weights_only=False)
+    cfg = tilebag_config(saved["config"])
+    device = resolve_device(cfg.device)
+    model = build_tilebag_model(cfg, len(class_names), seed)
+    model.load_state_dict(saved["state_dict"])
+    test = _refs(read_split(split_csv), "test", class_names, sheet_csv, slides_dir, tiles_dir)
+    samp = BagSampling(k=cfg.k, input_px=cfg.input_px, augment=False, **saved["sampling"])
+    trainer = TileBagTrainer(model, cfg, samp, test, seed, device)
+    pred = trainer.predict(test)
+    table = predictions_table([r.slide_id for r in test], [r.label for r in test], pred.mean_probs, class_names)
+    with atomic_path(predictions_csv) as tmp:
+        table.to_csv(tmp, index=False)
+    if attention_h5 is not None:
+        with atomic_path(attention_h5) as tmp, h5py.File(tmp, "w") as f:
+            f.attrs["has_attention"] = model.aggregator.has_attention
+            for ref, att, xy in zip(test, pred.attention, pred.coords, strict=True):
+                if att is not None:
+                    g = f.create_group(ref.slide_id)
+                    g.create_dataset("attention", data=att)  # (N,) or (C, N)
+                    g.create_dataset("coords", data=xy)  # (N, 2) level-0 x, y of the tiles scored
+    result = evaluate_predictions(table, class_names, ordinal=ordinal, n_bootstrap=n_bootstrap, seed=seed)
+    labels = np.array([r.label for r in test])
+    result["repeats"] = {"n": int(pred.probs.shape[0]), "mode": cfg.eval_tiles,
+                         "metrics_mean": metrics_over_repeats(labels, pred.probs, ordinal),
+                         "auroc_per_repeat": [float(v) for v in _per_repeat(labels, pred.probs, ordinal)]}
+    write_json(metrics_json, result)
+    return result
+
+
+def _per_repeat(labels: np.ndarray, probs: np.ndarray, ordinal: bool) -> list[float]:
+    from slidetrain.evaluate.metrics import classification_metrics
+
+    return [classification_metrics(labels, p, ordinal=ordinal)["auroc"] for p in probs]
+
+
+__all__ = ["TileBagConfig", "evaluate_tilebag", "fit_tilebag", "tilebag_config"]
