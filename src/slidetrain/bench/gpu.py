@@ -77,6 +77,9 @@ def offload_sweep_section(ctx: GpuContext) -> list[dict]:
     rows = run_sweep(cfg, ctx.device, log=lambda m: print(m, flush=True), deadline_s=0.6 * ctx.budget_s)
     for row in rows:
         row["warmup"], row["repeats"] = cfg.warmup, cfg.repeats
+    return rows
+
+
 def tilebag_section(ctx: GpuContext) -> list[dict]:
     """Campanella et al.: max tiles per forward + backward for ResNet50 at 224 px (fp32, AMP), then a few
     plain-executor training steps (ResNet50 + GMA, one slide per step) per K on in-memory tiles.
