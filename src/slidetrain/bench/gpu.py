@@ -69,7 +69,7 @@ def offload_sweep_section(ctx: GpuContext) -> list[dict]:
     from slidetrain.bench.offload_sweep import SweepConfig, run_sweep
 
     if ctx.tiny:
-        cfg = SweepConfig(sides=[64, 96], budget_bytes=230 * 2**20, warmup=1, repeats=2)
+        cfg = SweepConfig(sides=[64], budget_bytes=230 * 2**20, warmup=1, repeats=2)
     else:
         total = torch.cuda.get_device_properties(ctx.device).total_memory
         cfg = SweepConfig(sides=list(range(7680, 13824 + 1, 256 * 5)), budget_bytes=min(24 * 10**9, total),
