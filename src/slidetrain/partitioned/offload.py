@@ -100,7 +100,9 @@ class OffloadEngine:
         return self.host_empty(shape, dtype).zero_()
 
     def to_host(self, dst: Tensor, src: Tensor) -> None:
-        dst.copy_(src, non_blocking=self.pinned)
+        # asynchronous only into a contiguous pinned slice (a batch partition): a strided
+        # destination goes through a host temporary that must not be read before the copy lands
+        dst.copy_(src, non_blocking=self.pinned and dst.is_contiguous())
 
     def sync(self) -> None:
         """Host buffers written with non_blocking copies are complete after this."""
