@@ -238,6 +238,57 @@ def _add_bench_local_parsers(sub) -> None:
     s.set_defaults(func=cmd_bench_inference)
 
 
+def cmd_bench_offload_equivalence(a: argparse.Namespace) -> None:
+    from slidetrain.bench.offload_equivalence import write_equivalence_csv
+
+    for r in write_equivalence_csv(a.out):
+        print(f"{r.case}: max_abs_diff={r.max_abs_diff:.2e} max_rel_diff={r.max_rel_diff:.2e}")
+
+
+def cmd_bench_offload_sweep(a: argparse.Namespace) -> None:
+    from slidetrain.bench.offload_sweep import SweepConfig, write_sweep
+
+    torch_threads(a.threads)
+    cfg = SweepConfig(sides=a.sides, budget_bytes=int(a.budget_mb * 2**20), warmup=a.warmup,
+                      repeats=a.repeats, max_transfer_bytes=int(a.max_transfer_mb * 2**20), seed=a.seed)
+    write_sweep(cfg, a.device, a.out)
+
+
+def cmd_offload_figure(a: argparse.Namespace) -> None:
+    from slidetrain.paper.offload_figure import offload_figure
+
+    offload_figure(Path(a.sweep), Path(a.out))
+
+
+def torch_threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _add_offload_parsers(sub) -> None:
+    """Big-Layers (issue 13): engine equivalence, Figure 2's sweep and the figure."""
+    s = sub.add_parser("bench-offload-equivalence", help="offload engine vs plain PyTorch, every gradient")
+    s.add_argument("--out", required=True, help="CSV: case, max_abs_diff, max_rel_diff")
+    s.set_defaults(func=cmd_bench_offload_equivalence)
+
+    s = sub.add_parser("bench-offload-sweep", help="Big-Layers Figure 2: seconds per iteration vs image side")
+    s.add_argument("--sides", type=int, nargs="+", required=True, help="image sides (px), in order")
+    s.add_argument("--budget-mb", type=float, required=True, help="device budget (MiB; CUDA: memory fraction)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--warmup", type=int, default=5)
+    s.add_argument("--repeats", type=int, default=10)
+    s.add_argument("--max-transfer-mb", type=float, default=256.0, help="cap of one partition's working set")
+    s.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="CSV")
+    s.set_defaults(func=cmd_bench_offload_sweep)
+
+    s = sub.add_parser("offload-figure", help="Big-Layers Figure 2 from the sweep CSV")
+    s.add_argument("--sweep", required=True)
+    s.add_argument("--out", required=True, help="PNG")
+    s.set_defaults(func=cmd_offload_figure)
 def _tilebag_data(a: argparse.Namespace) -> dict:
     return {"split_csv": Path(a.split), "sheet_csv": Path(a.sheet), "slides_dir": Path(a.slides_dir),
             "tiles_dir": Path(a.tiles_dir), "class_names": a.classes}
@@ -541,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_attention_figure)
     _add_bench_local_parsers(sub)
+    _add_offload_parsers(sub)
     _add_tilebag_parsers(sub)
     return p
 

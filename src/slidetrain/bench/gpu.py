@@ -59,6 +59,27 @@ def device_section(ctx: GpuContext) -> list[dict]:
     return [row]
 
 
+def offload_sweep_section(ctx: GpuContext) -> list[dict]:
+    """Big-Layers Figure 2 at the paper's sides (7,680 px up, step 256) on a 24 GB budget, AMP.
+
+    plain and save_on_cpu side by side, then the fewest offloaded stages that fit; as many sides
+    as the share allows (1 warm-up + 3 measured iterations each, not the paper's 5 + 10).
+    --tiny: a CPU rehearsal at toy sides under the CPU accounting.
+    """
+    from slidetrain.bench.offload_sweep import SweepConfig, run_sweep
+
+    if ctx.tiny:
+        cfg = SweepConfig(sides=[64], budget_bytes=230 * 2**20, warmup=1, repeats=2)
+    else:
+        total = torch.cuda.get_device_properties(ctx.device).total_memory
+        cfg = SweepConfig(sides=list(range(7680, 13824 + 1, 256 * 5)), budget_bytes=min(24 * 10**9, total),
+                          warmup=1, repeats=3, max_transfer_bytes=2 * 2**30)
+    rows = run_sweep(cfg, ctx.device, log=lambda m: print(m, flush=True), deadline_s=0.6 * ctx.budget_s)
+    for row in rows:
+        row["warmup"], row["repeats"] = cfg.warmup, cfg.repeats
+    return rows
+
+
 def tilebag_section(ctx: GpuContext) -> list[dict]:
     """Campanella et al.: max tiles per forward + backward for ResNet50 at 224 px (fp32, AMP), then a few
     plain-executor training steps (ResNet50 + GMA, one slide per step) per K on in-memory tiles.
@@ -134,6 +155,7 @@ def tilebag_section(ctx: GpuContext) -> list[dict]:
 #: (name, function, share of the total time budget). Benchmarks register here, in running order.
 SECTIONS: list[tuple[str, Callable[[GpuContext], list[dict]], float]] = [
     ("device", device_section, 0.01),
+    ("offload_sweep", offload_sweep_section, 0.21),
     ("tilebag", tilebag_section, 0.25),
 ]
 

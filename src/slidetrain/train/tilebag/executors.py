@@ -150,3 +150,6 @@ class TwoStageExecutor(Executor):
             pseudo = (features * g).sum() * self.pseudo_loss_factor
             pseudo.backward()  # d(pseudo)/d(theta_enc) = sum_k g_k df_k/dtheta = dL/dtheta (scaled alike)
         return StepResult(float(loss.detach()), _detached(out), len(tiles))
+
+
+from slidetrain.train.tilebag import offload as _offload  # noqa: E402, F401  registers "offload"

@@ -1,0 +1,78 @@
+"""The `offload` executor leaves the gradients (and, over an epoch, the weights) of `plain`."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from slidetrain.models import build_model, method_config
+from slidetrain.models.encoders import build_encoder
+from slidetrain.train.tilebag.executors import PlainExecutor, StepContext, build_executor
+from slidetrain.train.tilebag.offload import OffloadExecutor
+
+torch.set_num_threads(1)
+
+
+def _step(executor, encoder, aggregator, tiles, n_slides=2):
+    enc, agg = copy.deepcopy(encoder), copy.deepcopy(aggregator)
+    enc.train(), agg.train()
+    ctx = StepContext(loss_scale=0.5)
+    losses = [executor.step(tiles * (1 + s), enc, agg, torch.tensor(s % 2), lambda o, y, a=agg: a.loss(o, y), ctx).loss
+              for s in range(n_slides)]
+    grads = {f"{i}.{n}": p.grad for i, m in enumerate((enc, agg)) for n, p in m.named_parameters()}
+    return losses, grads, enc
+
+
+@pytest.mark.parametrize("stages", [1, 4])
+def test_offload_step_equals_plain(stages):
+    """fp64: agreement to rounding (fp32 noise of a random ResNet's attention is larger than the check)."""
+    dtype, tol = torch.float64, 1e-10
+    torch.manual_seed(0)
+    encoder = build_encoder("resnet18", "none", seed=0).to(dtype)
+    aggregator = build_model("abmil", 512, 2, method_config("abmil", {})).to(dtype)
+    tiles = torch.randn(3, 3, 64, 64, dtype=dtype)
+    loss_a, ga, _ = _step(PlainExecutor(), encoder, aggregator, tiles)
+    executor = OffloadExecutor(stages=stages, max_transfer_mb=0.2)  # spatial partitions of each tile
+    loss_b, gb, enc = _step(executor, encoder, aggregator, tiles)
+    assert executor.offloaded(enc, torch.device("cpu")).engine.spatial_parts_run > 0
+    assert loss_b == pytest.approx(loss_a, rel=tol)
+    scale = max(float(g.abs().max()) for g in ga.values())
+    for k in ga:  # per tensor, floored at 1e-3 of the largest (ABMIL's last bias: zero in exact arithmetic)
+        err = float((gb[k] - ga[k]).abs().max()) / max(float(ga[k].abs().max()), 1e-3 * scale)
+        assert err < tol, (k, err)
+
+
+def test_registry_builds_offload_and_rejects_bad_settings():
+    from slidetrain.errors import ConfigError
+
+    assert isinstance(build_executor("offload"), OffloadExecutor)
+    with pytest.raises(ConfigError, match="stages"):
+        OffloadExecutor(stages=7)
+
+
+def test_one_epoch_offload_gives_the_weights_of_plain(tiled_synthetic, tmp_path, monkeypatch):
+    import pandas as pd
+
+    from slidetrain.train.tilebag import fit_tilebag
+
+    root, sheet, refs = tiled_synthetic
+    frame = pd.DataFrame({"slide_id": [r.slide_id for r in refs], "patient_id": [f"p{i}" for i in range(6)],
+                          "label": ["negative" if r.label == 0 else "positive" for r in refs],
+                          "part": ["train", "train", "train", "train", "val", "test"]})
+    frame.to_csv(tmp_path / "split.csv", index=False)
+    data = {"split_csv": tmp_path / "split.csv", "sheet_csv": sheet, "slides_dir": root, "tiles_dir": root,
+            "class_names": ["negative", "positive"]}
+    params = {"backbone": "resnet18", "k": 6, "input_px": 32, "epochs": 1, "warmup_epochs": 1, "workers": 0,
+              "slides_per_epoch": 0.75, "accumulation": 2, "selection_metric": "val_loss", "eval_tiles": "all",
+              "eval_chunk": 16, "aggregator_params": {"dropout": 0.0}}
+    monkeypatch.setattr(OffloadExecutor, "default_max_transfer_mb", 0.1)  # partitions even at 32 px
+    sampling = {"tile_px": 32, "target_magnification": 5.0}
+    for name in ("plain", "offload"):
+        fit_tilebag({**params, "executor": name}, sampling=sampling, out_dir=tmp_path / name, seed=0, **data)
+    a = torch.load(tmp_path / "plain" / "model.pt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "offload" / "model.pt", weights_only=False)["state_dict"]
+    assert set(a) == set(b)
+    for k in a:  # weights, BatchNorm running statistics and num_batches_tracked
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
