@@ -135,3 +135,30 @@ def test_hung_rank_times_out_with_an_error_naming_it(tmp_path):
     assert seconds_since_fault(proc, time.time()) < 4 + 4 + 10
     assert "size exchange (all_gather) at step 2 failed" in proc.stderr, proc.stderr[-3000:]
     assert re.search(r"Ranks? 2 failed to pass monitoredBarrier", proc.stderr), proc.stderr[-3000:]
+
+
+def test_slurm_profile_gives_a_torchrun_rule_one_task_with_n_gpus():
+    """What the installed SLURM executor plugin submits for e2e_parallel with 5 processes on GPUs."""
+    import yaml
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+    from snakemake_executor_plugin_slurm_jobstep import get_gpu_setting, get_node_setting
+
+    class Resources(dict):
+        __getattr__ = dict.__getitem__
+
+    class Job:
+        def __init__(self, resources: dict):
+            self.resources, self.threads = Resources(resources), 2
+
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    rule = {"gpu": 5, "nproc": 5, "mem_mb": 10000, "runtime": 30}  # the rule's resources with device: cuda
+    job = Job({**profile["default-resources"], **profile["set-resources"]["e2e_parallel"], **rule})
+    params = {"run_uuid": "u", "slurm_logfile": "log", "comment_str": "c", "account": "", "partition": "-p gpu",
+              "workdir": "/w"}
+    sbatch = get_submit_command(job, params) + set_gres_string(job)
+    assert "--gpus=5" in sbatch and "ntasks" not in sbatch  # one task (SLURM's default), five GPUs
+    assert (get_gpu_setting(job), get_node_setting(job)) == ("--gpus=5", "--nodes=1")  # srun -n1 inside
+    # the trap the profile avoids: `tasks` becomes --ntasks-per-gpu on GPU jobs
+    trap = Job({**job.resources, "tasks": 5})
+    assert "--ntasks-per-gpu=5" in get_submit_command(trap, params)

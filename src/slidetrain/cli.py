@@ -414,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_e2e_single(a: argparse.Namespace) -> None:
     from slidetrain.bench.e2e_distributed import run_single, save_result, spec_from_dict
 
+    import torch
+
+    torch.set_num_threads(a.threads)  # 1 = what each torchrun rank gets (OMP_NUM_THREADS=1)
     save_result(run_single(spec_from_dict(a.spec)), Path(a.out))
 
 
@@ -456,6 +459,7 @@ def _add_e2e_distributed_parsers(sub) -> None:
     s = sub.add_parser("e2e-single", help="equivalence case in one process (plain autograd, whole bag)")
     s.add_argument("--spec", type=_json_arg, default={}, help="CaseSpec keys as JSON")
     s.add_argument("--out", required=True)
+    s.add_argument("--threads", type=int, default=1)
     s.set_defaults(func=cmd_e2e_single)
     s = sub.add_parser("e2e-parallel", help="equivalence case under torchrun (rank 0 aggregator, DDP encoders)")
     s.add_argument("--spec", type=_json_arg, default={}, help="CaseSpec keys as JSON")

@@ -146,6 +146,8 @@ def _side_names(tracked: dict[str, tuple[str, str]], side: str) -> dict[str, str
 
 # -- single process: plain autograd on the whole bag ---------------------------------------------
 def run_single(spec: CaseSpec) -> dict:
+    from slidetrain.train.tilebag.executors import PlainExecutor, StepContext
+
     dev = torch.device(spec.device)
     encoder, aggregator = build_models(spec)
     tracked = tracked_names(spec, encoder, aggregator)
@@ -154,17 +156,17 @@ def run_single(spec: CaseSpec) -> dict:
     amp_dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler(dev.type) if spec.amp and dev.type == "cuda" else None
     records, seconds = [], []
+    executor = PlainExecutor()  # the tile-bag trainer's reference executor
+    ctx = StepContext(scaler=scaler, device=dev,
+                      autocast=lambda: torch.autocast(dev.type, dtype=amp_dtype, enabled=spec.amp))
     for step in range(1, spec.steps + 1):
         x, y = bag(spec, step)
         t0 = time.perf_counter()
-        with torch.autocast(dev.type, dtype=amp_dtype, enabled=spec.amp):
-            out = aggregator(encoder(x.to(dev)).float())
-            loss = loss_fn(out, y.to(dev))
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+        loss = executor.step(x, encoder, aggregator, y, loss_fn, ctx).loss
         if scaler is not None:
             scaler.unscale_(opt_e)
             scaler.unscale_(opt_a)
-        rec = {"step": step, "loss": float(loss.detach()),
+        rec = {"step": step, "loss": loss,
                "grads": {**_snapshot(encoder, _side_names(tracked, "encoder"), True),
                          **_snapshot(aggregator, _side_names(tracked, "aggregator"), True)}}
         for opt in (opt_e, opt_a):
@@ -398,3 +400,58 @@ def scaling_rows(results: list[Path], plain: Path) -> list[dict]:
 
 def main_json(text: str) -> dict:
     return json.loads(text) if text else {}
+
+
+# -- the GPU script's section -----------------------------------------------------------------------
+def _launch(spec: CaseSpec, nproc: int, out: Path, timeout_s: float, env_extra: dict | None = None) -> dict:
+    """torchrun as a subprocess (the GPU machine has no Snakemake); returns rank 0's result."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "slidetrain.cli", "e2e-parallel", "--spec", json.dumps(asdict(spec)), "--out", str(out),
+           "--timeout-s", "120"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"torchrun (nproc {nproc}) exited {proc.returncode}: {proc.stderr[-1500:]}")
+    return torch.load(out, weights_only=False)
+
+
+def gpu_section(ctx) -> list[dict]:
+    """Equivalence (single vs parallel) and a short parallel-vs-single timing, fp32 and AMP ("half").
+
+    On one GPU every rank shares it, so the backend is gloo (NCCL refuses two ranks on one device);
+    with one GPU per rank it is NCCL. --tiny: the toy at small sizes on CPU.
+    """
+    device = ctx.device.type
+    if ctx.tiny:
+        equiv = CaseSpec(case="toy", dim=32, tiles=12, steps=2, momentum=0.9, device="cpu")
+        timing = CaseSpec(case="toy", dim=32, tiles=12, steps=3, timing_warmup=1, device="cpu")
+        n_equiv = 2
+    else:
+        equiv = CaseSpec(case="resnet", backbone="resnet50", tile_px=224, tiles=64, steps=4, lr=1e-3,
+                         momentum=0.9, sync_bn=True, device=device)
+        timing = CaseSpec(case="resnet", backbone="resnet50", tile_px=224, tiles=128, steps=6,
+                          timing_warmup=2, sync_bn=False, device=device)
+        n_equiv = 2
+    tmp = ctx.out_dir / "e2e_distributed_runs"
+    tmp.mkdir(parents=True, exist_ok=True)
+    rows = []
+    started = time.perf_counter()
+    per_launch = max(60.0, ctx.budget_s / 3)
+    single = run_single(equiv)
+    parallel = _launch(equiv, n_equiv + 1, tmp / "equiv.pt", per_launch)
+    for r in compare(f"{equiv.case}:{equiv.backbone if equiv.case == 'resnet' else equiv.dim}", single, parallel):
+        rows.append({"part": "equivalence", "backend": parallel["backend"], "n_encoder_ranks": n_equiv, **r})
+    for amp in (False, True):
+        spec = CaseSpec(**{**asdict(timing), "amp": amp})
+        base = run_single(spec)
+        par = _launch(spec, 2, tmp / f"timing_amp{int(amp)}.pt", per_launch)
+        s_single, s_par = statistics.median(base["seconds"]), statistics.median(par["seconds"])
+        rows.append({"part": "timing", "backend": par["backend"], "n_encoder_ranks": 1, "model": spec.case,
+                     "tensor": f"tiles={spec.tiles} amp={amp}", "single_seconds_per_step": s_single,
+                     "parallel_seconds_per_step": s_par, "comm_seconds": statistics.median(par["comm_seconds"]),
+                     "overhead_vs_single": s_par / s_single})
+    rows.append({"part": "total", "seconds": time.perf_counter() - started})
+    return rows

@@ -59,9 +59,17 @@ def device_section(ctx: GpuContext) -> list[dict]:
     return [row]
 
 
+def e2e_distributed_section(ctx: GpuContext) -> list[dict]:
+    """Campanella et al.'s executor: single vs torchrun gradients, and parallel vs single seconds."""
+    from slidetrain.bench.e2e_distributed import gpu_section
+
+    return gpu_section(ctx)
+
+
 #: (name, function, share of the total time budget). Benchmarks register here, in running order.
 SECTIONS: list[tuple[str, Callable[[GpuContext], list[dict]], float]] = [
     ("device", device_section, 0.01),
+    ("e2e_distributed", e2e_distributed_section, 0.3),
 ]
 
 
