@@ -412,9 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_e2e_single(a: argparse.Namespace) -> None:
-    from slidetrain.bench.e2e_distributed import run_single, save_result, spec_from_dict
-
     import torch
+
+    from slidetrain.bench.e2e_distributed import run_single, save_result, spec_from_dict
 
     torch.set_num_threads(a.threads)  # 1 = what each torchrun rank gets (OMP_NUM_THREADS=1)
     save_result(run_single(spec_from_dict(a.spec)), Path(a.out))
