@@ -214,3 +214,26 @@ def _bench_cfg(key, default=None):
 
 
 _INFERENCE_SLIDES = {f"{w}x{h}": (w, h) for w, h in _bench_cfg("inference", {}).get("slide_px", [])}
+
+
+# Distributed end-to-end (workflow/rules/distributed.smk)
+E2E = config.get("e2e_distributed", {})
+E2E_CASES = list(E2E.get("equivalence", {}))
+E2E_SCALING = E2E.get("scaling", {})
+
+
+def _e2e_spec(case):
+    return {**E2E["equivalence"][case], "device": E2E.get("device", "cpu")}
+
+
+def _e2e_nproc(case):
+    return E2E["ranks"][case] + 1  # rank 0 aggregates, ranks 1..N encode
+
+
+def _scaling_spec(n):
+    k = E2E_SCALING["k_per_rank"]
+    return {**E2E_SCALING["spec"], "tiles": int(n) * k, "device": E2E.get("device", "cpu")}
+
+
+def _gpus(nproc):
+    return nproc if E2E.get("device", "cpu") == "cuda" else 0

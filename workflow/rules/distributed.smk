@@ -2,26 +2,7 @@
 # Parallel runs are launched by torchrun (--standalone: one node; nproc from the rule's resources).
 # On SLURM, profiles/slurm gives such a job one task and `gpu` GPUs (see README, "Distributed").
 
-E2E = config.get("e2e_distributed", {})
-E2E_CASES = list(E2E.get("equivalence", {}))
-E2E_SCALING = E2E.get("scaling", {})
-
-
-def _e2e_spec(case):
-    return {**E2E["equivalence"][case], "device": E2E.get("device", "cpu")}
-
-
-def _e2e_nproc(case):
-    return E2E["ranks"][case] + 1  # rank 0 aggregates, ranks 1..N encode
-
-
-def _scaling_spec(n):
-    k = E2E_SCALING["k_per_rank"]
-    return {**E2E_SCALING["spec"], "tiles": int(n) * k, "device": E2E.get("device", "cpu")}
-
-
-def _gpus(nproc):
-    return nproc if E2E.get("device", "cpu") == "cuda" else 0
+# E2E, E2E_CASES, E2E_SCALING and the helpers below them are in common.smk.
 
 
 wildcard_constraints:
@@ -31,7 +12,7 @@ wildcard_constraints:
 
 rule e2e_single:
     output:
-        "results/bench/e2e/{e2e_case}_single.pt",
+        temp("results/bench/e2e/{e2e_case}_single.pt"),  # tensors per step (100+ MB); the tables keep what matters
     params:
         spec=lambda w: json.dumps(_e2e_spec(w.e2e_case)),
     conda:
@@ -50,7 +31,7 @@ rule e2e_single:
 
 rule e2e_parallel:
     output:
-        "results/bench/e2e/{e2e_case}_parallel.pt",
+        temp("results/bench/e2e/{e2e_case}_parallel.pt"),  # tensors per step (100+ MB); the tables keep what matters
     params:
         spec=lambda w: json.dumps(_e2e_spec(w.e2e_case)),
         backend=E2E.get("backend", "auto"),
@@ -97,7 +78,7 @@ rule e2e_equivalence:
 
 rule e2e_scaling_parallel:
     output:
-        "results/bench/e2e/scaling_n{n_ranks}.pt",
+        temp("results/bench/e2e/scaling_n{n_ranks}.pt"),  # intermediate: the table keeps what matters
     params:
         spec=lambda w: json.dumps(_scaling_spec(w.n_ranks)),
         backend=E2E.get("backend", "auto"),
@@ -122,7 +103,7 @@ rule e2e_scaling_parallel:
 
 rule e2e_scaling_plain:
     output:
-        "results/bench/e2e/scaling_plain.pt",
+        temp("results/bench/e2e/scaling_plain.pt"),  # intermediate: the table keeps what matters
     params:
         spec=lambda w: json.dumps(_scaling_spec(1)),  # the same tiles as one encoder rank
     conda:

@@ -54,6 +54,7 @@ class CaseSpec:
     amp: bool = False
     predict_tiles: int = 0  # > 0: after training, score one bag of this many tiles (uneven shares)
     track_all: bool = False  # record every parameter (tests) instead of the paper's three layers
+    record: bool = True  # False: timings only (the scaling runs), no tensors stored
     timing_warmup: int = 0  # steps left out of the seconds-per-step median
     device: str = "cpu"
 
@@ -99,6 +100,8 @@ def build_models(spec: CaseSpec) -> tuple[nn.Module, nn.Module]:
 
 def tracked_names(spec: CaseSpec, encoder: nn.Module, aggregator: nn.Module) -> dict[str, tuple[str, str]]:
     """Display name -> (side, parameter name). The paper's three layers, or everything (tests)."""
+    if not spec.record:
+        return {}
     if spec.track_all:
         names = {f"encoder {n}": ("encoder", n) for n, _ in encoder.named_parameters()}
         names.update({f"aggregator {n}": ("aggregator", n) for n, _ in aggregator.named_parameters()})
@@ -427,13 +430,13 @@ def gpu_section(ctx) -> list[dict]:
     device = ctx.device.type
     if ctx.tiny:
         equiv = CaseSpec(case="toy", dim=32, tiles=12, steps=2, momentum=0.9, device="cpu")
-        timing = CaseSpec(case="toy", dim=32, tiles=12, steps=3, timing_warmup=1, device="cpu")
+        timing = CaseSpec(case="toy", dim=32, tiles=12, steps=3, timing_warmup=1, record=False, device="cpu")
         n_equiv = 2
     else:
         equiv = CaseSpec(case="resnet", backbone="resnet50", tile_px=224, tiles=64, steps=4, lr=1e-3,
                          momentum=0.9, sync_bn=True, device=device)
         timing = CaseSpec(case="resnet", backbone="resnet50", tile_px=224, tiles=128, steps=6,
-                          timing_warmup=2, sync_bn=False, device=device)
+                          timing_warmup=2, sync_bn=False, record=False, device=device)
         n_equiv = 2
     tmp = ctx.out_dir / "e2e_distributed_runs"
     tmp.mkdir(parents=True, exist_ok=True)
