@@ -200,12 +200,12 @@ class Collectives:
         return recv[: sizes[self.topo.rank][0]]
 
 
-class _CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm whose batch statistics span the encoder group, for CPU tensors.
+class _AllReduceSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose batch statistics span the encoder group, for gloo (CPU, or ranks sharing a GPU).
 
-    PyTorch's nn.SyncBatchNorm refuses CPU input ("expected input tensor to be on GPU"), so on CPU
-    the global sums go through PyTorch's functional all_reduce, whose registered backward
-    all-reduces the gradient, and autograd does the rest. On CUDA, nn.SyncBatchNorm is used.
+    PyTorch's nn.SyncBatchNorm refuses CPU input ("expected input tensor to be on GPU") and is meant
+    for NCCL, so elsewhere the global sums go through PyTorch's functional all_reduce, whose registered backward
+    all-reduces the gradient, and autograd does the rest. With NCCL, nn.SyncBatchNorm is used.
     """
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm, group: dist.ProcessGroup):
@@ -221,7 +221,7 @@ class _CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if not self.training:
             return super().forward(x)
         dims = [0] + list(range(2, x.dim()))
-        count = torch.tensor(float(x.numel() // x.shape[1]), dtype=x.dtype)
+        count = torch.tensor(float(x.numel() // x.shape[1]), dtype=x.dtype, device=x.device)
         stats = torch.cat([x.sum(dims), (x * x).sum(dims), count.reshape(1)])  # (2C + 1,)
         stats = funcol.wait_tensor(funcol.all_reduce(stats, "sum", self.group))  # group sums; backward all-reduces
         c = x.shape[1]
@@ -240,14 +240,14 @@ class _CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y
 
 
-def convert_sync_batchnorm(module: nn.Module, group: dist.ProcessGroup, device: torch.device) -> nn.Module:
-    """Every BatchNorm synchronised over `group`: nn.SyncBatchNorm on GPUs, the CPU variant above."""
-    if device.type != "cpu":
+def convert_sync_batchnorm(module: nn.Module, group: dist.ProcessGroup, backend: str) -> nn.Module:
+    """Every BatchNorm synchronised over `group`: nn.SyncBatchNorm with NCCL, the variant above otherwise."""
+    if backend == "nccl":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group=group)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return _CpuSyncBatchNorm(module, group)
+        return _AllReduceSyncBatchNorm(module, group)
     for name, child in module.named_children():
-        setattr(module, name, convert_sync_batchnorm(child, group, device))
+        setattr(module, name, convert_sync_batchnorm(child, group, backend))
     return module
 
 
@@ -290,7 +290,7 @@ class DistributedEngine:
         else:
             enc = self.encoder
             if self.sync_bn:
-                enc = convert_sync_batchnorm(enc, self.topo.encoder_group, dev)
+                enc = convert_sync_batchnorm(enc, self.topo.encoder_group, self.topo.backend)
             enc = enc.to(dev)
             self.ddp = DDP(enc, process_group=self.topo.encoder_group,
                            device_ids=[dev.index] if dev.type == "cuda" else None,
