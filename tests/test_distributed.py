@@ -162,3 +162,13 @@ def test_slurm_profile_gives_a_torchrun_rule_one_task_with_n_gpus():
     # the trap the profile avoids: `tasks` becomes --ntasks-per-gpu on GPU jobs
     trap = Job({**job.resources, "tasks": 5})
     assert "--ntasks-per-gpu=5" in get_submit_command(trap, params)
+
+
+def test_half_strategy_runs_and_stays_close_to_single_process_amp(tmp_path):
+    """AMP ("half"; bf16 autocast on CPU): same recipe in one process and on 3 ranks, bf16-close."""
+    spec = {**TOY, "amp": True, "steps": 2, "predict_tiles": 0}
+    proc = torchrun(tmp_path, spec)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single, parallel = run_single(spec_from_dict(spec)), load(tmp_path / "parallel.pt")
+    for side in ("encoder", "aggregator"):
+        assert max(side_l1(single, parallel, "grads", side)) < 2e-2, side

@@ -452,7 +452,7 @@ def cmd_e2e_scaling(a: argparse.Namespace) -> None:
     from slidetrain.io import atomic_path
 
     with atomic_path(a.out) as tmp:
-        pd.DataFrame(scaling_rows([Path(p) for p in a.parallel], Path(a.plain))).to_csv(tmp, index=False)
+        pd.DataFrame(scaling_rows([Path(p) for p in a.parallel], [Path(p) for p in a.plain])).to_csv(tmp, index=False)
 
 
 def _add_e2e_distributed_parsers(sub) -> None:
@@ -478,7 +478,7 @@ def _add_e2e_distributed_parsers(sub) -> None:
     s.set_defaults(func=cmd_e2e_equivalence)
     s = sub.add_parser("e2e-scaling", help="seconds per step of distributed runs against plain")
     s.add_argument("--parallel", nargs="+", required=True)
-    s.add_argument("--plain", required=True)
+    s.add_argument("--plain", nargs="+", required=True, help="plain runs at the same tiles, in --parallel's order")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_e2e_scaling)
 

@@ -57,10 +57,13 @@ class CaseSpec:
     record: bool = True  # False: timings only (the scaling runs), no tensors stored
     timing_warmup: int = 0  # steps left out of the seconds-per-step median
     device: str = "cpu"
+    dtype: str = "float32"  # float64: shows that what remains at float32 is rounding, not the method
 
     def __post_init__(self) -> None:
         if self.case not in ("toy", "resnet"):
             raise ConfigError(f"e2e case: expected toy | resnet, got {self.case!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise ConfigError(f"e2e case: dtype expected float32 | float64, got {self.dtype!r}")
         if self.steps < 1 or self.tiles < 1:
             raise ConfigError("e2e case: steps and tiles must be >= 1")
 
@@ -83,7 +86,8 @@ class ToyAggregator(nn.Module):
 
 
 def build_models(spec: CaseSpec) -> tuple[nn.Module, nn.Module]:
-    """(encoder, aggregator), identical on every process for one seed."""
+    """(encoder, aggregator), identical on every process for one seed (in spec.dtype, as every tensor)."""
+    torch.set_default_dtype(getattr(torch, spec.dtype))
     torch.manual_seed(spec.seed)
     if spec.case == "toy":
         encoder = nn.Sequential(nn.Linear(spec.dim, spec.dim), nn.ReLU(), nn.Linear(spec.dim, spec.dim))
@@ -126,7 +130,8 @@ def bag(spec: CaseSpec, step: int, n_tiles: int | None = None, salt: int = 0) ->
 
 
 def loss_fn(out: MILOutput, label: Tensor) -> Tensor:
-    return F.cross_entropy(out.logits.float()[None], label[None])
+    logits = out.logits.float() if out.logits.dtype in (torch.float16, torch.bfloat16) else out.logits
+    return F.cross_entropy(logits[None], label[None])
 
 
 def make_optimizer(spec: CaseSpec):
@@ -139,7 +144,8 @@ def _snapshot(module: nn.Module, names: dict[str, str], grads: bool) -> dict[str
     for display, name in names.items():
         p = params[name.removeprefix("module.")]
         t = p.grad if grads else p
-        out[display] = (torch.zeros_like(p) if t is None else t).detach().float().cpu().clone()
+        t = (torch.zeros_like(p) if t is None else t).detach().cpu().clone()
+        out[display] = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
     return out
 
 
@@ -382,27 +388,22 @@ def write_equivalence(pairs: list[tuple[str, Path, Path]], csv_path: Path, figur
     return rows
 
 
-def scaling_rows(results: list[Path], plain: Path) -> list[dict]:
-    """One row per run: parallel runs at N ranks, plus `plain` (N = 0 means no distribution)."""
+def scaling_rows(parallel: list[Path], plain: list[Path]) -> list[dict]:
+    """One row per N: distributed seconds per step beside `plain` at the same tiles, timed in one job."""
     rows = []
-    base = torch.load(plain, weights_only=False)
-    base_s = statistics.median(base["seconds"])
-    k = base["spec"]["tiles"]
-    rows.append({"executor": "plain", "n_encoder_ranks": 0, "k_per_rank": k, "seconds_per_step": base_s,
-                 "comm_seconds": 0.0, "device": base["spec"]["device"], "overhead_vs_plain": 1.0})
-    for path in results:
-        r = torch.load(path, weights_only=False)
+    for par_path, plain_path in zip(parallel, plain, strict=True):
+        r, base = torch.load(par_path, weights_only=False), torch.load(plain_path, weights_only=False)
+        if r["spec"]["tiles"] != base["spec"]["tiles"]:
+            raise ConfigError(f"{par_path} and {plain_path}: different bags ({r['spec']['tiles']} vs "
+                              f"{base['spec']['tiles']} tiles)")
         n = r["n_encoder_ranks"]
-        s = statistics.median(r["seconds"])
-        rows.append({"executor": "distributed", "n_encoder_ranks": n, "k_per_rank": r["spec"]["tiles"] // n,
-                     "seconds_per_step": s, "comm_seconds": statistics.median(r["comm_seconds"]),
-                     "device": f"{r['device']} ({r['backend']}, {n + 1} processes on {os.cpu_count()} cores)",
-                     "overhead_vs_plain": s / base_s if r["spec"]["tiles"] == k else float("nan")})
+        s, s_plain = statistics.median(r["seconds"]), statistics.median(base["seconds"])
+        rows.append({"n_encoder_ranks": n, "k_per_rank": r["spec"]["tiles"] // n, "seconds_per_step": s,
+                     "comm_seconds": statistics.median(r["comm_seconds"]),
+                     "device": f"{r['device']} ({r['backend']}; {n + 1} processes sharing {os.cpu_count()} cores)",
+                     "plain_tiles": base["spec"]["tiles"], "plain_seconds_per_step": s_plain,
+                     "ratio_vs_plain": s / s_plain})
     return rows
-
-
-def main_json(text: str) -> dict:
-    return json.loads(text) if text else {}
 
 
 # -- the GPU script's section -----------------------------------------------------------------------

@@ -116,7 +116,10 @@ def shutdown() -> None:
 
 
 class Collectives:
-    """The step's collectives, each named and timed, each failing with the ranks that stopped answering."""
+    """The step's collectives, each named and timed, each failing with the ranks that stopped answering.
+
+    Features and gradients travel in torch's default dtype (float32 unless a caller sets float64).
+    """
 
     def __init__(self, topo: Topology):
         self.topo = topo
@@ -221,20 +224,22 @@ class _AllReduceSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if not self.training:
             return super().forward(x)
         dims = [0] + list(range(2, x.dim()))
-        count = torch.tensor(float(x.numel() // x.shape[1]), dtype=x.dtype, device=x.device)
-        stats = torch.cat([x.sum(dims), (x * x).sum(dims), count.reshape(1)])  # (2C + 1,)
-        stats = funcol.wait_tensor(funcol.all_reduce(stats, "sum", self.group))  # group sums; backward all-reduces
         c = x.shape[1]
-        n = stats[-1]
-        mean = stats[:c] / n  # (C,)
-        var = stats[c: 2 * c] / n - mean * mean  # (C,), biased, as BN normalises with
+        count = torch.tensor([float(x.numel() // c)], dtype=x.dtype, device=x.device)
+        # two passes (mean, then centred squares) as BatchNorm's own kernel: E[x^2] - mean^2 in fp32
+        # loses digits when |mean| >> std
+        sums = funcol.wait_tensor(funcol.all_reduce(torch.cat([x.sum(dims), count]), "sum", self.group))
+        n = sums[-1]
+        mean = sums[:c] / n  # (C,); the all_reduce's backward all-reduces the gradient
+        shape = [1, c] + [1] * (x.dim() - 2)
+        centred = x - mean.reshape(shape)
+        var = funcol.wait_tensor(funcol.all_reduce((centred * centred).sum(dims), "sum", self.group)) / n  # (C,)
         with torch.no_grad():
             self.num_batches_tracked += 1
             m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
             self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
             self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
-        shape = [1, c] + [1] * (x.dim() - 2)
-        y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
+        y = centred * torch.rsqrt(var.reshape(shape) + self.eps)
         if self.affine:
             y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
         return y
@@ -326,7 +331,7 @@ class DistributedEngine:
     def _encoder_side(self, tiles: Tensor) -> None:
         with self.autocast():
             f = self.ddp(tiles.to(self.topo.device, non_blocking=True))  # (k_r, D)
-        f = f.float().contiguous()
+        f = (f.float() if f.dtype in (torch.float16, torch.bfloat16) else f).contiguous()  # fp32 (or fp64)
         sizes = self.comm.sizes(f.shape[0], f.shape[1])
         self.comm.gather(f, sizes)
         g = self.comm.scatter(None, sizes).to(f.device)  # (k_r, D), dL/df_r (loss-scaled, unscaled by AMP)
