@@ -46,3 +46,33 @@ def synthetic_slides(tmp_path_factory):
         write_synthetic_slide(path, spec, truth_path=truth)
         slides.append((path, truth, spec))
     return slides
+
+
+@pytest.fixture(scope="session")
+def tiled_synthetic(synthetic_slides, tmp_path_factory):
+    """The six synthetic slides tiled at 5x, 32 px, for tile-bag tests: (root, sheet.tsv, [SlideRef]).
+
+    root holds {slide}.h5 tile coordinates; the sheet's sources are the slide paths; SlideRef
+    labels are binary (normal 0, graded 1).
+    """
+    import pandas as pd
+
+    from slidetrain.data.tilebag import SlideRef
+    from slidetrain.wsi.mask import mask_params, segment_tissue
+    from slidetrain.wsi.slide import open_slide
+    from slidetrain.wsi.tile import tile_coordinates, write_tiles_h5
+
+    root = tmp_path_factory.mktemp("tilebag_tiles")
+    refs, rows = [], []
+    for path, _, spec in synthetic_slides:
+        slide_id = path.stem
+        with open_slide(path, slide_id) as slide:
+            tissue = segment_tissue(slide, mask_params("default"))
+            coords = tile_coordinates(slide, tissue, 5.0, 32, 0, 0.5)
+            write_tiles_h5(root / f"{slide_id}.h5", coords, slide=slide, target_magnification=5.0, tile_px=32,
+                           overlap_px=0)
+        refs.append(SlideRef(slide_id, path, root / f"{slide_id}.h5", int(spec.label != "normal")))
+        rows.append({"slide_id": slide_id, "patient_id": f"p_{slide_id}", "label": spec.label, "source": str(path)})
+    sheet = root / "sheet.tsv"
+    pd.DataFrame(rows).to_csv(sheet, sep="\t", index=False)
+    return root, sheet, refs

@@ -225,8 +225,14 @@ EXPECTED = {
         + lin(512, c)
     ),
     "milrnn": lambda d, c: lin(d, 2) + lin(d, 128) + lin(128, 128) + lin(128, 2),
-    "gma": lambda d, c: lin(d, 512) + gated(512, 384, 1) + lin(512, c),
+    # the authors' modules.GMA: a two-layer embedding (REFERENCE_NOTES "Multi-GPU end-to-end")
+    "gma": lambda d, c: lin(d, 512) + lin(512, 512) + gated(512, 384, 1) + lin(512, c),
 }
+# Audit (issue 11): every other count above is the reference spec of REFERENCE_NOTES "MIL baselines"
+# (ABMIL L=500 D=128; CLAM small [512, 256] with one Linear(512, 2) per class; DSMIL Linear(in, C),
+# q 128-128, Conv1d(C, C, in); TransMIL FC-512, cls token, 2 Nystrom layers, PPEG, LayerNorm;
+# DTFD DimReduction without bias + 2 x (gated 512/128 + Linear(512, C)); MIL-RNN fc 512->2 and the
+# RNN 512->128, 128->128, 128->2). maxpool/meanpool are this project's baselines (hidden 128).
 
 
 @pytest.mark.parametrize(("name", "c"), CASES)
@@ -274,8 +280,136 @@ def test_clam_svm_instance_loss_matches_margin_formula() -> None:
     assert math.isclose(float(smooth_top1_svm(logits, target)), sum(expected) / 2, rel_tol=1e-6)
 
 
-def test_dsmil_probabilities_average_streams() -> None:
+def test_gma_is_the_authors_module() -> None:
+    """920,707 parameters at in 512, C = 2, from the spec; xavier-normal weights with zero bias."""
+    spec = (512 * 512 + 512) + (512 * 512 + 512) + 2 * (512 * 384 + 384) + (384 * 1 + 1) + (512 * 2 + 2)
+    assert spec == 920_707 == EXPECTED["gma"](512, 2)
+    model = build_model("gma", 512, 2, method_config("gma", {}))
+    assert sum(p.numel() for p in model.parameters()) == spec
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 6 and all(not m.bias.any() for m in linears)
+    first = linears[0].weight
+    assert abs(float(first.detach().std()) - math.sqrt(2 / (512 + 512))) < 2e-3  # xavier normal, not torch's uniform
+
+
+def test_gma_default_training_is_the_authors() -> None:
+    from slidetrain.train.optim import build_scheduler
+
+    cfg = method_config("gma", {})
+    assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.nesterov, cfg.epochs) == ("sgd", 5e-4, 0.9, True, 40)
+    model = build_model("gma", 64, 2, cfg)
+    opt = build_optimizer(model.param_groups()[0], cfg)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.04, 0.0]
+    assert all(p.ndim == 1 for p in opt.param_groups[1]["params"])
+    sch = build_scheduler(opt, cfg, iters_per_epoch=5)
+    lrs, wds = [], []
+    for _ in range(40 * 5):
+        lrs.append(opt.param_groups[0]["lr"])
+        wds.append(opt.param_groups[0]["weight_decay"])
+        sch.step_iteration()
+    assert lrs[0] == 0.0 and lrs[49] == pytest.approx(5e-4) and lrs[-1] < 1e-6  # 10 warm-up epochs
+    assert wds[0] == pytest.approx(0.04) and wds[-1] == pytest.approx(0.4, abs=1e-4)
+    assert opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_clam_topk_overlaps_from_k_sample_tiles() -> None:
+    """The reference's topk(8) for every bag of >= 8 tiles: at 10 tiles top and bottom share 6."""
+    model = make("clam_sb", IN_DIM, 2).train()
+    out = model(torch.randn(10, IN_DIM))
+    h, w = out.extras["h"], out.extras["weights"]
+    a = w[0]
+    top, bottom = torch.topk(a, 8).indices, torch.topk(-a, 8).indices
+    x = h[torch.cat([top, bottom])]
+    y = torch.cat([torch.ones(8), torch.zeros(8)]).long()
+    expected = torch.nn.functional.cross_entropy(model.instance_classifiers[1](x), y)
+    assert torch.isclose(model.instance_loss(h, w, 1), expected)
+
+
+def test_clam_options_default_off() -> None:
+    cfg = method_config("clam_sb", {})
+    assert cfg.weighted_sample is False and cfg.inst_loss == "ce"
+    assert method_config("clam_mb", {"inst_loss": "svm", "weighted_sample": True}).inst_loss == "svm"
+
+
+def test_dsmil_defaults_are_the_reference() -> None:
+    cfg = method_config("dsmil", {})
+    assert cfg.prediction == "bag" and cfg.early_stopping_patience == 10
+    assert cfg.selection_rule() == ("val_acc_auroc", 0.0)
     model = make("dsmil", IN_DIM, 3).eval()
+    out = model(torch.randn(9, IN_DIM))
+    p = torch.sigmoid(out.logits)
+    assert torch.allclose(model.probabilities(out), p / p.sum())
+
+
+def test_transmil_optimiser_is_the_reference() -> None:
+    cfg = method_config("transmil", {})
+    assert (cfg.accumulation, cfg.early_stopping_patience, cfg.selection_metric) == (2, 10, "val_loss")
+    model = make("transmil", IN_DIM, 2)
+    opt = build_optimizer(model.param_groups()[0], cfg)
+    decay, plain = opt.param_groups
+    assert decay["weight_decay"] == 1e-5 and plain["weight_decay"] == 0.0
+    assert decay["decoupled_weight_decay"] and all(p.ndim == 1 for p in plain["params"])
+    assert any(p is model.cls_token for p in decay["params"])  # (1, dim): decayed, as timm's rule
+    bag = torch.randn(20, IN_DIM)
+    model.eval()
+    with torch.no_grad():  # AMP is for CUDA bags only: a CPU forward stays fp32 and unchanged
+        out = model(bag)
+        model.amp = False
+        assert out.logits.dtype == torch.float32 and torch.equal(out.logits, model(bag).logits)
+
+
+def test_dtfd_tier1_learns_from_the_tier1_loss_only() -> None:
+    bag, label = torch.randn(30, IN_DIM), torch.tensor(1)
+    grads = {}
+    for mode in ("tier1", "sum"):
+        model = make("dtfd", IN_DIM, 2, tier1_gradient=mode).train()
+        torch.manual_seed(5)
+        out = model(bag)
+        model.loss(out, label).backward()
+        grads[mode] = [p.grad.clone() for p in model.tier1_parameters()]
+        model.zero_grad()
+        torch.manual_seed(5)
+        out = model(bag)
+        sub = out.extras["sub_logits"]
+        torch.nn.functional.cross_entropy(sub, label.expand(sub.shape[0])).backward()  # tier-1 loss alone
+        tier1_only = [p.grad.clone() for p in model.tier1_parameters()]
+        same = all(torch.allclose(a, b, atol=1e-7) for a, b in zip(grads[mode], tier1_only, strict=True))
+        assert same == (mode == "tier1")
+    assert method_config("dtfd", {}).tier1_gradient == "tier1"
+
+
+def test_dtfd_clips_each_module_and_offers_the_reference_selection() -> None:
+    model = make("dtfd", IN_DIM, 2)
+    groups = model.clip_groups()
+    assert [len(g) for g in groups] == [1, 6, 2, 8]  # reduce (no bias), gated attention, classifier, tier 2
+    assert sum(map(len, groups)) == len(list(model.parameters()))
+    assert method_config("dtfd", {}).selection_rule() == ("val_loss", 0.0)
+    assert method_config("dtfd", {"selection": "reference"}).selection_rule() == ("val_auroc", 0.8)
+
+
+def test_milrnn_rnn_stage_optimiser_and_top_tiles() -> None:
+    cfg = method_config("milrnn", {})
+    assert cfg.selection_metric == "val_balanced_accuracy"
+    model = make("milrnn", IN_DIM, 2)
+    mil_cfg, rnn_cfg = model.group_configs(cfg)
+    assert (mil_cfg.optimizer, mil_cfg.lr) == ("adam", 1e-4)
+    assert (rnn_cfg.optimizer, rnn_cfg.lr, rnn_cfg.momentum, rnn_cfg.nesterov, rnn_cfg.weight_decay) == (
+        "sgd", 0.1, 0.9, True, 1e-4)
+    model.on_epoch_start(0, 10)
+    assert model.accumulation(1) == 1
+    bags = [torch.randn(n, IN_DIM) for n in (5, 12)]
+    model.train()
+    tops = model.epoch_bags(bags)
+    assert model.training  # the mode is restored
+    for bag, top in zip(bags, tops, strict=True):
+        p = torch.softmax(model.tile_classifier(bag), 1)[:, 1]
+        assert torch.equal(top, bag[p.argmax()][None])
+    model.on_epoch_start(5, 10)
+    assert model.accumulation(1) == 128 and model.epoch_bags(bags) is bags
+
+
+def test_dsmil_probabilities_average_streams() -> None:
+    model = make("dsmil", IN_DIM, 3, prediction="average").eval()
     out = model(torch.randn(9, IN_DIM))
     p = 0.5 * torch.sigmoid(out.logits) + 0.5 * torch.sigmoid(out.extras["max_logits"])
     assert torch.allclose(model.probabilities(out), p / p.sum())

@@ -20,23 +20,8 @@ from slidetrain.errors import SlideError
 
 
 @pytest.fixture(scope="module")
-def tiled(synthetic_slides, tmp_path_factory):
-    """The six synthetic slides tiled at 5x, 32 px: [SlideRef], labels 0/1 (normal vs graded)."""
-    from slidetrain.wsi.mask import mask_params, segment_tissue
-    from slidetrain.wsi.slide import open_slide
-    from slidetrain.wsi.tile import tile_coordinates, write_tiles_h5
-
-    root = tmp_path_factory.mktemp("tilebag_tiles")
-    refs = []
-    for path, _, spec in synthetic_slides:
-        slide_id = path.stem
-        with open_slide(path, slide_id) as slide:
-            tissue = segment_tissue(slide, mask_params("default"))
-            coords = tile_coordinates(slide, tissue, 5.0, 32, 0, 0.5)
-            write_tiles_h5(root / f"{slide_id}.h5", coords, slide=slide, target_magnification=5.0, tile_px=32,
-                           overlap_px=0)
-        refs.append(SlideRef(slide_id, path, root / f"{slide_id}.h5", int(spec.label != "normal")))
-    return refs
+def tiled(tiled_synthetic):
+    return tiled_synthetic[2]
 
 
 SAMPLING = BagSampling(k=8, tile_px=32, target_magnification=5.0)
@@ -74,8 +59,8 @@ def test_slide_with_fewer_tiles_than_k_is_sampled_with_replacement(tiled):
 
 def test_every_tile_of_a_slide_gets_the_same_augmentation_draw(tiled, tmp_path):
     """A slide whose K tiles are one tile repeated: after augmentation all K are still identical."""
-    from slidetrain.wsi.tile import read_tiles_h5, write_tiles_h5
     from slidetrain.wsi.slide import open_slide
+    from slidetrain.wsi.tile import read_tiles_h5, write_tiles_h5
 
     coords, _ = read_tiles_h5(tiled[1].tiles_h5)
     one = tmp_path / "one.h5"

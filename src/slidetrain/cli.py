@@ -75,6 +75,10 @@ def cmd_split(a: argparse.Namespace) -> None:
     sheet = read_sheet(a.sheet, a.classes, check_files=False)
     excluded = excluded_slides(a.status) if a.status else {}
     sheet = sheet[~sheet.slide_id.isin(excluded)].reset_index(drop=True)
+    if a.label_map:  # a derived dataset: same slides, mapped labels (stratified on the new labels)
+        from slidetrain.data.sheet import relabel
+
+        sheet = relabel(sheet, a.label_map)
     if a.official:
         split = read_official_split(a.official, sheet)
     else:
@@ -234,6 +238,135 @@ def _add_bench_local_parsers(sub) -> None:
     s.set_defaults(func=cmd_bench_inference)
 
 
+def _tilebag_data(a: argparse.Namespace) -> dict:
+    return {"split_csv": Path(a.split), "sheet_csv": Path(a.sheet), "slides_dir": Path(a.slides_dir),
+            "tiles_dir": Path(a.tiles_dir), "class_names": a.classes}
+
+
+def cmd_train_tilebag(a: argparse.Namespace) -> None:
+    from slidetrain.train.tilebag import fit_tilebag
+
+    sampling = {"tile_px": a.tile_px, "target_magnification": a.target_magnification, "mpp_fallback": a.mpp_fallback}
+    fit_tilebag(a.params, sampling=sampling, out_dir=Path(a.out), seed=a.seed, ordinal=a.ordinal,
+                threads=a.threads, **_tilebag_data(a))
+
+
+def cmd_evaluate_tilebag(a: argparse.Namespace) -> None:
+    from slidetrain.train.tilebag import evaluate_tilebag
+
+    evaluate_tilebag(Path(a.model), predictions_csv=Path(a.predictions), metrics_json=Path(a.metrics),
+                     attention_h5=Path(a.attention) if a.attention else None, ordinal=a.ordinal,
+                     n_bootstrap=a.n_bootstrap, seed=a.seed, threads=a.threads, **_tilebag_data(a))
+
+
+def cmd_e2e_table1(a: argparse.Namespace) -> None:
+    from slidetrain.paper.e2e import e2e_table1
+
+    paper_k = {int(k): int(v) for k, _, v in (x.partition("=") for x in a.paper_k or [])}
+    e2e_table1(a.metrics, a.out, paper_k=paper_k, markdown=a.markdown)
+
+
+def cmd_e2e_figure4(a: argparse.Namespace) -> None:
+    from slidetrain.paper.e2e import e2e_figure4
+
+    e2e_figure4(a.histories, a.out)
+
+
+def cmd_bench_max_tiles(a: argparse.Namespace) -> None:
+    from slidetrain.bench.max_tiles import max_tiles_table
+
+    max_tiles_table(a.encoders, a.precisions, a.tile_px, a.device, a.memory_budget_gb, a.out,
+                    start=a.start, limit=a.limit, threads=a.threads)
+
+
+def cmd_e2e_figure1(a: argparse.Namespace) -> None:
+    from slidetrain.paper.e2e import e2e_figure1
+
+    e2e_figure1(a.tables, a.out_table, a.out)
+
+
+def cmd_bench_tilebag_step(a: argparse.Namespace) -> None:
+    from slidetrain.bench.tilebag_step import tilebag_step_table
+
+    tilebag_step_table(a.params, a.slides, a.tiles_dir, a.tile_px, a.target_magnification, a.out,
+                       steps=a.steps, workers=a.workers, threads=a.threads, seed=a.seed)
+
+
+def _add_tilebag_parsers(sub) -> None:
+    """Tile-bag end-to-end training (train/tilebag/) and the Campanella et al. tables, figures, benchmarks."""
+
+    def data_args(s) -> None:
+        s.add_argument("--split", required=True)
+        s.add_argument("--sheet", required=True, help="slide sheet (slide ids and sources)")
+        s.add_argument("--slides-dir", required=True, help="where synthetic slides were drawn")
+        s.add_argument("--tiles-dir", required=True, help="tile coordinate h5 files, one per slide")
+        s.add_argument("--classes", nargs="+", required=True)
+        s.add_argument("--ordinal", action="store_true")
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--threads", type=int, default=1)
+
+    s = sub.add_parser("train-tilebag", help="train encoder + aggregator end to end on K tiles per slide")
+    s.add_argument("--params", type=_json_arg, default={})
+    s.add_argument("--tile-px", type=int, required=True, help="tile side at the target magnification")
+    s.add_argument("--target-magnification", type=float, required=True)
+    s.add_argument("--mpp-fallback", type=float)
+    s.add_argument("--out", required=True)
+    data_args(s)
+    s.set_defaults(func=cmd_train_tilebag)
+
+    s = sub.add_parser("evaluate-tilebag", help="score a trained tile-bag model on the test part")
+    s.add_argument("--model", required=True)
+    s.add_argument("--predictions", required=True)
+    s.add_argument("--metrics", required=True)
+    s.add_argument("--attention")
+    s.add_argument("--n-bootstrap", type=int, default=1000)
+    data_args(s)
+    s.set_defaults(func=cmd_evaluate_tilebag)
+
+    s = sub.add_parser("e2e-table1", help="Campanella et al. Table 1: K sweep and frozen-feature rows")
+    s.add_argument("--metrics", nargs="+", required=True, help="metrics.json of every run (path names the run)")
+    s.add_argument("--paper-k", nargs="*", help="K=PAPER_K: the paper's K whose values a scaled K sits beside")
+    s.add_argument("--out", required=True)
+    s.add_argument("--markdown")
+    s.set_defaults(func=cmd_e2e_table1)
+
+    s = sub.add_parser("e2e-figure4", help="Campanella et al. Figure 4: loss and AUC against K")
+    s.add_argument("--histories", nargs="+", required=True, help="history.csv of every tile-bag run")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_e2e_figure4)
+
+    s = sub.add_parser("bench-max-tiles", help="most tiles per forward+backward within a memory budget")
+    s.add_argument("--encoders", nargs="+", required=True)
+    s.add_argument("--precisions", nargs="+", default=["fp32", "amp"])
+    s.add_argument("--tile-px", type=int, default=224)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--memory-budget-gb", type=float, help="CPU: peak RSS budget; CUDA: default device memory")
+    s.add_argument("--start", type=int, default=1)
+    s.add_argument("--limit", type=int, default=65536)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_bench_max_tiles)
+
+    s = sub.add_parser("e2e-figure1", help="Campanella et al. Figure 1: max tiles per encoder and precision")
+    s.add_argument("--tables", nargs="+", required=True, help="bench-max-tiles CSVs (one per encoder)")
+    s.add_argument("--out-table", required=True, help="the merged CSV")
+    s.add_argument("--out", required=True, help="the figure (PNG)")
+    s.set_defaults(func=cmd_e2e_figure1)
+
+    s = sub.add_parser("bench-tilebag-step", help="step time with on-the-fly reading vs tiles in memory")
+    s.add_argument("--params", type=_json_arg, default={})
+    s.add_argument("--slides", nargs="+", required=True, help="SLIDE_ID=PATH")
+    s.add_argument("--tiles-dir", required=True)
+    s.add_argument("--tile-px", type=int, required=True)
+    s.add_argument("--target-magnification", type=float, required=True)
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_bench_tilebag_step)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slidetrain", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -289,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fractions", type=float, nargs=3, default=(0.6, 0.15, 0.25))
     s.add_argument("--official")
     s.add_argument("--status", help="the dataset's QC status table; excluded slides are left out")
+    s.add_argument("--label-map", type=_json_arg, help="JSON {label: new label}: a derived dataset's labels")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_split)
 
@@ -408,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_attention_figure)
     _add_bench_local_parsers(sub)
     _add_e2e_distributed_parsers(sub)
+    _add_tilebag_parsers(sub)
     return p
 
 

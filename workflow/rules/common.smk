@@ -21,6 +21,32 @@ def _load_sheets():
 
 
 SHEETS = _load_sheets()
+
+
+def _load_derived():
+    """Derived datasets: a dataset's slides under a label map (binary from graded, ...), no new slides.
+
+    They reuse the source dataset's slides, tiles, features and QC; only splits and runs are their own.
+    """
+    derived = config.get("derived_datasets", {}) or {}
+    for name, block in derived.items():
+        base = block["from"]
+        if name in SHEETS:
+            raise WorkflowError(f"derived_datasets.{name}: the name is already a dataset under `datasets`")
+        if base not in SHEETS:
+            raise WorkflowError(f"derived_datasets.{name}.from: {base!r} is not a dataset; known: {sorted(SHEETS)}")
+        unmapped = sorted(set(config["datasets"][base]["classes"]) - set(block["label_map"]))
+        if unmapped:
+            raise WorkflowError(f"derived_datasets.{name}.label_map: no target for class(es) {unmapped} of {base}")
+        unknown = sorted(set(block["label_map"].values()) - set(block["classes"]))
+        if unknown:
+            raise WorkflowError(
+                f"derived_datasets.{name}.label_map: target(s) {unknown} are not among its classes {block['classes']}"
+            )
+    return derived
+
+
+DERIVED = _load_derived()
 SPLITS = [f"mccv{i}" for i in range(config["splits"]["mccv_folds"])]
 OFFICIAL = config["splits"].get("official", {})
 SEEDS = [str(s) for s in config["seeds"]]
@@ -65,7 +91,7 @@ _check_methods()
 
 
 wildcard_constraints:
-    dataset="|".join(SHEETS),
+    dataset="|".join([*SHEETS, *DERIVED]),
     slide=r"[A-Za-z0-9][A-Za-z0-9._-]*",
     split=r"mccv\d+|official",
     seed=r"\d+",
@@ -74,7 +100,15 @@ wildcard_constraints:
 
 
 def dataset_cfg(dataset):
+    if dataset in DERIVED:  # the source's block (sheet, mpp_fallback, ...) with the derived labels
+        block = DERIVED[dataset]
+        return {**config["datasets"][block["from"]], "paper_name": None, "ordinal": False, **block}
     return config["datasets"][dataset]
+
+
+def base_dataset(dataset):
+    """The dataset whose slides, tiles and features `dataset` uses (itself unless derived)."""
+    return DERIVED[dataset]["from"] if dataset in DERIVED else dataset
 
 
 def slide_ids(dataset):
@@ -107,7 +141,7 @@ def features_of(dataset):
 
 def feature_index(wildcards):
     """Training jobs depend on the dataset's feature index, one file, not one per slide (DAG size)."""
-    return f"results/{wildcards.dataset}/features/{config['features']['encoder']}/index.csv"
+    return f"results/{base_dataset(wildcards.dataset)}/features/{config['features']['encoder']}/index.csv"
 
 
 def method_params(method):

@@ -5,15 +5,16 @@
 rule make_split:
     input:
         sheet=lambda w: dataset_cfg(w.dataset)["sheet"],
-        status="results/{dataset}/qc/status.csv",
+        status=lambda w: f"results/{base_dataset(w.dataset)}/qc/status.csv",
         official=lambda w: OFFICIAL[w.dataset] if w.split == "official" else [],
     output:
         "results/{dataset}/splits/{split}.csv",
     params:
-        classes=lambda w: " ".join(dataset_cfg(w.dataset)["classes"]),
+        classes=lambda w: " ".join(dataset_cfg(base_dataset(w.dataset))["classes"]),
         seed=lambda w: config["splits"]["seed"] + (0 if w.split == "official" else int(w.split[4:])),
         fractions=" ".join(map(str, config["splits"]["fractions"])),
         official=lambda w, input: f"--official {input.official}" if w.split == "official" else "",
+        label_map=lambda w: f"--label-map '{json.dumps(DERIVED[w.dataset]['label_map'])}'" if w.dataset in DERIVED else "",
     conda:
         "../../envs/slidetrain.yaml"
     log:
@@ -22,4 +23,4 @@ rule make_split:
         "benchmarks/{dataset}/splits/{split}.tsv"
     shell:
         "slidetrain split --sheet {input.sheet} --classes {params.classes} --seed {params.seed}"
-        " --fractions {params.fractions} {params.official} --status {input.status} --out {output} > {log} 2>&1"
+        " --fractions {params.fractions} {params.official} {params.label_map} --status {input.status} --out {output} > {log} 2>&1"

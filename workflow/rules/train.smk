@@ -16,7 +16,7 @@ rule train_mil:
     params:
         method_params=lambda w: method_params(w.method),
         classes=lambda w: " ".join(dataset_cfg(w.dataset)["classes"]),
-        features_dir=lambda w: f"results/{w.dataset}/features/{config['features']['encoder']}",
+        features_dir=lambda w: f"results/{base_dataset(w.dataset)}/features/{config['features']['encoder']}",
     conda:
         "../../envs/slidetrain.yaml"
     log:
@@ -46,7 +46,7 @@ rule evaluate_mil:
         attention="results/{dataset}/runs/{method}/{split}/{seed}/attention.h5",
     params:
         classes=lambda w: " ".join(dataset_cfg(w.dataset)["classes"]),
-        features_dir=lambda w: f"results/{w.dataset}/features/{config['features']['encoder']}",
+        features_dir=lambda w: f"results/{base_dataset(w.dataset)}/features/{config['features']['encoder']}",
         ordinal=lambda w: "--ordinal" if dataset_cfg(w.dataset).get("ordinal") else "",
         n_bootstrap=config.get("evaluation", {}).get("n_bootstrap", 1000),
     conda:

@@ -64,12 +64,83 @@ def e2e_distributed_section(ctx: GpuContext) -> list[dict]:
     from slidetrain.bench.e2e_distributed import gpu_section
 
     return gpu_section(ctx)
+def tilebag_section(ctx: GpuContext) -> list[dict]:
+    """Campanella et al.: max tiles per forward + backward for ResNet50 at 224 px (fp32, AMP), then a few
+    plain-executor training steps (ResNet50 + GMA, one slide per step) per K on in-memory tiles.
+
+    --tiny: ResNet18 at 64 px on the CPU (peak RSS of a fresh process per probe, 2 GiB, N <= 4).
+    """
+    import time as _time
+
+    from slidetrain.bench.max_tiles import cuda_fits, fits, search_max
+    from slidetrain.models import build_model, method_config
+    from slidetrain.models.encoders import build_encoder, encoder_dim
+    from slidetrain.train.tilebag.executors import PlainExecutor, StepContext
+
+    cuda = ctx.device.type == "cuda"
+    encoder_name, tile_px = ("resnet50", 224) if not ctx.tiny else ("resnet18", 64)
+    budget = torch.cuda.get_device_properties(ctx.device).total_memory if cuda else 2 * 2**30
+    limit = 16384 if not ctx.tiny else 4
+    rows = []
+    for precision in ("fp32", "amp"):
+        probes = []
+
+        def fit(n: int, precision=precision, probes=probes) -> bool:
+            ok, peak = (cuda_fits if cuda else fits)(encoder_name, precision, n, tile_px, str(ctx.device), budget)
+            probes.append((n, ok, peak))
+            return ok
+
+        t0 = _time.perf_counter()
+        best = search_max(fit, start=64 if not ctx.tiny else 1, limit=limit)
+        peak_at_best = max((p for n, ok, p in probes if ok and n == best), default=None)
+        rows.append({"kind": "max_tiles", "encoder": encoder_name, "precision": precision, "tile_px": tile_px,
+                     "max_tiles": best, "device_memory_gib": round(budget / 2**30, 1),
+                     "tiles_per_gib": round(best / (budget / 2**30), 2), "peak_gib_at_max": peak_at_best,
+                     "probes": len(probes), "seconds": round(_time.perf_counter() - t0, 1),
+                     # the paper's ResNet50 on an 80 GB H100: 840 (fp32) / 1,848 (AMP) tiles
+                     "paper_tiles_per_gb": {"fp32": 840 / 80, "amp": 1848 / 80}[precision]})
+        if cuda:
+            torch.cuda.empty_cache()
+    # a few sweep steps: time per training step at several K (AMP on CUDA as the paper trains)
+    encoder = build_encoder(encoder_name).to(ctx.device).train()
+    aggregator = build_model("gma", encoder_dim(encoder_name), 2, method_config("gma", {})).to(ctx.device).train()
+    params = [*encoder.parameters(), *aggregator.parameters()]
+    optimizer = torch.optim.SGD(params, lr=5e-4, momentum=0.9, nesterov=True)
+    scaler = torch.amp.GradScaler("cuda") if cuda else None
+    step_ctx = StepContext(scaler=scaler, device=ctx.device,
+                           autocast=(lambda: torch.autocast("cuda", dtype=torch.float16)) if cuda
+                           else (lambda: torch.autocast("cpu", dtype=torch.bfloat16)))
+    executor = PlainExecutor()
+    for k in ((50, 100, 350, 700) if not ctx.tiny else (2, 4)):
+        tiles = torch.randn(k, 3, tile_px, tile_px, device=ctx.device)  # (K, 3, P, P)
+        times = []
+        for step in range(4 if not ctx.tiny else 2):
+            if cuda:
+                torch.cuda.synchronize(ctx.device)
+            t0 = _time.perf_counter()
+            result = executor.step(tiles, encoder, aggregator, torch.tensor(step % 2), aggregator.loss, step_ctx)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize(ctx.device)
+            times.append(_time.perf_counter() - t0)
+        step_s = sorted(times[1:] or times)[len(times[1:] or times) // 2]  # median after the first (warm-up)
+        rows.append({"kind": "sweep_step", "encoder": encoder_name, "precision": "amp", "tile_px": tile_px,
+                     "k": k, "step_s": round(step_s, 4), "tiles_per_s": round(k / step_s, 1),
+                     "loss": round(result.loss, 4)})
+        del tiles
+    return rows
 
 
 #: (name, function, share of the total time budget). Benchmarks register here, in running order.
 SECTIONS: list[tuple[str, Callable[[GpuContext], list[dict]], float]] = [
     ("device", device_section, 0.01),
     ("e2e_distributed", e2e_distributed_section, 0.3),
+    ("tilebag", tilebag_section, 0.25),
 ]
 
 

@@ -86,3 +86,11 @@ def class_index(sheet: pd.DataFrame, class_names: list[str]) -> dict[str, int]:
     """slide_id -> class index in `class_names` order (the order is the ordinal order for graded tasks)."""
     lookup = {name: i for i, name in enumerate(class_names)}
     return {s: lookup[label] for s, label in zip(sheet.slide_id, sheet.label, strict=True)}
+
+
+def relabel(sheet: pd.DataFrame, label_map: dict[str, str]) -> pd.DataFrame:
+    """A derived dataset's sheet: the same slides with labels mapped (e.g. graded -> binary)."""
+    unmapped = sorted(set(sheet.label) - set(label_map))
+    if unmapped:
+        raise SheetError(f"label_map has no target for label(s) {unmapped}; expected every label of the sheet")
+    return sheet.assign(label=sheet.label.map(label_map))

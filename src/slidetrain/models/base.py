@@ -50,12 +50,21 @@ class TrainConfig:
     class_weights: bool = False  # weight CE by inverse class frequency of the training part
     early_stopping_patience: int = 0  # 0 = off; epochs without validation improvement
     early_stopping_min_epochs: int = 0
-    selection_metric: str = "val_loss"  # val_loss | val_auroc | val_accuracy
+    # val_loss | val_auroc | val_accuracy | val_balanced_accuracy | val_acc_auroc ((accuracy + AUROC) / 2)
+    selection_metric: str = "val_loss"
+    selection_start_fraction: float = 0.0  # epochs before this fraction of the run are never selected
+    # class-balanced slide sampling (CLAM's --weighted_sample): each epoch draws len(train) slides with
+    # replacement, each with weight 1 / (training slides of its class)
+    weighted_sample: bool = False
     max_instances: int = 0  # 0 = all; else random subset per training bag (memory guard)
     # none (the references: raw features) | standardize (per-dimension z-score with the training
     # part's statistics, stored with the model). Random-init encoders give features of mean ~35 and
     # norm ~1000, on which attention MILs saturate at their reference learning rates.
     feature_norm: str = "none"
+
+    def selection_rule(self) -> tuple[str, float]:
+        """(history column to select on, fraction of the epochs before selection starts)."""
+        return self.selection_metric, self.selection_start_fraction
 
 
 def config_from_dict(cls: type, params: dict | None, where: str) -> object:
@@ -103,6 +112,25 @@ class MILModel(nn.Module):
     def param_groups(self) -> list[list[nn.Parameter]]:
         """Parameter sets that get one optimiser each (one set by default)."""
         return [list(self.parameters())]
+
+    def group_configs(self, cfg: TrainConfig) -> list[TrainConfig]:
+        """The optimiser settings of each param group (MIL-RNN: one per stage); `cfg` for all by default."""
+        return [cfg] * len(self.param_groups())
+
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        """Parameter sets whose gradient norms are clipped separately at `grad_clip` (the param groups)."""
+        return self.param_groups()
+
+    def accumulation(self, default: int) -> int:
+        """Slides per optimiser step in the current stage (MIL-RNN's RNN: 128); `accumulation` by default."""
+        return default
+
+    def epoch_bags(self, bags: list[Tensor]) -> list[Tensor]:
+        """The training bags of this epoch, after `on_epoch_start` (MIL-RNN stage 1: each bag's top tile).
+
+        Called in eval mode under no_grad; must not draw from the global generators (exact resume).
+        """
+        return bags
 
     def on_epoch_start(self, epoch: int, n_epochs: int) -> None:
         """Hook for staged methods (MIL-RNN); epoch counts from 0."""

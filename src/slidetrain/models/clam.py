@@ -6,8 +6,9 @@ Linear(in, 512)-ReLU-Dropout(0.25), gated attention (Linear(512, 256)-Tanh /
 Linear(512, 256)-Sigmoid, each with Dropout(0.25)); SB: one attention branch
 and Linear(512, C); MB: C branches and one Linear(512, 1) per class. One
 instance classifier Linear(512, 2) per class. Loss 0.7 bag CE + 0.3
-instance loss. Adam lr 1e-4, weight decay 1e-5, no schedule, up to 200
-epochs, early stopping on the validation loss with patience 20 after epoch 50.
+instance loss. Adam lr 1e-4, weight decay 1e-5, no schedule, 200 epochs
+(the code's defaults); here early stopping on the validation loss with
+patience 20 after epoch 50 (the README commands' `--early_stopping`) is on.
 
 Instance clustering (training only, computed in `loss` because it needs the
 label): for the true class, the k_sample highest-attention tiles are
@@ -20,12 +21,20 @@ over classes, as in the reference.
 Choices where the reference is ambiguous or crashes:
 - `subtyping` defaults to None = "True when C > 2" (the reference sets it
   per task: False for tumour vs normal, True for subtyping).
-- A bag with fewer than 2 * k_sample tiles uses k = N // 2, so positives and
-  negatives never overlap; a 1-tile bag has no instance loss (the reference's
-  topk raises on such bags).
-- `instance_loss="ce"` (default: the reference code's default when
-  `--inst_loss` is not given) or `"svm"`: the smooth top-1 SVM (Berrada et
-  al. 2018, alpha=1, tau=1) that the reference's README commands select.
+- A bag of N >= k_sample tiles uses k = k_sample top and k_sample bottom
+  tiles, as the reference's topk(8): for k_sample <= N < 2 k_sample the two
+  sets overlap (a tile can be a positive and a negative at once), as there.
+  Below k_sample the reference's topk fails; here k = N // 2, so positives
+  and negatives never overlap, and a 1-tile bag has no instance loss
+  (a deliberate difference).
+- `inst_loss: ce` (default: the reference code's default when `--inst_loss`
+  is not given) or `svm`: the smooth top-1 SVM (Berrada et al. 2018,
+  alpha=1, tau=1) that the reference's README commands select.
+- `weighted_sample` (a TrainConfig key, default off as in the code; the
+  README commands turn it on): class-balanced slide sampling, each epoch
+  draws as many training slides as there are, with replacement, slide
+  weights 1 / (slides of its class), as the reference's
+  WeightedRandomSampler.
 - In eval mode `loss` is the bag CE alone, as the reference's validation
   loss (which drives early stopping) is.
 - Class weights scale the whole slide loss by the weight of its label.
@@ -53,7 +62,7 @@ class CLAMConfig(TrainConfig):
     k_sample: int = 8
     bag_weight: float = 0.7
     subtyping: bool | None = None  # None: True when the task has more than 2 classes
-    instance_loss: str = "ce"  # ce | svm
+    inst_loss: str = "ce"  # ce | svm (the reference's --inst_loss)
     epochs: int = 200
     optimizer: str = "adam"
     lr: float = 1e-4
@@ -64,8 +73,8 @@ class CLAMConfig(TrainConfig):
     def __post_init__(self) -> None:
         if self.size not in SIZES:
             raise ValueError(f"size: expected one of {sorted(SIZES)}, got {self.size!r}")
-        if self.instance_loss not in ("ce", "svm"):
-            raise ValueError(f"instance_loss: expected 'ce' or 'svm', got {self.instance_loss!r}")
+        if self.inst_loss not in ("ce", "svm"):
+            raise ValueError(f"inst_loss: expected 'ce' or 'svm', got {self.inst_loss!r}")
         if self.k_sample < 1:
             raise ValueError(f"k_sample: expected >= 1, got {self.k_sample}")
         if not 0.0 <= self.bag_weight <= 1.0:
@@ -111,13 +120,14 @@ class _CLAM(MILModel):
         return MILOutput(logits=logits, attention=attention, extras={"h": h, "weights": weights})
 
     def _instance_term(self, logits: Tensor, target: Tensor) -> Tensor:
-        if self.cfg.instance_loss == "svm":
+        if self.cfg.inst_loss == "svm":
             return smooth_top1_svm(logits, target)
         return F.cross_entropy(logits, target)
 
     def instance_loss(self, h: Tensor, weights: Tensor, label: int) -> Tensor:
         """Clustering loss on the top / bottom attended tiles; h (N, L), weights (K, N)."""
-        k = min(self.cfg.k_sample, h.shape[0] // 2)
+        n = h.shape[0]
+        k = self.cfg.k_sample if n >= self.cfg.k_sample else n // 2  # reference topk(k_sample) from N >= k_sample
         if k == 0:
             return h.new_zeros(())
         total = h.new_zeros(())

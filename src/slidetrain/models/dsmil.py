@@ -18,10 +18,18 @@ Choices where the contract and the reference differ:
   Camelyon16 set-up uses a single positive-class output instead). So
   `out.logits` is (C,) for binary tasks too.
 - `probabilities` uses sigmoids, as the reference trains with BCE:
-  `prediction="average"` (default) is 0.5 sigmoid(bag) + 0.5
-  sigmoid(max-instance), the reference's `--average` mode; `prediction="bag"`
-  is sigmoid(bag) alone. The C sigmoids are independent, so they are divided
-  by their sum to give the (C,) distribution the metrics expect.
+  `prediction: bag` (default, the reference with `--average` off) is
+  sigmoid(bag logits); `prediction: average` is 0.5 sigmoid(bag) + 0.5
+  sigmoid(max-instance), the reference's `--average` mode. The C sigmoids
+  are independent, so they are divided by their sum to give the (C,)
+  distribution the metrics expect (argmax and per-class ranking, hence
+  accuracy and AUC, are unchanged by that).
+- Selection and early stopping as the reference: the model of the best
+  (accuracy + mean AUC) / 2 on validation (`selection_metric: val_acc_auroc`),
+  training stops after 10 epochs without a gain (`early_stopping_patience`).
+  The reference thresholds each class's sigmoid for its accuracy; here
+  accuracy is that of the argmax (a deliberate difference for C > 2 and for
+  an off-0.5 optimal threshold).
 - The attention exported for heatmaps is the (C, N) softmax over instances.
 - Class weights scale the whole slide loss by the weight of its label (the
   reference has none).
@@ -47,7 +55,7 @@ class DSMILConfig(TrainConfig):
     passing_v: bool = False  # reference default: v is the identity
     dropout_v: float = 0.0  # reference --dropout_node (only with passing_v)
     max_weight: float = 0.5  # loss = (1 - w) * bag BCE + w * max-instance BCE
-    prediction: str = "average"  # average | bag
+    prediction: str = "bag"  # bag (reference default) | average (reference --average)
     orthogonal_init: bool = True
     epochs: int = 50
     optimizer: str = "adam"
@@ -56,6 +64,8 @@ class DSMILConfig(TrainConfig):
     betas: tuple[float, float] = (0.5, 0.9)
     scheduler: str = "cosine"
     min_lr: float = 5e-6
+    selection_metric: str = "val_acc_auroc"
+    early_stopping_patience: int = 10
 
     def __post_init__(self) -> None:
         if self.prediction not in ("average", "bag"):

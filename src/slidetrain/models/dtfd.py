@@ -9,16 +9,24 @@ distillation "AFS" (the attention-weighted pooled feature of each pseudo-bag;
 last class is highest / highest and lowest, `instances_per_group` of each);
 tier 2 = gated attention (512, 128) + Linear(512, C) over the distilled
 features. Loss = mean tier-1 CE over pseudo-bags + tier-2 CE. Two Adam
-optimisers (tier 1, tier 2) lr 1e-4, weight decay 1e-4, gradient norm clipped
-at 5 per tier, 200 epochs, lr x0.2 at epoch 100 (the reference's MultiStepLR;
-REFERENCE_NOTES gives no schedule, so the reference code's is the default;
-`scheduler: cosine` is the alternative).
+optimisers (tier 1, tier 2) lr 1e-4, weight decay 1e-4, gradient norms
+clipped at 5 separately for the dimension reduction, the tier-1 attention,
+the tier-1 classifier and tier 2 (`clip_groups`), 200 epochs, lr x0.2 at
+epoch 100 (the reference's MultiStepLR; `scheduler: cosine` is the
+alternative).
+
+Tier-1 gradient (`tier1_gradient`): the reference steps tier 1 on the tier-1
+loss and zeroes the tier-2 gradient that reaches tier-1 parameters before it
+is applied, so tier 1 learns from the tier-1 loss only. `tier1` (default)
+gives that effect in one backward pass: tier 2 reads the distilled features
+detached. `sum` lets the tier-2 gradient flow into tier 1 as well (the
+summed variant).
+
+Selection (`selection`): `config` (default) selects on `selection_metric`
+over every epoch, as every other method here; `reference` is the reference's
+rule: tier-2 validation AUC, only in the last 20% of epochs.
 
 Choices where the reference is ambiguous:
-- The harness back-propagates tier-1 + tier-2 loss once and then clips each
-  tier: as in the reference, tier-1 parameters get the tier-2 gradient too
-  (its distilled features are not detached), but the reference clips the
-  tier-1 gradient before adding the tier-2 part, and here the sum is clipped.
 - Pseudo-bags: min(4, N) of them, so no pseudo-bag is empty (the reference
   would form empty ones for N < 4). Training draws a fresh random split per
   forward from torch's global generator; eval uses a split drawn from a
@@ -61,8 +69,19 @@ class DTFDConfig(TrainConfig):
     scheduler: str = "step"
     step_milestones: tuple[int, ...] = (100,)
     step_gamma: float = 0.2
+    tier1_gradient: str = "tier1"  # tier1 (reference effect) | sum (tier-2 gradient reaches tier 1 too)
+    selection: str = "config"  # config (selection_metric, every epoch) | reference (val AUC, last 20%)
+
+    def selection_rule(self) -> tuple[str, float]:
+        if self.selection == "reference":
+            return "val_auroc", 0.8
+        return super().selection_rule()
 
     def __post_init__(self) -> None:
+        if self.tier1_gradient not in ("tier1", "sum"):
+            raise ValueError(f"tier1_gradient: expected 'tier1' or 'sum', got {self.tier1_gradient!r}")
+        if self.selection not in ("config", "reference"):
+            raise ValueError(f"selection: expected 'config' or 'reference', got {self.selection!r}")
         if self.distill not in DISTILL:
             raise ValueError(f"distill: expected one of {list(DISTILL)}, got {self.distill!r}")
         if self.n_groups < 1 or self.instances_per_group < 1:
@@ -99,6 +118,12 @@ class DTFD(MILModel):
         ids = {id(p) for p in tier1}
         return [tier1, [p for p in self.parameters() if id(p) not in ids]]
 
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        """The reference clips dimReduction, attention, classifier and tier 2 (UClassifier) separately."""
+        tier2 = self.param_groups()[1]
+        return [list(self.reduce.parameters()), list(self.attention.parameters()),
+                list(self.classifier.parameters()), tier2]
+
     def _split(self, n: int, device: torch.device) -> tuple[Tensor, ...]:
         if self.training:
             perm = torch.randperm(n)
@@ -133,6 +158,8 @@ class DTFD(MILModel):
                     pick = torch.cat([pick, order[-per:]])
                 distilled.append(hg[pick])  # (per or 2 per, L)
         features = torch.cat(distilled)  # (G * f, L)
+        if self.cfg.tier1_gradient == "tier1":  # tier 1 learns from its own loss only (the reference's effect)
+            features = features.detach()
         pooled2, w2 = attention_pool(features, self.tier2_attention(features))  # (1, L), (1, G*f)
         logits = self.tier2_classifier(self.dropout2(pooled2[0]))  # (C,)
         group_weight = w2[0].view(len(groups), -1).sum(1)  # (G,)

@@ -1,15 +1,22 @@
 """GMA: the gated MIL attention aggregator of the distributed end-to-end paper (Campanella et al.).
 
-Reference size "big" [in, 512, 384] (as CLAM-SB without instance clustering):
-Linear(in, 512)-ReLU-Dropout(0.25), gated attention (Linear(512, 384)-Tanh /
-Linear(512, 384)-Sigmoid, each with Dropout(0.25)), Linear(512, C) on the
-attention-pooled embedding; slide CE. `size: small` gives [in, 512, 256].
+Reference: `modules.GMA(ndim, dropout=True, n_classes)` of the authors'
+training script (the same lab's public CPath_SAIF,
+slide_experiments/code/modules.py), size "big" [in, 512, 384]: embedding
+Linear(in, 512)-ReLU-Dropout(0.25)-Linear(512, 512)-ReLU-Dropout(0.25), gated
+attention (Linear(512, 384)-Tanh x Linear(512, 384)-Sigmoid, each with
+Dropout(0.25), then Linear(384, 1)), Linear(512, C) on the attention-pooled
+embedding; every Linear xavier-normal initialised with zero bias; slide CE.
+920,707 parameters at in 512, C = 2. `size: small` gives [in, 512, 256].
 
-Training defaults (REFERENCE_NOTES, "Multi-GPU end-to-end"): SGD, Nesterov
-momentum 0.9, lr 5e-4 with a cosine decay to 1e-8, weight decay 0.04, 40
-epochs. Known differences: the reference's 10 warm-up epochs and its weight
-decay ramp 0.04 -> 0.4 (cosine) have no TrainConfig key; here the lr cosine
-starts at epoch 0 and the weight decay stays at 0.04.
+Training defaults: the authors' script (REFERENCE_NOTES, "Multi-GPU
+end-to-end"): SGD, Nesterov momentum 0.9, lr 5e-4 reached by a linear
+warm-up over 10 epochs then cosine to 1e-8, both per iteration
+(`scheduler: warmup_cosine`); weight decay cosine 0.04 -> 0.4 per iteration
+on the weights only, biases and 1-D parameters without decay
+(`weight_decay_end`, `no_decay_1d`); 40 epochs. The script has no
+validation loop; selection on validation (`selection_metric`) is this
+harness's.
 """
 
 from __future__ import annotations
@@ -33,9 +40,12 @@ class GMAConfig(TrainConfig):
     lr: float = 5e-4
     momentum: float = 0.9
     nesterov: bool = True
-    weight_decay: float = 0.04
-    scheduler: str = "cosine"
+    scheduler: str = "warmup_cosine"
+    warmup_epochs: float = 10.0
     min_lr: float = 1e-8
+    weight_decay: float = 0.04
+    weight_decay_end: float | None = 0.4
+    no_decay_1d: bool = True
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
@@ -49,9 +59,16 @@ class GMA(MILModel):
     def __init__(self, in_dim: int, n_classes: int, cfg: GMAConfig):
         super().__init__()
         embed, hidden = SIZES[cfg.size]
-        self.embed = nn.Sequential(nn.Linear(in_dim, embed), nn.ReLU(), nn.Dropout(cfg.dropout))
+        self.embed = nn.Sequential(
+            nn.Linear(in_dim, embed), nn.ReLU(), nn.Dropout(cfg.dropout),
+            nn.Linear(embed, embed), nn.ReLU(), nn.Dropout(cfg.dropout),
+        )
         self.attention = AttentionScores(embed, hidden, 1, gated=True, dropout=cfg.dropout)
         self.classifier = nn.Linear(embed, n_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_normal_(m.weight)
+                nn.init.zeros_(m.bias)
 
     def forward(self, bag: Tensor) -> MILOutput:  # bag: (N, D)
         h = self.embed(bag)  # (N, L)

@@ -22,19 +22,24 @@ Binary tasks only. Per-tile heatmap scores are the positive-class
 probabilities in `extras["tile_scores"]`; they are not a softmax over tiles,
 so `has_attention` is False.
 
-Known differences: the reference selects each slide's top tile once per
-epoch with the network in eval mode and then trains on the selected tiles;
-here the top tile is picked in each forward pass of the training slide. Both
-stages share the run's optimiser settings (Adam lr 1e-4, weight decay 1e-4,
-the reference's MIL stage); the reference trains the RNN with SGD lr 0.1,
-Nesterov momentum 0.9, weight decay 1e-4, in batches of 128 slides, which
-one TrainConfig cannot express per stage. `param_groups` keeps one optimiser
-per stage so their states do not mix.
+Training as the reference: the MIL stage picks each training slide's top
+tile once per epoch, with the model in eval mode (`epoch_bags`), and trains
+on those tiles (Adam lr 1e-4, weight decay 1e-4); the RNN stage uses its own
+optimiser (`group_configs`): SGD lr 0.1 (`rnn_lr`), Nesterov momentum 0.9,
+weight decay 1e-4 (`rnn_weight_decay`), in batches of 128 slides
+(`rnn_batch`: gradients averaged over the batch, one step per batch), and
+the model is selected on validation balanced accuracy
+(`selection_metric: val_balanced_accuracy`). Known differences: the
+reference trains the MIL stage on batches of 512 top tiles and validates it
+every 10 epochs on balanced error; here one slide's top tile per step
+(`accumulation` slides per step) and the MIL stage is never selected (the
+RNN is the result). `param_groups` keeps one optimiser per stage so their
+states do not mix.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -51,13 +56,20 @@ class MILRNNConfig(TrainConfig):
     rnn_dim: int = 128
     shuffle: bool = False  # reference --shuffle: random order of the top-s tiles in training
     epochs: int = 200  # 100 MIL + 100 RNN epochs in the reference
-    optimizer: str = "adam"
+    optimizer: str = "adam"  # MIL stage
     lr: float = 1e-4
     weight_decay: float = 1e-4
+    rnn_lr: float = 0.1  # RNN stage: SGD with Nesterov momentum
+    rnn_momentum: float = 0.9
+    rnn_weight_decay: float = 1e-4
+    rnn_batch: int = 128  # slides per RNN optimiser step
+    selection_metric: str = "val_balanced_accuracy"
 
     def __post_init__(self) -> None:
         if self.top_s < 1 or self.rnn_dim < 1 or self.tile_hidden < 0 or self.stage1_epochs < 0:
             raise ValueError("top_s and rnn_dim: expected >= 1; tile_hidden, stage1_epochs: >= 0")
+        if self.rnn_batch < 1:
+            raise ValueError(f"rnn_batch: expected >= 1, got {self.rnn_batch}")
 
 
 @register("milrnn", MILRNNConfig, binary_only=True)
@@ -86,6 +98,25 @@ class MILRNN(MILModel):
         stage1 = self.stage1_parameters()
         ids = {id(p) for p in stage1}
         return [stage1, [p for p in self.parameters() if id(p) not in ids]]
+
+    def group_configs(self, cfg: MILRNNConfig) -> list[TrainConfig]:
+        rnn = replace(cfg, optimizer="sgd", lr=cfg.rnn_lr, momentum=cfg.rnn_momentum, nesterov=True,
+                      weight_decay=cfg.rnn_weight_decay)
+        return [cfg, rnn]
+
+    def accumulation(self, default: int) -> int:
+        return default if int(self.stage) == 1 else self.cfg.rnn_batch
+
+    def epoch_bags(self, bags: list[Tensor]) -> list[Tensor]:
+        """Stage 1: each bag's top tile (1, D) by the current model in eval mode; stage 2: the bags."""
+        if int(self.stage) != 1:
+            return bags
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            tops = [int(self._tiles(bag)[2].argmax()) for bag in bags]
+        self.train(was_training)
+        return [bag[top : top + 1] for bag, top in zip(bags, tops, strict=True)]
 
     def on_epoch_start(self, epoch: int, n_epochs: int) -> None:
         first = self.cfg.stage1_epochs or max(1, n_epochs // 2)

@@ -8,7 +8,17 @@ token is prepended; two pre-LayerNorm residual Nystrom-attention layers
 residual depthwise (33, 1) convolution on the values, output dropout 0.1)
 with the PPEG (depthwise 7x7 + 5x5 + 3x3 convolutions plus identity on the
 token grid) between them; LayerNorm on the class token, Linear(512, C).
-Lookahead-RAdam (k=6, alpha=0.5) lr 2e-4, weight decay 1e-5, no schedule.
+Training as the reference: Lookahead-RAdam (k=6, alpha=0.5) lr 2e-4, weight
+decay 1e-5 applied decoupled and not to biases or 1-D parameters
+(`decoupled_weight_decay`, `no_decay_1d`), no schedule, 2 bags accumulated
+per step (`accumulation: 2`), selection on and early stopping after 10
+epochs without a gain in the validation loss, 200 epochs at most.
+Mixed precision (`amp`, on): the forward runs under fp16 autocast when the
+bag is on a CUDA device (the reference trains in fp16), in fp32 elsewhere;
+the MIL trainer runs on the CPU, so there it is fp32 and no GradScaler is
+needed (a CUDA trainer must add one). Differences: the reference's
+Lightning loop divides the loss by the accumulation count for every step;
+here a last incomplete window is averaged over its own slides.
 
 Nystrom attention pads the sequence with zero tokens at the front up to a
 multiple of the landmark count, as the reference does, so bags with fewer
@@ -44,6 +54,11 @@ class TransMILConfig(TrainConfig):
     optimizer: str = "radam_lookahead"
     lr: float = 2e-4
     weight_decay: float = 1e-5
+    decoupled_weight_decay: bool = True
+    no_decay_1d: bool = True
+    accumulation: int = 2
+    early_stopping_patience: int = 10
+    amp: bool = True  # fp16 autocast on CUDA bags only
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:
@@ -166,6 +181,7 @@ class TransMIL(MILModel):
 
     def __init__(self, in_dim: int, n_classes: int, cfg: TransMILConfig):
         super().__init__()
+        self.amp = cfg.amp
         self.fc = nn.Sequential(nn.Linear(in_dim, cfg.dim), nn.ReLU())
         self.cls_token = nn.Parameter(torch.randn(1, cfg.dim))
         self.layer1 = TransLayer(cfg)
@@ -175,6 +191,11 @@ class TransMIL(MILModel):
         self.classifier = nn.Linear(cfg.dim, n_classes)
 
     def forward(self, bag: Tensor) -> MILOutput:  # bag: (N, D)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp and bag.is_cuda):
+            out = self._forward(bag)
+        return MILOutput(logits=out.logits.float(), attention=out.attention.float())
+
+    def _forward(self, bag: Tensor) -> MILOutput:  # bag: (N, D)
         h = self.fc(bag)  # (N, dim)
         n = h.shape[0]
         side = math.isqrt(n)

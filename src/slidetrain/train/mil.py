@@ -4,14 +4,16 @@
         --features results/synthetic/features/resnet34 --out results/synthetic/runs/abmil/mccv0/0 --seed 0
 
 One slide per step (bags differ in size), `accumulation` slides per optimiser
-step, model selection on the validation part only; the test part is read only
-by `evaluate_mil`, once, after training.
+step (the loss is averaged over the slides of each step, a last short batch
+included), model selection on the validation part only (the method's
+`selection_rule`: metric and first eligible epoch; early stopping by
+`early_stopping_patience`), through the shared harness (train/harness.py);
+the test part is read only by `evaluate_mil`, once, after training.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,23 +30,14 @@ from slidetrain.evaluate.metrics import classification_metrics, evaluate_predict
 from slidetrain.io import atomic_path, write_json
 from slidetrain.models import build_model, method_config
 from slidetrain.models.base import MILModel
-from slidetrain.train.common import (
-    config_hash,
-    is_better,
-    load_checkpoint,
-    maybe_stop_for_test,
-    part_slides,
-    predictions_table,
-    rng_state,
-    save_checkpoint,
-    seed_everything,
-    set_rng_state,
-    write_history,
-    write_provenance,
-)
+from slidetrain.train.common import config_hash, part_slides, predictions_table, seed_everything
+from slidetrain.train.harness import Selection, run_epochs, write_run_files
 from slidetrain.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
+
+#: history columns a MIL run may select on
+MIL_SELECTION_METRICS = ("val_loss", "val_auroc", "val_accuracy", "val_balanced_accuracy", "val_acc_auroc")
 
 
 def part_bags(split: pd.DataFrame, part: str, class_names: list[str], features_dir: Path) -> list[Bag]:
@@ -88,6 +81,14 @@ def class_weight_tensor(bags: list[Bag], n_classes: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
+def balanced_sampling_weights(bags: list[Bag], n_classes: int) -> np.ndarray:
+    """Per-slide draw probabilities 1 / (slides of its class), normalised (CLAM's weighted sampler)."""
+    labels = np.array([b.label for b in bags])
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    w = 1.0 / counts[labels]
+    return w / w.sum()
+
+
 @torch.no_grad()
 def predict_bags(model: MILModel, bags: list[Bag], class_weights: torch.Tensor | None = None):
     """(mean loss, probs (N, C), attentions list) with the model in eval mode."""
@@ -123,115 +124,86 @@ def fit_mil(
     norm_stats = feature_stats(train, cfg.feature_norm)  # training part only: val/test never leak in
     train, val = normalise_bags(train, norm_stats), normalise_bags(val, norm_stats)
 
+    metric, start_fraction = cfg.selection_rule()
+    if metric not in MIL_SELECTION_METRICS:
+        raise ConfigError(f"methods.{method}.selection_metric: expected one of {list(MIL_SELECTION_METRICS)}, "
+                          f"got {metric!r}")
+
     seed_everything(seed)
     model = build_model(method, in_dim, n_classes, cfg)
-    optimizers = [build_optimizer(group, cfg) for group in model.param_groups()]
+    group_cfgs = model.group_configs(cfg)
+    optimizers = [build_optimizer(g, c) for g, c in zip(model.param_groups(), group_cfgs, strict=True)]
     iters_per_epoch = -(-len(train) // cfg.accumulation)  # optimiser steps per epoch (per-iteration schedules)
-    schedulers = [build_scheduler(opt, cfg, iters_per_epoch) for opt in optimizers]
+    schedulers = [build_scheduler(opt, c, iters_per_epoch) for opt, c in zip(optimizers, group_cfgs, strict=True)]
     weights = class_weight_tensor(train, n_classes) if cfg.class_weights else None
-    tag = config_hash(method, cfg, seed, split_csv)
+    sample_p = balanced_sampling_weights(train, n_classes) if cfg.weighted_sample else None
 
-    ckpt_path = out_dir / "checkpoint.pt"
-    state = load_checkpoint(ckpt_path)
-    if state is not None and state.get("tag") != tag:
-        log.warning("ignoring %s: it was written for another config/seed/split", ckpt_path)
-        state = None
-    if state is None:
-        start_epoch, history, best, best_state, stale = 0, [], None, None, 0
-    else:
-        model.load_state_dict(state["model"])
-        for opt, s in zip(optimizers, state["optimizers"], strict=True):
-            opt.load_state_dict(s)
-        for sch, s in zip(schedulers, state["schedulers"], strict=True):
-            sch.load_state_dict(s)
-        set_rng_state(state["rng"])
-        start_epoch, history, best = state["epoch"], state["history"], state["best"]
-        best_state, stale = state["best_state"], state["stale"]
-        log.info("resuming %s from epoch %d", out_dir, start_epoch)
-
-    t_start = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
+    def train_epoch(epoch: int) -> dict:
         model.on_epoch_start(epoch, cfg.epochs)
+        model.eval()
+        with torch.no_grad():
+            inputs = model.epoch_bags([b.features for b in train])  # MIL-RNN stage 1: the top tiles
         model.train()
-        order = np.random.default_rng([seed, epoch]).permutation(len(train))
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.choice(len(train), len(train), p=sample_p) if sample_p is not None else rng.permutation(len(train))
         sub_rng = np.random.default_rng([seed, epoch, 1])
+        acc = model.accumulation(cfg.accumulation)
         train_losses = []
         for opt in optimizers:
             opt.zero_grad()
         steps = tqdm(order, desc=f"{method} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)  # quiet in logs
         for step, idx in enumerate(steps, 1):
             bag = train[idx]
-            x = bag.features
+            x = inputs[idx]
             if cfg.max_instances and len(x) > cfg.max_instances:
                 x = x[torch.from_numpy(np.sort(sub_rng.choice(len(x), cfg.max_instances, replace=False)))]
             out = model(x)
             loss = model.loss(out, torch.tensor(bag.label), weights)
-            (loss / cfg.accumulation).backward()
+            window = min(acc, len(order) - (step - 1) // acc * acc)  # slides in this step's batch
+            (loss / window).backward()  # the batch's mean loss, a last short batch included
             train_losses.append(float(loss.detach()))
-            if step % cfg.accumulation == 0 or step == len(order):
-                for group, opt, sch in zip(model.param_groups(), optimizers, schedulers, strict=True):
-                    if cfg.grad_clip > 0:
+            if step % acc == 0 or step == len(order):
+                if cfg.grad_clip > 0:
+                    for group in model.clip_groups():
                         torch.nn.utils.clip_grad_norm_(group, cfg.grad_clip)
+                for opt, sch in zip(optimizers, schedulers, strict=True):
                     opt.step()
                     opt.zero_grad()
                     sch.step_iteration()
+        return {"train_loss": float(np.mean(train_losses))}
+
+    def validate(epoch: int) -> dict:
         val_loss, val_probs, _ = predict_bags(model, val, weights)
         val_metrics = classification_metrics(np.array([b.label for b in val]), val_probs)
         for sch in schedulers:
             sch.step(val_loss)
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": float(np.mean(train_losses)),
+        return {
             "val_loss": val_loss,
             "val_accuracy": val_metrics["accuracy"],
             "val_auroc": val_metrics["auroc"],
+            "val_balanced_accuracy": val_metrics["balanced_accuracy"],
+            "val_acc_auroc": (val_metrics["accuracy"] + val_metrics["auroc"]) / 2,  # DSMIL's selection score
             "lr": optimizers[0].param_groups[0]["lr"],
-            "seconds": time.perf_counter() - t0,
         }
-        selection_value = row[cfg.selection_metric]
-        if model.selectable() and is_better(selection_value, best, cfg.selection_metric):
-            best, stale = selection_value, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            row["selected"] = True
-        else:
-            stale += 1
-            row["selected"] = False
-        history.append(row)
-        log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
-        save_checkpoint(
-            ckpt_path,
-            {
-                "tag": tag, "epoch": epoch + 1, "model": model.state_dict(),
-                "optimizers": [o.state_dict() for o in optimizers],
-                "schedulers": [s.state_dict() for s in schedulers],
-                "rng": rng_state(), "history": history, "best": best, "best_state": best_state, "stale": stale,
-            },
-        )
-        write_history(out_dir / "history.csv", history)
-        maybe_stop_for_test(epoch + 1)
-        if (
-            cfg.early_stopping_patience
-            and epoch + 1 >= cfg.early_stopping_min_epochs
-            and stale >= cfg.early_stopping_patience
-        ):
-            log.info("early stopping after epoch %d (%d epochs without improvement)", epoch + 1, stale)
-            break
 
-    if best_state is None:  # every validation value was NaN: keep the last model, say so
-        log.warning("no epoch improved %s; keeping the last model", cfg.selection_metric)
-        best_state = model.state_dict()
-    write_provenance(
-        out_dir / "run.json", method, cfg, seed,
-        {"in_dim": in_dim, "class_names": class_names, "split": str(split_csv), "features": str(features_dir),
-         "train_seconds": time.perf_counter() - t_start, "epochs_run": len(history)},
+    result = run_epochs(
+        out_dir, config_hash(method, cfg, seed, split_csv), cfg.epochs, train_epoch, validate,
+        stateful={"model": model, "optimizers": optimizers, "schedulers": schedulers},
+        snapshot=model.state_dict,
+        selection=Selection(metric, start_epoch=int(start_fraction * cfg.epochs),
+                            patience=cfg.early_stopping_patience, min_epochs=cfg.early_stopping_min_epochs),
+        selectable=model.selectable,
+        logger=log,
     )
-    model_path = out_dir / "model.pt"
-    with atomic_path(model_path) as tmp:
-        torch.save({"method": method, "config": asdict(cfg), "in_dim": in_dim, "class_names": class_names,
-                    "state_dict": best_state, "feature_norm": norm_stats}, tmp)
-    ckpt_path.unlink(missing_ok=True)  # the run is complete: nothing left to resume
-    return model_path
+    return write_run_files(
+        out_dir, method, cfg, seed, result,
+        provenance={"in_dim": in_dim, "class_names": class_names, "split": str(split_csv),
+                    "features": str(features_dir)},
+        model_payload=lambda best_state: {
+            "method": method, "config": asdict(cfg), "in_dim": in_dim, "class_names": class_names,
+            "state_dict": best_state, "feature_norm": norm_stats,
+        },
+    )
 
 
 def load_trained(model_path: Path) -> tuple[MILModel, tuple[torch.Tensor, torch.Tensor] | None]:

@@ -18,12 +18,10 @@ ends bit-identical (on the CPU) to an uninterrupted one.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -38,18 +36,12 @@ from slidetrain.evaluate.metrics import classification_metrics, evaluate_predict
 from slidetrain.io import atomic_path, write_json
 from slidetrain.train.common import (
     config_hash,
-    is_better,
-    load_checkpoint,
     maybe_stop_for_test,
     part_slides,
     predictions_table,
-    rng_state,
-    save_checkpoint,
     seed_everything,
-    set_rng_state,
-    write_history,
-    write_provenance,
 )
+from slidetrain.train.harness import Selection, run_epochs, write_run_files
 from slidetrain.train.local import (
     WholeImageLearner,
     augment_slide,
@@ -128,17 +120,6 @@ def augment_generator(seed: int, epoch: int, position: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def cpu_copy(obj: Any) -> Any:
-    """A detached CPU deep copy of a (nested) state dict: the best state must not follow later updates."""
-    if isinstance(obj, Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(cpu_copy(v) for v in obj)
-    return copy.deepcopy(obj)
-
-
 @torch.no_grad()
 def predict_images(
     learner: WholeImageLearner,
@@ -170,10 +151,6 @@ def _now() -> float:
     return time.perf_counter()
 
 
-def _cuda_rng(device: torch.device) -> Tensor | None:
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
 def fit_whole_image(
     method: str,
     params: dict | None,
@@ -201,26 +178,10 @@ def fit_whole_image(
 
     seed_everything(seed)
     learner = build_learner(method, len(class_names), params, device=dev)
-    tag = config_hash(method, cfg, seed, split_csv)
-
-    ckpt_path = out_dir / "checkpoint.pt"
-    state = load_checkpoint(ckpt_path)
-    if state is not None and state.get("tag") != tag:
-        log.warning("ignoring %s: it was written for another config/seed/split", ckpt_path)
-        state = None
-    if state is None:
-        start_epoch, history, best, best_state = 0, [], None, None
-    else:
-        learner.load_state_dict(state["learner"])
-        set_rng_state(state["rng"])
-        if state.get("cuda_rng") is not None and dev.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], dev)
-        start_epoch, history, best, best_state = state["epoch"], state["history"], state["best"], state["best_state"]
-        log.info("resuming %s from epoch %d", out_dir, start_epoch)
 
     n_train = len(train_ids)
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = _now()
+
+    def train_epoch(epoch: int) -> dict:
         order = np.random.default_rng([seed, epoch]).permutation(n_train)
         train_losses, cropped = [], []
         steps = tqdm(order, desc=f"{method} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)  # quiet in logs
@@ -244,6 +205,9 @@ def fit_whole_image(
                 cropped.append(entry)
             if position % cfg.accumulation == 0 or position == n_train:
                 learner.step()
+        return {"train_loss": float(np.mean(train_losses)), "cropped": ";".join(cropped)}
+
+    def validate(epoch: int) -> dict:
         val_loss, val_probs = predict_images(learner, val_images, val_labels, stats, cfg.class_weights)
         if not np.isfinite(val_probs).all():
             raise TrainingError(
@@ -252,51 +216,31 @@ def fit_whole_image(
             )
         val_metrics = classification_metrics(np.array(val_labels), val_probs)
         learner.end_epoch(epoch, val_loss)
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": float(np.mean(train_losses)),
+        return {
             "val_loss": val_loss,
             "val_accuracy": val_metrics["accuracy"],
             "val_auroc": val_metrics["auroc"],
             "lr": _learning_rate(learner),
-            "seconds": _now() - t0,
         }
-        if is_better(row[cfg.selection_metric], best, cfg.selection_metric):
-            best, best_state = row[cfg.selection_metric], cpu_copy(learner.state_dict())
-            row["selected"] = True
-        else:
-            row["selected"] = False
-        row["cropped"] = ";".join(cropped)
-        history.append(row)
-        log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
-        save_checkpoint(
-            ckpt_path,
-            {
-                "tag": tag, "epoch": epoch + 1, "learner": learner.state_dict(), "rng": rng_state(),
-                "cuda_rng": _cuda_rng(dev), "history": history, "best": best, "best_state": best_state,
-            },
-        )
-        write_history(out_dir / "history.csv", history)
-        maybe_stop_for_test(epoch + 1)
 
-    if best_state is None:  # every validation value was NaN: keep the last learner, say so
-        log.warning("no epoch improved %s; keeping the last model", cfg.selection_metric)
-        best_state = cpu_copy(learner.state_dict())
-    write_provenance(
-        out_dir / "run.json", method, cfg, seed,
-        {
+    result = run_epochs(
+        out_dir, config_hash(method, cfg, seed, split_csv), cfg.epochs, train_epoch, validate,
+        stateful={"learner": learner}, snapshot=learner.state_dict,
+        selection=Selection(cfg.selection_metric), device=dev, clock=_now, trailing=("cropped",),
+        logger=log, stop_hook=lambda epochs_done: maybe_stop_for_test(epochs_done),  # late-bound: tests patch it
+    )
+    return write_run_files(
+        out_dir, method, cfg, seed, result,
+        provenance={
             "class_names": class_names, "split": str(split_csv), "images": str(images_dir), "device": str(dev),
-            "train_seconds": float(sum(r["seconds"] for r in history)), "epochs_run": len(history),
             "norm_stats": stats,
             "image_sizes": {"train": size_summary(train_images), "val": size_summary(val_images)},
         },
+        model_payload=lambda best_state: {
+            "method": method, "config": asdict(cfg), "class_names": class_names,
+            "state": best_state, "norm_stats": stats,
+        },
     )
-    model_path = out_dir / "model.pt"
-    with atomic_path(model_path) as tmp:
-        torch.save({"method": method, "config": asdict(cfg), "class_names": class_names,
-                    "state": best_state, "norm_stats": stats}, tmp)
-    ckpt_path.unlink(missing_ok=True)  # the run is complete: nothing left to resume
-    return model_path
 
 
 def load_trained(model_path: Path, device: str = "cpu") -> tuple[WholeImageLearner, dict]:

@@ -30,20 +30,8 @@ from slidetrain.data.tilebag import BagSampling, SlideRef, slide_paths, slide_re
 from slidetrain.evaluate.metrics import evaluate_predictions
 from slidetrain.io import atomic_path, write_json
 from slidetrain.models.base import config_from_dict
-from slidetrain.train.common import (
-    config_hash,
-    is_better,
-    load_checkpoint,
-    maybe_stop_for_test,
-    part_slides,
-    predictions_table,
-    rng_state,
-    save_checkpoint,
-    seed_everything,
-    set_rng_state,
-    write_history,
-    write_provenance,
-)
+from slidetrain.train.common import config_hash, part_slides, predictions_table, seed_everything
+from slidetrain.train.harness import Selection, run_epochs, write_run_files
 from slidetrain.train.tilebag.model import TileBagConfig, build_tilebag_model, selection_metric
 from slidetrain.train.tilebag.trainer import TileBagTrainer, metrics_over_repeats, resolve_device
 
@@ -90,61 +78,29 @@ def fit_tilebag(
     model = build_tilebag_model(cfg, len(class_names), seed)
     weights = _class_weights(train, len(class_names)) if cfg.class_weights else None
     trainer = TileBagTrainer(model, cfg, samp, train, seed, device, weights)
-    tag = config_hash(METHOD, cfg, seed, split_csv)
-
-    ckpt_path = out_dir / "checkpoint.pt"
-    state = load_checkpoint(ckpt_path)
-    if state is not None and state.get("tag") != tag:
-        log.warning("ignoring %s: it was written for another config/seed/split", ckpt_path)
-        state = None
-    if state is None:
-        start_epoch, history, best, best_state, stale = 0, [], None, None, 0
-    else:
-        trainer.load_state_dict(state["trainer"])
-        set_rng_state(state["rng"])
-        start_epoch, history, best = state["epoch"], state["history"], state["best"]
-        best_state, stale = state["best_state"], state["stale"]
-        log.info("resuming %s from epoch %d", out_dir, start_epoch)
-
-    t_start = time.perf_counter()
     labels_val = np.array([r.label for r in val])
-    for epoch in range(start_epoch, cfg.epochs):
-        row = {"epoch": epoch + 1, **trainer.train_epoch(epoch)}
+
+    def validate(epoch: int) -> dict:
         t0 = time.perf_counter()
         pred = trainer.predict(val)
         m = metrics_over_repeats(labels_val, pred.probs, ordinal)
-        row.update(val_loss=pred.loss, val_accuracy=m["accuracy"], val_auroc=m["auroc"],
-                   val_qwk=m.get("qwk", float("nan")), val_seconds=time.perf_counter() - t0)
-        if is_better(row[metric], best, metric):
-            best, stale, row["selected"] = row[metric], 0, True
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        else:
-            stale, row["selected"] = stale + 1, False
-        history.append(row)
-        log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
-        save_checkpoint(ckpt_path, {"tag": tag, "epoch": epoch + 1, "trainer": trainer.state_dict(),
-                                    "rng": rng_state(), "history": history, "best": best,
-                                    "best_state": best_state, "stale": stale})
-        write_history(out_dir / "history.csv", history)
-        maybe_stop_for_test(epoch + 1)
-        if cfg.early_stopping_patience and epoch + 1 >= cfg.early_stopping_min_epochs \
-                and stale >= cfg.early_stopping_patience:
-            log.info("early stopping after epoch %d (%d epochs without improvement)", epoch + 1, stale)
-            break
+        trainer.schedule.step(pred.loss)  # epoch schedules (none for the default per-iteration one)
+        return {"val_loss": pred.loss, "val_accuracy": m["accuracy"], "val_auroc": m["auroc"],
+                "val_qwk": m.get("qwk", float("nan")), "val_seconds": time.perf_counter() - t0}
 
-    if best_state is None:  # every validation value was NaN: keep the last model, say so
-        log.warning("no epoch improved %s; keeping the last model", metric)
-        best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    write_provenance(out_dir / "run.json", METHOD, cfg, seed, {
-        "class_names": class_names, "split": str(split_csv), "tiles": str(tiles_dir), "sampling": sampling,
-        "selection_metric": metric, "train_seconds": time.perf_counter() - t_start, "epochs_run": len(history),
-    })
-    model_path = out_dir / "model.pt"
-    with atomic_path(model_path) as tmp:
-        torch.save({"method": METHOD, "config": asdict(cfg), "class_names": class_names, "sampling": sampling,
-                    "state_dict": best_state}, tmp)
-    ckpt_path.unlink(missing_ok=True)  # complete: nothing left to resume
-    return model_path
+    result = run_epochs(
+        out_dir, config_hash(METHOD, cfg, seed, split_csv), cfg.epochs,
+        train_epoch=trainer.train_epoch, validate=validate, stateful={"trainer": trainer},
+        snapshot=model.state_dict, device=device, logger=log,
+        selection=Selection(metric, patience=cfg.early_stopping_patience, min_epochs=cfg.early_stopping_min_epochs),
+    )
+    return write_run_files(
+        out_dir, METHOD, cfg, seed, result,
+        provenance={"class_names": class_names, "split": str(split_csv), "tiles": str(tiles_dir),
+                    "sampling": sampling, "n_train": len(train), "n_val": len(val)},
+        model_payload=lambda best: {"method": METHOD, "config": asdict(cfg), "class_names": class_names,
+                                    "sampling": sampling, "state_dict": best},
+    )
 
 
 def evaluate_tilebag(

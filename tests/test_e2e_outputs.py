@@ -1,0 +1,110 @@
+"""Campanella et al.'s outputs: e2e Table 1 rows and paper values, Figure 4 and 1, max-tiles search, derived splits."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from slidetrain.bench.max_tiles import search_max
+from slidetrain.errors import ConfigError, SheetError
+from slidetrain.paper.e2e import E2E_COLUMNS, bootstrap_band, e2e_figure1, e2e_figure4, e2e_table1
+
+
+def write_run(root, method, split, auroc, losses=None):
+    d = root / "results" / "synthetic_binary" / "runs" / method / split / "0"
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps({"n_slides": 10, "metrics": {"auroc": auroc}}))
+    if losses is not None:
+        pd.DataFrame({"epoch": range(1, len(losses) + 1), "train_loss": losses,
+                      "val_auroc": np.linspace(0.5, auroc, len(losses))}).to_csv(d / "history.csv", index=False)
+    return d
+
+
+def test_e2e_table1_rows_and_paper_values(tmp_path):
+    runs = [write_run(tmp_path, m, s, a) for m, s, a in [
+        ("tilebag_k2", "mccv0", 0.70), ("tilebag_k2", "mccv1", 0.80), ("tilebag_k16", "mccv0", 0.9),
+        ("tilebag_k16", "mccv1", 0.95), ("gma", "mccv0", 0.6), ("gma", "mccv1", 0.7), ("maxpool", "mccv0", 0.5),
+    ]]
+    out = e2e_table1([r / "metrics.json" for r in runs], tmp_path / "t.csv", paper_k={2: 50, 16: 700},
+                     markdown=tmp_path / "t.md")
+    assert list(out.columns) == E2E_COLUMNS
+    assert out.algorithm.tolist() == ["GMA", "Max-pool MIL", "Proposed", "Proposed"]
+    k2 = out[out.k == 2].iloc[0]
+    assert (k2.strategy, k2.auc_mean, k2.n_splits) == ("single", 75.0, 2)
+    assert k2.auc_std == pytest.approx(round(100 * np.std([0.7, 0.8], ddof=1), 1))
+    assert (k2.paper_auc_mean, k2.paper_auc_std) == (74.4, 2.9)  # the paper's K=50 single row
+    assert out[out.k == 16].iloc[0].paper_auc_mean == 77.5  # K=700 single
+    gma = out[out.algorithm == "GMA"].iloc[0]
+    assert (gma.paper_auc_mean, gma.strategy) == (64.9, "")  # ImageNet ResNet50 embedding row
+    assert np.isnan(out[out.algorithm == "Max-pool MIL"].iloc[0].auc_std)  # one split: no std
+    assert pd.read_csv(tmp_path / "t.csv").shape == out.shape
+
+
+def test_e2e_table1_rejects_unknown_runs(tmp_path):
+    run = write_run(tmp_path, "abmil", "mccv0", 0.6)
+    with pytest.raises(ConfigError, match="abmil"):
+        e2e_table1([run / "metrics.json"], tmp_path / "t.csv")
+
+
+def test_bootstrap_band_brackets_the_mean():
+    curves = np.array([[1.0, 0.8, 0.6], [1.2, 0.9, 0.5], [0.8, 0.7, 0.7]])
+    lo, hi = bootstrap_band(curves)
+    assert (lo <= curves.mean(0)).all() and (hi >= curves.mean(0)).all() and (hi > lo).all()
+
+
+def test_e2e_figure4_and_figure1_are_written(tmp_path):
+    runs = [write_run(tmp_path, f"tilebag_k{k}", s, 0.6 + 0.01 * k, [0.7, 0.6 - 0.01 * k, 0.5])
+            for k in (2, 4) for s in ("mccv0", "mccv1")]
+    e2e_figure4([r / "history.csv" for r in runs], tmp_path / "f4.png")
+    assert (tmp_path / "f4.png").stat().st_size > 10_000
+    parts = []
+    for enc in ("resnet50", "vit_b_16"):
+        p = tmp_path / f"{enc}.csv"
+        pd.DataFrame({"encoder": enc, "precision": ["fp32", "amp"], "tile_px": 224, "max_tiles": [10, 20],
+                      "device": "cpu", "memory_budget_gb": 2.0}).to_csv(p, index=False)
+        parts.append(p)
+    merged = e2e_figure1(parts, tmp_path / "m.csv", tmp_path / "f1.png")
+    assert len(merged) == 4 and (tmp_path / "f1.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("true_max", [0, 1, 5, 16, 17, 1000])
+def test_max_tiles_search_finds_the_largest_fit(true_max):
+    probes = []
+
+    def fit(n):
+        probes.append(n)
+        return n <= true_max
+
+    assert search_max(fit, start=1, limit=4096) == true_max
+    assert len(probes) <= 2 * int(np.log2(max(true_max, 1))) + 3  # doubling, then bisection
+
+
+def test_max_tiles_search_stops_at_the_limit():
+    assert search_max(lambda n: True, start=1, limit=100) == 100
+    assert search_max(lambda n: n <= 70, start=1, limit=100) == 70
+
+
+def test_derived_split_relabels_and_stratifies(tmp_path):
+    from slidetrain.cli import main
+
+    sheet = tmp_path / "s.tsv"
+    labels = ["normal", "low_grade", "high_grade"] * 10
+    pd.DataFrame({"slide_id": [f"s{i}" for i in range(30)], "patient_id": [f"p{i}" for i in range(30)],
+                  "label": labels, "source": "synthetic"}).to_csv(sheet, sep="\t", index=False)
+    label_map = {"normal": "negative", "low_grade": "positive", "high_grade": "positive"}
+    out = tmp_path / "split.csv"
+    assert main(["split", "--sheet", str(sheet), "--classes", "normal", "low_grade", "high_grade",
+                 "--label-map", json.dumps(label_map), "--out", str(out)]) == 0
+    split = pd.read_csv(out)
+    assert set(split.label) == {"negative", "positive"}
+    assert (split.set_index("slide_id").label == pd.Series(labels, index=[f"s{i}" for i in range(30)])
+            .map(label_map)).all()
+    for part in ("train", "val", "test"):
+        assert set(split[split.part == part].label) == {"negative", "positive"}
+    from slidetrain.data.sheet import relabel
+
+    with pytest.raises(SheetError, match="high_grade"):
+        relabel(pd.read_csv(sheet, sep="\t"), {"normal": "negative", "low_grade": "positive"})

@@ -1,0 +1,238 @@
+# Tile-bag end-to-end training (Campanella et al.): encoder + aggregator trained together on K tiles
+# per slide, read on the fly from the slides. Not part of the main job: `snakemake --cores all e2e`.
+# Runs live beside the MIL runs: results/{dataset}/runs/tilebag_k{K}/{split}/{seed}/.
+
+
+def _tb(key, default=None):
+    return config.get("tilebag", {}).get(key, default)
+
+
+TILEBAG_SPLITS = SPLITS[: _tb("splits", len(SPLITS))]
+
+
+def tilebag_params(wildcards):
+    return json.dumps({**_tb("params", {}), "k": int(wildcards.k)})
+
+
+def tilebag_data_args(wildcards):
+    base = base_dataset(wildcards.dataset)
+    ds = dataset_cfg(wildcards.dataset)
+    args = (
+        f"--sheet {dataset_cfg(base)['sheet']} --slides-dir resources/{base}/slides --tiles-dir results/{base}/tiles"
+        f" --classes {' '.join(ds['classes'])}"
+    )
+    return args + (" --ordinal" if ds.get("ordinal") else "")
+
+
+def tilebag_slides(wildcards):
+    base = base_dataset(wildcards.dataset)
+    return [slide_file(base, s) for s in slide_ids(base)]
+
+
+def _tilebag_threads():
+    # one torch thread for the step, plus the reader worker processes
+    return 1 + int(_tb("params", {}).get("workers", 2))
+
+
+rule train_tilebag:
+    input:
+        split="results/{dataset}/splits/{split}.csv",
+        # every slide's tile coordinates exist (or the slide is excluded) once the QC status table does
+        status=lambda w: f"results/{base_dataset(w.dataset)}/qc/status.csv",
+        slides=tilebag_slides,
+    output:
+        model="results/{dataset}/runs/tilebag_k{k}/{split}/{seed}/model.pt",
+        history="results/{dataset}/runs/tilebag_k{k}/{split}/{seed}/history.csv",
+        provenance="results/{dataset}/runs/tilebag_k{k}/{split}/{seed}/run.json",
+    wildcard_constraints:
+        k=r"\d+",
+    params:
+        method_params=tilebag_params,
+        data=tilebag_data_args,
+        tile_px=config["preprocess"]["tile_px"],
+        magnification=config["preprocess"]["target_magnification"],
+        mpp=mpp_arg,
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/{dataset}/runs/tilebag_k{k}/{split}/{seed}/train.log",
+    benchmark:
+        "benchmarks/{dataset}/runs/tilebag_k{k}/{split}/{seed}/train.tsv"
+    threads: _tilebag_threads()
+    resources:
+        mem_mb=8000,
+        runtime=24 * 60,
+        gpu=1 if str(_tb("params", {}).get("device", "cpu")).startswith("cuda") else 0,
+    shell:
+        "slidetrain train-tilebag --params '{params.method_params}' --split {input.split} {params.data}"
+        " --tile-px {params.tile_px} --target-magnification {params.magnification} {params.mpp}"
+        " --out $(dirname {output.model}) --seed {wildcards.seed} > {log} 2>&1"
+
+
+rule evaluate_tilebag:
+    input:
+        model="results/{dataset}/runs/tilebag_k{k}/{split}/{seed}/model.pt",
+        split="results/{dataset}/splits/{split}.csv",
+        status=lambda w: f"results/{base_dataset(w.dataset)}/qc/status.csv",
+    output:
+        predictions="results/{dataset}/runs/tilebag_k{k}/{split}/{seed}/predictions.csv",
+        metrics="results/{dataset}/runs/tilebag_k{k}/{split}/{seed}/metrics.json",
+        attention="results/{dataset}/runs/tilebag_k{k}/{split}/{seed}/attention.h5",
+    wildcard_constraints:
+        k=r"\d+",
+    params:
+        data=tilebag_data_args,
+        n_bootstrap=config.get("evaluation", {}).get("n_bootstrap", 1000),
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/{dataset}/runs/tilebag_k{k}/{split}/{seed}/evaluate.log",
+    benchmark:
+        "benchmarks/{dataset}/runs/tilebag_k{k}/{split}/{seed}/evaluate.tsv"
+    threads: _tilebag_threads()
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    shell:
+        "slidetrain evaluate-tilebag --model {input.model} --split {input.split} {params.data}"
+        " --predictions {output.predictions} --metrics {output.metrics} --attention {output.attention}"
+        " --n-bootstrap {params.n_bootstrap} --seed {wildcards.seed} > {log} 2>&1"
+
+
+def _e2e_runs(kind):
+    """metrics.json (kind "metrics") or history.csv of the K sweep, then the frozen-feature MIL runs."""
+    name = "metrics.json" if kind == "metrics" else "history.csv"
+    files = expand(
+        "results/{dataset}/runs/tilebag_k{k}/{split}/{seed}/{name}",
+        dataset=_tb("datasets", []), k=_tb("k_sweep", []), split=TILEBAG_SPLITS, seed=SEEDS, name=name,
+    )
+    if kind == "metrics":
+        files += expand(
+            "results/{dataset}/runs/{method}/{split}/{seed}/metrics.json",
+            dataset=_tb("datasets", []), method=_tb("frozen_methods", []), split=TILEBAG_SPLITS, seed=SEEDS,
+        )
+    return files
+
+
+rule e2e_table1:
+    input:
+        _e2e_runs("metrics"),
+    output:
+        csv=report("results/tables/e2e_table1.csv", caption="../report/e2e_table1.rst", category="Tables"),
+        md="results/tables/e2e_table1.md",
+    params:
+        paper_k=" ".join(f"{k}={p}" for k, p in zip(_tb("k_sweep", []), _tb("paper_k", []))),
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/tables/e2e_table1.log",
+    benchmark:
+        "benchmarks/tables/e2e_table1.tsv"
+    shell:
+        "slidetrain e2e-table1 --metrics {input} --paper-k {params.paper_k} --out {output.csv}"
+        " --markdown {output.md} > {log} 2>&1"
+
+
+rule e2e_figure4:
+    input:
+        _e2e_runs("history"),
+    output:
+        report("results/figures/e2e_figure4.png", caption="../report/e2e_figure4.rst", category="Figures"),
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/figures/e2e_figure4.log",
+    benchmark:
+        "benchmarks/figures/e2e_figure4.tsv"
+    shell:
+        "slidetrain e2e-figure4 --histories {input} --out {output} > {log} 2>&1"
+
+
+rule bench_max_tiles:
+    output:
+        table="results/bench/max_tiles/{encoder}.csv",
+        probes="results/bench/max_tiles/{encoder}_probes.csv",
+    wildcard_constraints:
+        encoder=r"resnet18|resnet34|resnet50|vit_b_16",
+    params:
+        precisions=" ".join(_tb("max_tiles", {}).get("precisions", ["fp32", "amp"])),
+        tile_px=_tb("max_tiles", {}).get("tile_px", 224),
+        device=_tb("max_tiles", {}).get("device", "cpu"),
+        budget=(
+            f"--memory-budget-gb {_tb('max_tiles', {})['memory_budget_gb']}"
+            if _tb("max_tiles", {}).get("memory_budget_gb")
+            else ""
+        ),
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/bench/max_tiles/{encoder}.log",
+    benchmark:
+        "benchmarks/bench/max_tiles/{encoder}.tsv"
+    resources:
+        mem_mb=int(1024 * (_tb("max_tiles", {}).get("memory_budget_gb") or 4) * 1.5),
+        runtime=60,
+        gpu=1 if str(_tb("max_tiles", {}).get("device", "cpu")).startswith("cuda") else 0,
+    shell:
+        "slidetrain -v bench-max-tiles --encoders {wildcards.encoder} --precisions {params.precisions}"
+        " --tile-px {params.tile_px} --device {params.device} {params.budget} --out {output.table} > {log} 2>&1"
+
+
+rule e2e_figure1:
+    input:
+        expand("results/bench/max_tiles/{encoder}.csv", encoder=_tb("max_tiles", {}).get("encoders", [])),
+    output:
+        table="results/bench/e2e_max_tiles.csv",
+        figure=report("results/figures/e2e_figure1.png", caption="../report/e2e_figure1.rst", category="Figures"),
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/figures/e2e_figure1.log",
+    benchmark:
+        "benchmarks/figures/e2e_figure1.tsv"
+    shell:
+        "slidetrain e2e-figure1 --tables {input} --out-table {output.table} --out {output.figure} > {log} 2>&1"
+
+
+def _step_slides(wildcards=None):
+    dataset = base_dataset(_tb("datasets", ["synthetic"])[0])
+    return {s: slide_file(dataset, s) for s in slide_ids(dataset)[: _tb("step", {}).get("slides", 8)]}
+
+
+rule bench_tilebag_step:
+    input:
+        slides=lambda w: list(_step_slides().values()),
+        status=lambda w: f"results/{base_dataset(_tb('datasets', ['synthetic'])[0])}/qc/status.csv",
+    output:
+        report("results/bench/tilebag_step.csv", caption="../report/tilebag_step.rst", category="Benchmarks"),
+    params:
+        method_params=lambda w: json.dumps({**_tb("params", {}), "k": _tb("step", {}).get("k", max(_tb("k_sweep", [16])))}),
+        slides=lambda w: " ".join(f"{s}={p}" for s, p in _step_slides().items()),
+        tiles_dir=lambda w: f"results/{base_dataset(_tb('datasets', ['synthetic'])[0])}/tiles",
+        tile_px=config["preprocess"]["tile_px"],
+        magnification=config["preprocess"]["target_magnification"],
+        steps=_tb("step", {}).get("steps", 16),
+        workers=_tb("step", {}).get("workers", 1),
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/bench/tilebag_step.log",
+    benchmark:
+        "benchmarks/bench/tilebag_step.tsv"
+    threads: 1 + _tb("step", {}).get("workers", 1)
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    shell:
+        "slidetrain bench-tilebag-step --params '{params.method_params}' --slides {params.slides}"
+        " --tiles-dir {params.tiles_dir} --tile-px {params.tile_px} --target-magnification {params.magnification}"
+        " --steps {params.steps} --workers {params.workers} --out {output} > {log} 2>&1"
+
+
+rule e2e:
+    input:
+        "results/tables/e2e_table1.csv",
+        "results/figures/e2e_figure4.png",
+        "results/bench/e2e_max_tiles.csv",
+        "results/figures/e2e_figure1.png",
+        "results/bench/tilebag_step.csv",
