@@ -21,6 +21,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/bench.smk"
 include: "workflow/rules/offload.smk"
+include: "workflow/rules/distributed.smk"
 include: "workflow/rules/tilebag.smk"
 
 

@@ -593,8 +593,81 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_attention_figure)
     _add_bench_local_parsers(sub)
     _add_offload_parsers(sub)
+    _add_e2e_distributed_parsers(sub)
     _add_tilebag_parsers(sub)
     return p
+
+
+def cmd_e2e_single(a: argparse.Namespace) -> None:
+    import torch
+
+    from slidetrain.bench.e2e_distributed import run_single, save_result, spec_from_dict
+
+    torch.set_num_threads(a.threads)  # 1 = what each torchrun rank gets (OMP_NUM_THREADS=1)
+    save_result(run_single(spec_from_dict(a.spec)), Path(a.out))
+
+
+def cmd_e2e_parallel(a: argparse.Namespace) -> None:
+    from slidetrain.bench.e2e_distributed import (
+        Fault,
+        ParallelOptions,
+        run_parallel,
+        save_result,
+        spec_from_dict,
+    )
+
+    opts = ParallelOptions(backend=a.backend, timeout_s=a.timeout_s,
+                           checkpoint=Path(a.checkpoint) if a.checkpoint else None,
+                           checkpoint_every=a.checkpoint_every, fault=Fault.parse(a.fault),
+                           pseudo_loss_factor=a.pseudo_loss_factor)
+    result = run_parallel(spec_from_dict(a.spec), opts)
+    if result is not None:  # rank 0
+        save_result(result, Path(a.out))
+
+
+def cmd_e2e_equivalence(a: argparse.Namespace) -> None:
+    from slidetrain.bench.e2e_distributed import write_equivalence
+
+    pairs = [(m, Path(s), Path(p)) for m, s, p in a.pair]
+    write_equivalence(pairs, Path(a.csv), Path(a.figure))
+
+
+def cmd_e2e_scaling(a: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from slidetrain.bench.e2e_distributed import scaling_rows
+    from slidetrain.io import atomic_path
+
+    with atomic_path(a.out) as tmp:
+        pd.DataFrame(scaling_rows([Path(p) for p in a.parallel], [Path(p) for p in a.plain])).to_csv(tmp, index=False)
+
+
+def _add_e2e_distributed_parsers(sub) -> None:
+    s = sub.add_parser("e2e-single", help="equivalence case in one process (plain autograd, whole bag)")
+    s.add_argument("--spec", type=_json_arg, default={}, help="CaseSpec keys as JSON")
+    s.add_argument("--out", required=True)
+    s.add_argument("--threads", type=int, default=1)
+    s.set_defaults(func=cmd_e2e_single)
+    s = sub.add_parser("e2e-parallel", help="equivalence case under torchrun (rank 0 aggregator, DDP encoders)")
+    s.add_argument("--spec", type=_json_arg, default={}, help="CaseSpec keys as JSON")
+    s.add_argument("--out", required=True, help="written by rank 0")
+    s.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
+    s.add_argument("--timeout-s", type=float, default=300.0, help="collective timeout")
+    s.add_argument("--checkpoint", help="resume from / write to this file (rank 0 writes)")
+    s.add_argument("--checkpoint-every", type=int, default=1)
+    s.add_argument("--fault", help=argparse.SUPPRESS)  # tests: kill:RANK:STEP or hang:RANK:STEP
+    s.add_argument("--pseudo-loss-factor", type=float, help=argparse.SUPPRESS)  # tests: a wrong factor
+    s.set_defaults(func=cmd_e2e_parallel)
+    s = sub.add_parser("e2e-equivalence", help="normalized L1 of single vs parallel runs, table + figure")
+    s.add_argument("--pair", nargs=3, action="append", required=True, metavar=("MODEL", "SINGLE", "PARALLEL"))
+    s.add_argument("--csv", required=True)
+    s.add_argument("--figure", required=True)
+    s.set_defaults(func=cmd_e2e_equivalence)
+    s = sub.add_parser("e2e-scaling", help="seconds per step of distributed runs against plain")
+    s.add_argument("--parallel", nargs="+", required=True)
+    s.add_argument("--plain", nargs="+", required=True, help="plain runs at the same tiles, in --parallel's order")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_e2e_scaling)
 
 
 def main(argv: list[str] | None = None) -> int:

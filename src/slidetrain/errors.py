@@ -37,3 +37,7 @@ class SplitError(SlidetrainError):
 
 class TrainingError(SlidetrainError):
     """Training diverged (non-finite loss or predictions)."""
+
+
+class DistributedError(SlidetrainError):
+    """A distributed collective failed or timed out; the message names the ranks that stopped answering."""

@@ -300,3 +300,24 @@ def _e2e_runs(kind):
 def _step_slides(wildcards=None):
     dataset = base_dataset(_tb("datasets", ["synthetic"])[0])
     return {s: slide_file(dataset, s) for s in slide_ids(dataset)[: _tb("step", {}).get("slides", 8)]}
+# Distributed end-to-end (workflow/rules/distributed.smk)
+E2E = config.get("e2e_distributed", {})
+E2E_CASES = list(E2E.get("equivalence", {}))
+E2E_SCALING = E2E.get("scaling", {})
+
+
+def _e2e_spec(case):
+    return {**E2E["equivalence"][case], "device": E2E.get("device", "cpu")}
+
+
+def _e2e_nproc(case):
+    return E2E["ranks"][case] + 1  # rank 0 aggregates, ranks 1..N encode
+
+
+def _scaling_spec(n):
+    k = E2E_SCALING["k_per_rank"]
+    return {**E2E_SCALING["spec"], "tiles": int(n) * k, "device": E2E.get("device", "cpu")}
+
+
+def _gpus(nproc):
+    return nproc if E2E.get("device", "cpu") == "cuda" else 0

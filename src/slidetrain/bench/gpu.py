@@ -80,6 +80,11 @@ def offload_sweep_section(ctx: GpuContext) -> list[dict]:
     return rows
 
 
+def e2e_distributed_section(ctx: GpuContext) -> list[dict]:
+    """Campanella et al.'s executor: single vs torchrun gradients, and parallel vs single seconds."""
+    from slidetrain.bench.e2e_distributed import gpu_section
+
+    return gpu_section(ctx)
 def tilebag_section(ctx: GpuContext) -> list[dict]:
     """Campanella et al.: max tiles per forward + backward for ResNet50 at 224 px (fp32, AMP), then a few
     plain-executor training steps (ResNet50 + GMA, one slide per step) per K on in-memory tiles.
@@ -156,6 +161,7 @@ def tilebag_section(ctx: GpuContext) -> list[dict]:
 SECTIONS: list[tuple[str, Callable[[GpuContext], list[dict]], float]] = [
     ("device", device_section, 0.01),
     ("offload_sweep", offload_sweep_section, 0.21),
+    ("e2e_distributed", e2e_distributed_section, 0.3),
     ("tilebag", tilebag_section, 0.25),
 ]
 

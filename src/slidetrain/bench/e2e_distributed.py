@@ -1,0 +1,461 @@
+"""Campanella et al.'s gradient equivalence (Figure 3) and the distributed executor's scaling.
+
+The same case runs twice from the same seed: once in one process with plain autograd on the whole
+bag (`single`), once under torchrun with the aggregator on rank 0 and the bag split over N encoder
+ranks (`parallel`). Both record, per optimisation step, the loss and the tracked parameters (after
+the step) and gradients (before it); `compare` turns the pair into normalized L1 rows::
+
+    slidetrain e2e-single   --spec '{"case": "toy"}' --out single.pt
+    torchrun --standalone --nproc-per-node 5 --no-python \\
+        slidetrain e2e-parallel --spec '{"case": "toy"}' --out parallel.pt
+    slidetrain e2e-equivalence --pair toy single.pt parallel.pt --csv e2e_equivalence.csv --figure fig.png
+
+Cases: `toy` (the paper's: MLP 2048-2048-2048 encoder, aggregator Linear(2048,2048)-ReLU-
+Linear(2048,2)-ReLU-mean over tiles, an 800 x 2048 input) and `resnet` (a ResNet encoder + GMA
+without dropout or augmentation, synchronised BatchNorm, SGD with momentum over several steps).
+Every bag is a seeded function of (seed, step), so a resumed run sees the bags it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from slidetrain.errors import ConfigError
+from slidetrain.io import atomic_path
+from slidetrain.models.base import MILOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CaseSpec:
+    case: str = "toy"  # toy | resnet
+    steps: int = 3
+    seed: int = 0
+    lr: float = 0.01
+    momentum: float = 0.0
+    # toy
+    dim: int = 2048
+    tiles: int = 800  # the whole bag; split over the encoder ranks
+    # resnet
+    backbone: str = "resnet18"
+    tile_px: int = 64
+    sync_bn: bool = True
+    amp: bool = False
+    predict_tiles: int = 0  # > 0: after training, score one bag of this many tiles (uneven shares)
+    track_all: bool = False  # record every parameter (tests) instead of the paper's three layers
+    record: bool = True  # False: timings only (the scaling runs), no tensors stored
+    timing_warmup: int = 0  # steps left out of the seconds-per-step median
+    device: str = "cpu"
+    dtype: str = "float32"  # float64: shows that what remains at float32 is rounding, not the method
+
+    def __post_init__(self) -> None:
+        if self.case not in ("toy", "resnet"):
+            raise ConfigError(f"e2e case: expected toy | resnet, got {self.case!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise ConfigError(f"e2e case: dtype expected float32 | float64, got {self.dtype!r}")
+        if self.steps < 1 or self.tiles < 1:
+            raise ConfigError("e2e case: steps and tiles must be >= 1")
+
+
+def spec_from_dict(d: dict | None) -> CaseSpec:
+    from slidetrain.models.base import config_from_dict
+
+    return config_from_dict(CaseSpec, d, where="e2e spec")
+
+
+class ToyAggregator(nn.Module):
+    """Linear(D, D)-ReLU-Linear(D, 2)-ReLU, mean over tiles: (K, D) -> logits (2,)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, 2), nn.ReLU())
+
+    def forward(self, bag: Tensor) -> MILOutput:  # bag: (K, D)
+        return MILOutput(logits=self.net(bag).mean(0))  # (2,)
+
+
+def build_models(spec: CaseSpec) -> tuple[nn.Module, nn.Module]:
+    """(encoder, aggregator), identical on every process for one seed (in spec.dtype, as every tensor)."""
+    torch.set_default_dtype(getattr(torch, spec.dtype))
+    torch.manual_seed(spec.seed)
+    if spec.case == "toy":
+        encoder = nn.Sequential(nn.Linear(spec.dim, spec.dim), nn.ReLU(), nn.Linear(spec.dim, spec.dim))
+        aggregator = ToyAggregator(spec.dim)
+        return encoder, aggregator
+    from slidetrain.models.encoders import build_encoder, encoder_dim
+    from slidetrain.models.gma import GMA, GMAConfig
+
+    encoder = build_encoder(spec.backbone, "none", spec.seed).train()
+    torch.manual_seed(spec.seed + 1)
+    aggregator = GMA(encoder_dim(spec.backbone), 2, GMAConfig(dropout=0.0))
+    return encoder, aggregator
+
+
+def tracked_names(spec: CaseSpec, encoder: nn.Module, aggregator: nn.Module) -> dict[str, tuple[str, str]]:
+    """Display name -> (side, parameter name). The paper's three layers, or everything (tests)."""
+    if not spec.record:
+        return {}
+    if spec.track_all:
+        names = {f"encoder {n}": ("encoder", n) for n, _ in encoder.named_parameters()}
+        names.update({f"aggregator {n}": ("aggregator", n) for n, _ in aggregator.named_parameters()})
+        return names
+    if spec.case == "toy":
+        return {"encoder layer 1": ("encoder", "0.weight"), "encoder layer 2": ("encoder", "2.weight"),
+                "classifier": ("aggregator", "net.2.weight")}
+    last = len(encoder.trunk) - 1  # the last residual stage; its last block's first conv (paper's "Conv 51")
+    last_block = len(encoder.trunk[last]) - 1
+    return {"encoder conv1": ("encoder", "trunk.0.weight"),
+            "encoder last block conv1": ("encoder", f"trunk.{last}.{last_block}.conv1.weight"),
+            "classifier": ("aggregator", "classifier.weight")}
+
+
+def bag(spec: CaseSpec, step: int, n_tiles: int | None = None, salt: int = 0) -> tuple[Tensor, Tensor]:
+    """The step's whole bag and label, a function of (seed, step) only."""
+    g = torch.Generator().manual_seed(10_000 * spec.seed + step + 7_919 * salt)
+    k = n_tiles or spec.tiles
+    x = torch.randn(k, spec.dim, generator=g) if spec.case == "toy" else \
+        torch.randn(k, 3, spec.tile_px, spec.tile_px, generator=g)  # (K, D) or (K, 3, P, P)
+    return x, torch.tensor(step % 2)
+
+
+def loss_fn(out: MILOutput, label: Tensor) -> Tensor:
+    logits = out.logits.float() if out.logits.dtype in (torch.float16, torch.bfloat16) else out.logits
+    return F.cross_entropy(logits[None], label[None])
+
+
+def make_optimizer(spec: CaseSpec):
+    return lambda module: torch.optim.SGD(module.parameters(), lr=spec.lr, momentum=spec.momentum)
+
+
+def _snapshot(module: nn.Module, names: dict[str, str], grads: bool) -> dict[str, Tensor]:
+    params = dict(module.named_parameters())
+    out = {}
+    for display, name in names.items():
+        p = params[name.removeprefix("module.")]
+        t = p.grad if grads else p
+        t = (torch.zeros_like(p) if t is None else t).detach().cpu().clone()
+        out[display] = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    return out
+
+
+def _side_names(tracked: dict[str, tuple[str, str]], side: str) -> dict[str, str]:
+    return {d: n for d, (s, n) in tracked.items() if s == side}
+
+
+# -- single process: plain autograd on the whole bag ---------------------------------------------
+def run_single(spec: CaseSpec) -> dict:
+    from slidetrain.train.tilebag.executors import PlainExecutor, StepContext
+
+    dev = torch.device(spec.device)
+    encoder, aggregator = build_models(spec)
+    tracked = tracked_names(spec, encoder, aggregator)
+    encoder, aggregator = encoder.to(dev), aggregator.to(dev)
+    opt_e, opt_a = make_optimizer(spec)(encoder), make_optimizer(spec)(aggregator)
+    amp_dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler(dev.type) if spec.amp and dev.type == "cuda" else None
+    records, seconds = [], []
+    executor = PlainExecutor()  # the tile-bag trainer's reference executor
+    ctx = StepContext(scaler=scaler, device=dev,
+                      autocast=lambda: torch.autocast(dev.type, dtype=amp_dtype, enabled=spec.amp))
+    for step in range(1, spec.steps + 1):
+        x, y = bag(spec, step)
+        t0 = time.perf_counter()
+        loss = executor.step(x, encoder, aggregator, y, loss_fn, ctx).loss
+        if scaler is not None:
+            scaler.unscale_(opt_e)
+            scaler.unscale_(opt_a)
+        rec = {"step": step, "loss": loss,
+               "grads": {**_snapshot(encoder, _side_names(tracked, "encoder"), True),
+                         **_snapshot(aggregator, _side_names(tracked, "aggregator"), True)}}
+        for opt in (opt_e, opt_a):
+            (scaler.step(opt) if scaler is not None else opt.step())
+            opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.update()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        seconds.append(time.perf_counter() - t0)
+        rec["params"] = {**_snapshot(encoder, _side_names(tracked, "encoder"), False),
+                         **_snapshot(aggregator, _side_names(tracked, "aggregator"), False)}
+        records.append(rec)
+    result = {"spec": asdict(spec), "mode": "single", "records": records,
+              "seconds": seconds[spec.timing_warmup:]}
+    if spec.predict_tiles:
+        encoder.eval()
+        with torch.no_grad():
+            x, _ = bag(spec, 0, spec.predict_tiles, salt=1)
+            result["predict_logits"] = aggregator(encoder(x.to(dev)).float()).logits.float().cpu()
+    return result
+
+
+# -- parallel: one process per rank under torchrun -----------------------------------------------
+@dataclass
+class Fault:
+    """A deliberate failure for the tests: `kill` exits, `hang` sleeps, on `rank` at `step`."""
+
+    kind: str
+    rank: int
+    step: int
+
+    @classmethod
+    def parse(cls, text: str | None) -> Fault | None:
+        if not text:
+            return None
+        kind, rank, step = text.split(":")
+        return cls(kind, int(rank), int(step))
+
+    def maybe_fire(self, rank: int, step: int) -> None:
+        if rank != self.rank or step != self.step:
+            return
+        log.error("rank %d: injected fault %s at step %d", rank, self.kind, step)
+        if self.kind == "kill":
+            os._exit(17)
+        time.sleep(3600)
+
+
+@dataclass
+class ParallelOptions:
+    backend: str = "auto"
+    timeout_s: float = 300.0
+    checkpoint: Path | None = None
+    checkpoint_every: int = 1
+    fault: Fault | None = None
+    pseudo_loss_factor: float | None = field(default=None)  # private: tests break it on purpose
+
+
+def run_parallel(spec: CaseSpec, opts: ParallelOptions) -> dict | None:
+    """Run under torchrun; returns the merged records on rank 0 (None on the other ranks)."""
+    import torch.distributed as dist
+
+    from slidetrain.train.tilebag.distributed import (
+        DistributedEngine,
+        init_distributed,
+        shutdown,
+        split_bag,
+    )
+
+    topo = init_distributed(opts.backend, opts.timeout_s, spec.device)
+    try:
+        encoder, aggregator = build_models(spec)
+        tracked = tracked_names(spec, encoder, aggregator)
+        engine = DistributedEngine(topo, encoder, aggregator, loss_fn, make_optimizer(spec), amp=spec.amp,
+                                   sync_bn=spec.sync_bn and spec.case == "resnet",
+                                   _pseudo_loss_factor=opts.pseudo_loss_factor)
+        side = "aggregator" if topo.is_aggregator else "encoder"
+        names = _side_names(tracked, side)
+        records, seconds, comm = [], [], []
+        start = 1
+        if opts.checkpoint is not None:
+            state = engine.load_checkpoint(opts.checkpoint)
+            if state is not None:
+                start = state["step"] + 1
+                records, seconds, comm = state["extra"]["records"], state["extra"]["seconds"], state["extra"]["comm"]
+                log.info("rank %d: resuming from %s after step %d", topo.rank, opts.checkpoint, state["step"])
+        share = split_bag(spec.tiles, topo.n_encoders)
+        for step in range(start, spec.steps + 1):
+            if opts.fault is not None:
+                opts.fault.maybe_fire(topo.rank, step)
+            x, y = bag(spec, step)
+            tiles = None if topo.is_aggregator else x[share[topo.rank - 1]]  # (k_r, ...)
+            comm0 = engine.comm.seconds
+            t0 = time.perf_counter()
+            loss = engine.forward_backward(tiles, y, step)
+            rec = {"step": step, "loss": loss}
+            if names:
+                rec["grads"] = _snapshot(engine.model, names, True)
+            engine.optimizer_step()
+            if topo.device.type == "cuda":
+                torch.cuda.synchronize(topo.device)
+            seconds.append(time.perf_counter() - t0)
+            comm.append(engine.comm.seconds - comm0)
+            if names:
+                rec["params"] = _snapshot(engine.model, names, False)
+            records.append(rec)
+            if opts.checkpoint is not None and step % opts.checkpoint_every == 0:
+                engine.save_checkpoint(opts.checkpoint, step,
+                                       {"records": records, "seconds": seconds, "comm": comm})
+        predict = None
+        if spec.predict_tiles:
+            x, _ = bag(spec, 0, spec.predict_tiles, salt=1)
+            shares = split_bag(spec.predict_tiles, topo.n_encoders)
+            out = engine.predict(None if topo.is_aggregator else x[shares[topo.rank - 1]])
+            predict = None if out is None else out.logits.float().cpu()
+        mine = {"rank": topo.rank, "records": records, "seconds": seconds, "comm": comm}
+        everyone = [None] * topo.world_size if topo.is_aggregator else None
+        with engine.comm.guard("records gather"):
+            dist.gather_object(mine, everyone, dst=0)
+        if not topo.is_aggregator:
+            return None
+        merged = []
+        for i, rec in enumerate(everyone[0]["records"]):
+            enc = everyone[1]["records"][i]
+            merged.append({"step": rec["step"], "loss": rec["loss"],
+                           "grads": {**enc.get("grads", {}), **rec.get("grads", {})},
+                           "params": {**enc.get("params", {}), **rec.get("params", {})}})
+        w = spec.timing_warmup
+        result = {"spec": asdict(spec), "mode": "parallel", "records": merged, "backend": topo.backend,
+                  "n_encoder_ranks": topo.n_encoders, "device": str(topo.device),
+                  "seconds": seconds[w:], "comm_seconds": comm[w:]}
+        if predict is not None:
+            result["predict_logits"] = predict
+        return result
+    finally:
+        shutdown()
+
+
+def save_result(result: dict, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(result, tmp)
+
+
+# -- comparison, table and figure ------------------------------------------------------------------
+def normalized_l1(a: Tensor, ref: Tensor) -> float:
+    """||a - ref||_1 / ||ref||_1 (0 when both are zero)."""
+    denom = ref.abs().sum().item()
+    diff = (a.double() - ref.double()).abs().sum().item()
+    return diff / denom if denom > 0 else diff
+
+
+def compare(model: str, single: dict, parallel: dict) -> list[dict]:
+    rows = []
+    if len(single["records"]) != len(parallel["records"]):
+        raise ConfigError(f"{model}: {len(single['records'])} single steps vs {len(parallel['records'])} parallel")
+    for s, p in zip(single["records"], parallel["records"], strict=True):
+        for kind in ("params", "grads"):
+            for name, ref in s[kind].items():
+                rows.append({"model": model, "step": s["step"], "tensor": f"{name} {kind[:-1] if kind == 'params' else 'grad'}",
+                             "normalized_l1": normalized_l1(p[kind][name], ref), "abs_difference": ""})
+        rows.append({"model": model, "step": s["step"], "tensor": "loss",
+                     "normalized_l1": abs(p["loss"] - s["loss"]) / max(abs(s["loss"]), 1e-12),
+                     "abs_difference": abs(p["loss"] - s["loss"])})
+    return rows
+
+
+def equivalence_figure(rows: list[dict], path: Path) -> None:
+    """Figure 3's three panels (parameters, loss, gradients) per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    models = list(dict.fromkeys(df["model"]))
+    fig, axes = plt.subplots(len(models), 3, figsize=(13, 3.4 * len(models)), squeeze=False)
+    for i, model in enumerate(models):
+        d = df[df["model"] == model]
+        panels = [("param", "normalized L1 of parameters"), ("loss", "|loss difference|"),
+                  ("grad", "normalized L1 of gradients")]
+        for j, (kind, title) in enumerate(panels):
+            ax = axes[i][j]
+            if kind == "loss":
+                sel = d[d["tensor"] == "loss"]
+                ax.plot(sel["step"], sel["abs_difference"].astype(float), marker="o", color="k")
+            else:
+                sel = d[d["tensor"].str.endswith(f" {kind}")]
+                for name, g in sel.groupby("tensor", sort=False):
+                    ax.plot(g["step"], g["normalized_l1"], marker="o", label=name.removesuffix(f" {kind}"))
+                ax.legend(fontsize=7)
+            ax.set_yscale("symlog", linthresh=1e-9)
+            ax.set_xlabel("optimisation step")
+            ax.set_title(f"{model}: {title}", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def write_equivalence(pairs: list[tuple[str, Path, Path]], csv_path: Path, figure: Path) -> list[dict]:
+    import pandas as pd
+
+    rows = []
+    for model, single, parallel in pairs:
+        rows += compare(model, torch.load(single, weights_only=False), torch.load(parallel, weights_only=False))
+    with atomic_path(csv_path) as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+    equivalence_figure(rows, figure)
+    return rows
+
+
+def scaling_rows(parallel: list[Path], plain: list[Path]) -> list[dict]:
+    """One row per N: distributed seconds per step beside `plain` at the same tiles, timed in one job."""
+    rows = []
+    for par_path, plain_path in zip(parallel, plain, strict=True):
+        r, base = torch.load(par_path, weights_only=False), torch.load(plain_path, weights_only=False)
+        if r["spec"]["tiles"] != base["spec"]["tiles"]:
+            raise ConfigError(f"{par_path} and {plain_path}: different bags ({r['spec']['tiles']} vs "
+                              f"{base['spec']['tiles']} tiles)")
+        n = r["n_encoder_ranks"]
+        s, s_plain = statistics.median(r["seconds"]), statistics.median(base["seconds"])
+        rows.append({"n_encoder_ranks": n, "k_per_rank": r["spec"]["tiles"] // n, "seconds_per_step": s,
+                     "comm_seconds": statistics.median(r["comm_seconds"]),
+                     "device": f"{r['device']} ({r['backend']}; {n + 1} processes sharing {os.cpu_count()} cores)",
+                     "plain_tiles": base["spec"]["tiles"], "plain_seconds_per_step": s_plain,
+                     "ratio_vs_plain": s / s_plain})
+    return rows
+
+
+# -- the GPU script's section -----------------------------------------------------------------------
+def _launch(spec: CaseSpec, nproc: int, out: Path, timeout_s: float, env_extra: dict | None = None) -> dict:
+    """torchrun as a subprocess (the GPU machine has no Snakemake); returns rank 0's result."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "slidetrain.cli", "e2e-parallel", "--spec", json.dumps(asdict(spec)), "--out", str(out),
+           "--timeout-s", "120"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"torchrun (nproc {nproc}) exited {proc.returncode}: {proc.stderr[-1500:]}")
+    return torch.load(out, weights_only=False)
+
+
+def gpu_section(ctx) -> list[dict]:
+    """Equivalence (single vs parallel) and a short parallel-vs-single timing, fp32 and AMP ("half").
+
+    On one GPU every rank shares it, so the backend is gloo (NCCL refuses two ranks on one device);
+    with one GPU per rank it is NCCL. --tiny: the toy at small sizes on CPU.
+    """
+    device = ctx.device.type
+    if ctx.tiny:
+        equiv = CaseSpec(case="toy", dim=32, tiles=12, steps=2, momentum=0.9, device="cpu")
+        timing = CaseSpec(case="toy", dim=32, tiles=12, steps=3, timing_warmup=1, record=False, device="cpu")
+        n_equiv = 2
+    else:
+        equiv = CaseSpec(case="resnet", backbone="resnet50", tile_px=224, tiles=64, steps=4, lr=1e-3,
+                         momentum=0.9, sync_bn=True, device=device)
+        timing = CaseSpec(case="resnet", backbone="resnet50", tile_px=224, tiles=128, steps=6,
+                          timing_warmup=2, sync_bn=False, record=False, device=device)
+        n_equiv = 2
+    tmp = ctx.out_dir / "e2e_distributed_runs"
+    tmp.mkdir(parents=True, exist_ok=True)
+    rows = []
+    started = time.perf_counter()
+    per_launch = 600.0 if ctx.tiny else max(120.0, ctx.budget_s)  # a loaded CPU starts slowly
+    single = run_single(equiv)
+    parallel = _launch(equiv, n_equiv + 1, tmp / "equiv.pt", per_launch)
+    for r in compare(f"{equiv.case}:{equiv.backbone if equiv.case == 'resnet' else equiv.dim}", single, parallel):
+        rows.append({"part": "equivalence", "backend": parallel["backend"], "n_encoder_ranks": n_equiv, **r})
+    for amp in (False, True):
+        spec = CaseSpec(**{**asdict(timing), "amp": amp})
+        base = run_single(spec)
+        par = _launch(spec, 2, tmp / f"timing_amp{int(amp)}.pt", per_launch)
+        s_single, s_par = statistics.median(base["seconds"]), statistics.median(par["seconds"])
+        rows.append({"part": "timing", "backend": par["backend"], "n_encoder_ranks": 1, "model": spec.case,
+                     "tensor": f"tiles={spec.tiles} amp={amp}", "single_seconds_per_step": s_single,
+                     "parallel_seconds_per_step": s_par, "comm_seconds": statistics.median(par["comm_seconds"]),
+                     "overhead_vs_single": s_par / s_single})
+    rows.append({"part": "total", "seconds": time.perf_counter() - started})
+    return rows
