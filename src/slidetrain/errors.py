@@ -37,3 +37,11 @@ class SplitError(SlidetrainError):
 
 class TrainingError(SlidetrainError):
     """Training diverged (non-finite loss or predictions)."""
+
+
+class ShardError(SlidetrainError):
+    """A slide failed inside a shard job (the slides finished before it are kept)."""
+
+    def __init__(self, shard: str, slide: str, message: str):
+        self.shard, self.slide = str(shard), str(slide)
+        super().__init__(f"shard {self.shard}: slide {self.slide}: {message}")

@@ -96,15 +96,6 @@ def slide_input(wildcards):
     return slide_file(wildcards.dataset, wildcards.slide)
 
 
-def statuses(dataset):
-    return expand("results/{dataset}/qc/status/{slide}.json", dataset=dataset, slide=slide_ids(dataset))
-
-
-def features_of(dataset):
-    enc = config["features"]["encoder"]
-    return expand("results/{dataset}/features/{enc}/{slide}.h5", dataset=dataset, enc=enc, slide=slide_ids(dataset))
-
-
 def feature_index(wildcards):
     """Training jobs depend on the dataset's feature index, one file, not one per slide (DAG size)."""
     return f"results/{wildcards.dataset}/features/{config['features']['encoder']}/index.csv"
@@ -214,3 +205,63 @@ def _bench_cfg(key, default=None):
 
 
 _INFERENCE_SLIDES = {f"{w}x{h}": (w, h) for w, h in _bench_cfg("inference", {}).get("slide_px", [])}
+
+
+# Shards: per-slide work runs one job per fixed group of a dataset's slides (slidetrain.data.shards);
+# per-slide outputs keep their paths, and the shard's manifest is what Snakemake tracks.
+from slidetrain.data.shards import assign_shards
+from shlex import quote as _quote
+
+SLIDES_PER_SHARD = config.get("shards", {}).get("slides_per_shard", 32)
+SHARDS = {d: assign_shards(slide_ids(d), SLIDES_PER_SHARD) for d in SHEETS}
+
+
+wildcard_constraints:
+    shard=r"h[01]*",
+
+
+def manifests(dataset, step):
+    """Every shard manifest of one step (preprocess, synthesize, features/{encoder}) of a dataset."""
+    return [f"results/{dataset}/shards/{step}/{shard}.tsv" for shard in SHARDS[dataset]]
+
+
+def features_step(encoder=None):
+    return f"features/{encoder or config['features']['encoder']}"
+
+
+def shard_members(wildcards):
+    try:
+        return SHARDS[wildcards.dataset][wildcards.shard]
+    except KeyError:
+        raise WorkflowError(
+            f"dataset {wildcards.dataset!r} has no shard {wildcards.shard!r} at shards.slides_per_shard ="
+            f" {SLIDES_PER_SHARD}; its shards: {sorted(SHARDS.get(wildcards.dataset, {}))}"
+        )
+
+
+def _synthetic_members(wildcards):
+    sources = SHEETS[wildcards.dataset].source
+    return [s for s in shard_members(wildcards) if sources.at[s] == SYNTHETIC]
+
+
+def shard_slide_inputs(wildcards):
+    """The shard's slides: its synthesis manifest for drawn slides, the files themselves otherwise."""
+    members = shard_members(wildcards)
+    synthetic = set(_synthetic_members(wildcards))
+    files = [slide_file(wildcards.dataset, s) for s in members if s not in synthetic]
+    if synthetic:
+        files.append(f"results/{wildcards.dataset}/shards/synthesize/{wildcards.shard}.tsv")
+    return files
+
+
+def shard_slides_arg(wildcards):
+    """--slides id=path ... for the shard's members (quoted for the shell)."""
+    return " ".join(_quote(f"{s}={slide_file(wildcards.dataset, s)}") for s in shard_members(wildcards))
+
+
+def synthesize_shard_args(wildcards):
+    ds = dataset_cfg(wildcards.dataset)
+    labels = SHEETS[wildcards.dataset].label
+    slides = " ".join(_quote(f"{s}={labels.at[s]}") for s in _synthetic_members(wildcards))
+    size = " ".join(map(str, ds["synthetic_size_range_px"]))
+    return f"--slides {slides} --seed {ds['synthetic_seed']} --size-range-px {size}"
