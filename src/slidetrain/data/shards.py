@@ -71,6 +71,8 @@ def shard_of(shards: dict[str, list[str]]) -> dict[str, str]:
 def write_manifest(path: str | Path, rows: list[dict], output_keys: Iterable[str]) -> None:
     """One row per slide: slide_id, status, reason, then the output files (paths as given)."""
     columns = [*MANIFEST_COLUMNS, *output_keys]
+    if len(set(columns)) != len(columns):
+        raise ValueError(f"manifest output keys {list(output_keys)} clash with {MANIFEST_COLUMNS}")
     for row in rows:
         if row["status"] not in STATUSES:
             raise ValueError(f"slide {row['slide_id']}: manifest status {row['status']!r} not in {STATUSES}")

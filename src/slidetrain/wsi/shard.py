@@ -37,7 +37,7 @@ PREPROCESS_OUTPUTS = {
     "image": "images/{slide}.jpg",
     "image_meta": "images/{slide}.json",
     "timings": "timings/{slide}.json",
-    "status": "qc/status/{slide}.json",
+    "status_json": "qc/status/{slide}.json",
 }
 #: per-slide outputs of synthesis, relative to resources/{dataset}/slides/
 SYNTHESIZE_OUTPUTS = {"slide": "{slide}.tiff", "truth": "{slide}.truth.npz"}
@@ -122,7 +122,7 @@ def preprocess_shard(
 
     def done(task: SlideTask) -> dict | None:
         try:
-            status = read_json(task.outputs["status"])
+            status = read_json(task.outputs["status_json"])
         except (OSError, ValueError):
             return None
         if status.get("fingerprint") != stamp(task) or not all(p.exists() for p in task.outputs.values()):
@@ -139,7 +139,7 @@ def preprocess_shard(
         }
         result = preprocess_or_exclude(
             task.source, task.slide_id, outputs=outputs, params=params, on_bad_slide=on_bad_slide,
-            status_json=o["status"], fingerprint=stamp(task),
+            status_json=o["status_json"], fingerprint=stamp(task),
         )
         if "excluded" in result:
             return {"status": "excluded", "reason": result["excluded"]}
