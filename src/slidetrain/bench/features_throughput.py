@@ -19,7 +19,8 @@ import torch
 
 from slidetrain.io import atomic_path
 from slidetrain.models.encoders import build_encoder
-from slidetrain.wsi.features import FeatureJob, TileEncoder, extract_features
+from slidetrain.wsi.encode import TileEncoder
+from slidetrain.wsi.features import FeatureJob, extract_features
 from slidetrain.wsi.slide import open_slide
 from slidetrain.wsi.tile import read_tiles, read_tiles_h5
 

@@ -60,8 +60,16 @@ def device_section(ctx: GpuContext) -> list[dict]:
 
 
 #: (name, function, share of the total time budget). Benchmarks register here, in running order.
+def features_throughput_section(ctx: GpuContext) -> list[dict]:
+    """Feature extraction of ResNet34 at 224 px, end to end vs model only (slidetrain.bench.features_gpu)."""
+    from slidetrain.bench.features_gpu import features_throughput_section as run
+
+    return run(ctx)
+
+
 SECTIONS: list[tuple[str, Callable[[GpuContext], list[dict]], float]] = [
     ("device", device_section, 0.01),
+    ("features_throughput", features_throughput_section, 0.12),
 ]
 
 

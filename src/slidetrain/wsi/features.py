@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from slidetrain.errors import ShardError
 from slidetrain.io import atomic_path
-from slidetrain.models.encoders import IMAGENET_MEAN, IMAGENET_STD, build_encoder
+from slidetrain.models.encoders import build_encoder
+from slidetrain.wsi.encode import TileEncoder, encode_batches, tile_loader
 from slidetrain.wsi.slide import open_slide
 from slidetrain.wsi.tile import read_tiles, read_tiles_h5
 
@@ -68,40 +69,6 @@ def is_current(job: FeatureJob, coords: np.ndarray, encoder_name: str, weights: 
         if f.attrs.get("encoder") != encoder_name or f.attrs.get("weights") != weights:
             return False
         return np.array_equal(f["coords"][:].reshape(-1, 2), coords)
-
-
-class Normalizer:
-    """uint8 RGB tiles (B, T, T, 3) on any device -> ImageNet-normalised float (B, 3, T, T) on `device`."""
-
-    def __init__(self, device: torch.device, channels_last: bool = False):
-        self.device = device
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-
-    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
-        # uint8 crosses the bus (4x less than float); the division happens on the device
-        x = tiles.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()  # (B, 3, T, T)
-        return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
-
-
-class TileEncoder:
-    """The encoder, on its device, in inference mode; `amp` runs it in float16 autocast on CUDA."""
-
-    def __init__(self, encoder: torch.nn.Module, device: torch.device, amp: bool = False):
-        self.device = device
-        self.amp = bool(amp) and device.type == "cuda"
-        channels_last = device.type == "cuda"
-        self.encoder = encoder.to(device).eval()
-        if channels_last:
-            self.encoder = self.encoder.to(memory_format=torch.channels_last)
-        self.normalize = Normalizer(device, channels_last)
-
-    @torch.inference_mode()
-    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, T, T, 3) -> float32 features (B, D), left on the device (no sync per batch)."""
-        with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
-            return self.encoder(self.normalize(tiles)).float()
 
 
 @torch.no_grad()
@@ -177,34 +144,6 @@ class ShardTileBatches(torch.utils.data.Dataset):
         except Exception as err:  # noqa: BLE001 - handed to the main process, which names the slide
             return k, None, f"{type(err).__name__}: {err}"
         return k, torch.from_numpy(tiles), ""  # (B, T, T, 3) uint8
-
-
-def tile_loader(dataset: torch.utils.data.Dataset, workers: int, device: torch.device, prefetch: int = 4):
-    """Batches of `dataset` read `workers` processes ahead of the encoder (0: in this process)."""
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=None,  # items are batches already
-        shuffle=False,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=prefetch if workers > 0 else None,
-        # fork: workers start in milliseconds and inherit the imported modules (no second `import torch`)
-        multiprocessing_context="fork" if workers > 0 else None,
-    )
-
-
-def encode_batches(
-    run: TileEncoder, batches: Iterable[tuple[int, torch.Tensor | None, str]], progress: tqdm | None = None
-) -> Iterator[tuple[int, torch.Tensor | None, str]]:
-    """(slide index, features (B, D) on the device, error) per batch, in order."""
-    for k, tiles, error in batches:
-        if tiles is None:
-            yield k, None, error
-            continue
-        out = run(tiles)
-        if progress is not None:
-            progress.update(len(tiles))
-        yield k, out, ""
 
 
 def write_features(path: Path, features: np.ndarray, coords: np.ndarray, attrs: dict) -> None:
