@@ -68,25 +68,20 @@ rule bench_preprocess:
 
 # Feature extraction tiles/s: one shard of the first Table 1 dataset end to end (read, decode, encode,
 # write) against the encoder alone on the same tiles held in memory, same device and threads.
-def _bench_shard():
-    dataset = config["table1"]["datasets"][0]
-    return dataset, next(iter(SHARDS[dataset]))
-
-
 rule bench_features_throughput:
     input:
-        preprocess="results/{0}/shards/preprocess/{1}.tsv".format(*_bench_shard()),
-        slides=lambda w: shard_slide_inputs(SimpleNamespace(dataset=_bench_shard()[0], shard=_bench_shard()[1])),
+        preprocess="results/{0}/shards/preprocess/{1}.tsv".format(*bench_shard()),
+        slides=lambda w: shard_slide_inputs(SimpleNamespace(dataset=bench_shard()[0], shard=bench_shard()[1])),
     output:
         "results/bench/features_throughput.csv",
     params:
-        slides=lambda w: shard_slides_arg(SimpleNamespace(dataset=_bench_shard()[0], shard=_bench_shard()[1])),
-        tiles_dir="results/{0}/tiles".format(_bench_shard()[0]),
+        slides=lambda w: shard_slides_arg(SimpleNamespace(dataset=bench_shard()[0], shard=bench_shard()[1])),
+        tiles_dir="results/{0}/tiles".format(bench_shard()[0]),
         encoder=config["features"]["encoder"],
         batch_size=config["features"]["batch_size"],
         device=config["features"]["device"],
         workers=" ".join(map(str, _bench_cfg("features_workers", [0, 1]))),
-        mpp=lambda w: mpp_arg(SimpleNamespace(dataset=_bench_shard()[0])),
+        mpp=lambda w: mpp_arg(SimpleNamespace(dataset=bench_shard()[0])),
     conda:
         "../../envs/slidetrain.yaml"
     log:

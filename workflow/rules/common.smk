@@ -1,5 +1,5 @@
 # Sheets, wildcard constraints and input functions. Every sheet is read (and validated) at parse time,
-# so every per-slide step is an ordinary wildcard rule and the DAG needs no checkpoints.
+# so every shard of slides is known at parse time and the DAG needs no checkpoints.
 import json
 
 from slidetrain.data.sheet import SYNTHETIC, local_path, read_sheet, validate_sheet
@@ -29,15 +29,15 @@ def _validate_sheet(sheet):
     for column in schema.get("required", []):
         if column not in sheet.columns:
             validate_rows(sheet.head(1), "../schemas/sheet.schema.yaml")  # names the missing column
-    for column, rule in props.items():
+    for column, spec in props.items():
         if column not in sheet.columns:
             continue
         values = sheet[column]
         ok = values.map(lambda v: isinstance(v, str))
-        if "minLength" in rule:
-            ok &= values.astype(str).str.len() >= rule["minLength"]
-        if "pattern" in rule:
-            ok &= values.astype(str).map(lambda v, rx=re.compile(rule["pattern"]): rx.search(v) is not None)
+        if "minLength" in spec:
+            ok &= values.astype(str).str.len() >= spec["minLength"]
+        if "pattern" in spec:
+            ok &= values.astype(str).map(lambda v, rx=re.compile(spec["pattern"]): rx.search(v) is not None)
         bad = ~ok if bad is None else bad | ~ok
     if bad is not None and bad.any():
         validate_rows(sheet[bad], "../schemas/sheet.schema.yaml")
@@ -106,6 +106,7 @@ wildcard_constraints:
     seed=r"\d+",
     method=r"[a-z0-9_]+",
     encoder=r"[a-z0-9_]+",
+    shard=r"h[01]*",
 
 
 def dataset_cfg(dataset):
@@ -251,10 +252,6 @@ SLIDES_PER_SHARD = config.get("shards", {}).get("slides_per_shard", 32)
 SHARDS = {d: assign_shards(slide_ids(d), SLIDES_PER_SHARD) for d in SHEETS}
 
 
-wildcard_constraints:
-    shard=r"h[01]*",
-
-
 def manifests(dataset, step):
     """Every shard manifest of one step (preprocess, synthesize, features/{encoder}) of a dataset."""
     return [f"results/{dataset}/shards/{step}/{shard}.tsv" for shard in SHARDS[dataset]]
@@ -300,3 +297,9 @@ def synthesize_shard_args(wildcards):
     slides = " ".join(_quote(f"{s}={labels.at[s]}") for s in _synthetic_members(wildcards))
     size = " ".join(map(str, ds["synthetic_size_range_px"]))
     return f"--slides {slides} --seed {ds['synthetic_seed']} --size-range-px {size}"
+
+
+def bench_shard():
+    """(dataset, shard) timed by the feature-throughput benchmark: the first shard of Table 1's first dataset."""
+    dataset = config["table1"]["datasets"][0]
+    return dataset, next(iter(SHARDS[dataset]))
