@@ -209,11 +209,15 @@ def extract_features(
         run = TileEncoder(encoder, dev, amp)
         attrs = {"encoder": encoder_name, "weights": weights}
 
-        def finish(k: int, parts: list[torch.Tensor], started: float) -> None:
+        last_done = [time.perf_counter()]
+
+        def finish(k: int, parts: list[torch.Tensor]) -> None:
             job, tiles = todo[k]
             dim = getattr(encoder, "dim", 0)
             features = torch.cat(parts).cpu().numpy() if parts else np.zeros((0, dim), np.float32)  # (N, D)
-            seconds = time.perf_counter() - started
+            # the slide's share of the pipeline's wall time: since the previous slide was finished
+            now = time.perf_counter()
+            seconds, last_done[0] = (now - last_done[0]) if parts else 0.0, now
             write_features(job.out_h5, features.astype(np.float32, copy=False), tiles.coords,
                            {**attrs, "slide_id": job.slide_id, "seconds": seconds})
             rows.append({"slide_id": job.slide_id, "features_s": seconds, "n_tiles": len(tiles.coords)})
@@ -223,14 +227,12 @@ def extract_features(
         n_batches = [0] * len(todo)
         for k, _, _ in dataset.items:
             n_batches[k] += 1
-        started = time.perf_counter()
         for k in range(len(todo)):
             if n_batches[k] == 0:  # no tiles (excluded slide): an empty, flagged feature file
-                finish(k, [], started)
+                finish(k, [])
         total = sum(len(t.coords) for _, t in todo)
         parts: dict[int, list[torch.Tensor]] = {}
-        slide_start: dict[int, float] = {}
-        with tqdm(total=total, desc=f"features {encoder_name} {shard}", unit="tile", unit_scale=True) as bar:
+        with tqdm(total=total, desc=f"features {encoder_name} {shard}", unit="tile") as bar:
             batches = tile_loader(dataset, workers, dev)
             for k, out, error in encode_batches(run, batches, bar):
                 if out is None:
@@ -238,10 +240,9 @@ def extract_features(
                         f"reading tiles for features failed: {error} ({len(rows)} slides finished in this run "
                         "are kept; rerun skips them)"
                     ))
-                slide_start.setdefault(k, time.perf_counter())
                 parts.setdefault(k, []).append(out)
                 if len(parts[k]) == n_batches[k]:
-                    finish(k, parts.pop(k), slide_start.pop(k))
+                    finish(k, parts.pop(k))
     if manifest is not None:
         from slidetrain.data.shards import write_manifest
 
