@@ -110,3 +110,54 @@ def test_unknown_method_is_a_parse_time_error(tiny_run, tmp_path):
     )
     assert proc.returncode != 0
     assert "nosuchmil" in proc.stdout + proc.stderr
+
+
+def test_manifests_match_the_per_slide_files(tiny_run):
+    work, _ = tiny_run
+    from slidetrain.data.shards import read_manifest
+
+    sheet = pd.read_csv(work / "config" / "sheets" / "synthetic.tsv", sep="\t")
+    shards = work / "results" / "synthetic" / "shards"
+    steps = {"preprocess": shards / "preprocess", "features": shards / "features" / "resnet18"}
+    assert len(list(steps["preprocess"].glob("*.tsv"))) > 1, "the tiny sheet should make several shards"
+    status = pd.read_csv(work / "results" / "synthetic" / "qc" / "status.csv", keep_default_na=False)
+    for step, folder in steps.items():
+        rows = [r for m in sorted(folder.glob("*.tsv")) for r in read_manifest(m)]
+        assert sorted(r["slide_id"] for r in rows) == sorted(sheet.slide_id), step
+        for row in rows:
+            for key, value in row.items():
+                if key not in ("slide_id", "status", "reason"):
+                    assert (work / value).exists(), (step, row["slide_id"], key)
+            expected = status.set_index("slide_id").loc[row["slide_id"]]
+            assert (row["status"], row["reason"]) == (expected.status, expected.reason), (step, row["slide_id"])
+    synthesized = [r for m in (shards / "synthesize").glob("*.tsv") for r in read_manifest(m)]
+    assert sorted(r["slide_id"] for r in synthesized) == sorted(sheet.slide_id[sheet.source == "synthetic"])
+
+
+def test_adding_a_slide_reruns_only_its_shard(tiny_run, tmp_path):
+    from slidetrain.data.shards import assign_shards, shard_of
+
+    work, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(work, copy, symlinks=True)  # keeps mtimes and .snakemake metadata
+    sheet_path = copy / "config" / "sheets" / "synthetic.tsv"
+    sheet = pd.read_csv(sheet_path, sep="\t")
+    new = pd.DataFrame([{"slide_id": "syn_new_01", "patient_id": "pat_new", "label": "normal", "source": "synthetic"}])
+    pd.concat([sheet, new]).to_csv(sheet_path, sep="\t", index=False)
+    before = assign_shards(sheet.slide_id, 4)
+    after = assign_shards([*sheet.slide_id, "syn_new_01"], 4)
+    home = shard_of(after)["syn_new_01"]
+    # the shards that change: where the new slide lands (its old shard may split in two)
+    changed = {name for name, members in after.items() if before.get(name) != members}
+    assert home in changed and len(changed) < len(after)
+    proc = snakemake(copy, "-n", "results/qc/excluded.csv", "results/synthetic/features/resnet18/index.csv")
+    out = proc.stdout + proc.stderr
+    planned: dict[str, set[str]] = {}
+    rule = None
+    for line in out.splitlines():
+        if line.startswith("rule "):
+            rule = line[5:].rstrip(":")
+        elif "wildcards:" in line and "shard=" in line:
+            planned.setdefault(rule, set()).add(line.split("shard=")[1].split(",")[0].strip())
+    for step in ("synthesize_shard", "preprocess_shard", "extract_features_shard"):
+        assert planned.get(step) == changed, (step, planned.get(step), changed)

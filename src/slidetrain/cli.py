@@ -63,7 +63,33 @@ def cmd_features(a: argparse.Namespace) -> None:
         jobs.append(FeatureJob(slide_id, Path(path), Path(a.tiles_dir) / f"{slide_id}.h5", Path(a.out_dir) / f"{slide_id}.h5"))
     extract_features(
         jobs, a.encoder, a.weights, batch_size=a.batch_size, device=a.device, threads=a.threads,
-        seed=a.seed, mpp_fallback=a.mpp_fallback,
+        seed=a.seed, mpp_fallback=a.mpp_fallback, workers=a.workers, amp=a.amp, shard=a.shard, manifest=a.manifest,
+    )
+
+
+def cmd_synthesize_shard(a: argparse.Namespace) -> None:
+    from slidetrain.wsi.shard import parse_pairs, synthesize_shard
+
+    synthesize_shard(
+        a.shard, parse_pairs(a.slides, "label"), a.out_dir, a.seed, tuple(a.size_range_px), manifest=a.manifest
+    )
+
+
+def cmd_preprocess_shard(a: argparse.Namespace) -> None:
+    from slidetrain.wsi.shard import parse_pairs, preprocess_shard
+
+    preprocess_shard(
+        a.shard, parse_pairs(a.slides, "path"), a.out_root, a.params, a.on_bad_slide, manifest=a.manifest
+    )
+
+
+def cmd_bench_features(a: argparse.Namespace) -> None:
+    from slidetrain.bench.features_throughput import bench_features_throughput
+    from slidetrain.wsi.shard import parse_pairs
+
+    bench_features_throughput(
+        parse_pairs(a.slides, "path"), Path(a.tiles_dir), a.encoder, a.out, batch_size=a.batch_size,
+        workers=a.workers, device=a.device, threads=a.threads, mpp_fallback=a.mpp_fallback,
     )
 
 
@@ -140,21 +166,37 @@ def cmd_qc_table(a: argparse.Namespace) -> None:
 
 
 def cmd_qc_status(a: argparse.Namespace) -> None:
-    from slidetrain.wsi.exclusion import write_status_table
+    from slidetrain.wsi.exclusion import write_status_table, write_status_table_from_manifests
 
-    write_status_table(a.status, a.out)
+    if a.manifests:
+        write_status_table_from_manifests(a.manifests, a.out)
+    else:
+        write_status_table(a.status, a.out)
 
 
 def cmd_feature_index(a: argparse.Namespace) -> None:
     from slidetrain.wsi.features import write_feature_index
 
-    write_feature_index(a.features, a.out)
+    files = list(a.features)
+    if a.manifests:  # one argument per shard: the manifests list every slide's feature file
+        from slidetrain.data.shards import manifest_column
+
+        files += manifest_column(a.manifests, "features")
+    write_feature_index(files, a.out)
 
 
 def cmd_bench_preprocess(a: argparse.Namespace) -> None:
     from slidetrain.bench.preprocess import preprocess_table
 
-    preprocess_table(a.timings, a.features, a.out)
+    timings, features = list(a.timings or []), list(a.features or [])
+    if a.manifests:  # shard manifests name every slide's files (one argument per shard, not per slide)
+        from slidetrain.data.shards import read_manifest
+
+        for path in a.manifests:
+            for row in read_manifest(path):
+                timings += [row["timings"]] if "timings" in row else []
+                features += [row["features"]] if "features" in row else []
+    preprocess_table(timings, features, a.out)
 
 
 def cmd_bench_bags(a: argparse.Namespace) -> None:
@@ -464,7 +506,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--mpp-fallback", type=float)
+    s.add_argument("--workers", type=int, default=0, help="reader processes ahead of the encoder (0: none)")
+    s.add_argument("--amp", action="store_true", help="CUDA: float16 autocast")
+    s.add_argument("--shard", default="-", help="shard name, for progress and errors")
+    s.add_argument("--manifest", help="write the shard manifest (slide_id, status, reason, features)")
     s.set_defaults(func=cmd_features)
+
+    s = sub.add_parser("synthesize-shard", help="draw a shard of synthetic slides (skips finished ones)")
+    s.add_argument("--shard", required=True)
+    s.add_argument("--slides", nargs="+", required=True, help="slide_id=label pairs")
+    s.add_argument("--out-dir", required=True, help="resources/{dataset}/slides")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size-range-px", type=int, nargs=2, default=(3000, 6000))
+    s.add_argument("--manifest", required=True)
+    s.set_defaults(func=cmd_synthesize_shard)
+
+    s = sub.add_parser("preprocess-shard", help="preprocess a shard of slides (skips finished ones)")
+    s.add_argument("--shard", required=True)
+    s.add_argument("--slides", nargs="+", required=True, help="slide_id=path pairs")
+    s.add_argument("--out-root", required=True, help="results/{dataset}: masks/, tiles/, images/, ... go below")
+    s.add_argument("--params", type=_json_arg, default={}, help="JSON: preprocess parameters")
+    s.add_argument("--on-bad-slide", choices=["error", "exclude"], default="error")
+    s.add_argument("--manifest", required=True)
+    s.set_defaults(func=cmd_preprocess_shard)
+
+    s = sub.add_parser("bench-features", help="feature extraction tiles/s: a shard end to end vs the model alone")
+    s.add_argument("--slides", nargs="+", required=True, help="slide_id=path pairs (already tiled)")
+    s.add_argument("--tiles-dir", required=True)
+    s.add_argument("--encoder", required=True)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--workers", type=int, nargs="+", default=[0, 1], help="reader processes to try")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--mpp-fallback", type=float)
+    s.add_argument("--out", required=True, help="CSV")
+    s.set_defaults(func=cmd_bench_features)
 
     s = sub.add_parser("split", help="write a seeded, patient-grouped, stratified split (or validate an official one)")
     s.add_argument("--sheet", required=True)
@@ -543,12 +619,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_table4)
 
     s = sub.add_parser("qc-status", help="one dataset's per-slide QC statuses as one table")
-    s.add_argument("--status", nargs="+", required=True)
+    s.add_argument("--status", nargs="*", default=[], help="per-slide status JSONs")
+    s.add_argument("--manifests", nargs="*", default=[], help="or: the dataset's preprocess shard manifests")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_qc_status)
 
     s = sub.add_parser("feature-index", help="index of a dataset's feature files (checks each is complete)")
-    s.add_argument("--features", nargs="+", required=True)
+    s.add_argument("--features", nargs="*", default=[])
+    s.add_argument("--manifests", nargs="*", default=[], help="features shard manifests (their features column)")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_feature_index)
 
@@ -558,8 +636,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_qc_table)
 
     s = sub.add_parser("bench-preprocess", help="per-slide preprocessing seconds")
-    s.add_argument("--timings", nargs="+", required=True)
+    s.add_argument("--timings", nargs="*", default=[])
     s.add_argument("--features", nargs="*", default=[])
+    s.add_argument("--manifests", nargs="*", default=[], help="shard manifests (their timings/features columns)")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_bench_preprocess)
 

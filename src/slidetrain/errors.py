@@ -41,3 +41,11 @@ class TrainingError(SlidetrainError):
 
 class DistributedError(SlidetrainError):
     """A distributed collective failed or timed out; the message names the ranks that stopped answering."""
+
+
+class ShardError(SlidetrainError):
+    """A slide failed inside a shard job (the slides finished before it are kept)."""
+
+    def __init__(self, shard: str, slide: str, message: str):
+        self.shard, self.slide = str(shard), str(slide)
+        super().__init__(f"shard {self.shard}: slide {self.slide}: {message}")

@@ -1,4 +1,5 @@
 # Benchmarks are rules that write tables, never timed asserts in tests.
+from types import SimpleNamespace
 
 
 rule synthesize_large_slide:
@@ -20,7 +21,7 @@ rule synthesize_large_slide:
         " --size-px {params.size} --out {output.slide} > {log} 2>&1"
 
 
-use rule preprocess_slide as preprocess_large_slide with:
+rule preprocess_large_slide:
     input:
         slide="resources/bench/large.tiff",
     output:
@@ -33,16 +34,24 @@ use rule preprocess_slide as preprocess_large_slide with:
         status="results/bench_large/qc/status/{slide}.json",
     params:
         args=lambda w: preprocess_args(w, dataset_block={"mpp_fallback": None}, on_bad_slide="error"),
+    conda:
+        "../../envs/slidetrain.yaml"
     log:
         "logs/bench_large/preprocess/{slide}.log",
     benchmark:
         "benchmarks/bench_large/preprocess/{slide}.tsv"
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "slidetrain preprocess --slide {input.slide:q} --slide-id {wildcards.slide} {params.args}"
+        " --mask {output.mask} --qc {output.qc} --tiles {output.tiles} --image {output.image}"
+        " --image-meta {output.image_meta} --timings {output.timings} --status {output.status} > {log} 2>&1"
 
 
 rule bench_preprocess:
     input:
-        timings=[expand("results/{dataset}/timings/{slide}.json", dataset=d, slide=slide_ids(d)) for d in SHEETS],
-        features=[features_of(d) for d in SHEETS],
+        manifests=[manifests(d, "preprocess") + manifests(d, features_step()) for d in SHEETS],
         large="results/bench_large/timings/large.json",
     output:
         "results/bench/preprocess.csv",
@@ -53,8 +62,40 @@ rule bench_preprocess:
     benchmark:
         "benchmarks/bench/preprocess.tsv"
     shell:
-        "slidetrain bench-preprocess --timings {input.timings} {input.large} --features {input.features}"
+        "slidetrain bench-preprocess --manifests {input.manifests} --timings {input.large}"
         " --out {output} > {log} 2>&1"
+
+
+# Feature extraction tiles/s: one shard of the first Table 1 dataset end to end (read, decode, encode,
+# write) against the encoder alone on the same tiles held in memory, same device and threads.
+rule bench_features_throughput:
+    input:
+        preprocess="results/{0}/shards/preprocess/{1}.tsv".format(*bench_shard()),
+        slides=lambda w: shard_slide_inputs(SimpleNamespace(dataset=bench_shard()[0], shard=bench_shard()[1])),
+    output:
+        "results/bench/features_throughput.csv",
+    params:
+        slides=lambda w: shard_slides_arg(SimpleNamespace(dataset=bench_shard()[0], shard=bench_shard()[1])),
+        tiles_dir="results/{0}/tiles".format(bench_shard()[0]),
+        encoder=config["features"]["encoder"],
+        batch_size=config["features"]["batch_size"],
+        device=config["features"]["device"],
+        workers=" ".join(map(str, _bench_cfg("features_workers", [0, 1]))),
+        mpp=lambda w: mpp_arg(SimpleNamespace(dataset=bench_shard()[0])),
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/bench/features_throughput.log",
+    benchmark:
+        "benchmarks/bench/features_throughput.tsv"
+    threads: config["features"].get("threads", 1)
+    resources:
+        runtime=30,
+        gpu=1 if config["features"]["device"].startswith("cuda") else 0,
+    shell:
+        "slidetrain bench-features --slides {params.slides} --tiles-dir {params.tiles_dir}"
+        " --encoder {params.encoder} --batch-size {params.batch_size} --workers {params.workers}"
+        " --device {params.device} --threads {threads} {params.mpp} --out {output} > {log} 2>&1"
 
 
 rule bench_bags:

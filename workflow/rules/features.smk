@@ -1,42 +1,43 @@
-# Frozen tile features per slide and encoder. On a cluster, profiles/slurm groups these jobs so that
-# one submission runs many slides.
+# Frozen tile features per shard of slides and encoder: one process loads the encoder once and reads
+# tiles in worker processes while it encodes. Per-slide files: results/{dataset}/features/{encoder}/{slide}.h5.
 
 
-rule extract_features:
+rule extract_features_shard:
     input:
-        slide=slide_input,
-        tiles="results/{dataset}/tiles/{slide}.h5",
+        preprocess="results/{dataset}/shards/preprocess/{shard}.tsv",
+        slides=shard_slide_inputs,
     output:
-        "results/{dataset}/features/{encoder}/{slide}.h5",
+        "results/{dataset}/shards/features/{encoder}/{shard}.tsv",
     params:
+        slides=shard_slides_arg,
         weights=config["features"]["weights"],
         batch_size=config["features"]["batch_size"],
         device=config["features"]["device"],
+        workers=config["features"].get("workers", 0),
+        amp="--amp" if config["features"].get("amp") else "",
         mpp=mpp_arg,
     conda:
         "../../envs/slidetrain.yaml"
     log:
-        "logs/{dataset}/features/{encoder}/{slide}.log",
+        "logs/{dataset}/features/{encoder}/{shard}.log",
     benchmark:
-        "benchmarks/{dataset}/features/{encoder}/{slide}.tsv"
+        "benchmarks/{dataset}/features/{encoder}/{shard}.tsv"
     threads: config["features"].get("threads", 1)
     resources:
         mem_mb=4000,
-        runtime=30,
+        runtime=lambda w: 10 + 2 * len(shard_members(w)),
         gpu=1 if config["features"]["device"].startswith("cuda") else 0,
     shell:
-        "slidetrain features --slides {wildcards.slide}={input.slide:q}"
-        " --tiles-dir $(dirname {input.tiles}) --out-dir $(dirname {output})"
+        "slidetrain features --shard {wildcards.shard} --slides {params.slides}"
+        " --tiles-dir results/{wildcards.dataset}/tiles --out-dir results/{wildcards.dataset}/features/{wildcards.encoder}"
         " --encoder {wildcards.encoder} --weights {params.weights:q} --batch-size {params.batch_size}"
-        " --device {params.device} --threads {threads} {params.mpp} > {log} 2>&1"
+        " --device {params.device} --threads {threads} --workers {params.workers} {params.amp} {params.mpp}"
+        " --manifest {output} > {log} 2>&1"
 
 
 rule feature_index:
     input:
-        lambda w: expand(
-            "results/{dataset}/features/{encoder}/{slide}.h5",
-            dataset=w.dataset, encoder=w.encoder, slide=slide_ids(w.dataset),
-        ),
+        lambda w: manifests(w.dataset, features_step(w.encoder)),
     output:
         "results/{dataset}/features/{encoder}/index.csv",
     conda:
@@ -46,4 +47,4 @@ rule feature_index:
     benchmark:
         "benchmarks/{dataset}/features/{encoder}/index.tsv"
     shell:
-        "slidetrain feature-index --features {input} --out {output} > {log} 2>&1"
+        "slidetrain feature-index --manifests {input} --out {output} > {log} 2>&1"

@@ -1,38 +1,32 @@
-# Per slide, reading the slide once: tissue mask (+ QC picture), tile coordinates, the whole-slide image.
+# Per shard of slides, reading each slide once: tissue mask (+ QC picture), tile coordinates, the
+# whole-slide image, at the per-slide paths results/{dataset}/{masks,tiles,images,timings,qc/status}/.
 
 
-
-rule preprocess_slide:
+rule preprocess_shard:
     input:
-        slide=slide_input,
+        shard_slide_inputs,
     output:
-        mask="results/{dataset}/masks/{slide}.mask.png",
-        qc="results/{dataset}/masks/{slide}.qc.jpg",
-        tiles="results/{dataset}/tiles/{slide}.h5",
-        image="results/{dataset}/images/{slide}.jpg",
-        image_meta="results/{dataset}/images/{slide}.json",
-        timings="results/{dataset}/timings/{slide}.json",
-        status="results/{dataset}/qc/status/{slide}.json",
+        "results/{dataset}/shards/preprocess/{shard}.tsv",
     params:
+        slides=shard_slides_arg,
         args=preprocess_args,
     conda:
         "../../envs/slidetrain.yaml"
     log:
-        "logs/{dataset}/preprocess/{slide}.log",
+        "logs/{dataset}/preprocess/{shard}.log",
     benchmark:
-        "benchmarks/{dataset}/preprocess/{slide}.tsv"
+        "benchmarks/{dataset}/preprocess/{shard}.tsv"
     resources:
         mem_mb=4000,
-        runtime=30,
+        runtime=lambda w: 10 + 5 * len(shard_members(w)),
     shell:
-        "slidetrain preprocess --slide {input.slide:q} --slide-id {wildcards.slide} {params.args}"
-        " --mask {output.mask} --qc {output.qc} --tiles {output.tiles} --image {output.image}"
-        " --image-meta {output.image_meta} --timings {output.timings} --status {output.status} > {log} 2>&1"
+        "slidetrain preprocess-shard --shard {wildcards.shard} --slides {params.slides}"
+        " --out-root results/{wildcards.dataset} {params.args} --manifest {output} > {log} 2>&1"
 
 
 rule qc_status:
     input:
-        lambda w: statuses(w.dataset),
+        lambda w: manifests(w.dataset, "preprocess"),
     output:
         "results/{dataset}/qc/status.csv",
     conda:
@@ -42,7 +36,7 @@ rule qc_status:
     benchmark:
         "benchmarks/{dataset}/qc_status.tsv"
     shell:
-        "slidetrain qc-status --status {input} --out {output} > {log} 2>&1"
+        "slidetrain qc-status --manifests {input} --out {output} > {log} 2>&1"
 
 
 rule qc_table:

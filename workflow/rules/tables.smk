@@ -39,13 +39,9 @@ rule attention_figure:
             "results/{dataset}/runs/{method}/{split}/{seed}/attention.h5",
             dataset=w.dataset, method=attention_methods(w.dataset), split=SPLITS[0], seed=SEEDS[0],
         ),
-        images=lambda w: expand("results/{dataset}/images/{slide}.jpg", dataset=w.dataset, slide=slide_ids(w.dataset)),
-        tiles=lambda w: expand("results/{dataset}/tiles/{slide}.h5", dataset=w.dataset, slide=slide_ids(w.dataset)),
-        truth=lambda w: (
-            expand("resources/{dataset}/slides/{slide}.truth.npz", dataset=w.dataset, slide=slide_ids(w.dataset))
-            if is_synthetic(w.dataset)
-            else []
-        ),
+        # images and tiles of every slide (the manifests name them), truth masks of synthetic slides
+        preprocess=lambda w: manifests(w.dataset, "preprocess"),
+        truth=lambda w: manifests(w.dataset, "synthesize") if is_synthetic(w.dataset) else [],
     output:
         report(
             "results/figures/attention_{dataset}.png",

@@ -150,7 +150,7 @@ rule e2e_figure1:
 
 rule bench_tilebag_step:
     input:
-        slides=lambda w: list(_step_slides().values()),
+        slides=lambda w: slides_ready(base_dataset(_tb('datasets', ['synthetic'])[0]), list(_step_slides())),
         status=lambda w: f"results/{base_dataset(_tb('datasets', ['synthetic'])[0])}/qc/status.csv",
     output:
         report("results/bench/tilebag_step.csv", caption="../report/tilebag_step.rst", category="Benchmarks"),

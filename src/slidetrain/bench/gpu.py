@@ -158,11 +158,19 @@ def tilebag_section(ctx: GpuContext) -> list[dict]:
 
 
 #: (name, function, share of the total time budget). Benchmarks register here, in running order.
+def features_throughput_section(ctx: GpuContext) -> list[dict]:
+    """Feature extraction of ResNet34 at 224 px, end to end vs model only (slidetrain.bench.features_gpu)."""
+    from slidetrain.bench.features_gpu import features_throughput_section as run
+
+    return run(ctx)
+
+
 SECTIONS: list[tuple[str, Callable[[GpuContext], list[dict]], float]] = [
     ("device", device_section, 0.01),
     ("offload_sweep", offload_sweep_section, 0.21),
     ("e2e_distributed", e2e_distributed_section, 0.3),
     ("tilebag", tilebag_section, 0.25),
+    ("features_throughput", features_throughput_section, 0.12),
 ]
 
 

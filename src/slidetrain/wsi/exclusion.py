@@ -35,9 +35,12 @@ def preprocess_or_exclude(
     params: dict,
     on_bad_slide: str,
     status_json: str | Path,
+    fingerprint: str | None = None,
 ) -> dict:
     from slidetrain.wsi.preprocess import preprocess_slide
 
+    # The status file is written last: it marks the slide complete (with the parameters' fingerprint).
+    stamp = {"fingerprint": fingerprint} if fingerprint else {}
     missing = [k for k in OUTPUT_KEYS if k not in outputs]
     if missing:
         raise ValueError(f"preprocess outputs lack {missing}")
@@ -48,9 +51,9 @@ def preprocess_or_exclude(
             raise
         log.warning("excluding %s: %s", slide_id, err)
         write_placeholders(slide_id, outputs, str(err))
-        write_json(status_json, {"slide_id": slide_id, "status": "excluded", "reason": str(err)})
+        write_json(status_json, {"slide_id": slide_id, "status": "excluded", "reason": str(err), **stamp})
         return {"excluded": str(err)}
-    write_json(status_json, {"slide_id": slide_id, "status": "ok", "reason": ""})
+    write_json(status_json, {"slide_id": slide_id, "status": "ok", "reason": "", **stamp})
     return timings
 
 
@@ -114,3 +117,20 @@ def read_status_table(path: str | Path) -> pd.DataFrame:
     import pandas as pd
 
     return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def write_status_table_from_manifests(manifests: list[str | Path], out_csv: str | Path) -> pd.DataFrame:
+    """The same table from a dataset's preprocess shard manifests (one file per shard, not per slide)."""
+    import pandas as pd
+
+    from slidetrain.data.shards import read_manifest
+
+    rows = [
+        {"slide_id": r["slide_id"], "status": r["status"], "reason": r["reason"]}
+        for path in manifests
+        for r in read_manifest(path)
+    ]
+    table = pd.DataFrame(rows, columns=["slide_id", "status", "reason"]).fillna("")
+    with atomic_path(out_csv) as tmp:
+        table.to_csv(tmp, index=False)
+    return table

@@ -65,7 +65,7 @@ from scipy import ndimage as ndi
 
 from slidetrain.errors import ConfigError, NoTissueError
 from slidetrain.io import atomic_path
-from slidetrain.wsi.image import read_scaled
+from slidetrain.wsi.read import read_scaled
 from slidetrain.wsi.slide import Slide
 
 _STRUCT8 = np.ones((3, 3), dtype=bool)  # 8-connectivity for tissue, as cv2.findContours

@@ -14,8 +14,9 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage as ndi
 
 from slidetrain.io import atomic_path
-from slidetrain.wsi.image import mask_at, read_scaled
+from slidetrain.wsi.image import mask_at
 from slidetrain.wsi.mask import TissueMask
+from slidetrain.wsi.read import read_scaled
 from slidetrain.wsi.slide import Slide
 
 OUTLINE_RGB = (0, 190, 0)  # tissue outline

@@ -32,7 +32,7 @@ from PIL import Image
 
 from slidetrain.errors import ConfigError, NoTissueError, SlideError
 from slidetrain.io import atomic_path
-from slidetrain.wsi.image import level0_downsample
+from slidetrain.wsi.read import level0_downsample
 from slidetrain.wsi.slide import Slide
 
 if TYPE_CHECKING:  # the mask module imports scipy (0.25 s): feature jobs only read tiles
