@@ -407,7 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_attention_figure)
     _add_bench_local_parsers(sub)
+    _add_data_parsers(sub)
     return p
+
+
+def _add_data_parsers(sub) -> None:
+    from slidetrain.data.commands import add_parsers
+
+    add_parsers(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

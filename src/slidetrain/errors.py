@@ -37,3 +37,11 @@ class SplitError(SlidetrainError):
 
 class TrainingError(SlidetrainError):
     """Training diverged (non-finite loss or predictions)."""
+
+
+class DownloadError(SlidetrainError):
+    """A slide or sheet could not be fetched or verified (HTTP error, md5 mismatch, credentials)."""
+
+    def __init__(self, what: str, message: str):
+        self.what = str(what)
+        super().__init__(f"{self.what}: {message}")
