@@ -337,10 +337,14 @@ def check_split(split: pd.DataFrame) -> None:
     parts_of = split.groupby("patient_id", sort=True)["part"].unique()
     leaky = parts_of[parts_of.map(len) > 1]
     if len(leaky):
-        named = [
-            f"{p} (in {', '.join(q for q in PARTS if q in set(parts))})"
-            for p, parts in leaky.items()
-        ]
+        def where(patient) -> str:  # "train: slide_a; test: slide_b"
+            rows = split[split["patient_id"] == patient]
+            return "; ".join(
+                f"{q}: {', '.join(rows.slide_id[rows.part == q].astype(str))}"
+                for q in PARTS if (rows.part == q).any()
+            )
+
+        named = [f"{p} ({where(p)})" for p in leaky.index]
         raise SplitError(
             f"split puts {len(leaky)} patient(s) in more than one part: {_name_some(named)}"
         )
