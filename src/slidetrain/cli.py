@@ -76,7 +76,13 @@ def cmd_split(a: argparse.Namespace) -> None:
     excluded = excluded_slides(a.status) if a.status else {}
     sheet = sheet[~sheet.slide_id.isin(excluded)].reset_index(drop=True)
     if a.official:
-        split = read_official_split(a.official, sheet)
+        split = read_official_split(a.official, sheet, allow_subset=a.official_subset)
+    elif a.counts:  # the local-learning paper's slide counts (slidetrain.data.splits.PAPER_SPLIT_COUNTS)
+        from slidetrain.data.splits import make_split_counts
+
+        test = sheet.slide_id[sheet["official_part"].str.lower() == "test"] if a.fixed_test else None
+        split = make_split_counts(sheet, seed=a.seed, counts=a.counts, test_slides=test)
+        logging.info("split counts %s (asked %s)", split.part.value_counts().to_dict(), a.counts)
     else:
         split = make_split(sheet, seed=a.seed, fractions=tuple(a.fractions))
     write_split(split, a.out)
@@ -288,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--fractions", type=float, nargs=3, default=(0.6, 0.15, 0.25))
     s.add_argument("--official")
+    s.add_argument("--official-subset", action="store_true", help="the official split may leave sheet slides out")
+    s.add_argument("--counts", type=int, nargs=3, help="slides per part (train val test) instead of fractions")
+    s.add_argument("--fixed-test", action="store_true", help="with --counts: the sheet's official_part=test slides are the test part")
     s.add_argument("--status", help="the dataset's QC status table; excluded slides are left out")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_split)
