@@ -2,6 +2,7 @@
 # so every per-slide step is an ordinary wildcard rule and the DAG needs no checkpoints.
 import json
 
+from slidetrain.data.download import is_remote, remote_ext
 from slidetrain.data.sheet import SYNTHETIC, local_path, read_sheet, validate_sheet
 from slidetrain.errors import SlidetrainError
 from snakemake.utils import validate as validate_rows
@@ -89,6 +90,8 @@ def slide_file(dataset, slide):
         raise WorkflowError(f"slide {slide!r} is not in the sheet of dataset {dataset!r}")
     if source == SYNTHETIC:
         return f"resources/{dataset}/slides/{slide}.tiff"
+    if is_remote(source):  # fetched by rule download_slide (workflow/rules/download.smk)
+        return f"resources/{dataset}/slides/{slide}.{remote_ext(source)}"
     return str(local_path(source, Path(dataset_cfg(dataset)["sheet"]).parent))
 
 
@@ -118,6 +121,8 @@ def method_params(method):
 
 def runs_of(dataset, method):
     splits = SPLITS + (["official"] if dataset in OFFICIAL else [])
+    if dataset_cfg(dataset).get("split", {}).get("mccv") is False:  # the official split only (CAMELYON)
+        splits = ["official"]
     if method in IMAGE_METHODS and config.get("training", {}).get("whole_image_splits"):
         splits = splits[: config["training"]["whole_image_splits"]]
     return expand(

@@ -12,8 +12,9 @@ rule make_split:
     params:
         classes=lambda w: " ".join(dataset_cfg(w.dataset)["classes"]),
         seed=lambda w: config["splits"]["seed"] + (0 if w.split == "official" else int(w.split[4:])),
-        fractions=" ".join(map(str, config["splits"]["fractions"])),
+        fractions=lambda w: " ".join(map(str, dataset_split(w.dataset).get("fractions", config["splits"]["fractions"]))),
         official=lambda w, input: f"--official {input.official}" if w.split == "official" else "",
+        paper=lambda w: paper_split_args(w.dataset, w.split),
     conda:
         "../../envs/slidetrain.yaml"
     log:
@@ -22,4 +23,43 @@ rule make_split:
         "benchmarks/{dataset}/splits/{split}.tsv"
     shell:
         "slidetrain split --sheet {input.sheet} --classes {params.classes} --seed {params.seed}"
-        " --fractions {params.fractions} {params.official} --status {input.status} --out {output} > {log} 2>&1"
+        " --fractions {params.fractions} {params.official} {params.paper} --status {input.status} --out {output} > {log} 2>&1"
+
+
+def dataset_split(dataset):
+    """A dataset's own split settings (datasets.X.split), over the global `splits`."""
+    return dataset_cfg(dataset).get("split", {})
+
+
+def paper_split_args(dataset, split):
+    own = dataset_split(dataset)
+    if split == "official":
+        return "--official-subset" if own.get("official_subset") else ""
+    args = []
+    if own.get("counts"):
+        args.append("--counts " + " ".join(map(str, own["counts"])))
+        if own.get("fixed_test"):
+            args.append("--fixed-test")
+    return " ".join(args)
+
+
+# An external test set (Big-Layers: TCGA-PRAD one slide per patient, CAMELYON16 whole): all in `test`.
+rule external_split:
+    input:
+        sheet=lambda w: dataset_cfg(w.dataset)["sheet"],
+        status="results/{dataset}/qc/status.csv",
+    output:
+        "results/{dataset}/splits/external.csv",
+    params:
+        classes=lambda w: " ".join(dataset_cfg(w.dataset)["classes"]),
+        seed=config["splits"]["seed"],
+        one=lambda w: "--one-per-patient" if dataset_split(w.dataset).get("external_one_per_patient") else "",
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/{dataset}/splits/external.log",
+    benchmark:
+        "benchmarks/{dataset}/splits/external.tsv"
+    shell:
+        "slidetrain external-split --sheet {input.sheet} --classes {params.classes} --seed {params.seed}"
+        " {params.one} --status {input.status} --out {output} > {log} 2>&1"

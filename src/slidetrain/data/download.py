@@ -245,6 +245,9 @@ def kaggle_url(competition: str, file_path: str, api: str = KAGGLE_API) -> str:
 
 
 def fetcher_for(source: str, what: str, endpoints: Endpoints | None = None, session=None, s3=None) -> Fetcher:
+    if "EXAMPLE" in source:
+        raise DownloadError(what, f"{source} is a row of a shipped example sheet, not a real file; build the"
+                            " dataset's sheet with `slidetrain sheet DATASET` (see the README)")
     endpoints = endpoints or Endpoints.from_env()
     if source.startswith("gdc:"):
         url = f"{endpoints.gdc_api.rstrip('/')}/data/{source[4:]}"
@@ -400,3 +403,17 @@ def exclusion_reason(path: str | os.PathLike) -> str | None:
     if not head.startswith(EXCLUDED_MARKER):
         return None
     return head[len(EXCLUDED_MARKER):].decode(errors="replace").strip()
+
+
+SLIDE_EXTENSIONS = ("svs", "tif", "tiff", "ndpi", "mrxs", "scn", "bif", "vms")
+
+
+def remote_ext(source: str) -> str:
+    """The file extension a downloaded slide gets: GDC serves diagnostic slides as SVS; otherwise the
+    source path's own extension (CAMELYON .tif, PANDA .tiff)."""
+    if source.startswith("gdc:"):
+        return "svs"
+    ext = source.rsplit("/", 1)[-1].rpartition(".")[2].lower()
+    if ext not in SLIDE_EXTENSIONS:
+        raise DownloadError(source, f"extension {ext!r} is not a slide format; expected one of {SLIDE_EXTENSIONS}")
+    return ext

@@ -36,12 +36,16 @@ def preprocess_or_exclude(
     on_bad_slide: str,
     status_json: str | Path,
 ) -> dict:
+    from slidetrain.data.download import exclusion_reason
     from slidetrain.wsi.preprocess import preprocess_slide
 
     missing = [k for k in OUTPUT_KEYS if k not in outputs]
     if missing:
         raise ValueError(f"preprocess outputs lack {missing}")
     try:
+        download_failure = exclusion_reason(slide_path)  # a download excluded with on_bad_slide: exclude
+        if download_failure is not None:
+            raise SlideError(slide_id, f"not downloaded: {download_failure}")
         timings = preprocess_slide(slide_path, slide_id, **outputs, **params)
     except SlideError as err:
         if on_bad_slide != "exclude":

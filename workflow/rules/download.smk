@@ -1,0 +1,57 @@
+# Slides whose sheet names a remote source (gdc:, s3://, kaggle:, http(s)://) are fetched one file per
+# job to resources/{dataset}/slides/{slide}.{ext}, the path slide_file() hands the per-slide rules.
+# A job is resumable (the partial file survives a kill) and verified (size, md5 from the sheet).
+# `--resources downloads=N` (profiles/) caps concurrent downloads; each job holds one.
+from slidetrain.data.download import SLIDE_EXTENSIONS
+
+
+def _remote_datasets():
+    return sorted(d for d, sheet in SHEETS.items() if sheet.source.map(is_remote).any())
+
+
+REMOTE_DATASETS = _remote_datasets()
+
+
+def download_args(wildcards):
+    row = SHEETS[wildcards.dataset].loc[wildcards.slide]
+    dl = config.get("download", {})
+    args = [f"--source {row.source!r}", f"--retries {dl.get('retries', 5)}", f"--backoff-s {dl.get('backoff_s', 2.0)}",
+            f"--on-bad-slide {config['preprocess']['on_bad_slide']}"]
+    if row.get("md5", ""):
+        args.append(f"--md5 {row.md5}")
+    if row.get("size", ""):
+        args.append(f"--size {row['size']}")
+    for key in ("gdc_api", "kaggle_api", "s3_endpoint"):
+        if dl.get(key):
+            args.append(f"--{key.replace('_', '-')} {dl[key]!r}")
+    return " ".join(args)
+
+
+# Downloads are I/O: on a cluster they run on the submit host (compute nodes often have no internet).
+localrules:
+    download_slide,
+
+
+ruleorder: download_slide > synthesize_slide
+
+
+rule download_slide:
+    wildcard_constraints:
+        dataset=_method_regex(REMOTE_DATASETS),
+        ext="|".join(SLIDE_EXTENSIONS),
+    output:
+        "resources/{dataset}/slides/{slide}.{ext}",
+    params:
+        args=download_args,
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/{dataset}/download/{slide}.{ext}.log",
+    benchmark:
+        "benchmarks/{dataset}/download/{slide}.{ext}.tsv"
+    resources:
+        downloads=1,
+        mem_mb=1000,
+        runtime=240,
+    shell:
+        "slidetrain download {params.args} --slide-id {wildcards.slide} --out {output:q} > {log} 2>&1"
