@@ -37,6 +37,9 @@ class FakeServer:
         self.requests: list[dict] = []
         self.auth_required: str | None = None  # "Basic ..." expected on Kaggle paths
         self.forbidden: bool = False  # Kaggle: rules not accepted
+        self.active = 0  # file bodies being sent now, and the most at once
+        self.max_active = 0
+        self._lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -82,6 +85,16 @@ class FakeServer:
                 self.send_header("Accept-Ranges", "none" if f.ignore_range else "bytes")
                 self.end_headers()
                 limit = f.drop_after.pop(0) if f.drop_after else None
+                with server._lock:
+                    server.active += 1
+                    server.max_active = max(server.max_active, server.active)
+                try:
+                    self._send_body(f, body, limit)
+                finally:
+                    with server._lock:
+                        server.active -= 1
+
+            def _send_body(self, f, body, limit):
                 sent = 0
                 step = 1 << 16
                 while sent < len(body):

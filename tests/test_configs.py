@@ -95,3 +95,42 @@ def test_user_blocks_replace_the_defaults_instead_of_merging():
     assert out["table4"]["datasets"] == ["mine"]
     assert out["bench"] == {"device": "cuda", "threads": 2}  # overlays still merge
     assert replace_named_blocks({"datasets": {"a": {}}}, {}) == {"datasets": {"a": {}}}
+
+
+@pytest.mark.workflow
+def test_workflow_downloads_with_the_concurrency_limit_and_excludes_a_bad_slide(tmp_path):
+    """rule download_slide end to end: http sources from a local server, `--resources downloads=1`
+    (never two bodies at once), a slide whose md5 never matches excluded (on_bad_slide: exclude)."""
+    import hashlib
+    import os
+
+    from fakeservers import FakeFile, FakeServer
+    from slidetrain.data.download import exclusion_reason
+
+    blobs = {f"s{i}": os.urandom(300_000) for i in range(3)}
+    with FakeServer() as server:
+        rows = []
+        for i, (slide, data) in enumerate(blobs.items()):
+            server.files[f"/slides/{slide}.tif"] = FakeFile(data, delay_s=0.3, corrupt=100 if i == 2 else 0)
+            rows.append(f"{slide}\tp{i}\tLUAD\t{server.url}/slides/{slide}.tif\t{hashlib.md5(data).hexdigest()}\t{len(data)}")
+        sheet = tmp_path / "mine.tsv"
+        sheet.write_text("slide_id\tpatient_id\tlabel\tsource\tmd5\tsize\n" + "\n".join(rows) + "\n")
+        config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+        config["datasets"] = {"mine": {"sheet": str(sheet), "classes": ["LUAD", "LUSC"]}}
+        config["table1"] = {"datasets": ["mine"], "methods": ["maxpool"]}
+        config["preprocess"]["on_bad_slide"] = "exclude"
+        config["download"] = {"retries": 1, "backoff_s": 0.01}
+        path = tmp_path / "mine.yaml"
+        path.write_text(yaml.safe_dump(config))
+        targets = [f"resources/mine/slides/{s}.tif" for s in blobs]
+        out = subprocess.run(
+            [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--cores", "3",
+             *targets, "--resources", "downloads=1", "--configfile", str(path)],
+            capture_output=True, text=True, timeout=600, cwd=REPO,
+        )
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert server.max_active == 1
+    for slide in ("s0", "s1"):
+        assert (tmp_path / f"resources/mine/slides/{slide}.tif").read_bytes() == blobs[slide]
+    reason = exclusion_reason(tmp_path / "resources/mine/slides/s2.tif")
+    assert reason is not None and "s2" in reason and "md5" in reason

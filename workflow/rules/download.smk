@@ -2,29 +2,6 @@
 # job to resources/{dataset}/slides/{slide}.{ext}, the path slide_file() hands the per-slide rules.
 # A job is resumable (the partial file survives a kill) and verified (size, md5 from the sheet).
 # `--resources downloads=N` (profiles/) caps concurrent downloads; each job holds one.
-from slidetrain.data.download import SLIDE_EXTENSIONS
-
-
-def _remote_datasets():
-    return sorted(d for d, sheet in SHEETS.items() if sheet.source.map(is_remote).any())
-
-
-REMOTE_DATASETS = _remote_datasets()
-
-
-def download_args(wildcards):
-    row = SHEETS[wildcards.dataset].loc[wildcards.slide]
-    dl = config.get("download", {})
-    args = [f"--source {row.source!r}", f"--retries {dl.get('retries', 5)}", f"--backoff-s {dl.get('backoff_s', 2.0)}",
-            f"--on-bad-slide {config['preprocess']['on_bad_slide']}"]
-    if row.get("md5", ""):
-        args.append(f"--md5 {row.md5}")
-    if row.get("size", ""):
-        args.append(f"--size {row['size']}")
-    for key in ("gdc_api", "kaggle_api", "s3_endpoint"):
-        if dl.get(key):
-            args.append(f"--{key.replace('_', '-')} {dl[key]!r}")
-    return " ".join(args)
 
 
 # Downloads are I/O: on a cluster they run on the submit host (compute nodes often have no internet).

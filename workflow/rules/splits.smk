@@ -26,23 +26,6 @@ rule make_split:
         " --fractions {params.fractions} {params.official} {params.paper} --status {input.status} --out {output} > {log} 2>&1"
 
 
-def dataset_split(dataset):
-    """A dataset's own split settings (datasets.X.split), over the global `splits`."""
-    return dataset_cfg(dataset).get("split", {})
-
-
-def paper_split_args(dataset, split):
-    own = dataset_split(dataset)
-    if split == "official":
-        return "--official-subset" if own.get("official_subset") else ""
-    args = []
-    if own.get("counts"):
-        args.append("--counts " + " ".join(map(str, own["counts"])))
-        if own.get("fixed_test"):
-            args.append("--fixed-test")
-    return " ".join(args)
-
-
 # An external test set (Big-Layers: TCGA-PRAD one slide per patient, CAMELYON16 whole): all in `test`.
 rule external_split:
     input:
