@@ -158,3 +158,19 @@ def test_cli_excludes_a_bad_download_with_a_marker_not_slide_bytes(tmp_path):
         assert proc.returncode == 0, out
     reason = exclusion_reason(dest)
     assert reason is not None and "md5" in reason and DATA[:100] not in dest.read_bytes()
+
+
+def test_preprocessing_turns_a_download_marker_into_an_excluded_slide(tmp_path):
+    from slidetrain.data.download import write_exclusion_marker
+    from slidetrain.errors import SlideError
+    from slidetrain.wsi.exclusion import OUTPUT_KEYS, preprocess_or_exclude, read_status
+
+    slide = tmp_path / "s.svs"
+    write_exclusion_marker(slide, "s", "md5 0123, expected abcd")
+    outputs = {k: tmp_path / f"out_{k}{'.png' if k in ('mask_png', 'qc_path') else '.h5' if k == 'tiles_h5' else '.jpg' if k == 'image_path' else '.json'}"
+               for k in OUTPUT_KEYS}
+    with pytest.raises(SlideError, match="s: not downloaded: s: md5 0123"):
+        preprocess_or_exclude(slide, "s", outputs, {}, "error", tmp_path / "status.json")
+    preprocess_or_exclude(slide, "s", outputs, {}, "exclude", tmp_path / "status.json")
+    status = read_status(tmp_path / "status.json")
+    assert status["status"] == "excluded" and "md5 0123" in status["reason"]
