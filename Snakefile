@@ -9,11 +9,18 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+# A user's --configfile replaces the default's datasets and method blocks instead of merging into them.
+from slidetrain.workflow_config import replace_named_blocks
+
+replace_named_blocks(config, workflow.config_settings.overwrite_config)
+
+
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/slides.smk"
+include: "workflow/rules/download.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/splits.smk"

@@ -37,7 +37,7 @@ def test_unknown_label_names_it_and_the_expected_classes(tmp_path):
 
 
 def test_duplicate_slide_id(tmp_path):
-    with pytest.raises(SheetError, match=r"duplicate slide_id.*'a'"):
+    with pytest.raises(SheetError, match=r"duplicate slide_id.*a \(rows 2, 3\)"):
         read_sheet(write(tmp_path, [row("a"), row("a", patient="q")]), CLASSES)
 
 

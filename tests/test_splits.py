@@ -216,7 +216,7 @@ def test_check_split_accepts_a_good_split():
 def test_check_split_names_a_patient_in_two_parts():
     split = good_split()
     split.loc[1, "part"] = "test"
-    with pytest.raises(SplitError, match=r"A \(in train, test\)"):
+    with pytest.raises(SplitError, match=r"A \(train: a1; test: a2\)"):
         check_split(split)
 
 
@@ -265,7 +265,7 @@ def test_read_split_rejects_a_leaky_file(tmp_path):
     split = good_split()
     split.loc[1, "part"] = "val"
     split.to_csv(path, index=False)
-    with pytest.raises(SplitError, match=r"s\.csv.*A \(in train, val\)"):
+    with pytest.raises(SplitError, match=r"s\.csv.*A \(train: a1; val: a2\)"):
         read_split(path)
     good_split().drop(columns="label").to_csv(path, index=False)
     with pytest.raises(SplitError, match="label"):
@@ -364,7 +364,7 @@ def test_official_split_errors(tmp_path):
         read_official_split(path, sheet)
 
     write_long(path, {**EXPECTED_PARTS, "s2": "test"})  # patient P1 in train and test
-    with pytest.raises(SplitError, match=r"P1 \(in train, test\)"):
+    with pytest.raises(SplitError, match=r"P1 \(train: s1; test: s2\)"):
         read_official_split(path, sheet)
 
     path.write_text("train,val,test\ns1,s4,s5\ns2,s1,s6\ns3,,\n")  # s1 in two parts

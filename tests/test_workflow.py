@@ -41,7 +41,8 @@ def tiny_run(tmp_path_factory):
     bad = pd.DataFrame([{"slide_id": "broken_01", "patient_id": "pat_bad", "label": "normal",
                          "source": str(work / "not_a_slide.svs")}])
     pd.concat([sheet, bad]).to_csv(work / "config" / "sheets" / "synthetic.tsv", sep="\t", index=False)
-    proc = snakemake(work, "results/tables/table1.csv", "results/tables/table4.csv", "results/bench/preprocess.csv")
+    proc = snakemake(work, "results/tables/table1.csv", "results/tables/table4.csv", "results/bench/preprocess.csv",
+                     "results/qc/excluded.csv")
     return work, proc
 
 

@@ -106,7 +106,13 @@ def cmd_split(a: argparse.Namespace) -> None:
 
         sheet = relabel(sheet, a.label_map)
     if a.official:
-        split = read_official_split(a.official, sheet)
+        split = read_official_split(a.official, sheet, allow_subset=a.official_subset)
+    elif a.counts:  # the local-learning paper's slide counts (slidetrain.data.splits.PAPER_SPLIT_COUNTS)
+        from slidetrain.data.splits import make_split_counts
+
+        test = sheet.slide_id[sheet["official_part"].str.lower() == "test"] if a.fixed_test else None
+        split = make_split_counts(sheet, seed=a.seed, counts=a.counts, test_slides=test)
+        logging.info("split counts %s (asked %s)", split.part.value_counts().to_dict(), a.counts)
     else:
         split = make_split(sheet, seed=a.seed, fractions=tuple(a.fractions))
     write_split(split, a.out)
@@ -548,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--fractions", type=float, nargs=3, default=(0.6, 0.15, 0.25))
     s.add_argument("--official")
+    s.add_argument("--official-subset", action="store_true", help="the official split may leave sheet slides out")
+    s.add_argument("--counts", type=int, nargs=3, help="slides per part (train val test) instead of fractions")
+    s.add_argument("--fixed-test", action="store_true", help="with --counts: the sheet's official_part=test slides are the test part")
     s.add_argument("--status", help="the dataset's QC status table; excluded slides are left out")
     s.add_argument("--label-map", type=_json_arg, help="JSON {label: new label}: a derived dataset's labels")
     s.add_argument("--out", required=True)
@@ -674,6 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_offload_parsers(sub)
     _add_e2e_distributed_parsers(sub)
     _add_tilebag_parsers(sub)
+    _add_data_parsers(sub)
     return p
 
 
@@ -747,6 +757,12 @@ def _add_e2e_distributed_parsers(sub) -> None:
     s.add_argument("--plain", nargs="+", required=True, help="plain runs at the same tiles, in --parallel's order")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_e2e_scaling)
+
+
+def _add_data_parsers(sub) -> None:
+    from slidetrain.data.commands import add_parsers
+
+    add_parsers(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 # so every shard of slides is known at parse time and the DAG needs no checkpoints.
 import json
 
+from slidetrain.data.download import SLIDE_EXTENSIONS, is_remote, remote_ext
 from slidetrain.data.sheet import SYNTHETIC, local_path, read_sheet, validate_sheet
 from slidetrain.errors import SlidetrainError
 from snakemake.utils import validate as validate_rows
@@ -159,6 +160,8 @@ def slide_file(dataset, slide):
         raise WorkflowError(f"slide {slide!r} is not in the sheet of dataset {dataset!r}")
     if source == SYNTHETIC:
         return f"resources/{dataset}/slides/{slide}.tiff"
+    if is_remote(source):  # fetched by rule download_slide (workflow/rules/download.smk)
+        return f"resources/{dataset}/slides/{slide}.{remote_ext(source)}"
     return str(local_path(source, Path(dataset_cfg(dataset)["sheet"]).parent))
 
 
@@ -179,6 +182,8 @@ def method_params(method):
 
 def runs_of(dataset, method):
     splits = SPLITS + (["official"] if dataset in OFFICIAL else [])
+    if dataset_cfg(dataset).get("split", {}).get("mccv") is False:  # the official split only (CAMELYON)
+        splits = ["official"]
     if method in IMAGE_METHODS and config.get("training", {}).get("whole_image_splits"):
         splits = splits[: config["training"]["whole_image_splits"]]
     return expand(
@@ -422,3 +427,41 @@ def bench_shard():
     """(dataset, shard) timed by the feature-throughput benchmark: the first shard of Table 1's first dataset."""
     dataset = config["table1"]["datasets"][0]
     return dataset, next(iter(SHARDS[dataset]))
+# Real data (workflow/rules/download.smk, splits.smk): remote slides and per-dataset split settings.
+def _remote_datasets():
+    return sorted(d for d, sheet in SHEETS.items() if sheet.source.map(is_remote).any())
+
+
+REMOTE_DATASETS = _remote_datasets()
+
+
+def download_args(wildcards):
+    row = SHEETS[wildcards.dataset].loc[wildcards.slide]
+    dl = config.get("download", {})
+    args = [f"--source {row.source!r}", f"--retries {dl.get('retries', 5)}", f"--backoff-s {dl.get('backoff_s', 2.0)}",
+            f"--on-bad-slide {config['preprocess']['on_bad_slide']}"]
+    if row.get("md5", ""):
+        args.append(f"--md5 {row.md5}")
+    if row.get("size", ""):
+        args.append(f"--size {row['size']}")
+    for key in ("gdc_api", "kaggle_api", "s3_endpoint"):
+        if dl.get(key):
+            args.append(f"--{key.replace('_', '-')} {dl[key]!r}")
+    return " ".join(args)
+
+
+def dataset_split(dataset):
+    """A dataset's own split settings (datasets.X.split), over the global `splits`."""
+    return dataset_cfg(dataset).get("split", {})
+
+
+def paper_split_args(dataset, split):
+    own = dataset_split(dataset)
+    if split == "official":
+        return "--official-subset" if own.get("official_subset") else ""
+    args = []
+    if own.get("counts"):
+        args.append("--counts " + " ".join(map(str, own["counts"])))
+        if own.get("fixed_test"):
+            args.append("--fixed-test")
+    return " ".join(args)

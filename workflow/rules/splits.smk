@@ -12,9 +12,10 @@ rule make_split:
     params:
         classes=lambda w: " ".join(dataset_cfg(base_dataset(w.dataset))["classes"]),
         seed=lambda w: config["splits"]["seed"] + (0 if w.split == "official" else int(w.split[4:])),
-        fractions=" ".join(map(str, config["splits"]["fractions"])),
+        fractions=lambda w: " ".join(map(str, dataset_split(w.dataset).get("fractions", config["splits"]["fractions"]))),
         official=lambda w, input: f"--official {input.official}" if w.split == "official" else "",
         label_map=lambda w: f"--label-map '{json.dumps(DERIVED[w.dataset]['label_map'])}'" if w.dataset in DERIVED else "",
+        paper=lambda w: paper_split_args(w.dataset, w.split),
     conda:
         "../../envs/slidetrain.yaml"
     log:
@@ -23,4 +24,26 @@ rule make_split:
         "benchmarks/{dataset}/splits/{split}.tsv"
     shell:
         "slidetrain split --sheet {input.sheet} --classes {params.classes} --seed {params.seed}"
-        " --fractions {params.fractions} {params.official} {params.label_map} --status {input.status} --out {output} > {log} 2>&1"
+        " --fractions {params.fractions} {params.official} {params.label_map} {params.paper} --status {input.status} --out {output} > {log} 2>&1"
+
+
+# An external test set (Big-Layers: TCGA-PRAD one slide per patient, CAMELYON16 whole): all in `test`.
+rule external_split:
+    input:
+        sheet=lambda w: dataset_cfg(w.dataset)["sheet"],
+        status="results/{dataset}/qc/status.csv",
+    output:
+        "results/{dataset}/splits/external.csv",
+    params:
+        classes=lambda w: " ".join(dataset_cfg(w.dataset)["classes"]),
+        seed=config["splits"]["seed"],
+        one=lambda w: "--one-per-patient" if dataset_split(w.dataset).get("external_one_per_patient") else "",
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/{dataset}/splits/external.log",
+    benchmark:
+        "benchmarks/{dataset}/splits/external.tsv"
+    shell:
+        "slidetrain external-split --sheet {input.sheet} --classes {params.classes} --seed {params.seed}"
+        " {params.one} --status {input.status} --out {output} > {log} 2>&1"

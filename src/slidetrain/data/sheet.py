@@ -15,6 +15,8 @@ import pandas as pd
 from slidetrain.errors import SheetError
 
 COLUMNS = ("slide_id", "patient_id", "label", "source")
+# Optional columns checked when present (sheets built from a source carry them); others pass through.
+MD5_PATTERN = re.compile(r"^([0-9a-fA-F]{32})?$")
 SLIDE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # safe as a file name and a wildcard
 SYNTHETIC = "synthetic"
 
@@ -42,7 +44,7 @@ def validate_sheet(
     missing = [c for c in COLUMNS if c not in sheet.columns]
     if missing:
         raise SheetError(f"{where}: missing column(s) {missing}; expected columns {list(COLUMNS)}")
-    sheet = sheet.loc[:, list(COLUMNS)].copy()
+    sheet = sheet.copy()  # extra columns (md5, size, data_provider, official_part, ...) pass through
     for col in COLUMNS:
         sheet[col] = sheet[col].astype(str).str.strip()
         empty = sheet.index[sheet[col] == ""].tolist()
@@ -53,9 +55,20 @@ def validate_sheet(
         raise SheetError(
             f"{where}: slide_id(s) {bad_ids[:10]} are not usable as file names; expected letters, digits, '.', '_' or '-'"
         )
-    dup = sheet.slide_id[sheet.slide_id.duplicated()].unique().tolist()
-    if dup:
-        raise SheetError(f"{where}: duplicate slide_id(s) {dup[:10]}; each slide must appear once")
+    dup = sheet.slide_id[sheet.slide_id.duplicated(keep=False)]
+    if len(dup):
+        rows = [f"{s} (rows {', '.join(str(i + 2) for i in dup.index[dup == s])})" for s in dup.unique()[:10]]
+        raise SheetError(f"{where}: duplicate slide_id(s) {rows} (1-based, header = row 1); each slide must appear once")
+    for col, ok, expected in (
+        ("md5", lambda v: bool(MD5_PATTERN.match(v)), "32 hex digits or empty"),
+        ("size", lambda v: v == "" or v.isdigit(), "a byte count or empty"),
+    ):
+        if col in sheet.columns:
+            values = sheet[col].astype(str).str.strip()
+            bad = sheet.index[~values.map(ok)].tolist()
+            if bad:
+                raise SheetError(f"{where}: bad {col!r} in row(s) {[i + 2 for i in bad[:10]]}; expected {expected}")
+            sheet[col] = values
     unknown = sorted(set(sheet.label) - set(class_names))
     if unknown:
         rows = sheet.slide_id[sheet.label.isin(unknown)].tolist()[:5]

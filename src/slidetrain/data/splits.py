@@ -12,6 +12,7 @@ in one part, so no patient is seen in training and tested on.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +37,7 @@ _PART_ALIASES = {
     "test": "test",
     "testing": "test",
 }
+log = logging.getLogger(__name__)
 _MAX_NAMED = 10  # how many offending ids an error message lists
 
 
@@ -261,7 +263,7 @@ def _parse_wide(table: pd.DataFrame, part_cols: dict[str, str], path: Path) -> p
     return pd.concat(rows, ignore_index=True)
 
 
-def read_official_split(path: str | os.PathLike, sheet: pd.DataFrame) -> pd.DataFrame:
+def read_official_split(path: str | os.PathLike, sheet: pd.DataFrame, allow_subset: bool = False) -> pd.DataFrame:
     """Read a published split and join it to the sheet.
 
     Layouts accepted (CSV, or TSV when the file ends in .tsv):
@@ -273,6 +275,8 @@ def read_official_split(path: str | os.PathLike, sheet: pd.DataFrame) -> pd.Data
       val, test.
     Every slide of the split must be in the sheet and vice versa. Returns the
     same columns as make_split, in sheet order; SplitError otherwise.
+    With `allow_subset` the split may leave sheet slides out (Song et al.'s PANDA split drops
+    1,061 noisy slides): they are in no part, and the log says how many.
     """
     path = Path(path)
     sheet_slides = _check_sheet(sheet)
@@ -286,8 +290,9 @@ def read_official_split(path: str | os.PathLike, sheet: pd.DataFrame) -> pd.Data
         part = _normalise_part(col)
         if part is not None and part not in wide_cols:
             wide_cols[part] = col
-    if "slide_id" in lower and part_col is not None:
-        table = table.rename(columns={lower["slide_id"]: "slide_id"})
+    id_col = next((lower[c] for c in ("slide_id", "image_id", "slide") if c in lower), None)
+    if id_col is not None and part_col is not None:
+        table = table.rename(columns={id_col: "slide_id"})
         parsed = _parse_long(table, part_col, path)
     elif set(wide_cols) == set(PARTS):
         parsed = _parse_wide(table, {p: wide_cols[p] for p in PARTS}, path)
@@ -309,7 +314,10 @@ def read_official_split(path: str | os.PathLike, sheet: pd.DataFrame) -> pd.Data
         )
     listed = set(parsed["slide_id"])
     absent = [s for s in sheet_slides["slide_id"] if s not in listed]
-    if absent:
+    if absent and allow_subset:
+        log.warning("split file %s leaves %d sheet slide(s) out, e.g. %s", path, len(absent), _name_some(absent[:5]))
+        sheet_slides = sheet_slides[sheet_slides.slide_id.isin(listed)]
+    elif absent:
         raise SplitError(
             f"split file {path}: {len(absent)} slide(s) of the slide sheet are in no part:"
             f" {_name_some(absent)}"
@@ -337,10 +345,14 @@ def check_split(split: pd.DataFrame) -> None:
     parts_of = split.groupby("patient_id", sort=True)["part"].unique()
     leaky = parts_of[parts_of.map(len) > 1]
     if len(leaky):
-        named = [
-            f"{p} (in {', '.join(q for q in PARTS if q in set(parts))})"
-            for p, parts in leaky.items()
-        ]
+        def where(patient) -> str:  # "train: slide_a; test: slide_b"
+            rows = split[split["patient_id"] == patient]
+            return "; ".join(
+                f"{q}: {', '.join(rows.slide_id[rows.part == q].astype(str))}"
+                for q in PARTS if (rows.part == q).any()
+            )
+
+        named = [f"{p} ({where(p)})" for p in leaky.index]
         raise SplitError(
             f"split puts {len(leaky)} patient(s) in more than one part: {_name_some(named)}"
         )
@@ -375,3 +387,132 @@ def read_split(path: str | os.PathLike) -> pd.DataFrame:
     except SplitError as err:
         raise SplitError(f"split file {path}: {err}") from None
     return split[list(SPLIT_COLUMNS)]
+
+
+# ------------------------------------------------------------------------ the papers' splits
+
+# Local-learning paper (Zhang et al. 2022), slides per part (train, val, test). LKS's 205 test slides
+# are the dataset's own test set (sheet column official_part = test); train/val are drawn from the rest.
+PAPER_SPLIT_COUNTS = {
+    "TCGA-NSCLC": (663, 166, 214),
+    "TCGA-RCC": (603, 150, 186),
+    "LKS": (383, 96, 205),
+}
+
+
+def make_split_counts(
+    sheet: pd.DataFrame,
+    seed: int,
+    counts: Sequence[int],
+    *,
+    test_slides: Sequence[str] | None = None,
+    class_order: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """A seeded, label-stratified, patient-grouped split aiming at slide counts per part.
+
+    Per class, the slides are shared out in proportion to `counts` (rounded as make_split rounds
+    patients), then the class's patients, in a seeded order, fill train, then val, then test.
+    With one slide per patient the parts get exactly the rounded counts; with more, a part may
+    overshoot by a patient's slides. Counts that do not sum to the number of slides are scaled.
+    `test_slides` fixes the test part (a dataset's own test set): train and val are drawn from
+    the other slides in the ratio counts[0]:counts[1].
+    """
+    seed = _check_seed(seed)
+    if len(counts) != 3 or any(int(c) < 1 for c in counts):
+        raise ConfigError(f"split counts = {list(counts)}; expected three positive slide counts (train, val, test)")
+    slides = _check_sheet(sheet)
+    fixed = pd.Series(False, index=slides.index)
+    if test_slides is not None:
+        unknown = sorted(set(test_slides) - set(slides.slide_id))
+        if unknown:
+            raise SplitError(f"test slide(s) {_name_some(unknown)} are not in the slide sheet")
+        fixed = slides.slide_id.isin(set(test_slides))
+        fixed_patients = set(slides.patient_id[fixed])
+        mixed = sorted(fixed_patients & set(slides.patient_id[~fixed]))
+        if mixed:
+            raise SplitError(f"patient(s) {_name_some(mixed)} have slides in the fixed test set and outside it")
+    free = slides[~fixed]
+    n_parts = 2 if test_slides is not None else 3
+    fractions = np.asarray(counts[:n_parts], dtype=float)
+    fractions = np.concatenate([fractions / fractions.sum(), np.zeros(3 - n_parts)]) if n_parts == 2 else fractions / fractions.sum()
+
+    patient_label = _patient_labels(free, class_order)
+    n_slides = free.groupby("patient_id", sort=True).size()
+    slides_per_class = n_slides.groupby(patient_label).sum().sort_index()
+    rng = np.random.default_rng(seed)
+    part_of_patient: dict[str, str] = dict.fromkeys(set(slides.patient_id[fixed]), "test")
+    for cls, alloc in _allocate_slides(slides_per_class, fractions, n_parts).items():
+        patients = patient_label.index[patient_label == cls].to_numpy()
+        patients = patients[rng.permutation(len(patients))]
+        bounds = np.cumsum(alloc)
+        assigned = 0
+        for patient in patients:
+            part = PARTS[min(int(np.searchsorted(bounds, assigned, side="right")), n_parts - 1)]
+            part_of_patient[patient] = part
+            assigned += int(n_slides[patient])
+    split = slides.assign(part=slides["patient_id"].map(part_of_patient))
+    check_split(split)
+    return split[list(SPLIT_COLUMNS)]
+
+
+def _allocate_slides(per_class: pd.Series, fractions: np.ndarray, n_parts: int) -> dict[str, np.ndarray]:
+    """_allocate over the first n_parts parts (the others get none)."""
+    if n_parts == 3:
+        return _allocate(per_class, fractions)
+    out = {}
+    carry = 0.0
+    for cls, n in per_class.items():  # two parts: round train, the rest to val, carrying the error
+        target = n * fractions[0] + carry
+        train = int(min(max(round(target), 1), n - 1)) if n > 1 else n
+        carry = target - train
+        out[cls] = np.array([train, n - train])
+    return out
+
+
+def official_from_sheet(sheet: pd.DataFrame, seed: int, n_val_slides: int, part_column: str = "official_part") -> pd.DataFrame:
+    """A challenge's train/test split (sheet column `part_column`) with a seeded validation part
+    drawn from the training patients until it holds at least `n_val_slides` slides (Big-Layers:
+    50 CAMELYON17 training slides; whole patients, 5 slides each, so no patient is in two parts)."""
+    seed = _check_seed(seed)
+    if part_column not in sheet.columns:
+        raise SheetError(f"slide sheet has no {part_column!r} column (train/test); build it with `slidetrain sheet`")
+    slides = _check_sheet(sheet)
+    given = sheet[part_column].astype(str).str.strip().str.lower().reset_index(drop=True)
+    bad = sorted(set(given) - {"train", "test"})
+    if bad:
+        raise SheetError(f"slide sheet {part_column} value(s) {bad}; expected train or test")
+    train_patients = np.array(sorted(set(slides.patient_id[given == "train"])))
+    per_patient = slides[given == "train"].groupby("patient_id").size()
+    rng = np.random.default_rng(seed)
+    val, n = set(), 0
+    for patient in train_patients[rng.permutation(len(train_patients))]:
+        if n >= n_val_slides:
+            break
+        val.add(patient)
+        n += int(per_patient[patient])
+    part = np.where(given == "test", "test", np.where(slides.patient_id.isin(val), "val", "train"))
+    split = slides.assign(part=part)
+    check_split(split)
+    return split[list(SPLIT_COLUMNS)]
+
+
+def external_test_split(sheet: pd.DataFrame, seed: int, one_per_patient: bool) -> pd.DataFrame:
+    """An external test set: every slide in part `test`, or (Big-Layers' TCGA-PRAD) one slide per
+    patient drawn with the seed. Written with write_external_split (no train/val parts)."""
+    seed = _check_seed(seed)
+    slides = _check_sheet(sheet)
+    if one_per_patient:
+        rng = np.random.default_rng(seed)
+        keep = []
+        for _, rows in slides.groupby("patient_id", sort=True):
+            keep.append(rows.index[rng.integers(len(rows))])
+        slides = slides.loc[sorted(keep)]
+    return slides.assign(part="test")[list(SPLIT_COLUMNS)].reset_index(drop=True)
+
+
+def write_external_split(split: pd.DataFrame, path: str | os.PathLike) -> None:
+    bad = sorted(set(split["part"]) - {"test"})
+    if bad or split.slide_id.duplicated().any():
+        raise SplitError(f"external test split for {path}: parts {bad} / duplicate slides; expected test only")
+    with atomic_path(path) as tmp:
+        split[list(SPLIT_COLUMNS)].to_csv(tmp, index=False)

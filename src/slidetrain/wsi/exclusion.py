@@ -37,6 +37,7 @@ def preprocess_or_exclude(
     status_json: str | Path,
     fingerprint: str | None = None,
 ) -> dict:
+    from slidetrain.data.download import exclusion_reason
     from slidetrain.wsi.preprocess import preprocess_slide
 
     # The status file is written last: it marks the slide complete (with the parameters' fingerprint).
@@ -45,6 +46,9 @@ def preprocess_or_exclude(
     if missing:
         raise ValueError(f"preprocess outputs lack {missing}")
     try:
+        download_failure = exclusion_reason(slide_path)  # a download excluded with on_bad_slide: exclude
+        if download_failure is not None:
+            raise SlideError(slide_id, f"not downloaded: {download_failure}")
         timings = preprocess_slide(slide_path, slide_id, **outputs, **params)
     except SlideError as err:
         if on_bad_slide != "exclude":

@@ -1,0 +1,124 @@
+"""`slidetrain download` and `slidetrain sheet <dataset>`: the real-data subcommands (cli.py adds them)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def cmd_download(a: argparse.Namespace) -> None:
+    from slidetrain.data.download import Endpoints, download, write_exclusion_marker
+    from slidetrain.errors import DownloadError
+
+    endpoints = Endpoints.from_env(gdc_api=a.gdc_api, kaggle_api=a.kaggle_api, s3_endpoint=a.s3_endpoint)
+    try:
+        download(
+            a.source, a.out, slide_id=a.slide_id, md5=a.md5 or None, size=a.size, retries=a.retries,
+            backoff_s=a.backoff_s, progress=not a.no_progress, endpoints=endpoints,
+        )
+    except DownloadError as err:
+        if a.on_bad_slide != "exclude":
+            raise
+        log.warning("excluding %s: %s", a.slide_id, err)
+        write_exclusion_marker(a.out, a.slide_id, str(err))
+
+
+def cmd_sheet(a: argparse.Namespace) -> None:
+    """Build config/sheets/<dataset>.tsv from the dataset's source (needs internet)."""
+    from pathlib import Path
+
+    from slidetrain.data.download import Endpoints, s3_client
+    from slidetrain.data.sheet import validate_sheet
+    from slidetrain.io import atomic_path
+
+    endpoints = Endpoints.from_env(gdc_api=a.gdc_api, kaggle_api=a.kaggle_api, s3_endpoint=a.s3_endpoint)
+    left_out = None
+    if a.dataset.startswith("tcga_"):
+        from slidetrain.data.sources.gdc import gdc_sheet
+
+        sheet, left_out = gdc_sheet(a.dataset, api=endpoints.gdc_api)
+    elif a.dataset in ("camelyon16", "camelyon17"):
+        from slidetrain.data.sources import camelyon
+
+        client = s3_client(endpoints.s3_endpoint)
+        if a.dataset == "camelyon16":
+            sheet, left_out = camelyon.camelyon16_sheet(client, bucket=a.bucket)
+        else:
+            sheet, left_out = camelyon.camelyon17_sheet(client, bucket=a.bucket, itc_label=a.itc_label)
+    elif a.dataset == "panda":
+        from slidetrain.data.sources.panda import panda_sheet
+
+        sheet = panda_sheet(api=endpoints.kaggle_api)
+    else:  # argparse choices keep other names out
+        raise AssertionError(a.dataset)
+    classes = sorted(set(sheet.label))
+    validate_sheet(sheet, classes, where=f"{a.dataset} sheet", check_files=False)
+    out = Path(a.out or f"config/sheets/{a.dataset}.tsv")
+    with atomic_path(out) as tmp:
+        sheet.to_csv(tmp, sep="\t", index=False)
+    log.info("%s: %d slides, labels %s -> %s", a.dataset, len(sheet), sheet.label.value_counts().to_dict(), out)
+    if left_out is not None and len(left_out):
+        listed = out.with_name(f"{out.stem}.left_out.tsv")
+        with atomic_path(listed) as tmp:
+            left_out.to_csv(tmp, sep="\t", index=False)
+        log.warning("%s: %d slide(s) left out, with reasons, in %s", a.dataset, len(left_out), listed)
+    if a.dataset == "camelyon17":  # the official split, with the seeded validation part, as a file
+        from slidetrain.data.splits import official_from_sheet, write_split
+
+        split = official_from_sheet(sheet, seed=a.seed, n_val_slides=a.n_val)
+        write_split(split, out.with_name(f"{out.stem}.official.csv"))
+
+
+def cmd_external_split(a: argparse.Namespace) -> None:
+    from slidetrain.data.sheet import read_sheet
+    from slidetrain.data.splits import external_test_split, write_external_split
+    from slidetrain.wsi.exclusion import excluded_slides
+
+    sheet = read_sheet(a.sheet, a.classes, check_files=False)
+    excluded = excluded_slides(a.status) if a.status else {}
+    sheet = sheet[~sheet.slide_id.isin(excluded)].reset_index(drop=True)
+    write_external_split(external_test_split(sheet, a.seed, a.one_per_patient), a.out)
+
+
+def add_parsers(sub) -> None:
+    from slidetrain.data.sources import DATASETS
+
+    s = sub.add_parser("sheet", help="build a dataset's slide sheet from its source (GDC, S3, Kaggle; needs internet)")
+    s.add_argument("dataset", choices=DATASETS)
+    s.add_argument("--out", help="default config/sheets/DATASET.tsv")
+    s.add_argument("--gdc-api")
+    s.add_argument("--kaggle-api")
+    s.add_argument("--s3-endpoint")
+    s.add_argument("--bucket", default="camelyon-dataset")
+    s.add_argument("--itc-label", choices=["tumor", "normal"], default="tumor",
+                   help="CAMELYON17 slides with isolated tumour cells (see slidetrain.data.sources.camelyon)")
+    s.add_argument("--seed", type=int, default=0, help="CAMELYON17: seed of the 50 validation slides")
+    s.add_argument("--n-val", type=int, default=50, help="CAMELYON17: validation slides drawn from train")
+    s.set_defaults(func=cmd_sheet)
+
+    s = sub.add_parser("external-split", help="an external test set: every slide, or one per patient, in part test")
+    s.add_argument("--sheet", required=True)
+    s.add_argument("--classes", nargs="+", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--one-per-patient", action="store_true")
+    s.add_argument("--status", help="the dataset's QC status table (excluded slides are left out)")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_external_split)
+
+    s = sub.add_parser("download", help="fetch one slide (resumable, md5-verified) from gdc:, s3://, kaggle: or http(s)")
+    s.add_argument("--source", required=True, help="the sheet's source: gdc:ID, s3://BUCKET/KEY, kaggle:COMP/PATH, URL")
+    s.add_argument("--out", required=True)
+    s.add_argument("--slide-id", required=True)
+    s.add_argument("--md5", default="", help="expected md5 (hex); empty = size check only")
+    s.add_argument("--size", type=int, default=None, help="expected size in bytes")
+    s.add_argument("--retries", type=int, default=5)
+    s.add_argument("--backoff-s", type=float, default=2.0, help="wait before retry i: BACKOFF * 2**(i-1)")
+    s.add_argument("--on-bad-slide", choices=["error", "exclude"], default="error",
+                   help="exclude: a slide that cannot be fetched or verified is left out (QC table), not an error")
+    s.add_argument("--gdc-api", help="GDC API base (default https://api.gdc.cancer.gov or $SLIDETRAIN_GDC_API)")
+    s.add_argument("--kaggle-api", help="Kaggle API base (default https://www.kaggle.com/api/v1)")
+    s.add_argument("--s3-endpoint", help="S3 endpoint URL (default AWS)")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_download)
