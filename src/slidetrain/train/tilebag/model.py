@@ -44,6 +44,10 @@ class TileBagConfig(TrainConfig):
     eval_k: int = 0  # 0 = k
     eval_repeats: int = 1
     eval_chunk: int = 256  # tiles per encoder call at evaluation
+    # BatchNorm at evaluation: running (torch's eval mode: the running statistics) | bag (each encoder
+    # call normalised by its own tiles' statistics, as every training step is: one slide per step means
+    # BN's batch is one slide's bag; running statistics never change). See README for why it matters.
+    eval_bn: str = "running"
     # The authors' optimiser (REFERENCE_NOTES "Multi-GPU end-to-end")
     epochs: int = 40
     optimizer: str = "sgd"
@@ -65,6 +69,8 @@ class TileBagConfig(TrainConfig):
             raise ValueError(f"encoder: expected one of {list(ENCODER_MODES)}, got {self.encoder!r}")
         if self.eval_tiles not in EVAL_MODES:
             raise ValueError(f"eval_tiles: expected one of {list(EVAL_MODES)}, got {self.eval_tiles!r}")
+        if self.eval_bn not in ("running", "bag"):
+            raise ValueError(f"eval_bn: expected running or bag, got {self.eval_bn!r}")
         if self.k < 1 or self.eval_k < 0 or self.eval_repeats < 1 or self.eval_chunk < 1:
             raise ValueError("k, eval_repeats and eval_chunk must be >= 1 and eval_k >= 0")
         if not 0 < self.slides_per_epoch <= 1:
@@ -115,3 +121,19 @@ def selection_metric(cfg: TileBagConfig, ordinal: bool) -> str:
     if cfg.selection_metric not in allowed:
         raise ConfigError(f"selection_metric: expected auto or one of {list(allowed)}, got {cfg.selection_metric!r}")
     return cfg.selection_metric
+
+
+def bag_statistics_copy(encoder: nn.Module) -> nn.Module:
+    """A copy of `encoder` whose BatchNorm layers normalise with each call's batch statistics (eval_bn: bag).
+
+    Without running buffers, BatchNorm uses the batch's statistics even in eval mode and updates
+    nothing, so the trained encoder's state stays untouched.
+    """
+    import copy
+
+    bag = copy.deepcopy(encoder)
+    for m in bag.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean, m.running_var, m.num_batches_tracked = None, None, None
+            m.track_running_stats = False
+    return bag.eval()

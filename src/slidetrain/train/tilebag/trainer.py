@@ -30,7 +30,13 @@ from slidetrain.errors import ConfigError, TrainingError
 from slidetrain.evaluate.metrics import classification_metrics
 from slidetrain.train.optim import build_optimizer, build_scheduler
 from slidetrain.train.tilebag.executors import StepContext, build_executor
-from slidetrain.train.tilebag.model import TileBagConfig, TileBagModel, param_groups, set_train_mode
+from slidetrain.train.tilebag.model import (
+    TileBagConfig,
+    TileBagModel,
+    bag_statistics_copy,
+    param_groups,
+    set_train_mode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +177,7 @@ class TileBagTrainer:
         bags = EvalBags(refs, sampling, mode=mode, chunk=cfg.eval_chunk, repeats=repeats,
                         seed=self.seed if seed is None else seed)
         self.model.eval()
+        encoder = bag_statistics_copy(self.model.encoder) if cfg.eval_bn == "bag" else self.model.encoder
         n_classes = None
         probs: dict[tuple[int, int], np.ndarray] = {}
         attention: list[np.ndarray | None] = [None] * len(refs)
@@ -183,7 +190,7 @@ class TileBagTrainer:
         for item in loader:
             item = check_item(item)
             with autocast():
-                chunks.append(self.model.encoder(item["tiles"].to(self.device)).float())  # (B, D)
+                chunks.append(encoder(item["tiles"].to(self.device)).float())  # (B, D)
             chunk_coords.append(item["coords"].numpy())
             if not item["last"]:
                 continue
