@@ -709,6 +709,9 @@ def cmd_e2e_parallel(a: argparse.Namespace) -> None:
                            checkpoint=Path(a.checkpoint) if a.checkpoint else None,
                            checkpoint_every=a.checkpoint_every, fault=Fault.parse(a.fault),
                            pseudo_loss_factor=a.pseudo_loss_factor)
+    import torch
+
+    torch.set_num_threads(a.threads)  # per rank; a job's OMP_NUM_THREADS would oversubscribe the cores
     result = run_parallel(spec_from_dict(a.spec), opts)
     if result is not None:  # rank 0
         save_result(result, Path(a.out))
@@ -744,6 +747,7 @@ def _add_e2e_distributed_parsers(sub) -> None:
     s.add_argument("--timeout-s", type=float, default=300.0, help="collective timeout")
     s.add_argument("--checkpoint", help="resume from / write to this file (rank 0 writes)")
     s.add_argument("--checkpoint-every", type=int, default=1)
+    s.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     s.add_argument("--fault", help=argparse.SUPPRESS)  # tests: kill:RANK:STEP or hang:RANK:STEP
     s.add_argument("--pseudo-loss-factor", type=float, help=argparse.SUPPRESS)  # tests: a wrong factor
     s.set_defaults(func=cmd_e2e_parallel)
