@@ -564,3 +564,58 @@ def test_each_slide_loss_is_scaled_by_one_over_accumulation(weights):
     for (name, pa), pb in zip(a.net.named_parameters(), b.net.parameters(), strict=True):
         if pa.grad is not None:
             assert torch.allclose(pa.grad, 4 * pb.grad, rtol=1e-4, atol=1e-7), name
+
+
+# --------------------------------------------------------------------------- issue 11 item 7, issue 17
+
+
+def test_default_schedule_is_the_readme_training_command():
+    """55 epochs, lr x0.1 after epochs 25, 35 and 45 (the authors' README command)."""
+    learner = build_learner("local_k4", 2)
+    assert learner.cfg.epochs == 55 and learner.cfg.step_milestones == (25, 35, 45)
+    lrs = []
+    for epoch in range(learner.cfg.epochs):
+        lrs.append([g["lr"] for g in learner.optimizer.param_groups])  # the lr epoch `epoch` trains at
+        learner.end_epoch(epoch, 1.0)
+    base = lrs[0]
+    assert base == [1e-5, 2e-5]
+    for epoch, factor in ((0, 1), (24, 1), (25, 0.1), (34, 0.1), (35, 0.01), (45, 0.001), (54, 0.001)):
+        assert lrs[epoch] == pytest.approx([b * factor for b in base]), epoch
+    # the code's options default is the other published schedule, one key away
+    other = build_learner("local_k4", 2, {"epochs": 80, "step_milestones": [40, 60]})
+    assert other.cfg.step_milestones == (40, 60)
+
+
+def test_rfr_corners_are_drawn_from_zero_to_space_minus_one():
+    """space = map - patch = 2: corners 0 and 1 only (the reference never draws 2)."""
+    g = torch.Generator().manual_seed(0)
+    boxes = sample_rfr_boxes((130, 131), (130, 131), 128, 1, 2000, g)
+    tops = {b[0][0] for b in boxes}
+    lefts = {b[0][1] for b in boxes}
+    assert tops == {0, 1} and lefts == {0, 1, 2}
+    # a map exactly the patch's size has the one corner 0
+    assert {b[0][:2] for b in sample_rfr_boxes((128, 128), (128, 128), 128, 1, 50, g)} == {(0, 0)}
+
+
+def test_batchnorm_calibration_sets_statistics_once_and_keeps_them_frozen():
+    """Calibrated on the slides, the stem's BN outputs zero mean, unit variance over them; then frozen."""
+    torch.manual_seed(0)
+    learner = build_learner("local_k4", 3, {"calibrate_bn": True})
+    images = [slide(i % 2, 96, seed=i) for i in range(4)]
+    backbone = learner.net.backbone
+    conv1, bn1 = backbone.entries[0][0], backbone.entries[0][1]
+    assert learner.calibrate_batchnorm(images) == 4
+    bns = [m for m in backbone.modules() if isinstance(m, BN)]
+    assert all(not m.training and m.momentum == 0.1 for m in bns)
+    assert all(m.running_mean.abs().sum() > 0 and (m.running_var != 1).all() for m in bns)
+    with torch.no_grad():
+        y = torch.cat([conv1(im[None]) for im in images], dim=0)  # (4, 64, h, w): bn1's inputs
+    # the average of the per-slide statistics (each slide one batch)
+    assert torch.allclose(bn1.running_mean, y.mean(dim=(2, 3)).mean(0), rtol=1e-4, atol=1e-6)
+    assert torch.allclose(bn1.running_var, y.var(dim=(2, 3)).mean(0), rtol=1e-3, atol=1e-6)
+    stats = [m.running_var.clone() for m in bns]
+    learner.train_slide(images[1], 1)  # training leaves the calibrated statistics alone
+    learner.step()
+    assert all(torch.equal(s, m.running_var) for s, m in zip(stats, bns, strict=True))
+    with pytest.raises(ConfigError, match="calibrate_bn"):
+        build_learner("local_k4", 3, {"calibrate_bn": "yes"})

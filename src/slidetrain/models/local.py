@@ -419,17 +419,19 @@ def sample_rfr_boxes(
     stride-`upscale` convs with "same" padding), so an output box
     (t, l, h, w) matches the input box (t, l, h, w) * upscale. Crops are
     clipped so both boxes lie inside their maps; a map smaller than the patch
-    is used whole.
+    is used whole. Corners are drawn from 0 .. space - 1 (the authors' code).
     """
     (out_h, out_w), (in_h, in_w) = out_hw, in_hw
     ph = min(patch_sz, out_h, in_h // upscale)
     pw = min(patch_sz, out_w, in_w // upscale)
     if ph < 1 or pw < 1:
         raise ValueError(f"RFR: input map {in_hw} too small for upscale {upscale}")
-    max_top = min(out_h - ph, (in_h - ph * upscale) // upscale)
-    max_left = min(out_w - pw, (in_w - pw * upscale) // upscale)
-    tops = torch.randint(0, max_top + 1, (n_patch,), generator=generator).tolist()
-    lefts = torch.randint(0, max_left + 1, (n_patch,), generator=generator).tolist()
+    # corners from 0 .. space - 1 as in the authors' code (space = map - patch: the last row and
+    # column of corners are never drawn); a map no larger than the patch has the one corner 0
+    space_top = min(out_h - ph, (in_h - ph * upscale) // upscale)
+    space_left = min(out_w - pw, (in_w - pw * upscale) // upscale)
+    tops = torch.randint(0, max(space_top, 1), (n_patch,), generator=generator).tolist()
+    lefts = torch.randint(0, max(space_left, 1), (n_patch,), generator=generator).tolist()
     u = upscale
     return [
         ((t, c, ph, pw), (t * u, c * u, ph * u, pw * u)) for t, c in zip(tops, lefts, strict=True)

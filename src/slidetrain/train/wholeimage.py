@@ -6,8 +6,8 @@
 
 The images are the pipeline's one-JPEG-per-slide files ({images}/{slide_id}.jpg,
 tissue box at the image magnification), read once. One slide per
-`train_slide` call, `learner.step()` every `accumulation` slides and at the end
-of an epoch; per-channel normalisation statistics from the training part only;
+`train_slide` call, `learner.step()` every `accumulation` slides of an epoch
+(the authors' code: no extra step at its end; the rest carries over); per-channel normalisation statistics from the training part only;
 model selection on the validation part only; the test part is read only by
 `evaluate_whole_image`, once, after training.
 
@@ -210,6 +210,11 @@ def fit_whole_image(
         state = None
     if state is None:
         start_epoch, history, best, best_state = 0, [], None, None
+        if getattr(cfg, "calibrate_bn", False):  # once, before training; the statistics stay frozen
+            n = learner.calibrate_batchnorm(
+                normalise(as_input(image), stats["mean"], stats["std"]) for image in train_images
+            )
+            log.info("%s: BatchNorm statistics calibrated on %d training slides", method, n)
     else:
         learner.load_state_dict(state["learner"])
         set_rng_state(state["rng"])
@@ -242,7 +247,7 @@ def fit_whole_image(
                 entry = f"{train_ids[idx]}:{int(losses['image_h'])}x{int(losses['image_w'])}"
                 log.warning("slide %s: out of memory, trained on a %s crop", train_ids[idx], entry.split(":")[1])
                 cropped.append(entry)
-            if position % cfg.accumulation == 0 or position == n_train:
+            if position % cfg.accumulation == 0:  # the reference: no extra step at the epoch's end
                 learner.step()
         val_loss, val_probs = predict_images(learner, val_images, val_labels, stats, cfg.class_weights)
         if not np.isfinite(val_probs).all():
