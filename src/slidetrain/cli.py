@@ -194,8 +194,24 @@ def cmd_bench_inference(a: argparse.Namespace) -> None:
     bench_inference(
         a.slides, a.out, a.markdown, device=a.device, threads=a.threads, warmup=a.warmup, repeats=a.repeats,
         batch_size=a.batch_size, tile_px=a.tile_px, min_tissue_fraction=a.min_tissue_fraction, seed=a.seed,
-        mask_preset=a.mask_preset, mpp_fallback=a.mpp_fallback,
+        mask_preset=a.mask_preset, mpp_fallback=a.mpp_fallback, reader=a.reader,
     )
+
+
+def cmd_bench_read(a: argparse.Namespace) -> None:
+    from slidetrain.bench.read_speed import bench_read
+
+    bench_read(a.slides, a.out, threads=a.threads, repeats=a.repeats, mpp_fallback=a.mpp_fallback)
+
+
+def _add_bench_read_parser(sub) -> None:
+    s = sub.add_parser("bench-read", help="5x tissue-box reading speed: OpenSlide vs tifffile, side by side")
+    s.add_argument("--slides", nargs="+", required=True, help="slide files")
+    s.add_argument("--threads", type=int, default=2, help="tifffile decoding threads")
+    s.add_argument("--repeats", type=int, default=3, help="timed reads per slide and reader")
+    s.add_argument("--mpp-fallback", type=float)
+    s.add_argument("--out", required=True, help="CSV")
+    s.set_defaults(func=cmd_bench_read)
 
 
 def _add_bench_local_parsers(sub) -> None:
@@ -231,7 +247,9 @@ def _add_bench_local_parsers(sub) -> None:
     s.add_argument("--mpp-fallback", type=float)
     s.add_argument("--out", required=True, help="CSV")
     s.add_argument("--markdown", help="Markdown copy")
+    s.add_argument("--reader", default="auto", help="slide reader of both pipelines: auto | openslide")
     s.set_defaults(func=cmd_bench_inference)
+    _add_bench_read_parser(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

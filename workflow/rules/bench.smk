@@ -212,3 +212,27 @@ rule table3:
     shell:
         "slidetrain bench-inference --slides {input} --device {params.device} --threads {threads}"
         " --repeats {params.repeats} --out {output.csv} --markdown {output.md} > {log} 2>&1"
+
+
+# Reading the 5x tissue box of Table 3's slides through OpenSlide and through tifffile, side by side.
+rule bench_read_speed:
+    input:
+        expand("resources/bench/inference/{size}.tiff", size=_INFERENCE_SLIDES),
+    output:
+        "results/bench/read_speed.csv",
+    params:
+        threads=_bench_cfg("threads", 2),
+        repeats=max(3, _bench_cfg("inference", {}).get("repeats", 1)),
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/bench/read_speed.log",
+    benchmark:
+        "benchmarks/bench/read_speed.tsv"
+    threads: _bench_cfg("threads", 2)
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    shell:
+        "slidetrain bench-read --slides {input} --threads {params.threads} --repeats {params.repeats}"
+        " --out {output} > {log} 2>&1"
