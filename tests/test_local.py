@@ -619,3 +619,33 @@ def test_batchnorm_calibration_sets_statistics_once_and_keeps_them_frozen():
     assert all(torch.equal(s, m.running_var) for s, m in zip(stats, bns, strict=True))
     with pytest.raises(ConfigError, match="calibrate_bn"):
         build_learner("local_k4", 3, {"calibrate_bn": "yes"})
+
+
+@pytest.mark.parametrize("method", ["local_k4", "local_k8", "e2e"])
+def test_checkpointing_keeps_the_gradients(weights, method):
+    """blocks and tiles recompute what plain autograd keeps: the same losses and gradients."""
+    # 160 px: module 1's map is 27 x 27 and the aux classifier's GroupNorm sees 3 x 3 positions
+    # (at 2 x 2 it normalises near-equal values, and float noise of 1e-6 moves its gradient by %)
+    image = slide(1, 160, seed=3)
+    learners = {}
+    for mode in ("none", "blocks", "tiles"):
+        torch.manual_seed(0)
+        tile = 96 if method == "e2e" else 16  # a tile owns >= 1 output pixel (e2e's stride: 48)
+        learner = build_learner(
+            method, 2, {"weights": weights, "checkpointing": mode, "checkpoint_tile_px": tile}
+        )
+        no_dropout(learner)
+        learners[mode] = (learner, learner.train_slide(image, 1))
+    if method != "e2e":  # tiles really tile module 1 (a 27 x 27 map in tiles of 16)
+        assert len(learners["tiles"][0].net.backbone._engines[0].plan((27, 27)).tiles) > 1
+    plain, plain_losses = learners["none"]
+    for mode in ("blocks", "tiles"):
+        learner, losses = learners[mode]
+        assert losses["loss"] == pytest.approx(plain_losses["loss"], rel=1e-5)
+        for (name, p), q in zip(plain.net.named_parameters(), learner.net.parameters(), strict=True):
+            assert (p.grad is None) == (q.grad is None), (mode, name)
+            if p.grad is not None:  # (an attention score's bias has a zero gradient: noise only)
+                err = float((q.grad - p.grad).norm())
+                assert err <= 1e-4 * float(p.grad.norm()) + 1e-8, (mode, name, err)
+    with pytest.raises(ConfigError, match="checkpointing"):
+        build_learner(method, 2, {"checkpointing": "all"})

@@ -178,7 +178,8 @@ def cmd_bench_train_memory(a: argparse.Namespace) -> None:
     from slidetrain.bench.local_memory import bench_train_memory
 
     bench_train_memory(
-        a.method, a.size, a.device, a.out, params=a.params, seed=a.seed, threads=a.threads, timeout_s=a.timeout_s
+        a.method, a.size, a.device, a.out, params=a.params, seed=a.seed, threads=a.threads, timeout_s=a.timeout_s,
+        variant=a.variant,
     )
 
 
@@ -225,6 +226,7 @@ def _add_bench_local_parsers(sub) -> None:
     s.add_argument("--threads", type=int, help="torch threads in the measured process (default: torch's)")
     s.add_argument("--timeout-s", type=float, help="CPU: give up after this many seconds")
     s.add_argument("--out", required=True, help="measurement JSON")
+    s.add_argument("--variant", default="", help="name of the params' setting, shown in Table 2 (e.g. checkpoint_tiles)")
     s.set_defaults(func=cmd_bench_train_memory)
 
     s = sub.add_parser("table2", help="Table 2 (training memory vs E2E) from bench-train-memory JSONs")

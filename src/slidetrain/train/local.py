@@ -64,7 +64,7 @@ import torchvision.transforms.functional as TF
 from torch import Tensor, nn
 
 from slidetrain.errors import ConfigError, SlidetrainError
-from slidetrain.models.local import ALLOWED_K, E2ENet, LocalNet
+from slidetrain.models.local import ALLOWED_K, CHECKPOINTING, E2ENet, LocalNet
 from slidetrain.train.common import SELECTION_METRICS
 from slidetrain.train.optim import build_scheduler
 
@@ -118,9 +118,16 @@ class WholeImageConfig:
     # BatchNorm running statistics from the training slides once before training, then frozen
     # (for a randomly initialised backbone; the reference's ImageNet statistics need none)
     calibrate_bn: bool = False
+    # Less memory, the same gradients (default none: the paper's memory profile): blocks
+    # (recompute each residual block in the backward) | tiles (recompute each module tile by tile,
+    # tiles of checkpoint_tile_px input-map pixels a side); see slidetrain.models.local
+    checkpointing: str = "none"
+    checkpoint_tile_px: int = 1024
 
     def __post_init__(self) -> None:
         _positive_int(self, "epochs")
+        _choice(self, "checkpointing", CHECKPOINTING)
+        _positive_int(self, "checkpoint_tile_px")
         if not isinstance(self.calibrate_bn, bool):
             raise ConfigKeyError(
                 "calibrate_bn", f"expected true or false, got {self.calibrate_bn!r}"
@@ -636,7 +643,10 @@ class LocalLearner(_ResNetLearner):
 
     def _build_net(self) -> LocalNet:
         c = self.cfg
-        return LocalNet(self.n_classes, c.K, c.weights, c.rfr, c.n_patch, c.head_norm)
+        return LocalNet(
+            self.n_classes, c.K, c.weights, c.rfr, c.n_patch, c.head_norm,
+            checkpointing=c.checkpointing, checkpoint_tile_px=c.checkpoint_tile_px,
+        )
 
     def frozen_modules(self) -> list[int]:
         return list(range(1, self.active)) if self.sequential else []
@@ -718,7 +728,10 @@ class E2ELearner(_ResNetLearner):
 
     def _build_net(self) -> E2ENet:
         c = self.cfg
-        return E2ENet(self.n_classes, c.weights, c.head_norm, train_stem=c.stem == "trained")
+        return E2ENet(
+            self.n_classes, c.weights, c.head_norm, train_stem=c.stem == "trained",
+            checkpointing=c.checkpointing, checkpoint_tile_px=c.checkpoint_tile_px,
+        )
 
     def _forward_backward(self, prepared: list[Tensor], label: Tensor) -> dict[str, float]:
         loss = self._ce(self.net.forward_prepared(prepared.pop()), label)
