@@ -7,7 +7,6 @@ as Aperio and CLAM count it).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,9 +82,12 @@ class Slide:
     def read_region(self, level0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """RGB uint8 (H, W, 3) of `size` pixels at `level`, top-left at level-0 `level0_xy`."""
         if self.tiff is not None:
+            # Only where the level-0 position falls on a level pixel: OpenSlide resamples a
+            # fractional level position (sub-pixel shift), which a tile copy cannot reproduce.
             ds = self.level_downsamples[level]
-            x, y = (math.floor(v / ds + 1e-6) for v in level0_xy)
-            return self.tiff.read(level, x, y, int(size[0]), int(size[1]))
+            fx, fy = (v / ds for v in level0_xy)
+            if abs(fx - round(fx)) < 1e-6 and abs(fy - round(fy)) < 1e-6:
+                return self.tiff.read(level, round(fx), round(fy), int(size[0]), int(size[1]))
         try:
             rgba = np.asarray(self.handle.read_region(tuple(map(int, level0_xy)), level, tuple(map(int, size))))
         except openslide.OpenSlideError as err:

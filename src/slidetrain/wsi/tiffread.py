@@ -14,9 +14,10 @@ tiled, contiguous 8-bit RGB page. Anything else (NDPI, MRXS, strips, other
 layouts, a level that fails to map) is left to OpenSlide: `TiffLevels.open`
 returns None and the caller keeps using it.
 
-Level coordinates: a level-0 position x maps to level pixel floor(x / ds + 1e-6),
-ds = level-0 width / level width; callers (`wsi.image.read_scaled`) ask for
-level-0 positions on the level's grid, where this is exact.
+Level coordinates: `Slide.read_region` takes this path only when the level-0
+position maps onto a whole level pixel (x / ds integral, ds = OpenSlide's level
+downsample); OpenSlide resamples a fractional level position by a sub-pixel
+shift, so such reads stay with OpenSlide.
 """
 
 from __future__ import annotations
