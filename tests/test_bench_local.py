@@ -96,6 +96,22 @@ def test_table2_ratios_and_paper_join(tmp_path):
         table2([*files, tmp_path / "dup.json"])
 
 
+def test_table2_shows_variants_beside_the_plain_rows(tmp_path):
+    files = [
+        write_measurement(tmp_path / "a.json", "e2e", "8698x7496", 16.0),
+        write_measurement(tmp_path / "b.json", "local_k4", "8698x7496", 4.0),
+        write_measurement(tmp_path / "c.json", "local_k4", "8698x7496", 2.0),
+    ]
+    record = json.loads(files[2].read_text())
+    files[2].write_text(json.dumps({**record, "variant": "checkpoint_tiles", "wall_s": 3.5}))
+    t = table2(files)
+    row = {(r.method, r.variant): r for r in t.itertuples()}
+    assert row["local_k4", "checkpoint_tiles"].ratio_to_e2e == pytest.approx(2 / 16)  # vs plain e2e
+    assert row["local_k4", "checkpoint_tiles"].seconds_per_slide == pytest.approx(3.5)
+    assert math.isnan(row["local_k4", "checkpoint_tiles"].paper_memory_gb)
+    assert row["local_k4", ""].paper_memory_gb == pytest.approx(5.35)
+
+
 def test_a_tiny_real_measurement_writes_a_sane_json(tmp_path):
     out = tmp_path / "m.json"
     args = "bench-train-memory --method local_k4 --size 128x96 --device cpu --threads 1 --out"

@@ -564,3 +564,88 @@ def test_each_slide_loss_is_scaled_by_one_over_accumulation(weights):
     for (name, pa), pb in zip(a.net.named_parameters(), b.net.parameters(), strict=True):
         if pa.grad is not None:
             assert torch.allclose(pa.grad, 4 * pb.grad, rtol=1e-4, atol=1e-7), name
+
+
+# --------------------------------------------------------------------------- issue 11 item 7, issue 17
+
+
+def test_default_schedule_is_the_readme_training_command():
+    """55 epochs, lr x0.1 after epochs 25, 35 and 45 (the authors' README command)."""
+    learner = build_learner("local_k4", 2)
+    assert learner.cfg.epochs == 55 and learner.cfg.step_milestones == (25, 35, 45)
+    lrs = []
+    for epoch in range(learner.cfg.epochs):
+        lrs.append([g["lr"] for g in learner.optimizer.param_groups])  # the lr epoch `epoch` trains at
+        learner.end_epoch(epoch, 1.0)
+    base = lrs[0]
+    assert base == [1e-5, 2e-5]
+    for epoch, factor in ((0, 1), (24, 1), (25, 0.1), (34, 0.1), (35, 0.01), (45, 0.001), (54, 0.001)):
+        assert lrs[epoch] == pytest.approx([b * factor for b in base]), epoch
+    # the code's options default is the other published schedule, one key away
+    other = build_learner("local_k4", 2, {"epochs": 80, "step_milestones": [40, 60]})
+    assert other.cfg.step_milestones == (40, 60)
+
+
+def test_rfr_corners_are_drawn_from_zero_to_space_minus_one():
+    """space = map - patch = 2: corners 0 and 1 only (the reference never draws 2)."""
+    g = torch.Generator().manual_seed(0)
+    boxes = sample_rfr_boxes((130, 131), (130, 131), 128, 1, 2000, g)
+    tops = {b[0][0] for b in boxes}
+    lefts = {b[0][1] for b in boxes}
+    assert tops == {0, 1} and lefts == {0, 1, 2}
+    # a map exactly the patch's size has the one corner 0
+    assert {b[0][:2] for b in sample_rfr_boxes((128, 128), (128, 128), 128, 1, 50, g)} == {(0, 0)}
+
+
+def test_batchnorm_calibration_sets_statistics_once_and_keeps_them_frozen():
+    """Calibrated on the slides, the stem's BN outputs zero mean, unit variance over them; then frozen."""
+    torch.manual_seed(0)
+    learner = build_learner("local_k4", 3, {"calibrate_bn": True})
+    images = [slide(i % 2, 96, seed=i) for i in range(4)]
+    backbone = learner.net.backbone
+    conv1, bn1 = backbone.entries[0][0], backbone.entries[0][1]
+    assert learner.calibrate_batchnorm(images) == 4
+    bns = [m for m in backbone.modules() if isinstance(m, BN)]
+    assert all(not m.training and m.momentum == 0.1 for m in bns)
+    assert all(m.running_mean.abs().sum() > 0 and (m.running_var != 1).all() for m in bns)
+    with torch.no_grad():
+        y = torch.cat([conv1(im[None]) for im in images], dim=0)  # (4, 64, h, w): bn1's inputs
+    # the average of the per-slide statistics (each slide one batch)
+    assert torch.allclose(bn1.running_mean, y.mean(dim=(2, 3)).mean(0), rtol=1e-4, atol=1e-6)
+    assert torch.allclose(bn1.running_var, y.var(dim=(2, 3)).mean(0), rtol=1e-3, atol=1e-6)
+    stats = [m.running_var.clone() for m in bns]
+    learner.train_slide(images[1], 1)  # training leaves the calibrated statistics alone
+    learner.step()
+    assert all(torch.equal(s, m.running_var) for s, m in zip(stats, bns, strict=True))
+    with pytest.raises(ConfigError, match="calibrate_bn"):
+        build_learner("local_k4", 3, {"calibrate_bn": "yes"})
+
+
+@pytest.mark.parametrize("method", ["local_k4", "local_k8", "e2e"])
+def test_checkpointing_keeps_the_gradients(weights, method):
+    """blocks and tiles recompute what plain autograd keeps: the same losses and gradients."""
+    # 160 px: module 1's map is 27 x 27 and the aux classifier's GroupNorm sees 3 x 3 positions
+    # (at 2 x 2 it normalises near-equal values, and float noise of 1e-6 moves its gradient by %)
+    image = slide(1, 160, seed=3)
+    learners = {}
+    for mode in ("none", "blocks", "tiles"):
+        torch.manual_seed(0)
+        tile = 96 if method == "e2e" else 16  # a tile owns >= 1 output pixel (e2e's stride: 48)
+        learner = build_learner(
+            method, 2, {"weights": weights, "checkpointing": mode, "checkpoint_tile_px": tile}
+        )
+        no_dropout(learner)
+        learners[mode] = (learner, learner.train_slide(image, 1))
+    if method != "e2e":  # tiles really tile module 1 (a 27 x 27 map in tiles of 16)
+        assert len(learners["tiles"][0].net.backbone._engines[0].plan((27, 27)).tiles) > 1
+    plain, plain_losses = learners["none"]
+    for mode in ("blocks", "tiles"):
+        learner, losses = learners[mode]
+        assert losses["loss"] == pytest.approx(plain_losses["loss"], rel=1e-5)
+        for (name, p), q in zip(plain.net.named_parameters(), learner.net.parameters(), strict=True):
+            assert (p.grad is None) == (q.grad is None), (mode, name)
+            if p.grad is not None:  # (an attention score's bias has a zero gradient: noise only)
+                err = float((q.grad - p.grad).norm())
+                assert err <= 1e-4 * float(p.grad.norm()) + 1e-8, (mode, name, err)
+    with pytest.raises(ConfigError, match="checkpointing"):
+        build_learner(method, 2, {"checkpointing": "all"})

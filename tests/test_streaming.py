@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -183,7 +184,10 @@ def test_unknown_layer_is_refused():
 
 
 def small_cfg(**kw) -> StreamingConfig:
-    return StreamingConfig(**{"tile_px": 128, "tile_mode": "core", "accumulation": 2, **kw})
+    """Every layer trained, so that the streamed backward is exercised (the default trains layer4 + fc)."""
+    return StreamingConfig(
+        **{"tile_px": 128, "tile_mode": "core", "accumulation": 2, "train_all_layers": True, **kw}
+    )
 
 
 def test_learner_gradients_equal_plain_backprop():
@@ -211,13 +215,59 @@ def test_learner_gradients_equal_plain_backprop():
     assert torch.allclose(probs, torch.softmax(model(image[None]).detach(), 1)[0], atol=1e-5)
 
 
-def test_learner_partial_training_freezes_early_trunk():
+@pytest.mark.parametrize("stream_until", ["layer3", "layer4.0"])
+def test_learner_trains_layer4_and_fc_by_default(stream_until):
+    """The code's default (train_all_layers off): layer4 + fc, 13.1 M parameters, whatever is streamed."""
     torch.manual_seed(9)
-    learner = StreamingLearner(2, small_cfg(train_all_layers=False))
+    learner = StreamingLearner(2, StreamingConfig(tile_px=128, tile_mode="core", stream_until=stream_until))
+    layer4 = sum(p.numel() for p in torchvision.models.resnet34().layer4.parameters())
+    n_trained = sum(p.numel() for p in learner.params)
+    assert n_trained == layer4 + 512 * 2 + 2 and round(n_trained / 1e6, 1) == 13.1
     learner.train_slide(torch.randn(3, 96, 128), 1)
-    assert all(p.grad is None for p in learner.model.trunk[:-1].parameters())
-    assert all(p.grad is not None for p in learner.model.trunk[-1].parameters())
+    streamed_trained = learner.model.trunk[-1] if stream_until == "layer4.0" else None
+    for m in learner.model.trunk:
+        expect = m is streamed_trained
+        assert all((p.grad is not None) == expect for p in m.parameters())
     assert all(p.grad is not None for p in learner.model.head.parameters())
+
+
+def moderate_image(seed: int) -> torch.Tensor:
+    """(3, 96, 128) noise scaled so that the random network's logits stay O(1) (CE neither 0 nor huge)."""
+    return 0.005 * torch.randn(3, 96, 128, generator=torch.Generator().manual_seed(seed))
+
+
+def test_learner_class_weights_scale_the_slide_loss():
+    """A slide's CE times its class's weight, as the other learners (a weighted mean of one cancels)."""
+    image = moderate_image(3)
+    torch.manual_seed(5)
+    plain = StreamingLearner(2, small_cfg())
+    weighted = StreamingLearner(2, small_cfg(class_weights=[1.0, 3.0]))
+    weighted.model.load_state_dict(plain.model.state_dict())
+    label = 1
+    a, b = plain.train_slide(image, label), weighted.train_slide(image, label)
+    assert a["ce"] > 1e-3  # a loss (and gradients) to scale
+    assert b["ce"] == pytest.approx(3 * a["ce"], rel=1e-5)
+    for pa, pb in zip(plain.params, weighted.params, strict=True):
+        assert rel_err(pb.grad, 3 * pa.grad) < 1e-4
+
+
+def test_learner_amp_trains_close_to_fp32():
+    """amp: autocast (bfloat16 on a CPU, fp16 + scaler on CUDA) gives gradients near the fp32 ones."""
+    image = moderate_image(4)
+    torch.manual_seed(6)
+    fp32 = StreamingLearner(2, small_cfg())
+    amp = StreamingLearner(2, small_cfg(amp=True))
+    amp.model.load_state_dict(fp32.model.state_dict())
+    a, b = fp32.train_slide(image, 0), amp.train_slide(image, 0)
+    assert a["ce"] > 1e-3 and b["ce"] == pytest.approx(a["ce"], rel=0.05)
+    cosines = [  # bfloat16 keeps 8 bits of mantissa: directions agree, values within a few %
+        float(F.cosine_similarity(pb.grad.flatten(), pa.grad.flatten(), dim=0))
+        for pa, pb in zip(fp32.params, amp.params, strict=True)
+    ]
+    assert min(cosines) > 0.9 and sorted(cosines)[len(cosines) // 2] > 0.97
+    amp.step()
+    assert all(torch.isfinite(p).all() for p in amp.params)
+    assert abs(float(amp.predict(image).sum()) - 1) < 1e-5
 
 
 def test_learner_resume_is_exact():

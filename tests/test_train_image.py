@@ -139,7 +139,9 @@ def test_a_run_writes_every_file_and_scores_the_test_part(dataset, tmp_path):
 
 def test_a_killed_run_resumes_to_the_same_result(dataset, tmp_path):
     split_csv, images = dataset
-    params = {**E2E, "n_patch": 2}
+    # accumulation 4 over 6 training slides: the last 2 slides' gradients carry into the next epoch's
+    # first step (no step at an epoch's end, as the reference), so the checkpoint must hold them
+    params = {**E2E, "n_patch": 2, "accumulation": 4}
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     fit_whole_image("local_k4", params, split_csv, images, CLASSES, whole, seed=3)  # uninterrupted, in-process
     first = train_cli(killed, split_csv, images, "local_k4", params, stop_after=1)
@@ -155,6 +157,24 @@ def test_a_killed_run_resumes_to_the_same_result(dataset, tmp_path):
     assert_same_state(a["state"], b["state"])  # model, optimiser, schedule, RFR generator
     assert evaluate(whole, split_csv, images)["metrics"] == evaluate(killed, split_csv, images)["metrics"]
     assert not (killed / "checkpoint.pt").exists()
+
+
+def test_the_optimiser_steps_only_every_accumulation_slides(dataset, tmp_path, monkeypatch):
+    """6 training slides, accumulation 4, 2 epochs: steps after slides 4 and 10, none at an epoch's end."""
+    from slidetrain.train.local import E2ELearner
+
+    steps = []
+    real_step = E2ELearner.step
+
+    def counting_step(self):
+        steps.append(sum(p.grad is not None for p in self.net.parameters()))
+        real_step(self)
+
+    monkeypatch.setattr(E2ELearner, "step", counting_step)
+    split_csv, images = dataset
+    fit_whole_image("e2e", {**E2E, "accumulation": 4}, split_csv, images, CLASSES, tmp_path / "run", seed=0)
+    assert len(steps) == 2
+    assert steps[0] == steps[1] > 0  # each step had gradients to apply
 
 
 class _Killed(Exception):

@@ -230,7 +230,8 @@ def cmd_bench_train_memory(a: argparse.Namespace) -> None:
     from slidetrain.bench.local_memory import bench_train_memory
 
     bench_train_memory(
-        a.method, a.size, a.device, a.out, params=a.params, seed=a.seed, threads=a.threads, timeout_s=a.timeout_s
+        a.method, a.size, a.device, a.out, params=a.params, seed=a.seed, threads=a.threads, timeout_s=a.timeout_s,
+        variant=a.variant,
     )
 
 
@@ -246,8 +247,24 @@ def cmd_bench_inference(a: argparse.Namespace) -> None:
     bench_inference(
         a.slides, a.out, a.markdown, device=a.device, threads=a.threads, warmup=a.warmup, repeats=a.repeats,
         batch_size=a.batch_size, tile_px=a.tile_px, min_tissue_fraction=a.min_tissue_fraction, seed=a.seed,
-        mask_preset=a.mask_preset, mpp_fallback=a.mpp_fallback,
+        mask_preset=a.mask_preset, mpp_fallback=a.mpp_fallback, reader=a.reader,
     )
+
+
+def cmd_bench_read(a: argparse.Namespace) -> None:
+    from slidetrain.bench.read_speed import bench_read
+
+    bench_read(a.slides, a.out, threads=a.threads, repeats=a.repeats, mpp_fallback=a.mpp_fallback)
+
+
+def _add_bench_read_parser(sub) -> None:
+    s = sub.add_parser("bench-read", help="5x tissue-box reading speed: OpenSlide vs tifffile, side by side")
+    s.add_argument("--slides", nargs="+", required=True, help="slide files")
+    s.add_argument("--threads", type=int, default=2, help="tifffile decoding threads")
+    s.add_argument("--repeats", type=int, default=3, help="timed reads per slide and reader")
+    s.add_argument("--mpp-fallback", type=float)
+    s.add_argument("--out", required=True, help="CSV")
+    s.set_defaults(func=cmd_bench_read)
 
 
 def _add_bench_local_parsers(sub) -> None:
@@ -261,6 +278,7 @@ def _add_bench_local_parsers(sub) -> None:
     s.add_argument("--threads", type=int, help="torch threads in the measured process (default: torch's)")
     s.add_argument("--timeout-s", type=float, help="CPU: give up after this many seconds")
     s.add_argument("--out", required=True, help="measurement JSON")
+    s.add_argument("--variant", default="", help="name of the params' setting, shown in Table 2 (e.g. checkpoint_tiles)")
     s.set_defaults(func=cmd_bench_train_memory)
 
     s = sub.add_parser("table2", help="Table 2 (training memory vs E2E) from bench-train-memory JSONs")
@@ -283,7 +301,9 @@ def _add_bench_local_parsers(sub) -> None:
     s.add_argument("--mpp-fallback", type=float)
     s.add_argument("--out", required=True, help="CSV")
     s.add_argument("--markdown", help="Markdown copy")
+    s.add_argument("--reader", default="auto", help="slide reader of both pipelines: auto | openslide")
     s.set_defaults(func=cmd_bench_inference)
+    _add_bench_read_parser(sub)
 
 
 def cmd_bench_offload_equivalence(a: argparse.Namespace) -> None:

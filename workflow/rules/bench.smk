@@ -166,6 +166,7 @@ rule bench_train_memory:
     wildcard_constraints:
         size=r"\d+x\d+",
         device=r"cpu|cuda(:\d+)?",
+        method=r"[A-Za-z0-9_]+",  # no dot: {method}.{variant}.json is bench_train_memory_variant's
     params:
         method_params=lambda w: json.dumps(_bench_cfg("train_memory", {}).get("params", {}).get(w.method, {})),
         threads=_bench_cfg("threads", 2),
@@ -186,6 +187,36 @@ rule bench_train_memory:
         " --out {output} > {log} 2>&1"
 
 
+# A named variant (bench.train_memory.variants: name -> params, e.g. activation checkpointing) of
+# local_k4 and local_k8, measured the same way; Table 2 shows it beside the plain rows.
+rule bench_train_memory_variant:
+    output:
+        "results/bench/train_memory/{device}/{size}/{method}.{variant}.json",
+    wildcard_constraints:
+        size=r"\d+x\d+",
+        device=r"cpu|cuda(:\d+)?",
+        method=r"local_k4|local_k8",
+        variant=r"[A-Za-z0-9_]+",
+    params:
+        method_params=lambda w: json.dumps(_bench_cfg("train_memory", {}).get("variants", {})[w.variant]),
+        threads=_bench_cfg("threads", 2),
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/bench/train_memory/{device}/{size}/{method}.{variant}.log",
+    benchmark:
+        "benchmarks/bench/train_memory/{device}/{size}/{method}.{variant}.tsv"
+    threads: _bench_cfg("threads", 2)
+    resources:
+        mem_mb=_bench_cfg("train_memory", {}).get("mem_mb", 21000),
+        runtime=60,
+        gpu=lambda w: 1 if w.device.startswith("cuda") else 0,
+    shell:
+        "slidetrain bench-train-memory --method {wildcards.method} --size {wildcards.size}"
+        " --device {wildcards.device} --params '{params.method_params}' --threads {threads}"
+        " --variant {wildcards.variant} --out {output} > {log} 2>&1"
+
+
 rule table2:
     input:
         expand(
@@ -193,6 +224,13 @@ rule table2:
             device=_bench_cfg("device", "cpu"),
             size=_bench_cfg("train_memory", {}).get("sizes", []),
             method=["e2e", "local_k4", "local_k8"],
+        ),
+        expand(
+            "results/bench/train_memory/{device}/{size}/{method}.{variant}.json",
+            device=_bench_cfg("device", "cpu"),
+            size=_bench_cfg("train_memory", {}).get("sizes", []),
+            method=["local_k4", "local_k8"],
+            variant=list(_bench_cfg("train_memory", {}).get("variants", {})),
         ),
     output:
         csv="results/tables/table2.csv",
@@ -253,3 +291,27 @@ rule table3:
     shell:
         "slidetrain bench-inference --slides {input} --device {params.device} --threads {threads}"
         " --repeats {params.repeats} --out {output.csv} --markdown {output.md} > {log} 2>&1"
+
+
+# Reading the 5x tissue box of Table 3's slides through OpenSlide and through tifffile, side by side.
+rule bench_read_speed:
+    input:
+        expand("resources/bench/inference/{size}.tiff", size=_INFERENCE_SLIDES),
+    output:
+        "results/bench/read_speed.csv",
+    params:
+        threads=_bench_cfg("threads", 2),
+        repeats=max(3, _bench_cfg("inference", {}).get("repeats", 1)),
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/bench/read_speed.log",
+    benchmark:
+        "benchmarks/bench/read_speed.tsv"
+    threads: _bench_cfg("threads", 2)
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    shell:
+        "slidetrain bench-read --slides {input} --threads {params.threads} --repeats {params.repeats}"
+        " --out {output} > {log} 2>&1"

@@ -25,6 +25,9 @@ local_k4 (whole-slide inference of the locally supervised ResNet34, K=4)
 
 Weights are random (timing only: the work does not depend on the numbers;
 the tile encoder uses its seeded random init, the learner torch's seed).
+Reading: both pipelines open the slide with the same reader (`reader`, default
+auto: tiled TIFF-family files through tifffile + imagecodecs, `wsi.tiffread`,
+about 3x OpenSlide's `read_region`; `bench.read_speed` compares the two).
 Timing: per slide, each pipeline runs `warmup` times untimed (model kernels,
 allocator, the OS file cache) and `repeats` times timed; a stage's seconds
 are its mean over the repeats and `total` is the sum of the stages. Each
@@ -81,6 +84,8 @@ class InferenceSetup:
     min_tissue_fraction: float = 0.5
     mask: MaskParams = field(default_factory=lambda: mask_params("default"))
     mpp_fallback: float | None = None
+    reader: str = "auto"  # open_slide's reader, the same for both pipelines
+    threads: int = 2  # tifffile decoding threads (reader auto)
 
 
 def build_setup(
@@ -93,6 +98,8 @@ def build_setup(
     seed: int = 0,
     mask_preset: str = "default",
     mpp_fallback: float | None = None,
+    reader: str = "auto",
+    threads: int = 2,
 ) -> InferenceSetup:
     """Random-init ResNet34 tile encoder + gated ABMIL, and a random-init local_k4 learner."""
     dev = torch.device(device)
@@ -112,6 +119,8 @@ def build_setup(
         min_tissue_fraction=min_tissue_fraction,
         mask=mask_params(mask_preset),
         mpp_fallback=mpp_fallback,
+        reader=reader,
+        threads=threads,
     )
 
 
@@ -140,7 +149,9 @@ class _Clock:
 def run_gabmil(slide_path: str | Path, setup: InferenceSetup) -> tuple[dict[str, float], dict]:
     """The tile pipeline on one slide: (seconds per stage, info)."""
     clock = _Clock(setup.device)
-    with open_slide(slide_path, mpp_fallback=setup.mpp_fallback) as slide:
+    with open_slide(
+        slide_path, mpp_fallback=setup.mpp_fallback, reader=setup.reader, threads=setup.threads
+    ) as slide:
         tissue = segment_tissue(slide, setup.mask)
         coords = tile_coordinates(
             slide, tissue, setup.magnification, setup.tile_px, 0, setup.min_tissue_fraction
@@ -159,7 +170,9 @@ def run_gabmil(slide_path: str | Path, setup: InferenceSetup) -> tuple[dict[str,
 def run_local(slide_path: str | Path, setup: InferenceSetup) -> tuple[dict[str, float], dict]:
     """Whole-slide inference on one slide: (seconds per stage, info with the 5x image size)."""
     clock = _Clock(setup.device)
-    with open_slide(slide_path, mpp_fallback=setup.mpp_fallback) as slide:
+    with open_slide(
+        slide_path, mpp_fallback=setup.mpp_fallback, reader=setup.reader, threads=setup.threads
+    ) as slide:
         tissue = segment_tissue(slide, setup.mask)
         rgb, meta = extract_slide_image(slide, tissue, setup.magnification)  # (H, W, 3) uint8
     # (3, H, W) contiguous, as in training; converted on the device
@@ -254,6 +267,7 @@ def bench_inference(
     seed: int = 0,
     mask_preset: str = "default",
     mpp_fallback: float | None = None,
+    reader: str = "auto",
 ) -> pd.DataFrame:
     """`slidetrain bench-inference`: Table 3 rows for every slide, written as CSV (and Markdown)."""
     if threads:
@@ -266,6 +280,8 @@ def bench_inference(
         seed=seed,
         mask_preset=mask_preset,
         mpp_fallback=mpp_fallback,
+        reader=reader,
+        threads=int(threads) if threads else 2,
     )
     rows = [row for path in slide_paths for row in benchmark_slide(path, setup, warmup, repeats)]
     table = pd.DataFrame(rows, columns=TABLE3_COLUMNS)

@@ -72,6 +72,8 @@ TABLE2_COLUMNS = [
     "ratio_to_e2e",
     "device",
     "paper_memory_gb",
+    "variant",
+    "seconds_per_slide",
 ]
 GIB = 2**30
 
@@ -158,10 +160,12 @@ def measurement_record(
     params: dict | None,
     seed: int,
     threads: int | None,
+    variant: str = "",
 ) -> dict:
     """The JSON one measurement writes."""
     return {
         "method": method,
+        "variant": variant,  # a named set of params (e.g. checkpointing), "" for the method as is
         "image_size": format_size(width, height),
         "width": int(width),
         "height": int(height),
@@ -189,12 +193,13 @@ def bench_train_memory(
     seed: int = 0,
     threads: int | None = None,
     timeout_s: float | None = None,
+    variant: str = "",
 ) -> dict:
     """`slidetrain bench-train-memory`: measure one (method, "WxH" size) and write its JSON."""
     width, height = parse_size(size)
     report = measure_train_memory(method, height, width, device, params, seed, threads, timeout_s)
     record = measurement_record(
-        method, width, height, report, params=params, seed=seed, threads=threads
+        method, width, height, report, params=params, seed=seed, threads=threads, variant=variant
     )
     write_json(out_json, record)
     return record
@@ -234,25 +239,28 @@ def table2(measurement_jsons: list[str | Path]) -> pd.DataFrame:
     m = read_measurements(measurement_jsons)
     if m.empty:
         return pd.DataFrame(columns=TABLE2_COLUMNS)
-    dup = m[m.duplicated(["image_size", "method", "device"], keep=False)]
+    m["variant"] = m["variant"].fillna("") if "variant" in m else ""
+    # wall seconds of the measured call: building the learner + one slide + one step
+    m["seconds_per_slide"] = m["wall_s"] if "wall_s" in m else np.nan
+    dup = m[m.duplicated(["image_size", "method", "device", "variant"], keep=False)]
     if not dup.empty:
         raise ConfigError(
             "table2: more than one measurement of the same (image_size, method, device): "
             + ", ".join(sorted(dup._path))
         )
     m["peak_memory_gb"] = m.increment_bytes / GIB
-    e2e = m[m.method == "e2e"].set_index(["image_size", "device"]).peak_memory_gb
+    e2e = m[(m.method == "e2e") & (m.variant == "")].set_index(["image_size", "device"]).peak_memory_gb
     key = pd.MultiIndex.from_frame(m[["image_size", "device"]])
     m["ratio_to_e2e"] = m.peak_memory_gb.to_numpy() / e2e.reindex(key).to_numpy()
     paper = paper_table("local_table2")
     paper_gb = {(r.image_size, r.method): float(r.memory_gb) for r in paper.itertuples()}
     m["paper_memory_gb"] = [
-        paper_gb.get((size, PAPER_METHOD_NAMES.get(method, "")), np.nan)
-        for size, method in zip(m.image_size, m.method, strict=True)
+        paper_gb.get((size, PAPER_METHOD_NAMES.get(method, "")), np.nan) if not variant else np.nan
+        for size, method, variant in zip(m.image_size, m.method, m.variant, strict=True)
     ]
     order = {name: i for i, name in enumerate(METHODS)}
     m["_order"] = m.method.map(lambda name: order.get(name, len(order)))
-    m = m.sort_values(["_pixels", "image_size", "device", "_order", "method"])
+    m = m.sort_values(["_pixels", "image_size", "device", "variant", "_order", "method"])
     return m[TABLE2_COLUMNS].reset_index(drop=True)
 
 

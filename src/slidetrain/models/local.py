@@ -56,9 +56,11 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as checkpoint_fn
 
 from slidetrain.errors import ConfigError
 from slidetrain.models.encoders import load_resnet
+from slidetrain.partitioned import StreamingEngine
 
 #: names of the 9 entries, in order (entry 0 is the frozen stem)
 ENTRY_NAMES: tuple[str, ...] = (
@@ -79,6 +81,11 @@ ENTRY_STRIDES: tuple[int, ...] = (6, 1, 1, 1, 2, 1, 2, 1, 2)
 STEM_STRIDE = 3  # conv1 stride in the authors' code (torchvision: 2)
 MAX_K = 8
 ALLOWED_K = (4, 8)
+#: activation checkpointing inside each module: none (plain autograd, the paper's memory) |
+#: blocks (each residual block recomputed in the backward, torch.utils.checkpoint) | tiles (the
+#: module's forward run tile by tile without a graph and recomputed tile by tile in its
+#: backward, `partitioned.StreamingEngine`; needs eval-mode BatchNorm, which the backbone keeps)
+CHECKPOINTING = ("none", "blocks", "tiles")
 
 
 # --------------------------------------------------------------------------- backbone
@@ -222,8 +229,21 @@ class LocalBackbone(nn.Module):
     0..8 with `train_stem=True` (the stem trained with the rest: the paper's E2E).
     """
 
-    def __init__(self, entries: nn.ModuleList, K: int | None = None, train_stem: bool = False):
+    def __init__(
+        self,
+        entries: nn.ModuleList,
+        K: int | None = None,
+        train_stem: bool = False,
+        checkpointing: str = "none",
+        checkpoint_tile_px: int = 1024,
+    ):
         super().__init__()
+        if checkpointing not in CHECKPOINTING:
+            raise ConfigError(
+                f"checkpointing: expected one of {list(CHECKPOINTING)}, got {checkpointing!r}"
+            )
+        self.checkpointing = checkpointing
+        self.checkpoint_tile_px = checkpoint_tile_px
         if len(entries) != len(ENTRY_NAMES):
             raise ValueError(f"expected {len(ENTRY_NAMES)} entries, got {len(entries)}")
         if train_stem and K is not None:
@@ -237,6 +257,17 @@ class LocalBackbone(nn.Module):
         )
         for p in self.entries[0].parameters():
             p.requires_grad_(train_stem)
+        # tiles: one engine per module over its blocks (its input-map tile: checkpoint_tile_px)
+        self._engines = (
+            [
+                StreamingEngine(
+                    [self.entries[i] for i in grp], checkpoint_tile_px, tile_mode="core"
+                )
+                for grp in self.groups
+            ]
+            if checkpointing == "tiles"
+            else None
+        )
 
     @property
     def n_modules(self) -> int:
@@ -269,10 +300,27 @@ class LocalBackbone(nn.Module):
         return image if self.train_stem else self.stem(image)
 
     def run_module(self, k: int, x: Tensor) -> Tensor:
-        """Module k (1-based) on its input map."""
-        for i in self.groups[k - 1]:
-            x = self.entries[i](x)
+        """Module k (1-based) on its input map; `checkpointing` decides what its graph keeps."""
+        if self.checkpointing == "none" or not torch.is_grad_enabled():
+            for i in self.groups[k - 1]:
+                x = self.entries[i](x)
+            return x
+        if self.checkpointing == "tiles":
+            return self._engines[k - 1](x)  # autograd-aware: the backward streams tile by tile
+        for block in self.module_residual_blocks(k):  # blocks: keep only each block's input
+            x = checkpoint_fn(block, x, use_reentrant=False)
         return x
+
+    def module_residual_blocks(self, k: int) -> list[nn.Module]:
+        """Module k's entries with Sequential entries (layer2[0:2], ...) opened into their blocks."""
+        blocks: list[nn.Module] = []
+        for entry in self.module_blocks(k):
+            residual = isinstance(entry, nn.Sequential) and all(
+                isinstance(b, torchvision.models.resnet.BasicBlock | torchvision.models.resnet.Bottleneck)
+                for b in entry
+            )  # the stem (conv, bn, in-place relu, pool) stays one piece
+            blocks.extend(entry if residual else [entry])
+        return blocks
 
     def module_blocks(self, k: int) -> list[nn.Module]:
         return [self.entries[i] for i in self.groups[k - 1]]
@@ -419,17 +467,19 @@ def sample_rfr_boxes(
     stride-`upscale` convs with "same" padding), so an output box
     (t, l, h, w) matches the input box (t, l, h, w) * upscale. Crops are
     clipped so both boxes lie inside their maps; a map smaller than the patch
-    is used whole.
+    is used whole. Corners are drawn from 0 .. space - 1 (the authors' code).
     """
     (out_h, out_w), (in_h, in_w) = out_hw, in_hw
     ph = min(patch_sz, out_h, in_h // upscale)
     pw = min(patch_sz, out_w, in_w // upscale)
     if ph < 1 or pw < 1:
         raise ValueError(f"RFR: input map {in_hw} too small for upscale {upscale}")
-    max_top = min(out_h - ph, (in_h - ph * upscale) // upscale)
-    max_left = min(out_w - pw, (in_w - pw * upscale) // upscale)
-    tops = torch.randint(0, max_top + 1, (n_patch,), generator=generator).tolist()
-    lefts = torch.randint(0, max_left + 1, (n_patch,), generator=generator).tolist()
+    # corners from 0 .. space - 1 as in the authors' code (space = map - patch: the last row and
+    # column of corners are never drawn); a map no larger than the patch has the one corner 0
+    space_top = min(out_h - ph, (in_h - ph * upscale) // upscale)
+    space_left = min(out_w - pw, (in_w - pw * upscale) // upscale)
+    tops = torch.randint(0, max(space_top, 1), (n_patch,), generator=generator).tolist()
+    lefts = torch.randint(0, max(space_left, 1), (n_patch,), generator=generator).tolist()
     u = upscale
     return [
         ((t, c, ph, pw), (t * u, c * u, ph * u, pw * u)) for t, c in zip(tops, lefts, strict=True)
@@ -508,10 +558,15 @@ class LocalNet(nn.Module):
         n_patch: int = 10,
         norm: str = "group",
         entries: nn.ModuleList | None = None,
+        checkpointing: str = "none",
+        checkpoint_tile_px: int = 1024,
     ):
         super().__init__()
         self.backbone = LocalBackbone(
-            entries if entries is not None else resnet34_entries(weights), K
+            entries if entries is not None else resnet34_entries(weights),
+            K,
+            checkpointing=checkpointing,
+            checkpoint_tile_px=checkpoint_tile_px,
         )
         self.aux = nn.ModuleList(
             [LocalAux(spec, n_classes, rfr, n_patch, norm) for spec in rfr_specs(K)]
@@ -542,10 +597,16 @@ class E2ENet(nn.Module):
         norm: str = "group",
         entries: nn.ModuleList | None = None,
         train_stem: bool = True,
+        checkpointing: str = "none",
+        checkpoint_tile_px: int = 1024,
     ):
         super().__init__()
         self.backbone = LocalBackbone(
-            entries if entries is not None else resnet34_entries(weights), None, train_stem
+            entries if entries is not None else resnet34_entries(weights),
+            None,
+            train_stem,
+            checkpointing,
+            checkpoint_tile_px,
         )
         self.head = final_head(n_classes, norm)
 

@@ -16,11 +16,20 @@ Choices, following DIAGNijmegen/pathology-streaming-pipeline (REFERENCE_NOTES):
 - Split: `stream_until="layer3"` (default; REFERENCE_NOTES and the code's
   mixed-precision path) or `"layer4.0"` (the code's fp32 path streams the
   first layer4 block too).
-- What trains: `train_all_layers=True` (default: end-to-end, as in the paper,
-  which trained in fp32) or False: only the last streamed entry and the head,
-  as the code does in fp32 without --train_all_layers. (The code's own
-  defaults, mixed precision without --train_all_layers, train the head only;
-  mixed precision is not reproduced here: everything runs in fp32.)
+- What trains: `train_all_layers=False` (default, the code's default): layer4
+  and fc only (13.1 M parameters at C=2; with `stream_until="layer4.0"`
+  layer4's first block is streamed and trained through the streaming
+  backward). `train_all_layers=True`: the whole network end to end, as the
+  paper describes its experiments.
+- Precision: fp32 by default (the paper's setting; its memory figures are
+  fp32). `amp=True` is the code's mixed precision: autocast fp16 with a
+  gradient scaler on CUDA (bfloat16 autocast, no scaler, on a CPU).
+- Class weights: the code has none; `class_weights` scales a slide's CE by
+  the weight of its class, as the other whole-image learners do (torch's
+  weighted mean over a batch of one slide would divide the weight out).
+- `calibrate_bn` (default off; for a randomly initialised network): every BN's
+  running statistics set once from the normalised training slides before
+  training, by the plain (not streamed) network, then frozen.
 - Optimiser: SGD momentum 0.9, lr 1e-4, effective batch 16 slides
   (accumulation 16), 50 epochs, no weight decay: the code's defaults.
 - `tile_px` keeps StreamingCNN's meaning (input tile including overlap, 5120)
@@ -35,6 +44,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +55,12 @@ from slidetrain.errors import ConfigError
 from slidetrain.models.encoders import load_resnet
 from slidetrain.partitioned import TILE_MODES, StreamingEngine
 from slidetrain.train.common import SELECTION_METRICS
-from slidetrain.train.local import WholeImageLearner
+from slidetrain.train.local import (
+    WholeImageLearner,
+    calibrate_batchnorm,
+    grads_of,
+    load_grads,
+)
 from slidetrain.train.optim import build_optimizer, build_scheduler
 
 STREAM_SPLITS = ("layer3", "layer4.0")
@@ -62,7 +77,8 @@ class StreamingConfig:
     tile_mode: str = "total"  # total: tile_px includes the overlap (StreamingCNN) | core: owned px
     weights: str = "none"  # none | imagenet | path to a torchvision ResNet34 state dict
     stream_until: str = "layer3"  # layer3 | layer4.0 (the code's fp32 split)
-    train_all_layers: bool = True  # False: only the last streamed entry + head (the code's default)
+    train_all_layers: bool = False  # False: layer4 + fc (the code's default) | True: all (paper)
+    amp: bool = False  # mixed precision (the code's default); fp32 = the paper's setting
     optimizer: str = "sgd"  # sgd | adam | adamw
     lr: float = 1e-4
     momentum: float = 0.9  # sgd
@@ -76,8 +92,9 @@ class StreamingConfig:
     plateau_patience: int = 5
     accumulation: int = 16  # slides per optimiser step (the code: batch 16, one image per GPU pass)
     grad_clip: float = 0.0  # 0 = off
-    class_weights: list[float] | None = None  # CE weight per class
+    class_weights: list[float] | None = None  # per class; a slide's CE is scaled by its weight
     selection_metric: str = "val_loss"  # val_loss | val_auroc | val_accuracy (validation part only)
+    calibrate_bn: bool = False  # BN statistics from the training slides once before training
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -93,6 +110,11 @@ class StreamingConfig:
             if getattr(self, key) not in allowed:
                 raise ConfigError(
                     f"StreamingConfig.{key}: expected one of {allowed}, got {getattr(self, key)!r}"
+                )
+        for key in ("train_all_layers", "amp", "calibrate_bn"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(
+                    f"StreamingConfig.{key}: expected true or false, got {getattr(self, key)!r}"
                 )
         for key in ("epochs", "tile_px", "accumulation"):
             value = getattr(self, key)
@@ -156,9 +178,17 @@ class StreamingLearner(WholeImageLearner):
             raise ConfigError(f"n_classes: expected >= 2, got {n_classes}")
         self.cfg, self.device = cfg, torch.device(device)
         self.model = StreamingResNet34(n_classes, cfg.weights, cfg.stream_until).to(self.device)
-        if not cfg.train_all_layers:
-            for p in self.model.trunk[:-1].parameters():
-                p.requires_grad_(False)
+        if not cfg.train_all_layers:  # the code's default: layer4 + fc
+            trained = self.model.trunk[-1] if cfg.stream_until == "layer4.0" else None
+            for m in self.model.trunk:
+                if m is not trained:
+                    for p in m.parameters():
+                        p.requires_grad_(False)
+        # fp16 + loss scaling on CUDA; bfloat16 (no scaling needed) on a CPU
+        self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=cfg.amp and self.device.type == "cuda"
+        )
         self.engine = StreamingEngine(self.model.trunk, cfg.tile_px, cfg.tile_mode, self.device)
         self.class_weights = None
         if cfg.class_weights is not None:
@@ -180,20 +210,35 @@ class StreamingLearner(WholeImageLearner):
             raise ValueError(f"train_slide: expected a (3, H, W) image, got {tuple(image.shape)}")
         self.model.train()  # BN stays frozen (StreamingResNet34.train)
         x = image.to(torch.float32)[None]  # (1, 3, H, W); crops move to the device one by one
-        fmap = self.engine.forward(x).to(self.device).requires_grad_()  # (1, 256, h, w), no graph
-        logits = self.model.head(fmap)  # (1, C)
         target = torch.tensor([int(label)], device=self.device)
-        loss = F.cross_entropy(logits, target, weight=self.class_weights)
-        (loss / self.cfg.accumulation).backward()  # head grads + dL/dfmap
+        with self._autocast():
+            fmap = self.engine.forward(x).to(self.device).requires_grad_()  # (1, 256, h, w)
+            logits = self.model.head(fmap).float()  # (1, C)
+        loss = F.cross_entropy(logits, target)
+        if self.class_weights is not None:
+            loss = loss * self.class_weights[target[0]]
+        self.scaler.scale(loss / self.cfg.accumulation).backward()  # head grads + dL/dfmap
         if any(p.requires_grad for p in self.model.trunk.parameters()):
-            self.engine.accumulate_grad(x, fmap.grad)  # trunk grads, tile by tile
+            with self._autocast():  # the recomputed tiles in the forward's precision
+                self.engine.accumulate_grad(x, fmap.grad)  # trunk grads, tile by tile
         ce = float(loss.detach())
         return {"ce": ce, "loss": ce}  # "loss": the main loss every learner reports
 
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, self.amp_dtype, enabled=self.cfg.amp)
+
+    def calibrate_batchnorm(self, images: Iterable[Tensor]) -> int:
+        """Every BN's statistics from normalised (3, H, W) slides, by the plain network."""
+        return calibrate_batchnorm(
+            self.model, lambda im: self.model(im.to(self.device, torch.float32)[None]), images
+        )
+
     def step(self) -> None:
         if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skips a step with inf/nan gradients under fp16
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
     def end_epoch(self, epoch: int, val_loss: float | None) -> None:
@@ -203,8 +248,10 @@ class StreamingLearner(WholeImageLearner):
     def predict(self, image: Tensor) -> Tensor:
         """Class probabilities (C,), on the CPU, for one image (3, H, W)."""
         self.model.eval()
-        fmap = self.engine.forward(image.to(torch.float32)[None]).to(self.device)  # (1, 256, h, w)
-        return torch.softmax(self.model.head(fmap).float(), dim=1)[0].cpu()
+        with self._autocast():
+            fmap = self.engine.forward(image.to(torch.float32)[None]).to(self.device)  # (1, 256, h, w)
+            logits = self.model.head(fmap).float()  # (1, C)
+        return torch.softmax(logits, dim=1)[0].cpu()
 
     def state_dict(self) -> dict:
         return {
@@ -212,6 +259,8 @@ class StreamingLearner(WholeImageLearner):
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "grads": grads_of(self.model),  # accumulated since the last step
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -219,6 +268,9 @@ class StreamingLearner(WholeImageLearner):
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        load_grads(self.model, state.get("grads", {}))
 
 
 def _register() -> None:

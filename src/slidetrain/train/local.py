@@ -2,15 +2,17 @@
 
 A whole-image learner trains on one whole slide image (3, H, W) at a time and
 keeps its own optimiser(s); the training loop only feeds slides and calls
-`step` every `accumulation` slides and at the end of an epoch::
+`step` every `accumulation` slides of an epoch (as the authors' code: no extra
+step at the end of an epoch; the gradients of an epoch's last
+n_train % accumulation slides join the next epoch's first step)::
 
     learner = build_learner("local_k4", n_classes=2, params={"epochs": 55}, device=device)
+    learner.calibrate_batchnorm(normalise(image) for image in train_slides)  # calibrate_bn only
     for epoch in range(cfg.epochs):
         for i, (image, label) in enumerate(train_slides, 1):
             losses = learner.train_slide(normalise(augment_slide(image, rng)), label)
             if i % cfg.accumulation == 0:
                 learner.step()
-        learner.step()
         learner.end_epoch(epoch, val_loss)
     probs = learner.predict(normalise(image))          # (C,)
 
@@ -26,8 +28,18 @@ Where the authors' paper and code differ (defaults = code):
 | schedule | "simultaneous": per slide, module k forward, its local loss backward, output detached and fed to module k+1 | "sequential": train F1, freeze it, then F2, ... |
 | lr_backbone / lr_heads | 1e-5 (2e-5 * 0.5) / 2e-5 | 1e-5 / 2e-5 |
 | weight_decay | 1e-2 | 1e-6 |
-| scheduler | StepLR(60) over 55 epochs, i.e. constant: "step" with no milestones | "plateau", factor 0.1 |
+| epochs / scheduler | 55, x0.1 at epochs 25, 35, 45 (the README's training command) | "plateau", factor 0.1 |
 | classifier norm | GroupNorm(C, C) ("group") | "norm": "batch" is an option |
+
+The code's options defaults (80 epochs, x0.1 at 40 and 60) are the other
+published schedule: `epochs: 80, step_milestones: [40, 60]`. (The authors'
+first commit had StepLR(60), i.e. a constant rate over 55 epochs.)
+
+`calibrate_bn` (default off: the reference starts from ImageNet statistics)
+sets every backbone BatchNorm's running statistics once, before training, from
+the normalised training slides, and keeps them frozen afterwards as the method
+does. A randomly initialised backbone (`weights: none`) has identity
+statistics, under which its activations grow by orders of magnitude per stage.
 
 Out-of-memory: the authors crop 1/6 off each edge, retry once and then
 return a zero loss (the slide is silently skipped). Here `on_oom="error"`
@@ -52,7 +64,7 @@ import torchvision.transforms.functional as TF
 from torch import Tensor, nn
 
 from slidetrain.errors import ConfigError, SlidetrainError
-from slidetrain.models.local import ALLOWED_K, E2ENet, LocalNet
+from slidetrain.models.local import ALLOWED_K, CHECKPOINTING, E2ENet, LocalNet
 from slidetrain.train.common import SELECTION_METRICS
 from slidetrain.train.optim import build_scheduler
 
@@ -80,7 +92,7 @@ class SlideOOMError(SlidetrainError):
 class WholeImageConfig:
     """Keys shared by every whole-image learner (e2e uses exactly these)."""
 
-    epochs: int = 55  # authors' code
+    epochs: int = 55  # the authors' README training command (their options default: 80)
     weights: str = "none"  # none | imagenet | path to a ResNet34 state dict
     lr_backbone: float = 1e-5  # paper 1e-5; code 2e-5 * lr-factor 0.5
     lr_heads: float = 2e-5  # auxiliary nets and final head
@@ -88,7 +100,8 @@ class WholeImageConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     optimizer: str = "adamw"  # adamw | adam
     scheduler: str = "step"  # none | step | plateau | cosine (stepped once per epoch)
-    step_milestones: tuple[int, ...] = ()  # code: StepLR(60) never fires in 55 epochs
+    # the authors' README command; their options default: 80 epochs, (40, 60)
+    step_milestones: tuple[int, ...] = (25, 35, 45)
     step_gamma: float = 0.1  # step and plateau factor
     plateau_patience: int = 5
     min_lr: float = 0.0  # cosine floor
@@ -102,9 +115,23 @@ class WholeImageConfig:
     on_oom: str = "error"  # error | crop
     oom_retries: int = 1  # on_oom=crop: crops of 1/6 per edge before giving up (code: 1)
     selection_metric: str = "val_loss"  # val_loss | val_auroc | val_accuracy (validation part only)
+    # BatchNorm running statistics from the training slides once before training, then frozen
+    # (for a randomly initialised backbone; the reference's ImageNet statistics need none)
+    calibrate_bn: bool = False
+    # Less memory, the same gradients (default none: the paper's memory profile): blocks
+    # (recompute each residual block in the backward) | tiles (recompute each module tile by tile,
+    # tiles of checkpoint_tile_px input-map pixels a side); see slidetrain.models.local
+    checkpointing: str = "none"
+    checkpoint_tile_px: int = 1024
 
     def __post_init__(self) -> None:
         _positive_int(self, "epochs")
+        _choice(self, "checkpointing", CHECKPOINTING)
+        _positive_int(self, "checkpoint_tile_px")
+        if not isinstance(self.calibrate_bn, bool):
+            raise ConfigKeyError(
+                "calibrate_bn", f"expected true or false, got {self.calibrate_bn!r}"
+            )
         _positive_int(self, "accumulation")
         for key in ("lr_backbone", "lr_heads", "weight_decay", "min_lr"):
             if not (isinstance(getattr(self, key), int | float) and getattr(self, key) >= 0):
@@ -319,6 +346,46 @@ def crop_edges(image: Tensor, fraction: float = 1 / 6) -> Tensor:
     return image[:, dh : height - dh, dw : width - dw]
 
 
+@torch.no_grad()
+def calibrate_batchnorm(root: nn.Module, run: Callable[[Tensor], Any], images: Iterable[Tensor]) -> int:
+    """Set the running statistics of every BatchNorm under `root` from `images`; returns their count.
+
+    Each BN's statistics are reset and replaced by the cumulative average
+    (momentum None) of the per-image statistics it sees while `run(image)`
+    runs with the BNs in training mode (so each layer sees the inputs its
+    calibrated predecessors give it); then every BN is back in eval mode with
+    its momentum restored: the statistics stay frozen during training.
+    """
+    bns = [m for m in root.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    n = 0
+    try:
+        for image in images:
+            run(image)
+            n += 1
+    finally:
+        for m, momentum in zip(bns, momenta, strict=True):
+            m.momentum = momentum
+            m.eval()
+    if n == 0:
+        raise SlidetrainError("calibrate_bn: no training slides to calibrate BatchNorm on")
+    return n
+
+
+def grads_of(net: nn.Module) -> dict[str, Tensor]:
+    """Pending (accumulated, not yet stepped) gradients by parameter name, for an exact resume."""
+    return {n: p.grad.detach().clone() for n, p in net.named_parameters() if p.grad is not None}
+
+
+def load_grads(net: nn.Module, grads: dict[str, Tensor]) -> None:
+    for name, p in net.named_parameters():
+        p.grad = grads[name].to(p.device) if name in grads else None
+
+
 # --------------------------------------------------------------------------- learners
 
 
@@ -331,7 +398,10 @@ class WholeImageLearner(abc.ABC):
       "final_ce", "loss"} for local learning) plus "image_h", "image_w"
       (the size trained on) and "oom_crops".
     - `step()`: optimiser step(s) + zero_grad; called every `accumulation`
-      slides and at the end of each epoch.
+      slides of an epoch (no extra step at its end: the rest carries over).
+    - `calibrate_batchnorm(images)`: (learners whose config has
+      `calibrate_bn`) BatchNorm statistics from the normalised training
+      slides, once before the first epoch.
     - `end_epoch(epoch, val_loss)`: schedulers (and schedule stages);
       epoch counts from 0.
     - `predict(image)`: (C,) class probabilities (on the CPU) from the final head.
@@ -509,6 +579,13 @@ class _ResNetLearner(WholeImageLearner):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def calibrate_batchnorm(self, images: Iterable[Tensor]) -> int:
+        """Backbone BN statistics from normalised (3, H, W) slides (`calibrate_batchnorm`)."""
+        backbone = self.net.backbone
+        return calibrate_batchnorm(
+            backbone, lambda im: backbone(im.to(self.device, torch.float32)[None]), images
+        )
+
     def end_epoch(self, epoch: int, val_loss: float | None) -> None:
         self.scheduler.step(val_loss)
 
@@ -525,6 +602,7 @@ class _ResNetLearner(WholeImageLearner):
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "generator": self.generator.get_state(),
+            "grads": grads_of(self.net),  # accumulated since the last step (carried across epochs)
             **self._extra_state(),
         }
 
@@ -535,6 +613,7 @@ class _ResNetLearner(WholeImageLearner):
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
+        load_grads(self.net, state.get("grads", {}))
 
 
 class LocalLearner(_ResNetLearner):
@@ -564,7 +643,10 @@ class LocalLearner(_ResNetLearner):
 
     def _build_net(self) -> LocalNet:
         c = self.cfg
-        return LocalNet(self.n_classes, c.K, c.weights, c.rfr, c.n_patch, c.head_norm)
+        return LocalNet(
+            self.n_classes, c.K, c.weights, c.rfr, c.n_patch, c.head_norm,
+            checkpointing=c.checkpointing, checkpoint_tile_px=c.checkpoint_tile_px,
+        )
 
     def frozen_modules(self) -> list[int]:
         return list(range(1, self.active)) if self.sequential else []
@@ -646,7 +728,10 @@ class E2ELearner(_ResNetLearner):
 
     def _build_net(self) -> E2ENet:
         c = self.cfg
-        return E2ENet(self.n_classes, c.weights, c.head_norm, train_stem=c.stem == "trained")
+        return E2ENet(
+            self.n_classes, c.weights, c.head_norm, train_stem=c.stem == "trained",
+            checkpointing=c.checkpointing, checkpoint_tile_px=c.checkpoint_tile_px,
+        )
 
     def _forward_backward(self, prepared: list[Tensor], label: Tensor) -> dict[str, float]:
         loss = self._ce(self.net.forward_prepared(prepared.pop()), label)
@@ -755,6 +840,7 @@ __all__ = [
     "whole_image_methods",
     "augment_slide",
     "build_learner",
+    "calibrate_batchnorm",
     "channel_stats",
     "crop_edges",
     "is_oom_error",

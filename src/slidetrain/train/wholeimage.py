@@ -6,8 +6,8 @@
 
 The images are the pipeline's one-JPEG-per-slide files ({images}/{slide_id}.jpg,
 tissue box at the image magnification), read once. One slide per
-`train_slide` call, `learner.step()` every `accumulation` slides and at the end
-of an epoch; per-channel normalisation statistics from the training part only;
+`train_slide` call, `learner.step()` every `accumulation` slides of an epoch
+(the authors' code: no extra step at its end; the rest carries over); per-channel normalisation statistics from the training part only;
 model selection on the validation part only; the test part is read only by
 `evaluate_whole_image`, once, after training.
 
@@ -178,6 +178,13 @@ def fit_whole_image(
 
     seed_everything(seed)
     learner = build_learner(method, len(class_names), params, device=dev)
+    if getattr(cfg, "calibrate_bn", False):
+        # Once, before training; the statistics stay frozen. A resumed run recalibrates too, and
+        # the checkpoint's learner state (BatchNorm buffers included) then replaces the result.
+        n = learner.calibrate_batchnorm(
+            normalise(as_input(image), stats["mean"], stats["std"]) for image in train_images
+        )
+        log.info("%s: BatchNorm statistics calibrated on %d training slides", method, n)
 
     n_train = len(train_ids)
 
@@ -203,7 +210,7 @@ def fit_whole_image(
                 entry = f"{train_ids[idx]}:{int(losses['image_h'])}x{int(losses['image_w'])}"
                 log.warning("slide %s: out of memory, trained on a %s crop", train_ids[idx], entry.split(":")[1])
                 cropped.append(entry)
-            if position % cfg.accumulation == 0 or position == n_train:
+            if position % cfg.accumulation == 0:  # the reference: no extra step at the epoch's end
                 learner.step()
         return {"train_loss": float(np.mean(train_losses)), "cropped": ";".join(cropped)}
 

@@ -14,6 +14,11 @@ import numpy as np
 import openslide
 
 from slidetrain.errors import SlideError
+from slidetrain.wsi.tiffread import TiffLevels
+
+#: open_slide's readers: openslide (every read through OpenSlide) | auto (tiled TIFF-family
+#: files through tifffile + imagecodecs, `wsi.tiffread`; anything else through OpenSlide)
+READERS = ("openslide", "auto")
 
 MICRONS_AT_1X = 10.0  # 0.25 mpp = 40x, 0.5 mpp = 20x, 2.0 mpp = 5x
 
@@ -27,6 +32,7 @@ class Slide:
     handle: openslide.OpenSlide
     mpp: float  # microns per level-0 pixel
     mpp_source: str  # "metadata" or "fallback"
+    tiff: TiffLevels | None = None  # the faster reader of a tiled TIFF-family file (reader="auto")
 
     @property
     def level0_magnification(self) -> float:
@@ -75,6 +81,13 @@ class Slide:
 
     def read_region(self, level0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """RGB uint8 (H, W, 3) of `size` pixels at `level`, top-left at level-0 `level0_xy`."""
+        if self.tiff is not None:
+            # Only where the level-0 position falls on a level pixel: OpenSlide resamples a
+            # fractional level position (sub-pixel shift), which a tile copy cannot reproduce.
+            ds = self.level_downsamples[level]
+            fx, fy = (v / ds for v in level0_xy)
+            if abs(fx - round(fx)) < 1e-6 and abs(fy - round(fy)) < 1e-6:
+                return self.tiff.read(level, round(fx), round(fy), int(size[0]), int(size[1]))
         try:
             rgba = np.asarray(self.handle.read_region(tuple(map(int, level0_xy)), level, tuple(map(int, size))))
         except openslide.OpenSlideError as err:
@@ -83,6 +96,8 @@ class Slide:
 
     def close(self) -> None:
         self.handle.close()
+        if self.tiff is not None:
+            self.tiff.close()
 
     def __enter__(self) -> Slide:
         return self
@@ -132,8 +147,19 @@ def read_mpp(handle: openslide.OpenSlide) -> float | None:
     return None
 
 
-def open_slide(path: str | Path, slide_id: str | None = None, mpp_fallback: float | None = None) -> Slide:
+def open_slide(
+    path: str | Path,
+    slide_id: str | None = None,
+    mpp_fallback: float | None = None,
+    reader: str = "openslide",
+    threads: int = 2,
+) -> Slide:
     """Open `path` with OpenSlide; raise SlideError naming the slide for anything unusable.
+
+    `reader="auto"` reads the pixels of a tiled TIFF-family file with tifffile
+    (`wsi.tiffread`, `threads` decoding threads; ~3x OpenSlide's speed on JPEG
+    tiles) and of any other file with OpenSlide; metadata always comes from
+    OpenSlide.
 
     `mpp_fallback` is used only when the file carries no MPP; without either,
     magnification is unknown and the slide cannot be tiled at a target
@@ -169,8 +195,13 @@ def open_slide(path: str | Path, slide_id: str | None = None, mpp_fallback: floa
                 "(e.g. 0.25 for 40x, 0.5 for 20x)",
             )
         mpp, source = float(mpp_fallback), "fallback"
+    if reader not in READERS:
+        handle.close()
+        raise SlideError(slide_id, f"reader: expected one of {list(READERS)}, got {reader!r}")
     slide = Slide(path=path, slide_id=slide_id, handle=handle, mpp=mpp, mpp_source=source)
     _check_readable(slide)
+    if reader == "auto":
+        slide.tiff = TiffLevels.open(path, handle.level_dimensions, threads)
     return slide
 
 
