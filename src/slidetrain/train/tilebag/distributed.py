@@ -104,7 +104,10 @@ def init_distributed(backend: str = "auto", timeout_s: float = 300.0, device: st
     dist.init_process_group(backend, timeout=timeout, device_id=dev if backend == "nccl" else None)
     rank = dist.get_rank()
     # new_group is collective: every rank calls it, in the same order
-    encoder_group = dist.new_group(ranks=list(range(1, world_size)), timeout=timeout)
+    # The encoders' DDP group waits twice as long: when an encoder rank hangs, the other encoders sit
+    # in DDP's all-reduce with it while rank 0 sits in the size exchange. Rank 0 must time out first,
+    # so that its monitored barrier names the rank that hung rather than a bystander that timed out.
+    encoder_group = dist.new_group(ranks=list(range(1, world_size)), timeout=2 * timeout)
     monitor_group = dist.new_group(ranks=list(range(world_size)), timeout=timeout, backend="gloo")
     return Topology(rank, world_size, backend, dev, encoder_group if rank > 0 else None, monitor_group,
                     timeout_s)
