@@ -52,8 +52,8 @@ def test_paper_config_dry_runs_with_downloads_of_its_table_datasets_only(name):
         sheet = pd.read_csv(REPO / config["datasets"][d]["sheet"], sep="\t", dtype=str, keep_default_na=False)
         expected |= {(d, s) for s, src in zip(sheet.slide_id, sheet.source, strict=True) if is_remote(src)}
     assert downloads == expected and downloads
-    assert {j["rule"] for j in jobs} >= {"download_slide", "preprocess_slide", "make_split", "table1"}
-    assert "synthesize_slide" not in {j["rule"] for j in jobs}
+    assert {j["rule"] for j in jobs} >= {"download_slide", "preprocess_shard", "make_split", "table1"}
+    assert "synthesize_shard" not in {j["rule"] for j in jobs}
 
 
 @pytest.mark.workflow
