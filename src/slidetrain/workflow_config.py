@@ -10,7 +10,8 @@ So blocks that name things replace the default's instead of merging into it:
 - each block under `methods` that the user's config has (its keys only; omitted keys take the
   method's reference defaults, not the default config's CPU values);
 - `splits.official` and the dataset lists of `table1`/`table4` (lists replace anyway);
-- `derived_datasets` (the default derives `synthetic_binary` from `synthetic`): the user's, or none;
+- `derived_datasets` (the default derives `synthetic_binary` from `synthetic`): the user's, or none,
+  less those whose `from` the user's datasets do not hold (said on stderr);
   a `tilebag.datasets` the user did not set keeps only the datasets that still exist.
 A `table4` naming datasets the config does not define follows `table1.datasets` (said on stderr).
 """
@@ -34,7 +35,12 @@ def replace_named_blocks(config: dict, user: Mapping) -> dict:
             table4["datasets"] = list(config.get("table1", {}).get("datasets", []))
             print(f"config: table4.datasets named {unknown}, which the config does not define;"
                   f" Table 4 follows table1.datasets {table4['datasets']}", file=sys.stderr)
-        config["derived_datasets"] = copy.deepcopy(dict(user.get("derived_datasets") or {}))
+        derived = copy.deepcopy(dict(user.get("derived_datasets") or {}))
+        orphans = sorted(n for n, block in derived.items() if block.get("from") not in config["datasets"])
+        if orphans:  # e.g. a config copied from config.yaml keeps synthetic_binary (from: synthetic)
+            print(f"config: derived_datasets {orphans} derive from datasets the config does not define;"
+                  " they are left out", file=sys.stderr)
+        config["derived_datasets"] = {n: b for n, b in derived.items() if n not in orphans}
         known = set(config["datasets"]) | set(config["derived_datasets"])
         tilebag = config.get("tilebag")
         if tilebag and "datasets" not in (user.get("tilebag") or {}):
