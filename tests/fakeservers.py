@@ -37,7 +37,9 @@ class FakeServer:
         self.requests: list[dict] = []
         self.auth_required: str | None = None  # "Basic ..." expected on Kaggle paths
         self.forbidden: bool = False  # Kaggle: rules not accepted
-        self.active = 0  # file bodies being sent now, and the most at once
+        # files whose bodies are being sent now, and the most at once. Counted per file: a client's
+        # retry of the same file may reach the server before the previous handler has returned.
+        self.active: dict[str, int] = {}
         self.max_active = 0
         self._lock = threading.Lock()
         server = self
@@ -86,13 +88,15 @@ class FakeServer:
                 self.end_headers()
                 limit = f.drop_after.pop(0) if f.drop_after else None
                 with server._lock:
-                    server.active += 1
-                    server.max_active = max(server.max_active, server.active)
+                    server.active[url.path] = server.active.get(url.path, 0) + 1
+                    server.max_active = max(server.max_active, len(server.active))
                 try:
                     self._send_body(f, body, limit)
                 finally:
                     with server._lock:
-                        server.active -= 1
+                        server.active[url.path] -= 1
+                        if not server.active[url.path]:
+                            del server.active[url.path]
 
             def _send_body(self, f, body, limit):
                 sent = 0
