@@ -4,6 +4,7 @@ import json
 
 from slidetrain.data.download import SLIDE_EXTENSIONS, is_remote, remote_ext
 from slidetrain.data.sheet import SYNTHETIC, local_path, read_sheet, validate_sheet
+from slidetrain.configs import METHODS, check_method_config, image_methods
 from slidetrain.errors import SlidetrainError
 from snakemake.utils import validate as validate_rows
 from pathlib import Path
@@ -87,15 +88,9 @@ SPLITS = [f"mccv{i}" for i in range(config["splits"]["mccv_folds"])]
 OFFICIAL = config["splits"].get("official", {})
 SEEDS = [str(s) for s in config["seeds"]]
 
-def _whole_image_methods():
-    from slidetrain.train.local import whole_image_methods
-
-    return set(whole_image_methods())
-
-
 # Two trainers share the run layout: MIL aggregators on cached features, whole-image learners on the
 # 5x (or configured) slide images. Each rule accepts only its own methods (wildcard constraints).
-IMAGE_METHODS = sorted(m for m in config["methods"] if m in _whole_image_methods())
+IMAGE_METHODS = sorted(m for m in config["methods"] if m in image_methods())
 MIL_METHODS = sorted(m for m in config["methods"] if m not in IMAGE_METHODS)
 ALL_METHODS = sorted(config["methods"])
 
@@ -106,9 +101,9 @@ def _method_regex(methods):
 
 
 def _check_methods():
-    """Every method a table asks for has a config block that its dataclass accepts (fail before any job runs)."""
-    from slidetrain.models import method_config
-    from slidetrain.train.local import learner_config
+    """Every method a table asks for has a config block that its dataclass accepts (fail before any job runs).
+
+    slidetrain.configs holds the config dataclasses without torch: planning stays cheap."""
 
     for table in ("table1", "table4"):
         for method in config.get(table, {}).get("methods", []):
@@ -118,7 +113,7 @@ def _check_methods():
                 )
     for method, params in config["methods"].items():
         try:
-            (learner_config if method in IMAGE_METHODS else method_config)(method, params)
+            check_method_config(method, params)
         except SlidetrainError as err:
             raise WorkflowError(f"config: {err}")
 
@@ -241,21 +236,15 @@ def table1_metrics(wildcards):
 
 def table1_applicable(method, dataset):
     """Binary-only methods (MIL-RNN) get a '/' row on multi-class datasets, as the paper shows."""
-    from slidetrain.models import REGISTRY
-
-    if method in IMAGE_METHODS:
-        return True
-    return not (REGISTRY[method].binary_only and len(dataset_cfg(dataset)["classes"]) != 2)
+    return not (METHODS[method].binary_only and len(dataset_cfg(dataset)["classes"]) != 2)
 
 
 def attention_methods(dataset):
     """Table 1 methods that export per-tile attention and ran on `dataset`."""
-    from slidetrain.models import REGISTRY
-
     return [
         m
         for m in config["table1"]["methods"]
-        if m in MIL_METHODS and REGISTRY[m].model_cls.has_attention and table1_applicable(m, dataset)
+        if m in MIL_METHODS and METHODS[m].has_attention and table1_applicable(m, dataset)
     ]
 
 

@@ -6,23 +6,12 @@ Reference sizes: embedding L=500, attention hidden D=128, one branch; Adam lr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import Tensor, nn
 
+from slidetrain.configs.mil import ABMILConfig
 from slidetrain.models import register
 from slidetrain.models.attention import AttentionScores, attention_pool
-from slidetrain.models.base import MILModel, MILOutput, TrainConfig
-
-
-@dataclass
-class ABMILConfig(TrainConfig):
-    embed_dim: int = 500  # L
-    attention_dim: int = 128  # D
-    dropout: float = 0.0
-    lr: float = 5e-4
-    weight_decay: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
+from slidetrain.models.base import MILModel, MILOutput
 
 
 class _ABMIL(MILModel):

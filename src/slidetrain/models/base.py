@@ -9,13 +9,13 @@ separate optimisers (DTFD's two tiers).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slidetrain.errors import ConfigError
+from slidetrain.configs.mil import TrainConfig, config_from_dict  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -23,67 +23,6 @@ class MILOutput:
     logits: Tensor  # (C,) slide-level scores
     attention: Tensor | None = None  # (N,) or (C, N): per-tile scores for heatmaps
     extras: dict = field(default_factory=dict)  # method-specific terms for `loss`
-
-
-@dataclass
-class TrainConfig:
-    """Optimiser and schedule keys shared by every method (its block may override defaults)."""
-
-    epochs: int = 20
-    optimizer: str = "adam"  # adam | adamw | sgd | radam_lookahead
-    lr: float = 2e-4
-    weight_decay: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    momentum: float = 0.9  # sgd only
-    nesterov: bool = False  # sgd only
-    scheduler: str = "none"  # none | cosine | step | plateau (per epoch) | warmup_cosine (per iteration)
-    min_lr: float = 0.0  # cosine floor
-    warmup_epochs: float = 0.0  # warmup_cosine: linear lr warm-up from 0 over this many epochs
-    weight_decay_end: float | None = None  # None: constant; else cosine weight_decay -> this, per iteration
-    no_decay_1d: bool = False  # biases and 1-D parameters get no weight decay
-    decoupled_weight_decay: bool = False  # adam / radam_lookahead: decoupled (AdamW-style) decay
-    step_milestones: tuple[int, ...] = ()  # step: epochs at which lr *= step_gamma
-    step_gamma: float = 0.1
-    plateau_patience: int = 5
-    accumulation: int = 1  # slides per optimiser step
-    grad_clip: float = 0.0  # 0 = off
-    class_weights: bool = False  # weight CE by inverse class frequency of the training part
-    early_stopping_patience: int = 0  # 0 = off; epochs without validation improvement
-    early_stopping_min_epochs: int = 0
-    # val_loss | val_auroc | val_accuracy | val_balanced_accuracy | val_acc_auroc ((accuracy + AUROC) / 2)
-    selection_metric: str = "val_loss"
-    selection_start_fraction: float = 0.0  # epochs before this fraction of the run are never selected
-    # class-balanced slide sampling (CLAM's --weighted_sample): each epoch draws len(train) slides with
-    # replacement, each with weight 1 / (training slides of its class)
-    weighted_sample: bool = False
-    max_instances: int = 0  # 0 = all; else random subset per training bag (memory guard)
-    # none (the references: raw features) | standardize (per-dimension z-score with the training
-    # part's statistics, stored with the model). Random-init encoders give features of mean ~35 and
-    # norm ~1000, on which attention MILs saturate at their reference learning rates.
-    feature_norm: str = "none"
-
-    def selection_rule(self) -> tuple[str, float]:
-        """(history column to select on, fraction of the epochs before selection starts)."""
-        return self.selection_metric, self.selection_start_fraction
-
-
-def config_from_dict(cls: type, params: dict | None, where: str) -> object:
-    """Build dataclass `cls` from `params`; an unknown key is an error naming `where.key`."""
-    params = dict(params or {})
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(params) - set(known))
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}"
-        )
-    for name, value in list(params.items()):
-        default = getattr(cls, name, None) if not callable(getattr(cls, name, None)) else None
-        if isinstance(default, tuple) and isinstance(value, list):
-            params[name] = tuple(value)
-    try:
-        return cls(**params)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where}: {err}") from err
 
 
 class MILModel(nn.Module):

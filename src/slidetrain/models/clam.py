@@ -42,43 +42,14 @@ Choices where the reference is ambiguous or crashes:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from slidetrain.configs.mil import SIZES, CLAMConfig
 from slidetrain.models import register
 from slidetrain.models.attention import AttentionScores, attention_pool
-from slidetrain.models.base import MILModel, MILOutput, TrainConfig
-
-SIZES = {"small": (512, 256), "big": (512, 384)}  # (embedding, attention hidden)
-
-
-@dataclass
-class CLAMConfig(TrainConfig):
-    size: str = "small"  # small | big
-    dropout: float = 0.25
-    k_sample: int = 8
-    bag_weight: float = 0.7
-    subtyping: bool | None = None  # None: True when the task has more than 2 classes
-    inst_loss: str = "ce"  # ce | svm (the reference's --inst_loss)
-    epochs: int = 200
-    optimizer: str = "adam"
-    lr: float = 1e-4
-    weight_decay: float = 1e-5
-    early_stopping_patience: int = 20
-    early_stopping_min_epochs: int = 50
-
-    def __post_init__(self) -> None:
-        if self.size not in SIZES:
-            raise ValueError(f"size: expected one of {sorted(SIZES)}, got {self.size!r}")
-        if self.inst_loss not in ("ce", "svm"):
-            raise ValueError(f"inst_loss: expected 'ce' or 'svm', got {self.inst_loss!r}")
-        if self.k_sample < 1:
-            raise ValueError(f"k_sample: expected >= 1, got {self.k_sample}")
-        if not 0.0 <= self.bag_weight <= 1.0:
-            raise ValueError(f"bag_weight: expected a value in [0, 1], got {self.bag_weight}")
+from slidetrain.models.base import MILModel, MILOutput
 
 
 def smooth_top1_svm(logits: Tensor, target: Tensor, alpha: float = 1.0, tau: float = 1.0) -> Tensor:

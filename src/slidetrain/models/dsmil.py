@@ -38,40 +38,14 @@ Choices where the contract and the reference differ:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from slidetrain.configs.mil import DSMILConfig
 from slidetrain.models import register
-from slidetrain.models.base import MILModel, MILOutput, TrainConfig
-
-
-@dataclass
-class DSMILConfig(TrainConfig):
-    query_dim: int = 128
-    nonlinear_query: bool = True  # reference --non_linearity 1
-    passing_v: bool = False  # reference default: v is the identity
-    dropout_v: float = 0.0  # reference --dropout_node (only with passing_v)
-    max_weight: float = 0.5  # loss = (1 - w) * bag BCE + w * max-instance BCE
-    prediction: str = "bag"  # bag (reference default) | average (reference --average)
-    orthogonal_init: bool = True
-    epochs: int = 50
-    optimizer: str = "adam"
-    lr: float = 1e-4
-    weight_decay: float = 1e-3
-    betas: tuple[float, float] = (0.5, 0.9)
-    scheduler: str = "cosine"
-    min_lr: float = 5e-6
-    selection_metric: str = "val_acc_auroc"
-    early_stopping_patience: int = 10
-
-    def __post_init__(self) -> None:
-        if self.prediction not in ("average", "bag"):
-            raise ValueError(f"prediction: expected 'average' or 'bag', got {self.prediction!r}")
-        if not 0.0 <= self.max_weight <= 1.0:
-            raise ValueError(f"max_weight: expected a value in [0, 1], got {self.max_weight}")
+from slidetrain.models.base import MILModel, MILOutput
 
 
 @register("dsmil", DSMILConfig)

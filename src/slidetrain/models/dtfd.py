@@ -40,52 +40,14 @@ Choices where the reference is ambiguous:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from slidetrain.configs.mil import DTFDConfig
 from slidetrain.models import register
 from slidetrain.models.attention import AttentionScores, attention_pool
-from slidetrain.models.base import MILModel, MILOutput, TrainConfig
-
-DISTILL = ("AFS", "MaxS", "MaxMinS")
-
-
-@dataclass
-class DTFDConfig(TrainConfig):
-    embed_dim: int = 512  # mDim
-    attention_dim: int = 128
-    n_groups: int = 4  # pseudo-bags per slide (numGroup)
-    distill: str = "AFS"  # AFS | MaxS | MaxMinS
-    instances_per_group: int = 1  # MaxS / MaxMinS: total_instance // numGroup
-    dropout: float = 0.0  # before each classifier (droprate, droprate_2)
-    epochs: int = 200
-    optimizer: str = "adam"
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    grad_clip: float = 5.0
-    scheduler: str = "step"
-    step_milestones: tuple[int, ...] = (100,)
-    step_gamma: float = 0.2
-    tier1_gradient: str = "tier1"  # tier1 (reference effect) | sum (tier-2 gradient reaches tier 1 too)
-    selection: str = "config"  # config (selection_metric, every epoch) | reference (val AUC, last 20%)
-
-    def selection_rule(self) -> tuple[str, float]:
-        if self.selection == "reference":
-            return "val_auroc", 0.8
-        return super().selection_rule()
-
-    def __post_init__(self) -> None:
-        if self.tier1_gradient not in ("tier1", "sum"):
-            raise ValueError(f"tier1_gradient: expected 'tier1' or 'sum', got {self.tier1_gradient!r}")
-        if self.selection not in ("config", "reference"):
-            raise ValueError(f"selection: expected 'config' or 'reference', got {self.selection!r}")
-        if self.distill not in DISTILL:
-            raise ValueError(f"distill: expected one of {list(DISTILL)}, got {self.distill!r}")
-        if self.n_groups < 1 or self.instances_per_group < 1:
-            raise ValueError("n_groups and instances_per_group: expected >= 1")
+from slidetrain.models.base import MILModel, MILOutput
 
 
 @register("dtfd", DTFDConfig)

@@ -21,35 +21,12 @@ harness's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import Tensor, nn
 
+from slidetrain.configs.mil import SIZES, GMAConfig
 from slidetrain.models import register
 from slidetrain.models.attention import AttentionScores, attention_pool
-from slidetrain.models.base import MILModel, MILOutput, TrainConfig
-from slidetrain.models.clam import SIZES  # the same [512, 256] / [512, 384] size table
-
-
-@dataclass
-class GMAConfig(TrainConfig):
-    size: str = "big"  # small | big
-    dropout: float = 0.25
-    epochs: int = 40
-    optimizer: str = "sgd"
-    lr: float = 5e-4
-    momentum: float = 0.9
-    nesterov: bool = True
-    scheduler: str = "warmup_cosine"
-    warmup_epochs: float = 10.0
-    min_lr: float = 1e-8
-    weight_decay: float = 0.04
-    weight_decay_end: float | None = 0.4
-    no_decay_1d: bool = True
-
-    def __post_init__(self) -> None:
-        if self.size not in SIZES:
-            raise ValueError(f"size: expected one of {sorted(SIZES)}, got {self.size!r}")
+from slidetrain.models.base import MILModel, MILOutput
 
 
 @register("gma", GMAConfig)

@@ -58,6 +58,7 @@ import torchvision
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as checkpoint_fn
 
+from slidetrain.configs.image import ALLOWED_K, CHECKPOINTING  # noqa: F401 (re-exported)
 from slidetrain.errors import ConfigError
 from slidetrain.models.encoders import load_resnet
 from slidetrain.partitioned import StreamingEngine
@@ -80,12 +81,6 @@ ENTRY_OUT_CHANNELS: tuple[int, ...] = (64, 64, 64, 64, 128, 128, 256, 256, 512)
 ENTRY_STRIDES: tuple[int, ...] = (6, 1, 1, 1, 2, 1, 2, 1, 2)
 STEM_STRIDE = 3  # conv1 stride in the authors' code (torchvision: 2)
 MAX_K = 8
-ALLOWED_K = (4, 8)
-#: activation checkpointing inside each module: none (plain autograd, the paper's memory) |
-#: blocks (each residual block recomputed in the backward, torch.utils.checkpoint) | tiles (the
-#: module's forward run tile by tile without a graph and recomputed tile by tile in its
-#: backward, `partitioned.StreamingEngine`; needs eval-mode BatchNorm, which the backbone keeps)
-CHECKPOINTING = ("none", "blocks", "tiles")
 
 
 # --------------------------------------------------------------------------- backbone

@@ -39,37 +39,14 @@ states do not mix.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 
+from slidetrain.configs.mil import MILRNNConfig, TrainConfig
 from slidetrain.models import register
-from slidetrain.models.base import MILModel, MILOutput, TrainConfig
-
-
-@dataclass
-class MILRNNConfig(TrainConfig):
-    stage1_epochs: int = 0  # 0: half of `epochs` (at least one)
-    tile_hidden: int = 0  # 0: linear tile classifier (the ResNet's fc); > 0: one hidden layer
-    top_s: int = 10
-    rnn_dim: int = 128
-    shuffle: bool = False  # reference --shuffle: random order of the top-s tiles in training
-    epochs: int = 200  # 100 MIL + 100 RNN epochs in the reference
-    optimizer: str = "adam"  # MIL stage
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    rnn_lr: float = 0.1  # RNN stage: SGD with Nesterov momentum
-    rnn_momentum: float = 0.9
-    rnn_weight_decay: float = 1e-4
-    rnn_batch: int = 128  # slides per RNN optimiser step
-    selection_metric: str = "val_balanced_accuracy"
-
-    def __post_init__(self) -> None:
-        if self.top_s < 1 or self.rnn_dim < 1 or self.tile_hidden < 0 or self.stage1_epochs < 0:
-            raise ValueError("top_s and rnn_dim: expected >= 1; tile_hidden, stage1_epochs: >= 0")
-        if self.rnn_batch < 1:
-            raise ValueError(f"rnn_batch: expected >= 1, got {self.rnn_batch}")
+from slidetrain.models.base import MILModel, MILOutput
 
 
 @register("milrnn", MILRNNConfig, binary_only=True)

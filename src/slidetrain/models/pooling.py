@@ -7,20 +7,11 @@ rather than raw ImageNet channels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import Tensor, nn
 
+from slidetrain.configs.mil import PoolingConfig
 from slidetrain.models import register
-from slidetrain.models.base import MILModel, MILOutput, TrainConfig
-
-
-@dataclass
-class PoolingConfig(TrainConfig):
-    hidden: int = 128
-    dropout: float = 0.25
-    lr: float = 2e-4
-    weight_decay: float = 1e-4
+from slidetrain.models.base import MILModel, MILOutput
 
 
 class _PoolingMIL(MILModel):

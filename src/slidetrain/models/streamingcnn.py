@@ -45,16 +45,15 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from slidetrain.configs.image import StreamingConfig
 from slidetrain.errors import ConfigError
 from slidetrain.models.encoders import load_resnet
-from slidetrain.partitioned import TILE_MODES, StreamingEngine
-from slidetrain.train.common import SELECTION_METRICS
+from slidetrain.partitioned import StreamingEngine
 from slidetrain.train.local import (
     WholeImageLearner,
     calibrate_batchnorm,
@@ -62,69 +61,6 @@ from slidetrain.train.local import (
     load_grads,
 )
 from slidetrain.train.optim import build_optimizer, build_scheduler
-
-STREAM_SPLITS = ("layer3", "layer4.0")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULERS = ("none", "cosine", "step", "plateau")
-
-
-@dataclass
-class StreamingConfig:
-    """StreamingCNN keys; defaults are the authors' code (train.py, ExperimentOptions)."""
-
-    epochs: int = 50
-    tile_px: int = 5120  # streaming tile (input pixels); see tile_mode
-    tile_mode: str = "total"  # total: tile_px includes the overlap (StreamingCNN) | core: owned px
-    weights: str = "none"  # none | imagenet | path to a torchvision ResNet34 state dict
-    stream_until: str = "layer3"  # layer3 | layer4.0 (the code's fp32 split)
-    train_all_layers: bool = False  # False: layer4 + fc (the code's default) | True: all (paper)
-    amp: bool = False  # mixed precision (the code's default); fp32 = the paper's setting
-    optimizer: str = "sgd"  # sgd | adam | adamw
-    lr: float = 1e-4
-    momentum: float = 0.9  # sgd
-    nesterov: bool = False  # sgd
-    betas: tuple[float, float] = (0.9, 0.999)  # adam, adamw
-    weight_decay: float = 0.0
-    scheduler: str = "none"  # none | cosine | step | plateau (stepped once per epoch)
-    min_lr: float = 0.0  # cosine floor
-    step_milestones: tuple[int, ...] = ()
-    step_gamma: float = 0.1  # step and plateau factor
-    plateau_patience: int = 5
-    accumulation: int = 16  # slides per optimiser step (the code: batch 16, one image per GPU pass)
-    grad_clip: float = 0.0  # 0 = off
-    class_weights: list[float] | None = None  # per class; a slide's CE is scaled by its weight
-    selection_metric: str = "val_loss"  # val_loss | val_auroc | val_accuracy (validation part only)
-    calibrate_bn: bool = False  # BN statistics from the training slides once before training
-
-    def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
-        self.step_milestones = tuple(self.step_milestones)
-        choices = {
-            "tile_mode": TILE_MODES,
-            "stream_until": STREAM_SPLITS,
-            "optimizer": OPTIMIZERS,
-            "scheduler": SCHEDULERS,
-            "selection_metric": SELECTION_METRICS,
-        }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ConfigError(
-                    f"StreamingConfig.{key}: expected one of {allowed}, got {getattr(self, key)!r}"
-                )
-        for key in ("train_all_layers", "amp", "calibrate_bn"):
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(
-                    f"StreamingConfig.{key}: expected true or false, got {getattr(self, key)!r}"
-                )
-        for key in ("epochs", "tile_px", "accumulation"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"StreamingConfig.{key}: expected an integer >= 1, got {value!r}")
-        for key in ("lr", "weight_decay", "grad_clip", "min_lr"):
-            if not isinstance(getattr(self, key), int | float) or getattr(self, key) < 0:
-                raise ConfigError(
-                    f"StreamingConfig.{key}: expected a number >= 0, got {getattr(self, key)!r}"
-                )
 
 
 def freeze_batchnorm(module: nn.Module) -> None:

@@ -32,41 +32,14 @@ approximation, so TransMIL exports no attention (`has_attention = False`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from slidetrain.configs.mil import TransMILConfig
 from slidetrain.models import register
-from slidetrain.models.base import MILModel, MILOutput, TrainConfig
-
-
-@dataclass
-class TransMILConfig(TrainConfig):
-    dim: int = 512
-    heads: int = 8
-    landmarks: int = 256  # dim // 2 in the reference
-    pinv_iterations: int = 6
-    residual_kernel: int = 33
-    dropout: float = 0.1
-    epochs: int = 200
-    optimizer: str = "radam_lookahead"
-    lr: float = 2e-4
-    weight_decay: float = 1e-5
-    decoupled_weight_decay: bool = True
-    no_decay_1d: bool = True
-    accumulation: int = 2
-    early_stopping_patience: int = 10
-    amp: bool = True  # fp16 autocast on CUDA bags only
-
-    def __post_init__(self) -> None:
-        if self.dim % self.heads:
-            raise ValueError(f"heads: {self.heads} does not divide dim {self.dim}")
-        if self.landmarks < 1 or self.pinv_iterations < 1:
-            raise ValueError("landmarks and pinv_iterations: expected >= 1")
-        if self.residual_kernel % 2 == 0:
-            raise ValueError(f"residual_kernel: expected an odd size, got {self.residual_kernel}")
+from slidetrain.models.base import MILModel, MILOutput
 
 
 def iterative_pinv(x: Tensor, iterations: int) -> Tensor:

@@ -20,11 +20,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from slidetrain.configs.image import SELECTION_METRICS  # noqa: F401 (re-exported)
 from slidetrain.errors import SplitError
 from slidetrain.io import atomic_path, write_json
-
-#: validation metrics a run may select its model on (history columns)
-SELECTION_METRICS = ("val_loss", "val_auroc", "val_accuracy")
 
 #: test hook: exit hard (as a kill would) right after the checkpoint of this epoch (1-based) is saved
 STOP_AFTER_EPOCH_ENV = "SLIDETRAIN_STOP_AFTER_EPOCH"

@@ -55,7 +55,7 @@ import abc
 import gc
 import importlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -63,9 +63,15 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from torch import Tensor, nn
 
+from slidetrain.configs.image import (  # noqa: F401 (re-exported)
+    ConfigKeyError,
+    E2EConfig,
+    LocalConfig,
+    WholeImageConfig,
+    build_config,
+)
 from slidetrain.errors import ConfigError, SlidetrainError
-from slidetrain.models.local import ALLOWED_K, CHECKPOINTING, E2ENet, LocalNet
-from slidetrain.train.common import SELECTION_METRICS
+from slidetrain.models.local import E2ENet, LocalNet
 from slidetrain.train.optim import build_scheduler
 
 #: normalisation statistics of TCGA slides at 5x used by the authors
@@ -73,162 +79,8 @@ TCGA_MEAN: tuple[float, float, float] = (0.7223, 0.5304, 0.6579)
 TCGA_STD: tuple[float, float, float] = (0.2057, 0.2471, 0.2010)
 
 
-class ConfigKeyError(ConfigError):
-    """A bad value for one config key; `key` is prefixed with the method's path by `build_learner`."""
-
-    def __init__(self, key: str, detail: str):
-        self.key, self.detail = key, detail
-        super().__init__(f"{key}: {detail}")
-
-
 class SlideOOMError(SlidetrainError):
     """A slide did not fit in memory (after the allowed crops)."""
-
-
-# --------------------------------------------------------------------------- configs
-
-
-@dataclass
-class WholeImageConfig:
-    """Keys shared by every whole-image learner (e2e uses exactly these)."""
-
-    epochs: int = 55  # the authors' README training command (their options default: 80)
-    weights: str = "none"  # none | imagenet | path to a ResNet34 state dict
-    lr_backbone: float = 1e-5  # paper 1e-5; code 2e-5 * lr-factor 0.5
-    lr_heads: float = 2e-5  # auxiliary nets and final head
-    weight_decay: float = 1e-2  # code; the paper says 1e-6
-    betas: tuple[float, float] = (0.9, 0.999)
-    optimizer: str = "adamw"  # adamw | adam
-    scheduler: str = "step"  # none | step | plateau | cosine (stepped once per epoch)
-    # the authors' README command; their options default: 80 epochs, (40, 60)
-    step_milestones: tuple[int, ...] = (25, 35, 45)
-    step_gamma: float = 0.1  # step and plateau factor
-    plateau_patience: int = 5
-    min_lr: float = 0.0  # cosine floor
-    accumulation: int = (
-        8  # slides per optimiser step; each slide's loss is scaled by 1/accumulation
-    )
-    class_weights: list[float] | None = (
-        None  # per class; a slide's CE (every head) is scaled by its weight
-    )
-    head_norm: str = "group"  # norm after the classifier conv: group (code) | batch
-    on_oom: str = "error"  # error | crop
-    oom_retries: int = 1  # on_oom=crop: crops of 1/6 per edge before giving up (code: 1)
-    selection_metric: str = "val_loss"  # val_loss | val_auroc | val_accuracy (validation part only)
-    # BatchNorm running statistics from the training slides once before training, then frozen
-    # (for a randomly initialised backbone; the reference's ImageNet statistics need none)
-    calibrate_bn: bool = False
-    # Less memory, the same gradients (default none: the paper's memory profile): blocks
-    # (recompute each residual block in the backward) | tiles (recompute each module tile by tile,
-    # tiles of checkpoint_tile_px input-map pixels a side); see slidetrain.models.local
-    checkpointing: str = "none"
-    checkpoint_tile_px: int = 1024
-
-    def __post_init__(self) -> None:
-        _positive_int(self, "epochs")
-        _choice(self, "checkpointing", CHECKPOINTING)
-        _positive_int(self, "checkpoint_tile_px")
-        if not isinstance(self.calibrate_bn, bool):
-            raise ConfigKeyError(
-                "calibrate_bn", f"expected true or false, got {self.calibrate_bn!r}"
-            )
-        _positive_int(self, "accumulation")
-        for key in ("lr_backbone", "lr_heads", "weight_decay", "min_lr"):
-            if not (isinstance(getattr(self, key), int | float) and getattr(self, key) >= 0):
-                raise ConfigKeyError(key, f"expected a number >= 0, got {getattr(self, key)!r}")
-        _choice(self, "optimizer", ("adamw", "adam"))
-        _choice(self, "scheduler", ("none", "step", "plateau", "cosine"))
-        _choice(self, "head_norm", ("group", "batch"))
-        _choice(self, "on_oom", ("error", "crop"))
-        _choice(self, "selection_metric", SELECTION_METRICS)
-        if not isinstance(self.oom_retries, int) or self.oom_retries < 0:
-            raise ConfigKeyError(
-                "oom_retries", f"expected an integer >= 0, got {self.oom_retries!r}"
-            )
-        if not isinstance(self.weights, str) or not self.weights:
-            raise ConfigKeyError(
-                "weights", f"expected none, imagenet or a path, got {self.weights!r}"
-            )
-        self.betas = tuple(self.betas)
-        self.step_milestones = tuple(self.step_milestones)
-        if self.class_weights is not None:
-            try:
-                self.class_weights = [float(w) for w in self.class_weights]
-            except (TypeError, ValueError):
-                raise ConfigKeyError(
-                    "class_weights", f"expected a list of numbers, got {self.class_weights!r}"
-                ) from None
-            if any(w < 0 for w in self.class_weights):
-                raise ConfigKeyError(
-                    "class_weights", f"expected weights >= 0, got {self.class_weights}"
-                )
-
-
-@dataclass
-class E2EConfig(WholeImageConfig):
-    """Plain end-to-end training of the same network (the memory reference of Table 2)."""
-
-    # trained: the entire network, conv1 included (the paper's E2E: "the entire network";
-    # its 17.89 GB at 8698x7496 needs the stem's activations) | frozen: the stem frozen as
-    # local learning freezes it, so that only the gradient isolation differs.
-    stem: str = "trained"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _choice(self, "stem", ("trained", "frozen"))
-
-
-@dataclass
-class LocalConfig(WholeImageConfig):
-    """Locally supervised learning: K modules, auxiliary nets, RFR."""
-
-    K: int = 4  # 4 or 8 (the authors' cuts)
-    rfr: bool = True  # random feature reconstruction in the auxiliary nets
-    alpha: float = 1.0  # weight of the RFR loss (aux CE weight is 1)
-    n_patch: int = 10  # RFR crops per module and slide
-    schedule: str = "simultaneous"  # simultaneous (code) | sequential (paper)
-    sequential_epochs_per_module: int = 0  # sequential: epochs per module k < K; 0 = epochs // K
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.K not in ALLOWED_K:
-            raise ConfigKeyError("K", f"expected one of {list(ALLOWED_K)}, got {self.K!r}")
-        if not isinstance(self.rfr, bool):
-            raise ConfigKeyError("rfr", f"expected true or false, got {self.rfr!r}")
-        if not (isinstance(self.alpha, int | float) and self.alpha >= 0):
-            raise ConfigKeyError("alpha", f"expected a number >= 0, got {self.alpha!r}")
-        _positive_int(self, "n_patch")
-        _choice(self, "schedule", ("simultaneous", "sequential"))
-        if (
-            not isinstance(self.sequential_epochs_per_module, int)
-            or self.sequential_epochs_per_module < 0
-        ):
-            raise ConfigKeyError(
-                "sequential_epochs_per_module",
-                f"expected an integer >= 0, got {self.sequential_epochs_per_module!r}",
-            )
-        if self.schedule == "sequential" and self.epochs_per_module == 0:
-            raise ConfigKeyError(
-                "epochs", f"the sequential schedule needs epochs >= K = {self.K}, got {self.epochs}"
-            )
-
-    @property
-    def epochs_per_module(self) -> int:
-        return self.sequential_epochs_per_module or self.epochs // self.K
-
-
-def _positive_int(cfg: object, key: str) -> None:
-    value = getattr(cfg, key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigKeyError(key, f"expected an integer >= 1, got {value!r}")
-
-
-def _choice(cfg: object, key: str, allowed: tuple[str, ...]) -> None:
-    if getattr(cfg, key) not in allowed:
-        raise ConfigKeyError(key, f"expected one of {list(allowed)}, got {getattr(cfg, key)!r}")
-
-
-# --------------------------------------------------------------------------- data helpers
 
 
 def augment_slide(
@@ -793,24 +645,7 @@ def learner_config(method: str, params: dict | None = None) -> Any:
             f"methods: unknown whole-image method {method!r}; expected one of {sorted(LEARNERS)}"
         )
     spec = LEARNERS[method]
-    where = f"methods.{method}"
-    params = dict(params or {})
-    known = [f.name for f in fields(spec.config_cls)]
-    for key in params:
-        if key not in known:
-            raise ConfigError(f"{where}.{key}: unknown key; expected some of {sorted(known)}")
-    for key, value in spec.preset.items():
-        if key in params and params[key] != value:
-            raise ConfigError(
-                f"{where}.{key}: fixed to {value!r} by the method name, got {params[key]!r}"
-            )
-    params.update(spec.preset)
-    try:
-        return spec.config_cls(**params)
-    except ConfigKeyError as err:
-        raise ConfigError(f"{where}.{err.key}: {err.detail}") from None
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where}: {err}") from err
+    return build_config(spec.config_cls, spec.preset, params, f"methods.{method}")
 
 
 def build_learner(
