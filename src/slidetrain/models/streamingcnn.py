@@ -199,9 +199,12 @@ class StreamingLearner(WholeImageLearner):
             "grads": grads_of(self.model),  # accumulated since the last step
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_weights(self, state: dict) -> None:
         self._check_learner_tag(state)
         self.model.load_state_dict(state["model"])
+
+    def load_state_dict(self, state: dict) -> None:
+        self.load_weights(state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):

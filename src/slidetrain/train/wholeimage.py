@@ -232,7 +232,7 @@ def fit_whole_image(
 
     result = run_epochs(
         out_dir, config_hash(method, cfg, seed, split_csv), cfg.epochs, train_epoch, validate,
-        stateful={"learner": learner}, snapshot=learner.state_dict,
+        stateful={"learner": learner}, snapshot=learner.weights_state_dict,
         selection=Selection(cfg.selection_metric), device=dev, clock=_now, trailing=("cropped",),
         logger=log, stop_hook=lambda epochs_done: maybe_stop_for_test(epochs_done),  # late-bound: tests patch it
     )
@@ -257,7 +257,7 @@ def load_trained(model_path: Path, device: str = "cpu") -> tuple[WholeImageLearn
     if "weights" in params:
         params["weights"] = "none"  # the saved state replaces them: no download or path needed here
     learner = build_learner(saved["method"], len(saved["class_names"]), params, device=device)
-    learner.load_state_dict(saved["state"])
+    learner.load_weights(saved["state"])
     return learner, saved
 
 
