@@ -102,6 +102,10 @@ class FakeServer:
                 sent = 0
                 step = 1 << 16
                 while sent < len(body):
+                    if sent and f.delay_s:
+                        # between chunks only: a pause after the last one would keep a body the client
+                        # already has counted as active while the next download starts
+                        time.sleep(f.delay_s)
                     n = step if limit is None else min(step, limit - sent)
                     if n <= 0:
                         self.close_connection = True  # drop mid-file: fewer bytes than Content-Length
@@ -112,8 +116,6 @@ class FakeServer:
                     except (BrokenPipeError, ConnectionResetError):
                         return
                     sent += n
-                    if f.delay_s:
-                        time.sleep(f.delay_s)
 
             def _send(self, status, body, ctype="text/plain", extra=None):
                 self.send_response(status)
