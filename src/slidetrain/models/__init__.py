@@ -1,8 +1,11 @@
 """Model registry: name -> (model class, config dataclass).
 
 Adding a method = one model file with `@register(...)` + one import line
-below + one config block. `build_model` is the only factory the training code
-uses, and the contract tests iterate over `REGISTRY`.
+below + its config dataclass in slidetrain/configs/mil.py and its line in
+`slidetrain.configs.METHODS` (the torch-free table the workflow validates
+configs with at parse time; tests/test_configs_catalogue.py fails when the two
+disagree) + one config block. `build_model` is the only factory the training
+code uses, and the contract tests iterate over `REGISTRY`.
 """
 
 from __future__ import annotations
