@@ -135,7 +135,7 @@ def cmd_evaluate_mil(a: argparse.Namespace) -> None:
 
 
 def cmd_train_image(a: argparse.Namespace) -> None:
-    from slidetrain.train.wholeimage import fit_whole_image
+    from slidetrain.train.wholeimage.loop import fit_whole_image
 
     fit_whole_image(
         a.method, a.params, Path(a.split), Path(a.images), a.classes, Path(a.out), a.seed, a.threads, a.device
@@ -143,7 +143,7 @@ def cmd_train_image(a: argparse.Namespace) -> None:
 
 
 def cmd_evaluate_image(a: argparse.Namespace) -> None:
-    from slidetrain.train.wholeimage import evaluate_whole_image
+    from slidetrain.train.wholeimage.loop import evaluate_whole_image
 
     evaluate_whole_image(
         Path(a.model), Path(a.split), Path(a.images), a.classes, Path(a.predictions), Path(a.metrics),

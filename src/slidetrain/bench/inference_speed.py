@@ -55,7 +55,8 @@ from slidetrain.io import atomic_path
 from slidetrain.models import build_model, method_config
 from slidetrain.models.encoders import build_encoder
 from slidetrain.paper.tables import to_markdown
-from slidetrain.train.local import build_learner, normalise
+from slidetrain.train.wholeimage.augment import normalise
+from slidetrain.train.wholeimage.registry import build_learner
 from slidetrain.wsi.features import embed_tiles
 from slidetrain.wsi.image import extract_slide_image
 from slidetrain.wsi.mask import MaskParams, mask_params, segment_tissue

@@ -54,7 +54,7 @@ from slidetrain.bench.memory import MemoryReport, peak_memory
 from slidetrain.errors import ConfigError
 from slidetrain.io import atomic_path, write_json
 from slidetrain.paper.tables import paper_table, to_markdown
-from slidetrain.train.local import LEARNER_MODULES, build_learner
+from slidetrain.train.wholeimage.registry import LEARNER_MODULES, build_learner
 
 # Learners registered by other modules (StreamingCNN) are imported now, not inside
 # the measured call: their import would otherwise count as the method's memory.
