@@ -84,8 +84,7 @@ def write_excluded_pictures(
             f"{html.escape(reason)}</figcaption></figure>"
         )
     summary = (
-        f"<p>{len(excluded)} of {len(table)} slides excluded (on_bad_slide: exclude); "
-        f"{len(table) - len(excluded)} passed QC.</p>"
+        f"<p>{len(excluded)} of {len(table)} slides excluded; {len(table) - len(excluded)} passed QC.</p>"
     )
     body = summary + ("\n".join(figures) if figures else "<p>No slide was excluded.</p>")
     with atomic_path(out_html) as tmp:
