@@ -127,7 +127,7 @@ def test_a_tiny_real_measurement_writes_a_sane_json(tmp_path):
     assert m["probe_method"].startswith("cpu_peak_rss_spawn")
     assert m["peak_bytes"] == m["baseline_bytes"] + m["increment_bytes"]
     # built inside the call: parameters + gradients + AdamW's two moments are in the increment
-    from slidetrain.train.local import build_learner
+    from slidetrain.train.wholeimage.registry import build_learner
 
     n_params = sum(p.numel() for p in build_learner("local_k4", 2).net.parameters())
     assert m["increment_bytes"] >= 0.9 * 4 * 4 * n_params

@@ -12,7 +12,7 @@ from slidetrain.configs.image import STREAM_TILE_MODES
 from slidetrain.errors import ConfigError
 from slidetrain.models import REGISTRY
 from slidetrain.partitioned import TILE_MODES
-from slidetrain.train.local import LEARNERS, whole_image_methods
+from slidetrain.train.wholeimage.registry import LEARNERS, whole_image_methods
 
 
 def test_every_registered_method_has_its_line_with_the_same_facts():

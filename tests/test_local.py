@@ -1,4 +1,4 @@
-"""Locally supervised learning (models/local.py, train/local.py): cut, isolation, RFR, schedules, resume."""
+"""Locally supervised learning (models/local.py, train/wholeimage/): cut, isolation, RFR, schedules, resume."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
+from slidetrain.configs.image import LocalConfig
 from slidetrain.errors import ConfigError
 from slidetrain.models.local import (
     RFR_TABLE,
@@ -23,20 +24,16 @@ from slidetrain.models.local import (
     rfr_specs,
     sample_rfr_boxes,
 )
-from slidetrain.train.local import (
-    LEARNERS,
+from slidetrain.train.wholeimage.augment import (
     TCGA_MEAN,
     TCGA_STD,
-    E2ELearner,
-    LocalConfig,
-    LocalLearner,
-    SlideOOMError,
     augment_slide,
-    build_learner,
     channel_stats,
     normalise,
-    register_learner,
 )
+from slidetrain.train.wholeimage.learners import E2ELearner, LocalLearner
+from slidetrain.train.wholeimage.oom import SlideOOMError
+from slidetrain.train.wholeimage.registry import LEARNERS, build_learner, register_learner
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""The whole-image training harness (train/wholeimage.py): outputs, exact resume, train-only statistics, errors."""
+"""The whole-image training harness (train/wholeimage/loop.py): outputs, exact resume, train-only statistics, errors."""
 
 from __future__ import annotations
 
@@ -17,17 +17,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from slidetrain.configs.image import WholeImageConfig
 from slidetrain.data.splits import write_split
 from slidetrain.errors import SlideError
-from slidetrain.train import wholeimage
-from slidetrain.train.local import (
-    LEARNERS,
-    LearnerSpec,
-    WholeImageConfig,
-    WholeImageLearner,
-    crop_edges,
-)
-from slidetrain.train.wholeimage import (
+from slidetrain.train.wholeimage import loop
+from slidetrain.train.wholeimage.interface import WholeImageLearner
+from slidetrain.train.wholeimage.loop import (
     evaluate_whole_image,
     fit_whole_image,
     load_images,
@@ -35,6 +30,8 @@ from slidetrain.train.wholeimage import (
     norm_stats_of,
     predict_images,
 )
+from slidetrain.train.wholeimage.oom import crop_edges
+from slidetrain.train.wholeimage.registry import LEARNERS, LearnerSpec
 
 CLASSES = ["red", "blue"]
 TRAIN_IDS = [f"s{i:02d}" for i in range(6)]
@@ -162,7 +159,7 @@ def test_a_killed_run_resumes_to_the_same_result(dataset, tmp_path):
 
 def test_the_optimiser_steps_only_every_accumulation_slides(dataset, tmp_path, monkeypatch):
     """6 training slides, accumulation 4, 2 epochs: steps after slides 4 and 10, none at an epoch's end."""
-    from slidetrain.train.local import E2ELearner
+    from slidetrain.train.wholeimage.learners import E2ELearner
 
     steps = []
     real_step = E2ELearner.step
@@ -191,11 +188,11 @@ def test_a_checkpoint_of_another_seed_is_ignored(dataset, tmp_path, monkeypatch,
 
     out, fresh = tmp_path / "run", tmp_path / "fresh"
     with monkeypatch.context() as m:
-        m.setattr(wholeimage, "maybe_stop_for_test", stop)
+        m.setattr(loop, "maybe_stop_for_test", stop)
         with pytest.raises(_Killed):
             fit_whole_image("e2e", E2E, split_csv, images, CLASSES, out, seed=3)
     assert (out / "checkpoint.pt").exists()
-    with caplog.at_level(logging.INFO, logger="slidetrain.train.wholeimage"):
+    with caplog.at_level(logging.INFO, logger="slidetrain.train.wholeimage.loop"):
         fit_whole_image("e2e", E2E, split_csv, images, CLASSES, out, seed=4)
     assert "ignoring" in caplog.text and "resuming" not in caplog.text
     fit_whole_image("e2e", E2E, split_csv, images, CLASSES, fresh, seed=4)
@@ -280,17 +277,16 @@ def test_slides_trained_on_a_crop_are_listed_in_the_history(dataset, tmp_path, m
 
 def test_a_diverged_run_stops_with_a_clear_error(dataset, tmp_path, monkeypatch):
     """Non-finite validation probabilities stop the run naming the method and epoch, not a bare ValueError."""
-    import slidetrain.train.wholeimage as wholeimage
     from slidetrain.errors import TrainingError
 
     split_csv, images = dataset
-    real = wholeimage.predict_images
+    real = loop.predict_images
 
     def diverged(*args, **kwargs):
         loss, probs = real(*args, **kwargs)
         return loss, np.full_like(probs, np.nan)
 
-    monkeypatch.setattr(wholeimage, "predict_images", diverged)
+    monkeypatch.setattr(loop, "predict_images", diverged)
     with pytest.raises(TrainingError, match=r"e2e: training diverged in epoch 1"):
         fit_whole_image("e2e", {**E2E, "epochs": 1}, split_csv, images, CLASSES, tmp_path / "run", seed=0)
     assert not (tmp_path / "run" / "model.pt").exists()

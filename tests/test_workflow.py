@@ -162,3 +162,19 @@ def test_adding_a_slide_reruns_only_its_shard(tiny_run, tmp_path):
             planned.setdefault(rule, set()).add(line.split("shard=")[1].split(",")[0].strip())
     for step in ("synthesize_shard", "preprocess_shard", "extract_features_shard"):
         assert planned.get(step) == changed, (step, planned.get(step), changed)
+
+
+def test_the_report_renders_the_tables_and_the_excluded_slides_pictures(tiny_run):
+    """`snakemake --report` on the built DAG: Tables 1 and 4 as HTML items and the QC page that shows
+    the excluded slide's picture, each with its caption; nothing reruns."""
+    work, _ = tiny_run
+    snakemake(work, "--report", "report.html", "results/tables/table1.csv", "results/tables/table4.csv")
+    report = (work / "report.html").read_text()
+    for item in ("table1.html", "table4.html", "excluded.html"):
+        assert item in report, item
+    for caption in ("Local-learning paper, Table 1", "the RFR ablation", "Quality control of synthetic"):
+        assert caption in report, caption
+    qc = (work / "results" / "synthetic" / "qc" / "excluded.html").read_text()
+    assert "broken_01" in qc and "data:image/jpeg;base64," in qc
+    proc = snakemake(work, "-n", "results/tables/table1.csv")
+    assert "Nothing to be done" in proc.stdout + proc.stderr

@@ -135,7 +135,7 @@ def cmd_evaluate_mil(a: argparse.Namespace) -> None:
 
 
 def cmd_train_image(a: argparse.Namespace) -> None:
-    from slidetrain.train.wholeimage import fit_whole_image
+    from slidetrain.train.wholeimage.loop import fit_whole_image
 
     fit_whole_image(
         a.method, a.params, Path(a.split), Path(a.images), a.classes, Path(a.out), a.seed, a.threads, a.device
@@ -143,7 +143,7 @@ def cmd_train_image(a: argparse.Namespace) -> None:
 
 
 def cmd_evaluate_image(a: argparse.Namespace) -> None:
-    from slidetrain.train.wholeimage import evaluate_whole_image
+    from slidetrain.train.wholeimage.loop import evaluate_whole_image
 
     evaluate_whole_image(
         Path(a.model), Path(a.split), Path(a.images), a.classes, Path(a.predictions), Path(a.metrics),
@@ -156,13 +156,13 @@ def cmd_table1(a: argparse.Namespace) -> None:
 
     paper_names = dict(item.split("=", 1) for item in a.paper_names)
     not_applicable = [tuple(item.split(":", 1)) for item in a.not_applicable]
-    table1(a.metrics, a.out_csv, a.out_md, paper_names, not_applicable, a.method_order)
+    table1(a.metrics, a.out_csv, a.out_md, paper_names, not_applicable, a.method_order, out_html=a.out_html)
 
 
 def cmd_table4(a: argparse.Namespace) -> None:
     from slidetrain.paper.tables import table4
 
-    table4(a.metrics, a.out_csv, a.out_md, dict(item.split("=", 1) for item in a.paper_names))
+    table4(a.metrics, a.out_csv, a.out_md, dict(item.split("=", 1) for item in a.paper_names), out_html=a.out_html)
 
 
 def cmd_qc_table(a: argparse.Namespace) -> None:
@@ -238,7 +238,7 @@ def cmd_bench_train_memory(a: argparse.Namespace) -> None:
 def cmd_table2(a: argparse.Namespace) -> None:
     from slidetrain.bench.local_memory import write_table2
 
-    write_table2(a.measurements, a.out, a.markdown)
+    write_table2(a.measurements, a.out, a.markdown, out_html=a.out_html)
 
 
 def cmd_bench_inference(a: argparse.Namespace) -> None:
@@ -247,7 +247,7 @@ def cmd_bench_inference(a: argparse.Namespace) -> None:
     bench_inference(
         a.slides, a.out, a.markdown, device=a.device, threads=a.threads, warmup=a.warmup, repeats=a.repeats,
         batch_size=a.batch_size, tile_px=a.tile_px, min_tissue_fraction=a.min_tissue_fraction, seed=a.seed,
-        mask_preset=a.mask_preset, mpp_fallback=a.mpp_fallback, reader=a.reader,
+        mask_preset=a.mask_preset, mpp_fallback=a.mpp_fallback, reader=a.reader, out_html=a.out_html,
     )
 
 
@@ -285,6 +285,7 @@ def _add_bench_local_parsers(sub) -> None:
     s.add_argument("--measurements", nargs="+", required=True)
     s.add_argument("--out", required=True, help="CSV")
     s.add_argument("--markdown", help="Markdown copy")
+    s.add_argument("--out-html", help="HTML copy (Snakemake's report)")
     s.set_defaults(func=cmd_table2)
 
     s = sub.add_parser("bench-inference", help="Table 3: tile pipeline (gated ABMIL) vs whole-slide inference")
@@ -302,6 +303,7 @@ def _add_bench_local_parsers(sub) -> None:
     s.add_argument("--out", required=True, help="CSV")
     s.add_argument("--markdown", help="Markdown copy")
     s.add_argument("--reader", default="auto", help="slide reader of both pipelines: auto | openslide")
+    s.add_argument("--out-html", help="HTML copy (Snakemake's report)")
     s.set_defaults(func=cmd_bench_inference)
     _add_bench_read_parser(sub)
 
@@ -638,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--paper-names", nargs="*", default=[], help="dataset=name in the paper's table")
     s.add_argument("--not-applicable", nargs="*", default=[], help="method:dataset pairs shown as '/'")
     s.add_argument("--method-order", nargs="*", default=[])
+    s.add_argument("--out-html", help="HTML copy (Snakemake's report)")
     s.set_defaults(func=cmd_table1)
 
     s = sub.add_parser("table4", help="Table 4 (RFR ablation) from local-learning run metrics")
@@ -645,6 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-csv", required=True)
     s.add_argument("--out-md", required=True)
     s.add_argument("--paper-names", nargs="*", default=[], help="dataset=name in the paper's table")
+    s.add_argument("--out-html", help="HTML copy (Snakemake's report)")
     s.set_defaults(func=cmd_table4)
 
     s = sub.add_parser("qc-status", help="one dataset's per-slide QC statuses as one table")
@@ -704,7 +708,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_e2e_distributed_parsers(sub)
     _add_tilebag_parsers(sub)
     _add_data_parsers(sub)
+    _add_report_parsers(sub)
     return p
+
+
+def cmd_qc_pictures(a: argparse.Namespace) -> None:
+    from slidetrain.report_html import write_excluded_pictures
+
+    write_excluded_pictures(a.status, a.pictures_dir, a.out, a.dataset)
+
+
+def _add_report_parsers(sub) -> None:
+    s = sub.add_parser("qc-pictures", help="one HTML page of the QC pictures of a dataset's excluded slides")
+    s.add_argument("--status", required=True, help="results/{dataset}/qc/status.csv")
+    s.add_argument("--pictures-dir", required=True, help="folder of the {slide}.qc.jpg pictures")
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--out", required=True, help="HTML")
+    s.set_defaults(func=cmd_qc_pictures)
 
 
 def cmd_e2e_single(a: argparse.Namespace) -> None:

@@ -235,6 +235,7 @@ rule table2:
     output:
         csv="results/tables/table2.csv",
         md="results/tables/table2.md",
+        html=report("results/tables/table2.html", caption="../report/table2.rst", category="Tables"),
     conda:
         "../../envs/slidetrain.yaml"
     log:
@@ -242,7 +243,8 @@ rule table2:
     benchmark:
         "benchmarks/tables/table2.tsv"
     shell:
-        "slidetrain table2 --measurements {input} --out {output.csv} --markdown {output.md} > {log} 2>&1"
+        "slidetrain table2 --measurements {input} --out {output.csv} --markdown {output.md}"
+        " --out-html {output.html} > {log} 2>&1"
 
 
 # Table 3: the same synthetic slides through the tile pipeline (tiling, features, gated ABMIL) and
@@ -274,6 +276,7 @@ rule table3:
     output:
         csv="results/tables/table3.csv",
         md="results/tables/table3.md",
+        html=report("results/tables/table3.html", caption="../report/table3.rst", category="Tables"),
     params:
         device=_bench_cfg("device", "cpu"),
         threads=_bench_cfg("threads", 2),
@@ -290,7 +293,8 @@ rule table3:
         gpu=1 if _bench_cfg("device", "cpu").startswith("cuda") else 0,
     shell:
         "slidetrain bench-inference --slides {input} --device {params.device} --threads {threads}"
-        " --repeats {params.repeats} --out {output.csv} --markdown {output.md} > {log} 2>&1"
+        " --repeats {params.repeats} --out {output.csv} --markdown {output.md} --out-html {output.html}"
+        " > {log} 2>&1"
 
 
 # Reading the 5x tissue box of Table 3's slides through OpenSlide and through tifffile, side by side.

@@ -52,3 +52,25 @@ rule qc_table:
         "benchmarks/qc_table.tsv"
     shell:
         "slidetrain qc-table --status {input} --out {output} > {log} 2>&1"
+
+
+# The QC pictures of a dataset's excluded slides (on_bad_slide: exclude) on one page, for the report.
+rule qc_pictures:
+    input:
+        status="results/{dataset}/qc/status.csv",
+        preprocess=lambda w: manifests(w.dataset, "preprocess"),  # the pictures: masks/{slide}.qc.jpg
+    output:
+        report(
+            "results/{dataset}/qc/excluded.html",
+            caption="../report/qc_pictures.rst",
+            category="Quality control",
+        ),
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/{dataset}/qc_pictures.log",
+    benchmark:
+        "benchmarks/{dataset}/qc_pictures.tsv"
+    shell:
+        "slidetrain qc-pictures --status {input.status} --pictures-dir results/{wildcards.dataset}/masks"
+        " --dataset {wildcards.dataset} --out {output} > {log} 2>&1"

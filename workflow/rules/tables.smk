@@ -7,9 +7,12 @@ rule table1:
         metrics=table1_metrics,
         # QC of Table 1's own datasets (not results/qc/excluded.csv: that plans every dataset of the config)
         qc=expand("results/{dataset}/qc/status.csv", dataset=config["table1"]["datasets"]),
+        # the excluded slides' QC pictures: in the report of Table 1 (`snakemake --report`)
+        qc_pictures=expand("results/{dataset}/qc/excluded.html", dataset=config["table1"]["datasets"]),
     output:
         csv="results/tables/table1.csv",
         md="results/tables/table1.md",
+        html=report("results/tables/table1.html", caption="../report/table1.rst", category="Tables"),
     params:
         paper_names=" ".join(
             f"{d}={dataset_cfg(d)['paper_name']}" for d in config["table1"]["datasets"] if dataset_cfg(d).get("paper_name")
@@ -30,7 +33,7 @@ rule table1:
     shell:
         "slidetrain table1 --metrics {input.metrics} --out-csv {output.csv} --out-md {output.md}"
         " --paper-names {params.paper_names} --not-applicable {params.not_applicable}"
-        " --method-order {params.order} > {log} 2>&1"
+        " --method-order {params.order} --out-html {output.html} > {log} 2>&1"
 
 
 rule attention_figure:
@@ -74,6 +77,7 @@ rule table4:
     output:
         csv="results/tables/table4.csv",
         md="results/tables/table4.md",
+        html=report("results/tables/table4.html", caption="../report/table4.rst", category="Tables"),
     params:
         paper_names=" ".join(
             f"{d}={dataset_cfg(d)['paper_name']}" for d in config["table4"]["datasets"] if dataset_cfg(d).get("paper_name")
@@ -86,4 +90,4 @@ rule table4:
         "benchmarks/tables/table4.tsv"
     shell:
         "slidetrain table4 --metrics {input.metrics} --out-csv {output.csv} --out-md {output.md}"
-        " --paper-names {params.paper_names} > {log} 2>&1"
+        " --paper-names {params.paper_names} --out-html {output.html} > {log} 2>&1"

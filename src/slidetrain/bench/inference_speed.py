@@ -55,7 +55,9 @@ from slidetrain.io import atomic_path
 from slidetrain.models import build_model, method_config
 from slidetrain.models.encoders import build_encoder
 from slidetrain.paper.tables import to_markdown
-from slidetrain.train.local import build_learner, normalise
+from slidetrain.report_html import write_table_html
+from slidetrain.train.wholeimage.augment import normalise
+from slidetrain.train.wholeimage.registry import build_learner
 from slidetrain.wsi.features import embed_tiles
 from slidetrain.wsi.image import extract_slide_image
 from slidetrain.wsi.mask import MaskParams, mask_params, segment_tissue
@@ -268,6 +270,7 @@ def bench_inference(
     mask_preset: str = "default",
     mpp_fallback: float | None = None,
     reader: str = "auto",
+    out_html: str | Path | None = None,
 ) -> pd.DataFrame:
     """`slidetrain bench-inference`: Table 3 rows for every slide, written as CSV (and Markdown)."""
     if threads:
@@ -290,6 +293,8 @@ def bench_inference(
     if out_md:
         with atomic_path(out_md) as tmp:
             tmp.write_text(to_markdown(table))
+    if out_html:
+        write_table_html(table, out_html, "Table 3: inference seconds per slide, tile pipeline vs whole slide")
     return table
 
 

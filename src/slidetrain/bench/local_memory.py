@@ -54,7 +54,8 @@ from slidetrain.bench.memory import MemoryReport, peak_memory
 from slidetrain.errors import ConfigError
 from slidetrain.io import atomic_path, write_json
 from slidetrain.paper.tables import paper_table, to_markdown
-from slidetrain.train.local import LEARNER_MODULES, build_learner
+from slidetrain.report_html import write_table_html
+from slidetrain.train.wholeimage.registry import LEARNER_MODULES, build_learner
 
 # Learners registered by other modules (StreamingCNN) are imported now, not inside
 # the measured call: their import would otherwise count as the method's memory.
@@ -265,15 +266,20 @@ def table2(measurement_jsons: list[str | Path]) -> pd.DataFrame:
 
 
 def write_table2(
-    measurement_jsons: list[str | Path], out_csv: str | Path, out_md: str | Path | None = None
+    measurement_jsons: list[str | Path],
+    out_csv: str | Path,
+    out_md: str | Path | None = None,
+    out_html: str | Path | None = None,
 ) -> pd.DataFrame:
-    """`slidetrain table2`: the CSV (and a Markdown copy) of `table2`."""
+    """`slidetrain table2`: the CSV (and Markdown and HTML copies) of `table2`."""
     table = table2(measurement_jsons)
     with atomic_path(out_csv) as tmp:
         table.to_csv(tmp, index=False, float_format="%.4f")
     if out_md:
         with atomic_path(out_md) as tmp:
             tmp.write_text(to_markdown(table))
+    if out_html:
+        write_table_html(table, out_html, "Table 2: peak training memory of one slide, E2E vs local learning")
     return table
 
 

@@ -3,7 +3,7 @@
 The Snakefile needs, at parse time, which trainer each `methods` block goes to (MIL on cached
 features or whole-image), whether a method is binary-only or exports attention, and whether each
 block is valid. The model and learner registries (slidetrain.models.REGISTRY,
-slidetrain.train.local.LEARNERS) hold the same facts but import torch and torchvision, which cost
+slidetrain.train.wholeimage.registry.LEARNERS) hold the same facts but import torch and torchvision, which cost
 ~5 s of every `snakemake` call; this table is their torch-free mirror (tests/test_configs_catalogue.py
 checks that the two agree, so a method added to a registry without a line here fails a test).
 """

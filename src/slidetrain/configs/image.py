@@ -1,7 +1,7 @@
 """The whole-image learners' config dataclasses, free of torch so the workflow validates cheaply.
 
 The workflow checks each `methods` block at parse time, before any job runs; importing torch and
-torchvision for that cost ~5 s per `snakemake` call. The learners (slidetrain.train.local,
+torchvision for that cost ~5 s per `snakemake` call. The learners (slidetrain.train.wholeimage,
 slidetrain.models.streamingcnn) import their configs from here.
 """
 

@@ -43,7 +43,7 @@ classifier's conv kernel is zero-padded to the kernel size, and when the conv
 output has a single spatial position the per-channel norm over positions is
 undefined (GroupNorm would return a constant), so it is skipped.
 
-Launch: these are building blocks; ``slidetrain.train.local.build_learner``
+Launch: these are building blocks; ``slidetrain.train.wholeimage.registry.build_learner``
 assembles them into a learner.
 """
 

@@ -54,13 +54,9 @@ from slidetrain.configs.image import StreamingConfig
 from slidetrain.errors import ConfigError
 from slidetrain.models.encoders import load_resnet
 from slidetrain.partitioned import StreamingEngine
-from slidetrain.train.local import (
-    WholeImageLearner,
-    calibrate_batchnorm,
-    grads_of,
-    load_grads,
-)
 from slidetrain.train.optim import build_optimizer, build_scheduler
+from slidetrain.train.wholeimage.batchnorm import calibrate_batchnorm
+from slidetrain.train.wholeimage.interface import WholeImageLearner, grads_of, load_grads
 
 
 def freeze_batchnorm(module: nn.Module) -> None:
@@ -103,7 +99,7 @@ class StreamingResNet34(nn.Module):
 class StreamingLearner(WholeImageLearner):
     """One slide at a time: streamed trunk forward, head forward/backward, streamed trunk backward.
 
-    Same interface as the whole-image learners of `slidetrain.train.local`:
+    Same interface as the whole-image learners of `slidetrain.train.wholeimage`:
     `train_slide` accumulates gradients (loss / accumulation), `step` every
     `accumulation` slides, `end_epoch` steps the schedule, `predict` gives (C,)
     probabilities on the CPU, `state_dict` resumes exactly.
@@ -213,7 +209,7 @@ class StreamingLearner(WholeImageLearner):
 
 
 def _register() -> None:
-    from slidetrain.train.local import register_learner
+    from slidetrain.train.wholeimage.registry import register_learner
 
     register_learner("streamingcnn", StreamingConfig, StreamingLearner)
 

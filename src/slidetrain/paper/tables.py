@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from slidetrain.io import atomic_path
+from slidetrain.report_html import write_table_html
 
 #: pipeline method key -> the name the local-learning paper's Table 1 uses
 PAPER_METHOD_NAMES = {
@@ -63,6 +64,7 @@ def table1(
     paper_names: dict[str, str] | None = None,
     not_applicable: list[tuple[str, str]] = (),
     method_order: list[str] | None = None,
+    out_html: str | Path | None = None,
 ) -> pd.DataFrame:
     """One row per method and dataset: mean and std over runs (splits x seeds), paper values beside.
 
@@ -98,6 +100,8 @@ def table1(
         table.to_csv(tmp, index=False, float_format="%.4f")
     with atomic_path(out_md) as tmp:
         tmp.write_text(to_markdown(table))
+    if out_html:
+        write_table_html(table, out_html, "Table 1: test accuracy and AUROC per method (paper values beside)")
     return table
 
 
@@ -116,6 +120,7 @@ def table4(
     out_csv: str | Path,
     out_md: str | Path,
     paper_names: dict[str, str] | None = None,
+    out_html: str | Path | None = None,
 ) -> pd.DataFrame:
     """The RFR ablation: test accuracy (mean over runs) of K=4/8 with and without RFR, paper values beside."""
     runs = collect_runs(metrics_paths)
@@ -143,6 +148,8 @@ def table4(
         table.to_csv(tmp, index=False, float_format="%.4f")
     with atomic_path(out_md) as tmp:
         tmp.write_text(to_markdown(table))
+    if out_html:
+        write_table_html(table, out_html, "Table 4: the RFR ablation, test accuracy (paper values beside)")
     return table
 
 

@@ -3,7 +3,12 @@
 Reading rule: read the finest pyramid level at or below the wanted downsample
 (never upsample) and shrink with area averaging (PIL's BOX filter, which takes
 a fractional source box, so pyramid levels whose downsample is not an integer
-map exactly). Large outputs are produced in horizontal bands so memory stays
+map exactly). Reads are in the read level's own pixel grid (`Slide.read_level_box`), so the
+tifffile reader copies whole level pixels and never falls back to OpenSlide's sub-pixel rendering:
+where the level already has the wanted scale the box is snapped to that grid (its top-left moves
+to the nearest level pixel: at most half a level pixel, e.g. 2 level-0 px for a 5x box read from
+the 4x-downsampled level of a 20x slide); a resampled read takes the box's fractional position
+in the BOX filter instead, so it is not shifted at all. Large outputs are produced in horizontal bands so memory stays
 bounded by one band of the read level, not the whole level.
 
 This module sits below both `mask` and `image` (which needs the mask), so
@@ -71,27 +76,31 @@ def read_scaled(
     if level is None:
         level = slide.best_level_for_downsample(downsample)
     lds = float(slide.level_downsamples[level])
-    sy = (y1 - y0) / out_h  # level-0 px per output row
+    lx0, ly0, lx1, ly1 = x0 / lds, y0 / lds, x1 / lds, y1 / lds  # the box in level px (fractional)
     out = np.empty((out_h, out_w, 3), dtype=np.uint8)  # (H, W, 3)
     if abs(out_w * lds - (x1 - x0)) <= lds and abs(out_h * lds - (y1 - y0)) <= lds:
         # The level already has the wanted scale (drift <= 1 level px across the box,
-        # i.e. pyramid rounding only): read it as is, in bands.
+        # i.e. pyramid rounding only): copy its pixels, in bands, from the level pixel nearest
+        # the box's corner (the snap: <= half a level pixel).
+        gx, gy = round(lx0), round(ly0)
         rows_per_band = max(1, BAND_LEVEL_PIXELS // out_w)
         for r0 in range(0, out_h, rows_per_band):
             r1 = min(out_h, r0 + rows_per_band)
-            out[r0:r1] = slide.read_region((x0, y0 + round(r0 * lds)), level, (out_w, r1 - r0))
+            out[r0:r1] = slide.read_level_box(level, gx, gy + r0, out_w, r1 - r0)
         return out, level
-    read_w = max(1, math.ceil((x1 - x0) / lds))
-    rows_per_band = max(1, int(BAND_LEVEL_PIXELS / read_w / (sy / lds)))
+    rx0 = math.floor(lx0)
+    read_w = max(1, math.ceil(lx1) - rx0)
+    sy = (ly1 - ly0) / out_h  # level px per output row
+    rows_per_band = max(1, int(BAND_LEVEL_PIXELS / read_w / sy))
     for r0 in range(0, out_h, rows_per_band):
         r1 = min(out_h, r0 + rows_per_band)
-        # Level-0 span of output rows r0..r1, and the level pixels that cover it.
-        by0 = y0 + r0 * sy
-        by1 = y0 + r1 * sy
+        # Level span of output rows r0..r1, and the whole level pixels that cover it.
+        by0 = ly0 + r0 * sy
+        by1 = ly0 + r1 * sy
         ry0 = math.floor(by0)
-        read_h = max(1, math.ceil((by1 - ry0) / lds))
-        region = slide.read_region((x0, ry0), level, (read_w, read_h))  # (read_h, read_w, 3)
-        box = (0.0, (by0 - ry0) / lds, (x1 - x0) / lds, (by1 - ry0) / lds)
+        read_h = max(1, math.ceil(by1) - ry0)
+        region = slide.read_level_box(level, rx0, ry0, read_w, read_h)  # (read_h, read_w, 3)
+        box = (lx0 - rx0, by0 - ry0, lx1 - rx0, by1 - ry0)
         img = Image.fromarray(region).resize((out_w, r1 - r0), Image.Resampling.BOX, box=box)
         out[r0:r1] = np.asarray(img)
     return out, level

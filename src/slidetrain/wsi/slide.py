@@ -94,6 +94,19 @@ class Slide:
             raise SlideError(self.slide_id, f"reading {size} px at level {level} of {self.path} failed: {err}") from err
         return rgba_to_rgb_on_white(rgba)
 
+    def read_level_box(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """RGB uint8 (height, width, 3) of `level` with top-left at LEVEL pixel (x, y).
+
+        The fast reader (reader="auto") copies the level's pixels as they are; OpenSlide gets the
+        level-0 position round(x * ds), which is that level pixel whenever the level's downsample
+        ds is an integer (a pyramid's non-integer downsamples, e.g. 7.998, leave OpenSlide a
+        sub-pixel shift of at most 0.5 / ds level px).
+        """
+        if self.tiff is not None:
+            return self.tiff.read(level, int(x), int(y), int(width), int(height))
+        ds = self.level_downsamples[level]
+        return self.read_region((round(x * ds), round(y * ds)), level, (width, height))
+
     def close(self) -> None:
         self.handle.close()
         if self.tiff is not None:

@@ -42,14 +42,9 @@ from slidetrain.train.common import (
     seed_everything,
 )
 from slidetrain.train.harness import Selection, run_epochs, write_run_files
-from slidetrain.train.local import (
-    WholeImageLearner,
-    augment_slide,
-    build_learner,
-    channel_stats,
-    learner_config,
-    normalise,
-)
+from slidetrain.train.wholeimage.augment import augment_slide, channel_stats, normalise
+from slidetrain.train.wholeimage.interface import WholeImageLearner
+from slidetrain.train.wholeimage.registry import build_learner, learner_config
 
 log = logging.getLogger(__name__)
 
