@@ -71,7 +71,8 @@ def cmd_synthesize_shard(a: argparse.Namespace) -> None:
     from slidetrain.wsi.shard import parse_pairs, synthesize_shard
 
     synthesize_shard(
-        a.shard, parse_pairs(a.slides, "label"), a.out_dir, a.seed, tuple(a.size_range_px), manifest=a.manifest
+        a.shard, parse_pairs(a.slides, "label"), a.out_dir, a.seed, tuple(a.size_range_px), manifest=a.manifest,
+        stain_scale=tuple(a.stain_scale),
     )
 
 
@@ -544,6 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-dir", required=True, help="resources/{dataset}/slides")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size-range-px", type=int, nargs=2, default=(3000, 6000))
+    s.add_argument("--stain-scale", type=float, nargs=2, default=(1.0, 1.0),
+                   help="hematoxylin, eosin factors on every slide's stain (an external cohort's shift)")
     s.add_argument("--manifest", required=True)
     s.set_defaults(func=cmd_synthesize_shard)
 
