@@ -358,6 +358,10 @@ def _add_offload_parsers(sub) -> None:
     s.add_argument("--sweep", required=True)
     s.add_argument("--out", required=True, help="PNG")
     s.set_defaults(func=cmd_offload_figure)
+
+    from slidetrain.paper.offload_tables import add_parser as add_offload_table_parser
+
+    add_offload_table_parser(sub)
 def _tilebag_data(a: argparse.Namespace) -> dict:
     return {"split_csv": Path(a.split), "sheet_csv": Path(a.sheet), "slides_dir": Path(a.slides_dir),
             "tiles_dir": Path(a.tiles_dir), "class_names": a.classes}
@@ -376,7 +380,9 @@ def cmd_evaluate_tilebag(a: argparse.Namespace) -> None:
 
     evaluate_tilebag(Path(a.model), predictions_csv=Path(a.predictions), metrics_json=Path(a.metrics),
                      attention_h5=Path(a.attention) if a.attention else None, ordinal=a.ordinal,
-                     n_bootstrap=a.n_bootstrap, seed=a.seed, threads=a.threads, **_tilebag_data(a))
+                     n_bootstrap=a.n_bootstrap, seed=a.seed, threads=a.threads, **_tilebag_data(a),
+                     eval_overrides={k: v for k, v in (("eval_tiles", a.eval_tiles), ("eval_k", a.eval_k),
+                                                       ("eval_repeats", a.eval_repeats)) if v is not None})
 
 
 def cmd_e2e_table1(a: argparse.Namespace) -> None:
@@ -440,6 +446,9 @@ def _add_tilebag_parsers(sub) -> None:
     s.add_argument("--metrics", required=True)
     s.add_argument("--attention")
     s.add_argument("--n-bootstrap", type=int, default=1000)
+    s.add_argument("--eval-tiles", choices=["all", "sampled"], help="override the model's test-time tiles")
+    s.add_argument("--eval-k", type=int, help="sampled: tiles per repeat (override)")
+    s.add_argument("--eval-repeats", type=int, help="sampled: repeats (override)")
     data_args(s)
     s.set_defaults(func=cmd_evaluate_tilebag)
 

@@ -27,6 +27,7 @@ import torch
 
 from slidetrain.data.splits import read_split
 from slidetrain.data.tilebag import BagSampling, SlideRef, slide_paths, slide_refs
+from slidetrain.errors import ConfigError
 from slidetrain.evaluate.metrics import evaluate_predictions
 from slidetrain.io import atomic_path, write_json
 from slidetrain.models.base import config_from_dict
@@ -38,6 +39,7 @@ from slidetrain.train.tilebag.trainer import TileBagTrainer, metrics_over_repeat
 log = logging.getLogger(__name__)
 
 METHOD = "tilebag"
+EVAL_KEYS = ("eval_tiles", "eval_k", "eval_repeats", "eval_chunk", "eval_bn")
 
 
 def tilebag_config(params: dict | None) -> TileBagConfig:
@@ -106,12 +108,21 @@ def fit_tilebag(
 def evaluate_tilebag(
     model_path: Path, split_csv: Path, sheet_csv: Path, slides_dir: Path, tiles_dir: Path, class_names: list[str],
     predictions_csv: Path, metrics_json: Path, attention_h5: Path | None = None, ordinal: bool = False,
-    n_bootstrap: int = 1000, seed: int = 0, threads: int = 1,
+    n_bootstrap: int = 1000, seed: int = 0, threads: int = 1, eval_overrides: dict | None = None,
 ) -> dict:
-    """Score the test part once: predictions (mean over repeats), attention h5, metrics with bootstrap CIs."""
+    """Score the test part once: predictions (mean over repeats), attention h5, metrics with bootstrap CIs.
+
+    `eval_overrides` replaces the saved config's test-time keys (eval_tiles, eval_k, eval_repeats,
+    eval_chunk, eval_bn), so one model is scored on all tiles and on R x K sampled tiles
+    (Big-Layers' two protocols); any other key is an error.
+    """
     torch.set_num_threads(max(1, threads))
     saved = torch.load(model_path, map_location="cpu", weights_only=False)
-    cfg = tilebag_config(saved["config"])
+    overrides = dict(eval_overrides or {})
+    bad = sorted(set(overrides) - set(EVAL_KEYS))
+    if bad:
+        raise ConfigError(f"evaluate-tilebag: {bad} cannot be overridden at test time; expected some of {EVAL_KEYS}")
+    cfg = tilebag_config({**saved["config"], **overrides})
     device = resolve_device(cfg.device)
     model = build_tilebag_model(cfg, len(class_names), seed)
     model.load_state_dict(saved["state_dict"])

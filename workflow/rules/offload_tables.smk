@@ -1,0 +1,203 @@
+# Big-Layers Tables 1 (QWK) and 2 (accuracy): ABMIL, DTFD, TransMIL with the tile encoder frozen or
+# trained (the `offload` executor), with and without the per-slide augmentation, on the tile-bag
+# trainer; each model scored on its dataset's test part and on an external cohort (test only), on all
+# tiles and on R x K sampled tiles. `snakemake --cores all offload` builds both tables, the engine's
+# equivalence table and Figure 2. Not part of the main job.
+from types import SimpleNamespace as _NS
+
+OT = config.get("offload_tables", {})
+OT_TABLES = OT.get("tables", {})
+OT_DATASETS = {block["dataset"]: name for name, block in OT_TABLES.items()}
+
+
+def _ot_table(dataset):
+    if dataset not in OT_DATASETS:
+        raise WorkflowError(
+            f"offload_tables: dataset {dataset!r} is no table's `dataset`; known: {sorted(OT_DATASETS)}"
+        )
+    return OT_TABLES[OT_DATASETS[dataset]]
+
+
+def _ot_check():
+    """Every table's datasets exist and its external cohort has the training dataset's classes."""
+    for name, block in OT_TABLES.items():
+        for key in ("dataset", "external"):
+            ds = block.get(key)
+            if ds is not None and ds not in SHEETS and ds not in DERIVED:
+                raise WorkflowError(f"offload_tables.tables.{name}.{key}: {ds!r} is not a dataset or derived dataset")
+        ext = block.get("external")
+        if ext and dataset_cfg(ext)["classes"] != dataset_cfg(block["dataset"])["classes"]:
+            raise WorkflowError(
+                f"offload_tables.tables.{name}.external: {ext!r} has classes {dataset_cfg(ext)['classes']}, expected "
+                f"those of {block['dataset']!r}: {dataset_cfg(block['dataset'])['classes']}"
+            )
+    for enc in OT.get("encoders", {}):
+        if enc not in ("frozen", "trained"):
+            raise WorkflowError(f"offload_tables.encoders: {enc!r}; expected frozen and/or trained")
+
+
+_ot_check()
+
+
+def bigl_params(wildcards):
+    """The run's TileBagConfig: common keys, the table's, the encoder mode's, the aggregator and augmentation."""
+    table = _ot_table(wildcards.dataset)
+    return json.dumps({
+        **OT.get("params", {}), **table.get("params", {}), **OT["encoders"][wildcards.encoder],
+        **table.get("encoder_params", {}).get(wildcards.encoder, {}),
+        "aggregator": wildcards.agg, "aggregator_params": OT.get("aggregator_params", {}).get(wildcards.agg, {}),
+        "augment": wildcards.aug == "aug",
+    })
+
+
+def _bigl_test_dataset(wildcards):
+    return wildcards.dataset if wildcards.testset == "internal" else _ot_table(wildcards.dataset)["external"]
+
+
+def bigl_test_split(wildcards):
+    if wildcards.testset == "internal":
+        return f"results/{wildcards.dataset}/splits/{wildcards.split}.csv"
+    return f"results/{_bigl_test_dataset(wildcards)}/splits/external.csv"
+
+
+def bigl_test_data(wildcards):
+    """Sheet, slides, tiles and classes of the test set; sampled tiles: the table's R x K."""
+    args = tilebag_data_args(_NS(dataset=_bigl_test_dataset(wildcards)))
+    if wildcards.tiles == "sampled":
+        table = _ot_table(wildcards.dataset)
+        args += f" --eval-tiles sampled --eval-k {table['eval_k']} --eval-repeats {table['eval_repeats']}"
+    else:
+        args += " --eval-tiles all"
+    return args
+
+
+def offload_table_metrics(name):
+    block = OT_TABLES[name]
+    testsets = ["internal"] + (["external"] if block.get("external") else [])
+    return expand(
+        "results/{dataset}/runs/bigl_{agg}_{encoder}_{aug}/{split}/{seed}/test_{testset}_{tiles}/metrics.json",
+        dataset=block["dataset"], agg=OT.get("aggregators", []), encoder=list(OT.get("encoders", {})),
+        aug=OT.get("augmentation", ["aug"]), split=SPLITS[: OT.get("splits", 1)], seed=SEEDS,
+        testset=testsets, tiles=["all", "sampled"],
+    )
+
+
+def offload_table_args(name):
+    block = OT_TABLES[name]
+    shown = [f"internal={block['dataset']}"] + ([f"external={block['external']}"] if block.get("external") else [])
+    paper = " ".join(f"{k}={v}" for k, v in block.get("paper", {}).items())
+    return (
+        f"--metric {block['metric']} --paper-table {name} --test-datasets {' '.join(shown)}"
+        f" --sampled-label {block['eval_repeats']}x{block['eval_k']}" + (f" --paper {paper}" if paper else "")
+    )
+
+
+rule train_bigl:
+    input:
+        split="results/{dataset}/splits/{split}.csv",
+        status=lambda w: f"results/{base_dataset(w.dataset)}/qc/status.csv",
+        slides=tilebag_slides,
+    output:
+        model="results/{dataset}/runs/bigl_{agg}_{encoder}_{aug}/{split}/{seed}/model.pt",
+        history="results/{dataset}/runs/bigl_{agg}_{encoder}_{aug}/{split}/{seed}/history.csv",
+        provenance="results/{dataset}/runs/bigl_{agg}_{encoder}_{aug}/{split}/{seed}/run.json",
+    wildcard_constraints:
+        agg=r"[a-z0-9]+",
+        encoder=r"frozen|trained",
+        aug=r"aug|noaug",
+    params:
+        method_params=bigl_params,
+        data=tilebag_data_args,
+        tile_px=config["preprocess"]["tile_px"],
+        magnification=config["preprocess"]["target_magnification"],
+        mpp=mpp_arg,
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/{dataset}/runs/bigl_{agg}_{encoder}_{aug}/{split}/{seed}/train.log",
+    benchmark:
+        "benchmarks/{dataset}/runs/bigl_{agg}_{encoder}_{aug}/{split}/{seed}/train.tsv"
+    threads: 1 + int(OT.get("params", {}).get("workers", 0))
+    resources:
+        mem_mb=4000,
+        runtime=24 * 60,
+        gpu=1 if str(OT.get("params", {}).get("device", "cpu")).startswith("cuda") else 0,
+    shell:
+        "slidetrain train-tilebag --params '{params.method_params}' --split {input.split} {params.data}"
+        " --tile-px {params.tile_px} --target-magnification {params.magnification} {params.mpp}"
+        " --out $(dirname {output.model}) --seed {wildcards.seed} > {log} 2>&1"
+
+
+rule evaluate_bigl:
+    input:
+        model="results/{dataset}/runs/bigl_{agg}_{encoder}_{aug}/{split}/{seed}/model.pt",
+        split=bigl_test_split,
+    output:
+        predictions="results/{dataset}/runs/bigl_{agg}_{encoder}_{aug}/{split}/{seed}/test_{testset}_{tiles}/predictions.csv",
+        metrics="results/{dataset}/runs/bigl_{agg}_{encoder}_{aug}/{split}/{seed}/test_{testset}_{tiles}/metrics.json",
+    wildcard_constraints:
+        agg=r"[a-z0-9]+",
+        encoder=r"frozen|trained",
+        aug=r"aug|noaug",
+        testset=r"internal|external",
+        tiles=r"all|sampled",
+    params:
+        data=bigl_test_data,
+        n_bootstrap=config.get("evaluation", {}).get("n_bootstrap", 1000),
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/{dataset}/runs/bigl_{agg}_{encoder}_{aug}/{split}/{seed}/test_{testset}_{tiles}.log",
+    benchmark:
+        "benchmarks/{dataset}/runs/bigl_{agg}_{encoder}_{aug}/{split}/{seed}/test_{testset}_{tiles}.tsv"
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    shell:
+        "slidetrain evaluate-tilebag --model {input.model} --split {input.split} {params.data}"
+        " --predictions {output.predictions} --metrics {output.metrics}"
+        " --n-bootstrap {params.n_bootstrap} --seed {wildcards.seed} > {log} 2>&1"
+
+
+rule offload_table1:
+    input:
+        offload_table_metrics("offload_table1") if "offload_table1" in OT_TABLES else [],
+    output:
+        csv=report("results/tables/offload_table1.csv", caption="../report/offload_table1.rst", category="Big-Layers"),
+        md="results/tables/offload_table1.md",
+    params:
+        args=offload_table_args("offload_table1") if "offload_table1" in OT_TABLES else "",
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/tables/offload_table1.log",
+    benchmark:
+        "benchmarks/tables/offload_table1.tsv"
+    shell:
+        "slidetrain offload-table --metrics {input} {params.args} --out {output.csv} --markdown {output.md} > {log} 2>&1"
+
+
+rule offload_table2:
+    input:
+        offload_table_metrics("offload_table2") if "offload_table2" in OT_TABLES else [],
+    output:
+        csv=report("results/tables/offload_table2.csv", caption="../report/offload_table2.rst", category="Big-Layers"),
+        md="results/tables/offload_table2.md",
+    params:
+        args=offload_table_args("offload_table2") if "offload_table2" in OT_TABLES else "",
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/tables/offload_table2.log",
+    benchmark:
+        "benchmarks/tables/offload_table2.tsv"
+    shell:
+        "slidetrain offload-table --metrics {input} {params.args} --out {output.csv} --markdown {output.md} > {log} 2>&1"
+
+
+rule offload:
+    input:
+        "results/tables/offload_table1.csv",
+        "results/tables/offload_table2.csv",
+        "results/bench/offload_equivalence.csv",
+        "results/figures/offload_figure2.png",
