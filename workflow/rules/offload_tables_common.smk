@@ -1,0 +1,97 @@
+# Input functions of workflow/rules/offload_tables.smk (Big-Layers Tables 1 and 2), kept apart from the
+# rules as common.smk keeps the others'.
+from types import SimpleNamespace as _NS
+
+OT = config.get("offload_tables", {})
+OT_TABLES = OT.get("tables", {})
+OT_DATASETS = {block["dataset"]: name for name, block in OT_TABLES.items()}
+
+
+def _ot_table(dataset):
+    if dataset not in OT_DATASETS:
+        raise WorkflowError(
+            f"offload_tables: dataset {dataset!r} is no table's `dataset`; known: {sorted(OT_DATASETS)}"
+        )
+    return OT_TABLES[OT_DATASETS[dataset]]
+
+
+def _ot_check():
+    """Every table's datasets exist and its external cohort has the training dataset's classes."""
+    for name, block in OT_TABLES.items():
+        for key in ("dataset", "external"):
+            ds = block.get(key)
+            if ds is not None and ds not in SHEETS and ds not in DERIVED:
+                raise WorkflowError(f"offload_tables.tables.{name}.{key}: {ds!r} is not a dataset or derived dataset")
+        ext = block.get("external")
+        if ext and dataset_cfg(ext)["classes"] != dataset_cfg(block["dataset"])["classes"]:
+            raise WorkflowError(
+                f"offload_tables.tables.{name}.external: {ext!r} has classes {dataset_cfg(ext)['classes']}, expected "
+                f"those of {block['dataset']!r}: {dataset_cfg(block['dataset'])['classes']}"
+            )
+    for enc in OT.get("encoders", {}):
+        if enc not in ("frozen", "trained"):
+            raise WorkflowError(f"offload_tables.encoders: {enc!r}; expected frozen and/or trained")
+
+
+_ot_check()
+
+
+def bigl_params(wildcards):
+    """The run's TileBagConfig: common keys, the table's, the encoder mode's, the aggregator and augmentation."""
+    table = _ot_table(wildcards.dataset)
+    return json.dumps({
+        **OT.get("params", {}), **table.get("params", {}), **OT["encoders"][wildcards.encoder],
+        **table.get("encoder_params", {}).get(wildcards.encoder, {}),
+        "aggregator": wildcards.agg, "aggregator_params": OT.get("aggregator_params", {}).get(wildcards.agg, {}),
+        "augment": wildcards.aug == "aug",
+    })
+
+
+def _bigl_test_dataset(wildcards):
+    return wildcards.dataset if wildcards.testset == "internal" else _ot_table(wildcards.dataset)["external"]
+
+
+def bigl_test_split(wildcards):
+    if wildcards.testset == "internal":
+        return f"results/{wildcards.dataset}/splits/{wildcards.split}.csv"
+    return f"results/{_bigl_test_dataset(wildcards)}/splits/external.csv"
+
+
+def bigl_test_data(wildcards):
+    """Sheet, slides, tiles and classes of the test set; sampled tiles: the table's R x K."""
+    args = tilebag_data_args(_NS(dataset=_bigl_test_dataset(wildcards)))
+    if wildcards.tiles == "sampled":
+        table = _ot_table(wildcards.dataset)
+        args += f" --eval-tiles sampled --eval-k {table['eval_k']} --eval-repeats {table['eval_repeats']}"
+    else:
+        args += " --eval-tiles all"
+    return args
+
+
+def _ot_splits(dataset):
+    """The first `offload_tables.splits` of the dataset's splits (its official split only when mccv: false)."""
+    splits = SPLITS + (["official"] if dataset in OFFICIAL else [])
+    if dataset_split(dataset).get("mccv") is False:
+        splits = ["official"]
+    return splits[: OT.get("splits", 1)]
+
+
+def offload_table_metrics(name):
+    block = OT_TABLES[name]
+    testsets = ["internal"] + (["external"] if block.get("external") else [])
+    return expand(
+        "results/{dataset}/runs/bigl_{agg}_{encoder}_{aug}/{split}/{seed}/test_{testset}_{tiles}/metrics.json",
+        dataset=block["dataset"], agg=OT.get("aggregators", []), encoder=list(OT.get("encoders", {})),
+        aug=OT.get("augmentation", ["aug"]), split=_ot_splits(block["dataset"]), seed=SEEDS,
+        testset=testsets, tiles=["all", "sampled"],
+    )
+
+
+def offload_table_args(name):
+    block = OT_TABLES[name]
+    shown = [f"internal={block['dataset']}"] + ([f"external={block['external']}"] if block.get("external") else [])
+    paper = " ".join(f"{k}={v}" for k, v in block.get("paper", {}).items())
+    return (
+        f"--metric {block['metric']} --paper-table {name} --test-datasets {' '.join(shown)}"
+        f" --sampled-label {block['eval_repeats']}x{block['eval_k']}" + (f" --paper {paper}" if paper else "")
+    )
