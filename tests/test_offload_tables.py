@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -97,3 +98,29 @@ def test_stain_scale_shifts_the_stain_and_nothing_else():
     assert 5000 <= max(base.width_px, base.height_px) <= 8000
     with pytest.raises(ConfigError, match="stain_scale"):
         synthetic_spec("x", "normal", seed=1, stain_scale=(0.0, 1.0))
+
+
+def test_a_users_config_keeps_its_own_offload_tables_and_drops_the_defaults_orphans():
+    from slidetrain.workflow_config import replace_named_blocks
+
+    default = {"datasets": {"synthetic": {}, "synthetic_external": {}},
+               "derived_datasets": {"synthetic_binary": {"from": "synthetic"}},
+               "offload_tables": {"params": {"k": 8, "lr": 1e-3}, "aggregator_params": {"transmil": {"landmarks": 32}},
+                                  "tables": {"offload_table1": {"dataset": "synthetic", "external": "synthetic_external"},
+                                             "offload_table2": {"dataset": "synthetic_binary"}}}}
+    mine = {"datasets": {"panda": {}}, "offload_tables": {"params": {"lr": 1e-4}, "aggregator_params": {},
+                                                          "tables": {"offload_table1": {"dataset": "panda"}}}}
+    merged = copy.deepcopy(default)
+    merged["offload_tables"]["params"].update(mine["offload_tables"]["params"])  # Snakemake's deep merge
+    out = replace_named_blocks(merged, mine)
+    assert out["offload_tables"] == mine["offload_tables"]  # the default's k 8 and landmarks 32 do not leak
+    # a config copied from the default with its own datasets: tables on missing datasets are left out
+    copied = replace_named_blocks(copy.deepcopy(default), {"datasets": {"synthetic": {}},
+                                                          "derived_datasets": {"synthetic_binary": {"from": "synthetic"}}})
+    assert copied["offload_tables"]["tables"] == {"offload_table1": {"dataset": "synthetic"},
+                                                  "offload_table2": {"dataset": "synthetic_binary"}}
+    gone = replace_named_blocks(copy.deepcopy(default), {"datasets": {"mine": {}}})
+    assert gone["offload_tables"]["tables"] == {}
+    # a copy of config.yaml (its own offload_tables block) with one real dataset: nothing left to build
+    copy_of_default = {"datasets": {"mine": {}}, "offload_tables": copy.deepcopy(default["offload_tables"])}
+    assert replace_named_blocks(copy.deepcopy(default), copy_of_default)["offload_tables"]["tables"] == {}
