@@ -107,18 +107,21 @@ def test_a_users_config_keeps_its_own_offload_tables_and_drops_the_defaults_orph
                "derived_datasets": {"synthetic_binary": {"from": "synthetic"}},
                "offload_tables": {"params": {"k": 8, "lr": 1e-3}, "aggregator_params": {"transmil": {"landmarks": 32}},
                                   "tables": {"offload_table1": {"dataset": "synthetic", "external": "synthetic_external"},
-                                             "offload_table2": {"dataset": "synthetic_binary"}}}}
+                                             "offload_table2": {"dataset": "synthetic_binary",
+                                                                "external": "synthetic_external"}}}}
     mine = {"datasets": {"panda": {}}, "offload_tables": {"params": {"lr": 1e-4}, "aggregator_params": {},
-                                                          "tables": {"offload_table1": {"dataset": "panda"}}}}
+                                                          "tables": {"offload_table1": {"dataset": "panda", "external": "panda"}}}}
     merged = copy.deepcopy(default)
     merged["offload_tables"]["params"].update(mine["offload_tables"]["params"])  # Snakemake's deep merge
     out = replace_named_blocks(merged, mine)
     assert out["offload_tables"] == mine["offload_tables"]  # the default's k 8 and landmarks 32 do not leak
     # a config copied from the default with its own datasets: tables on missing datasets are left out
-    copied = replace_named_blocks(copy.deepcopy(default), {"datasets": {"synthetic": {}},
-                                                          "derived_datasets": {"synthetic_binary": {"from": "synthetic"}}})
-    assert copied["offload_tables"]["tables"] == {"offload_table1": {"dataset": "synthetic"},
-                                                  "offload_table2": {"dataset": "synthetic_binary"}}
+    kept = replace_named_blocks(copy.deepcopy(default), {"datasets": {"synthetic": {}, "synthetic_external": {}},
+                                                        "derived_datasets": {"synthetic_binary": {"from": "synthetic"}}})
+    assert kept["offload_tables"]["tables"] == default["offload_tables"]["tables"]
+    no_external = replace_named_blocks(copy.deepcopy(default), {"datasets": {"synthetic": {}},
+                                                               "derived_datasets": {"synthetic_binary": {"from": "synthetic"}}})
+    assert no_external["offload_tables"]["tables"] == {}
     gone = replace_named_blocks(copy.deepcopy(default), {"datasets": {"mine": {}}})
     assert gone["offload_tables"]["tables"] == {}
     # a copy of config.yaml (its own offload_tables block) with one real dataset: nothing left to build

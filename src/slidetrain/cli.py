@@ -385,6 +385,13 @@ def cmd_evaluate_tilebag(a: argparse.Namespace) -> None:
                                                        ("eval_repeats", a.eval_repeats)) if v is not None})
 
 
+def cmd_evaluate_tilebag_sets(a: argparse.Namespace) -> None:
+    from slidetrain.train.tilebag import evaluate_tilebag_sets
+
+    evaluate_tilebag_sets(Path(a.model), a.tests, a.modes, Path(a.out_dir), n_bootstrap=a.n_bootstrap, seed=a.seed,
+                          threads=a.threads)
+
+
 def cmd_e2e_table1(a: argparse.Namespace) -> None:
     from slidetrain.paper.e2e import e2e_table1
 
@@ -451,6 +458,17 @@ def _add_tilebag_parsers(sub) -> None:
     s.add_argument("--eval-repeats", type=int, help="sampled: repeats (override)")
     data_args(s)
     s.set_defaults(func=cmd_evaluate_tilebag)
+
+    s = sub.add_parser("evaluate-tilebag-sets", help="score one tile-bag model on several test sets x protocols")
+    s.add_argument("--model", required=True)
+    s.add_argument("--tests", type=_json_arg, required=True,
+                   help="JSON list of {name, split, sheet, slides_dir, tiles_dir, classes, ordinal}")
+    s.add_argument("--modes", type=_json_arg, required=True, help="JSON {mode: eval overrides}")
+    s.add_argument("--out-dir", required=True, help="test_{name}_{mode}/ go below")
+    s.add_argument("--n-bootstrap", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=1)
+    s.set_defaults(func=cmd_evaluate_tilebag_sets)
 
     s = sub.add_parser("e2e-table1", help="Campanella et al. Table 1: K sweep and frozen-feature rows")
     s.add_argument("--metrics", nargs="+", required=True, help="metrics.json of every run (path names the run)")

@@ -15,8 +15,8 @@ So blocks that name things replace the default's instead of merging into it:
   a `tilebag.datasets` the user did not set keeps only the datasets that still exist.
 A `table4` naming datasets the config does not define follows `table1.datasets` (said on stderr).
 - `offload_tables` (Big-Layers Tables 1/2): the user's block whole when it has one (the default's CPU
-  sizes must not leak into it); with the user's datasets, only the tables whose `dataset` still
-  exists, without an `external` cohort that does not (said on stderr; e.g. a copy of config.yaml).
+  sizes must not leak into it); with the user's datasets, only the tables whose `dataset` and
+  `external` cohort both still exist (said on stderr; e.g. a copy of config.yaml).
 """
 
 from __future__ import annotations
@@ -53,15 +53,11 @@ def replace_named_blocks(config: dict, user: Mapping) -> dict:
     if "datasets" in user and config.get("offload_tables"):
         known = set(config["datasets"]) | set(config.get("derived_datasets") or {})
         tables = config["offload_tables"].get("tables") or {}
-        dropped = sorted(n for n, t in tables.items() if t.get("dataset") not in known)
+        dropped = sorted(n for n, t in tables.items() if {t.get("dataset"), t.get("external")} - known)
         if dropped:
-            print(f"config: offload_tables.tables {dropped} train on datasets the config does not define;"
+            print(f"config: offload_tables.tables {dropped} train or test on datasets the config does not define;"
                   " they are left out", file=sys.stderr)
-        kept = {n: t for n, t in tables.items() if n not in dropped}
-        for t in kept.values():
-            if t.get("external") is not None and t["external"] not in known:
-                t.pop("external")
-        config["offload_tables"]["tables"] = kept
+        config["offload_tables"]["tables"] = {n: t for n, t in tables.items() if n not in dropped}
     for method, block in (user.get("methods") or {}).items():
         config.setdefault("methods", {})[method] = copy.deepcopy(block)
     official = (user.get("splits") or {}).get("official")

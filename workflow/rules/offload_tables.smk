@@ -43,35 +43,36 @@ rule train_bigl:
 
 
 rule evaluate_bigl:
+    # one process per model scores every test set x protocol (imports and model load once)
     input:
         model="results/{dataset}/runs/bigl_{agg}_{encoder}_{aug}/{split}/{seed}/model.pt",
-        split=bigl_test_split,
+        splits=bigl_test_splits,
     output:
-        predictions="results/{dataset}/runs/bigl_{agg}_{encoder}_{aug}/{split}/{seed}/test_{testset}_{tiles}/predictions.csv",
-        metrics="results/{dataset}/runs/bigl_{agg}_{encoder}_{aug}/{split}/{seed}/test_{testset}_{tiles}/metrics.json",
+        expand(
+            "results/{{dataset}}/runs/bigl_{{agg}}_{{encoder}}_{{aug}}/{{split}}/{{seed}}/test_{testset}_{tiles}/{name}",
+            testset=["internal", "external"], tiles=["all", "sampled"], name=["predictions.csv", "metrics.json"],
+        ),
     wildcard_constraints:
         agg=r"[a-z0-9]+",
         encoder=r"frozen|trained",
         aug=r"aug|noaug",
-        testset=r"internal|external",
-        tiles=r"all|sampled",
     params:
-        data=bigl_test_data,
+        tests=bigl_tests,
+        modes=bigl_modes,
         n_bootstrap=config.get("evaluation", {}).get("n_bootstrap", 1000),
     conda:
         "../../envs/slidetrain.yaml"
     log:
-        "logs/{dataset}/runs/bigl_{agg}_{encoder}_{aug}/{split}/{seed}/test_{testset}_{tiles}.log",
+        "logs/{dataset}/runs/bigl_{agg}_{encoder}_{aug}/{split}/{seed}/test.log",
     benchmark:
-        "benchmarks/{dataset}/runs/bigl_{agg}_{encoder}_{aug}/{split}/{seed}/test_{testset}_{tiles}.tsv"
+        "benchmarks/{dataset}/runs/bigl_{agg}_{encoder}_{aug}/{split}/{seed}/test.tsv"
     resources:
         mem_mb=4000,
-        runtime=60,
+        runtime=120,
         gpu=1 if str(OT.get("params", {}).get("device", "cpu")).startswith("cuda") else 0,
     shell:
-        "slidetrain evaluate-tilebag --model {input.model} --split {input.split} {params.data}"
-        " --predictions {output.predictions} --metrics {output.metrics}"
-        " --n-bootstrap {params.n_bootstrap} --seed {wildcards.seed} > {log} 2>&1"
+        "slidetrain -v evaluate-tilebag-sets --model {input.model} --tests '{params.tests}' --modes '{params.modes}'"
+        " --out-dir $(dirname {input.model}) --n-bootstrap {params.n_bootstrap} --seed {wildcards.seed} > {log} 2>&1"
 
 
 rule offload_table1:

@@ -1,7 +1,5 @@
 # Input functions of workflow/rules/offload_tables.smk (Big-Layers Tables 1 and 2), kept apart from the
 # rules as common.smk keeps the others'.
-from types import SimpleNamespace as _NS
-
 OT = config.get("offload_tables", {})
 OT_TABLES = OT.get("tables", {})
 OT_DATASETS = {block["dataset"]: name for name, block in OT_TABLES.items()}
@@ -47,25 +45,35 @@ def bigl_params(wildcards):
     })
 
 
-def _bigl_test_dataset(wildcards):
-    return wildcards.dataset if wildcards.testset == "internal" else _ot_table(wildcards.dataset)["external"]
+def _bigl_test_sets(wildcards):
+    """(name, dataset, split file) of the model's test sets: its dataset's test part, the external cohort."""
+    table = _ot_table(wildcards.dataset)
+    return [("internal", wildcards.dataset, f"results/{wildcards.dataset}/splits/{wildcards.split}.csv"),
+            ("external", table["external"], f"results/{table['external']}/splits/external.csv")]
 
 
-def bigl_test_split(wildcards):
-    if wildcards.testset == "internal":
-        return f"results/{wildcards.dataset}/splits/{wildcards.split}.csv"
-    return f"results/{_bigl_test_dataset(wildcards)}/splits/external.csv"
+def bigl_test_splits(wildcards):
+    return [split for _, _, split in _bigl_test_sets(wildcards)]
 
 
-def bigl_test_data(wildcards):
-    """Sheet, slides, tiles and classes of the test set; sampled tiles: the table's R x K."""
-    args = tilebag_data_args(_NS(dataset=_bigl_test_dataset(wildcards)))
-    if wildcards.tiles == "sampled":
-        table = _ot_table(wildcards.dataset)
-        args += f" --eval-tiles sampled --eval-k {table['eval_k']} --eval-repeats {table['eval_repeats']}"
-    else:
-        args += " --eval-tiles all"
-    return args
+def bigl_tests(wildcards):
+    """JSON list of the test sets for `slidetrain evaluate-tilebag-sets`."""
+    tests = []
+    for name, dataset, split in _bigl_test_sets(wildcards):
+        base = base_dataset(dataset)
+        tests.append({
+            "name": name, "split": split, "sheet": dataset_cfg(base)["sheet"], "slides_dir": f"resources/{base}/slides",
+            "tiles_dir": f"results/{base}/tiles", "classes": dataset_cfg(dataset)["classes"],
+            "ordinal": bool(dataset_cfg(dataset).get("ordinal")),
+        })
+    return json.dumps(tests)
+
+
+def bigl_modes(wildcards):
+    """All tiles, and the table's R x K sampled tiles."""
+    table = _ot_table(wildcards.dataset)
+    return json.dumps({"all": {"eval_tiles": "all"},
+                       "sampled": {"eval_tiles": "sampled", "eval_k": table["eval_k"], "eval_repeats": table["eval_repeats"]}})
 
 
 def _ot_splits(dataset):
@@ -78,18 +86,17 @@ def _ot_splits(dataset):
 
 def offload_table_metrics(name):
     block = OT_TABLES[name]
-    testsets = ["internal"] + (["external"] if block.get("external") else [])
     return expand(
         "results/{dataset}/runs/bigl_{agg}_{encoder}_{aug}/{split}/{seed}/test_{testset}_{tiles}/metrics.json",
         dataset=block["dataset"], agg=OT.get("aggregators", []), encoder=list(OT.get("encoders", {})),
         aug=OT.get("augmentation", ["aug"]), split=_ot_splits(block["dataset"]), seed=SEEDS,
-        testset=testsets, tiles=["all", "sampled"],
+        testset=["internal", "external"], tiles=["all", "sampled"],
     )
 
 
 def offload_table_args(name):
     block = OT_TABLES[name]
-    shown = [f"internal={block['dataset']}"] + ([f"external={block['external']}"] if block.get("external") else [])
+    shown = [f"internal={block['dataset']}", f"external={block['external']}"]
     paper = " ".join(f"{k}={v}" for k, v in block.get("paper", {}).items())
     return (
         f"--metric {block['metric']} --paper-table {name} --test-datasets {' '.join(shown)}"

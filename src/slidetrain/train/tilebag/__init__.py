@@ -150,10 +150,35 @@ def evaluate_tilebag(
     return result
 
 
+def evaluate_tilebag_sets(
+    model_path: Path, tests: list[dict], modes: dict[str, dict], out_dir: Path, n_bootstrap: int = 1000,
+    seed: int = 0, threads: int = 1,
+) -> None:
+    """Score one model on several test sets x test-time protocols in one process (one import, one load).
+
+    `tests`: [{name, split, sheet, slides_dir, tiles_dir, classes, ordinal}]; `modes`: name -> eval
+    overrides (e.g. {"all": {"eval_tiles": "all"}, "sampled": {"eval_tiles": "sampled", "eval_k": 8,
+    "eval_repeats": 10}}). Writes out_dir/test_{test}_{mode}/predictions.csv and metrics.json.
+    """
+    for test in tests:
+        missing = sorted({"name", "split", "sheet", "slides_dir", "tiles_dir", "classes"} - set(test))
+        if missing:
+            raise ConfigError(f"evaluate-tilebag-sets: test set {test.get('name', '?')!r} lacks {missing}")
+        for mode, overrides in modes.items():
+            where = Path(out_dir) / f"test_{test['name']}_{mode}"
+            evaluate_tilebag(
+                model_path, Path(test["split"]), Path(test["sheet"]), Path(test["slides_dir"]), Path(test["tiles_dir"]),
+                list(test["classes"]), where / "predictions.csv", where / "metrics.json",
+                ordinal=bool(test.get("ordinal", False)), n_bootstrap=n_bootstrap, seed=seed, threads=threads,
+                eval_overrides=overrides,
+            )
+            log.info("%s: test set %s, %s tiles scored", model_path, test["name"], mode)
+
+
 def _per_repeat(labels: np.ndarray, probs: np.ndarray, ordinal: bool) -> list[float]:
     from slidetrain.evaluate.metrics import classification_metrics
 
     return [classification_metrics(labels, p, ordinal=ordinal)["auroc"] for p in probs]
 
 
-__all__ = ["TileBagConfig", "evaluate_tilebag", "fit_tilebag", "tilebag_config"]
+__all__ = ["TileBagConfig", "evaluate_tilebag", "evaluate_tilebag_sets", "fit_tilebag", "tilebag_config"]
