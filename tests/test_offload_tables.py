@@ -127,3 +127,19 @@ def test_a_users_config_keeps_its_own_offload_tables_and_drops_the_defaults_orph
     # a copy of config.yaml (its own offload_tables block) with one real dataset: nothing left to build
     copy_of_default = {"datasets": {"mine": {}}, "offload_tables": copy.deepcopy(default["offload_tables"])}
     assert replace_named_blocks(copy.deepcopy(default), copy_of_default)["offload_tables"]["tables"] == {}
+
+
+def test_an_external_split_reads_only_where_allowed(tmp_path):
+    from slidetrain.data.splits import read_split
+    from slidetrain.errors import SplitError
+
+    path = tmp_path / "external.csv"
+    pd.DataFrame({"slide_id": ["e0", "e1"], "patient_id": ["p0", "p1"], "label": ["a", "b"],
+                  "part": ["test", "test"]}).to_csv(path, index=False)
+    assert read_split(path, allow_external=True).part.tolist() == ["test", "test"]
+    with pytest.raises(SplitError, match="empty"):
+        read_split(path)  # training needs train and val
+    pd.DataFrame({"slide_id": ["e0", "e0"], "patient_id": ["p0", "p0"], "label": ["a", "a"],
+                  "part": ["test", "test"]}).to_csv(path, index=False)
+    with pytest.raises(SplitError, match="duplicate"):
+        read_split(path, allow_external=True)

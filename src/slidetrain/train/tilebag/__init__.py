@@ -126,7 +126,7 @@ def evaluate_tilebag(
     device = resolve_device(cfg.device)
     model = build_tilebag_model(cfg, len(class_names), seed)
     model.load_state_dict(saved["state_dict"])
-    test = _refs(read_split(split_csv), "test", class_names, sheet_csv, slides_dir, tiles_dir)
+    test = _refs(read_split(split_csv, allow_external=True), "test", class_names, sheet_csv, slides_dir, tiles_dir)
     samp = BagSampling(k=cfg.k, input_px=cfg.input_px, augment=False, **saved["sampling"])
     trainer = TileBagTrainer(model, cfg, samp, test, seed, device)
     pred = trainer.predict(test)
