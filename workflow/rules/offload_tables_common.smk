@@ -1,5 +1,7 @@
 # Input functions of workflow/rules/offload_tables.smk (Big-Layers Tables 1 and 2), kept apart from the
 # rules as common.smk keeps the others'.
+from types import SimpleNamespace as _NS
+
 OT = config.get("offload_tables", {})
 OT_TABLES = OT.get("tables", {})
 OT_DATASETS = {block["dataset"]: name for name, block in OT_TABLES.items()}
@@ -29,9 +31,18 @@ def _ot_check():
     for enc in OT.get("encoders", {}):
         if enc not in ("frozen", "trained"):
             raise WorkflowError(f"offload_tables.encoders: {enc!r}; expected frozen and/or trained")
+    # every run's TileBagConfig is valid before any job starts (an unknown key names itself here)
+    from slidetrain.train.tilebag import tilebag_config
+    from slidetrain.errors import SlidetrainError
 
-
-_ot_check()
+    for name, block in OT_TABLES.items():
+        for enc in OT.get("encoders", {}):
+            for agg in OT.get("aggregators", []):
+                w = _NS(dataset=block["dataset"], encoder=enc, agg=agg, aug="aug")
+                try:
+                    tilebag_config(json.loads(bigl_params(w)))
+                except SlidetrainError as err:
+                    raise WorkflowError(f"offload_tables ({name}, {enc}, {agg}): {err}")
 
 
 def bigl_params(wildcards):
@@ -102,3 +113,6 @@ def offload_table_args(name):
         f"--metric {block['metric']} --paper-table {name} --test-datasets {' '.join(shown)}"
         f" --sampled-label {block['eval_repeats']}x{block['eval_k']}" + (f" --paper {paper}" if paper else "")
     )
+
+
+_ot_check()
