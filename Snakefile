@@ -30,6 +30,7 @@ include: "workflow/rules/bench.smk"
 include: "workflow/rules/offload.smk"
 include: "workflow/rules/distributed.smk"
 include: "workflow/rules/tilebag.smk"
+include: "workflow/rules/offload_tables.smk"
 
 
 rule all:

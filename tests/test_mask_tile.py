@@ -593,3 +593,46 @@ def test_preprocess_blank_slide_fails_and_writes_nothing(tmp_path):
 
 def test_params_dataclass_defaults_match_default_preset():
     assert mask_params("default") == MaskParams().validate()
+
+
+# --------------------------------------------------------------------------- Big-Layers' greyscale tiling
+
+
+def _grey_slide(tmp_path: Path) -> Path:
+    """A 2048 x 1024 level-0 slide (0.5 mpp): left half white glass (245), right half grey tissue (120),
+    except one black band (0: scanner padding) over the top quarter of the right half."""
+    img = np.full((1024, 2048, 3), 245, np.uint8)
+    img[:, 1024:] = 120
+    img[:256, 1024:] = 0
+    path = tmp_path / "grey.tiff"
+    tifffile.imwrite(path, img, tile=(256, 256), resolution=(2e4, 2e4), resolutionunit="CENTIMETER",
+                     photometric="rgb", compression="jpeg")
+    return path
+
+
+def test_greyscale_tiling_keeps_tiles_of_at_least_60_percent_foreground(tmp_path):
+    from slidetrain.wsi.mask import greyscale_foreground
+
+    with open_slide(_grey_slide(tmp_path), "grey") as slide:
+        size0 = patch_size_level0(slide, 20.0, 256)  # 256 level-0 px at 20x on a 20x slide
+        fg = greyscale_foreground(slide, size0, (3, 230))
+        coords = tile_coordinates(slide, fg, 20.0, 256, 0, 0.6, centre_in_tissue=False)
+        # only grey tissue counts: not the glass (> 230) and not the black band (< 3)
+        assert fg.mask[:, : fg.mask.shape[1] // 2 - 1].sum() == 0
+        assert set(map(tuple, coords.tolist())) == {(x, y) for x in range(1024, 2048, 256) for y in range(256, 1024, 256)}
+        # non-overlapping 256 px tiles on one grid
+        assert (coords % 256 == 0).all()
+        # a tile straddling the band with 75% grey is kept at 60% and dropped at 80%
+        band = TissueMask(mask=fg.mask.copy(), downsample=fg.downsample, downsample_xy=fg.downsample_xy, level=0)
+        frac = mask_area_fraction(band, np.array([[1024, 192, 1280, 448]]))
+        assert abs(frac[0] - 0.75) < 0.05
+        with pytest.raises(ConfigError, match="foreground_grey_range"):
+            greyscale_foreground(slide, size0, (200, 100))
+
+
+def test_preprocess_rejects_an_unknown_tile_foreground(tmp_path):
+    with pytest.raises(ConfigError, match="tile_foreground"):
+        preprocess_slide(_grey_slide(tmp_path), "grey", mask_png=tmp_path / "m.png", qc_path=tmp_path / "q.jpg",
+                         tiles_h5=tmp_path / "t.h5", image_path=tmp_path / "i.jpg",
+                         image_meta_json=tmp_path / "i.json", timings_json=tmp_path / "t.json",
+                         tile_foreground="otsu")

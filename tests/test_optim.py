@@ -163,3 +163,39 @@ def test_epoch_schedules_still_step_per_epoch():
 def test_per_iteration_schedule_without_iteration_count_is_a_config_error():
     with pytest.raises(ConfigError, match="iters_per_epoch"):
         build_scheduler(build_optimizer(list(small_net().parameters()), GMA_RECIPE), GMA_RECIPE)
+
+
+def test_demon_decays_adam_beta1_per_iteration_and_resumes():
+    from types import SimpleNamespace
+
+    from slidetrain.train.optim import demon
+
+    cfg = SimpleNamespace(**{**TrainConfig(optimizer="adam", lr=1e-3, epochs=3, scheduler="cosine").__dict__,
+                             "momentum_decay": "demon"})
+    net = small_net()
+    opt = build_optimizer(list(net.parameters()), cfg)
+    sch = build_scheduler(opt, cfg, iters_per_epoch=ITERS)
+    total = 3 * ITERS
+    betas = []
+    for i in range(total):
+        betas.append(opt.param_groups[0]["betas"])
+        x = torch.randn(5, 4, generator=torch.Generator().manual_seed(i))
+        net(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sch.step_iteration()
+    b1 = [b[0] for b in betas]
+    # the rule: beta_0 at t = 0, (1 - t/T) / ((1 - b0) / b0 + (1 - t/T)) after, towards 0 at t = T
+    assert b1[0] == pytest.approx(0.9) and all(b[1] == 0.999 for b in betas)
+    t = 10
+    assert b1[t] == pytest.approx(0.9 * (1 - t / total) / (0.1 + 0.9 * (1 - t / total)))
+    assert all(a > b for a, b in zip(b1, b1[1:], strict=False)) and b1[-1] < 0.5
+    assert list(demon(0.9, total)) == pytest.approx(b1)
+    # a rebuilt schedule on a resumed optimizer continues from its iteration
+    opt2 = build_optimizer(list(small_net().parameters()), cfg)
+    sch2 = build_scheduler(opt2, cfg, iters_per_epoch=ITERS)
+    opt2.load_state_dict(opt.state_dict())
+    sch2.load_state_dict({"iteration": t, "epoch": {}})
+    assert opt2.param_groups[0]["betas"][0] == pytest.approx(b1[t])
+    with pytest.raises(ConfigError, match="momentum_decay"):
+        build_scheduler(opt, SimpleNamespace(**{**cfg.__dict__, "momentum_decay": "nesterov"}), ITERS)

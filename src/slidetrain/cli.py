@@ -71,7 +71,8 @@ def cmd_synthesize_shard(a: argparse.Namespace) -> None:
     from slidetrain.wsi.shard import parse_pairs, synthesize_shard
 
     synthesize_shard(
-        a.shard, parse_pairs(a.slides, "label"), a.out_dir, a.seed, tuple(a.size_range_px), manifest=a.manifest
+        a.shard, parse_pairs(a.slides, "label"), a.out_dir, a.seed, tuple(a.size_range_px), manifest=a.manifest,
+        stain_scale=tuple(a.stain_scale),
     )
 
 
@@ -359,6 +360,10 @@ def _add_offload_parsers(sub) -> None:
     s.add_argument("--sweep", required=True)
     s.add_argument("--out", required=True, help="PNG")
     s.set_defaults(func=cmd_offload_figure)
+
+    from slidetrain.paper.offload_tables import add_parser as add_offload_table_parser
+
+    add_offload_table_parser(sub)
 def _tilebag_data(a: argparse.Namespace) -> dict:
     return {"split_csv": Path(a.split), "sheet_csv": Path(a.sheet), "slides_dir": Path(a.slides_dir),
             "tiles_dir": Path(a.tiles_dir), "class_names": a.classes}
@@ -377,7 +382,16 @@ def cmd_evaluate_tilebag(a: argparse.Namespace) -> None:
 
     evaluate_tilebag(Path(a.model), predictions_csv=Path(a.predictions), metrics_json=Path(a.metrics),
                      attention_h5=Path(a.attention) if a.attention else None, ordinal=a.ordinal,
-                     n_bootstrap=a.n_bootstrap, seed=a.seed, threads=a.threads, **_tilebag_data(a))
+                     n_bootstrap=a.n_bootstrap, seed=a.seed, threads=a.threads, **_tilebag_data(a),
+                     eval_overrides={k: v for k, v in (("eval_tiles", a.eval_tiles), ("eval_k", a.eval_k),
+                                                       ("eval_repeats", a.eval_repeats)) if v is not None})
+
+
+def cmd_evaluate_tilebag_sets(a: argparse.Namespace) -> None:
+    from slidetrain.train.tilebag import evaluate_tilebag_sets
+
+    evaluate_tilebag_sets(Path(a.model), a.tests, a.modes, Path(a.out_dir), n_bootstrap=a.n_bootstrap, seed=a.seed,
+                          threads=a.threads)
 
 
 def cmd_e2e_table1(a: argparse.Namespace) -> None:
@@ -441,8 +455,22 @@ def _add_tilebag_parsers(sub) -> None:
     s.add_argument("--metrics", required=True)
     s.add_argument("--attention")
     s.add_argument("--n-bootstrap", type=int, default=1000)
+    s.add_argument("--eval-tiles", choices=["all", "sampled"], help="override the model's test-time tiles")
+    s.add_argument("--eval-k", type=int, help="sampled: tiles per repeat (override)")
+    s.add_argument("--eval-repeats", type=int, help="sampled: repeats (override)")
     data_args(s)
     s.set_defaults(func=cmd_evaluate_tilebag)
+
+    s = sub.add_parser("evaluate-tilebag-sets", help="score one tile-bag model on several test sets x protocols")
+    s.add_argument("--model", required=True)
+    s.add_argument("--tests", type=_json_arg, required=True,
+                   help="JSON list of {name, split, sheet, slides_dir, tiles_dir, classes, ordinal}")
+    s.add_argument("--modes", type=_json_arg, required=True, help="JSON {mode: eval overrides}")
+    s.add_argument("--out-dir", required=True, help="test_{name}_{mode}/ go below")
+    s.add_argument("--n-bootstrap", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=1)
+    s.set_defaults(func=cmd_evaluate_tilebag_sets)
 
     s = sub.add_parser("e2e-table1", help="Campanella et al. Table 1: K sweep and frozen-feature rows")
     s.add_argument("--metrics", nargs="+", required=True, help="metrics.json of every run (path names the run)")
@@ -546,6 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-dir", required=True, help="resources/{dataset}/slides")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size-range-px", type=int, nargs=2, default=(3000, 6000))
+    s.add_argument("--stain-scale", type=float, nargs=2, default=(1.0, 1.0),
+                   help="hematoxylin, eosin factors on every slide's stain (an external cohort's shift)")
     s.add_argument("--manifest", required=True)
     s.set_defaults(func=cmd_synthesize_shard)
 

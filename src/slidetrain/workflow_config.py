@@ -14,6 +14,9 @@ So blocks that name things replace the default's instead of merging into it:
   less those whose `from` the user's datasets do not hold (said on stderr);
   a `tilebag.datasets` the user did not set keeps only the datasets that still exist.
 A `table4` naming datasets the config does not define follows `table1.datasets` (said on stderr).
+- `offload_tables` (Big-Layers Tables 1/2): the user's block whole when it has one (the default's CPU
+  sizes must not leak into it); with the user's datasets, only the tables whose `dataset` and
+  `external` cohort both still exist (said on stderr; e.g. a copy of config.yaml).
 """
 
 from __future__ import annotations
@@ -45,6 +48,16 @@ def replace_named_blocks(config: dict, user: Mapping) -> dict:
         tilebag = config.get("tilebag")
         if tilebag and "datasets" not in (user.get("tilebag") or {}):
             tilebag["datasets"] = [d for d in tilebag.get("datasets", []) if d in known]
+    if "offload_tables" in user:
+        config["offload_tables"] = copy.deepcopy(dict(user["offload_tables"] or {}))
+    if "datasets" in user and config.get("offload_tables"):
+        known = set(config["datasets"]) | set(config.get("derived_datasets") or {})
+        tables = config["offload_tables"].get("tables") or {}
+        dropped = sorted(n for n, t in tables.items() if {t.get("dataset"), t.get("external")} - known)
+        if dropped:
+            print(f"config: offload_tables.tables {dropped} train or test on datasets the config does not define;"
+                  " they are left out", file=sys.stderr)
+        config["offload_tables"]["tables"] = {n: t for n, t in tables.items() if n not in dropped}
     for method, block in (user.get("methods") or {}).items():
         config.setdefault("methods", {})[method] = copy.deepcopy(block)
     official = (user.get("splits") or {}).get("official")

@@ -198,6 +198,9 @@ def _preprocess_args(dataset_block, on_bad_slide):
         "image_magnification": p["image_magnification"],
         "mpp_fallback": dataset_block.get("mpp_fallback"),
     }
+    for key in ("tile_foreground", "foreground_grey_range"):  # only when set: the default's jobs stay as they are
+        if key in p:
+            params[key] = p[key]
     return f"--params '{json.dumps(params)}' --on-bad-slide {on_bad_slide}"
 
 
@@ -409,7 +412,10 @@ def synthesize_shard_args(wildcards):
     labels = SHEETS[wildcards.dataset].label
     slides = " ".join(_quote(f"{s}={labels.at[s]}") for s in _synthetic_members(wildcards))
     size = " ".join(map(str, ds["synthetic_size_range_px"]))
-    return f"--slides {slides} --seed {ds['synthetic_seed']} --size-range-px {size}"
+    stain = " ".join(map(str, ds["synthetic_stain_scale"])) if ds.get("synthetic_stain_scale") else ""
+    return f"--slides {slides} --seed {ds['synthetic_seed']} --size-range-px {size}" + (
+        f" --stain-scale {stain}" if stain else ""
+    )
 
 
 def bench_shard():
@@ -454,3 +460,6 @@ def paper_split_args(dataset, split):
         if own.get("fixed_test"):
             args.append("--fixed-test")
     return " ".join(args)
+# Datasets of the main job's QC table and preprocessing benchmark: all but the test-only cohorts
+# (`test_only: true`, e.g. Big-Layers' external cohort, built only by the targets that test on it).
+MAIN_SHEETS = [d for d in SHEETS if not config["datasets"][d].get("test_only", False)]

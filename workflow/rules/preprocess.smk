@@ -41,7 +41,7 @@ rule qc_status:
 
 rule qc_table:
     input:
-        expand("results/{dataset}/qc/status.csv", dataset=SHEETS),
+        expand("results/{dataset}/qc/status.csv", dataset=MAIN_SHEETS),
     output:
         "results/qc/excluded.csv",
     conda:

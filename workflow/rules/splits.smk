@@ -31,13 +31,15 @@ rule make_split:
 rule external_split:
     input:
         sheet=lambda w: dataset_cfg(w.dataset)["sheet"],
-        status="results/{dataset}/qc/status.csv",
+        status=lambda w: f"results/{base_dataset(w.dataset)}/qc/status.csv",
     output:
         "results/{dataset}/splits/external.csv",
     params:
-        classes=lambda w: " ".join(dataset_cfg(w.dataset)["classes"]),
+        classes=lambda w: " ".join(dataset_cfg(base_dataset(w.dataset))["classes"]),
         seed=config["splits"]["seed"],
         one=lambda w: "--one-per-patient" if dataset_split(w.dataset).get("external_one_per_patient") else "",
+        # a derived dataset's external set (e.g. the binary view of an external cohort): mapped labels
+        label_map=lambda w: f"--label-map '{json.dumps(DERIVED[w.dataset]['label_map'])}'" if w.dataset in DERIVED else "",
     conda:
         "../../envs/slidetrain.yaml"
     log:
@@ -46,4 +48,4 @@ rule external_split:
         "benchmarks/{dataset}/splits/external.tsv"
     shell:
         "slidetrain external-split --sheet {input.sheet} --classes {params.classes} --seed {params.seed}"
-        " {params.one} --status {input.status} --out {output} > {log} 2>&1"
+        " {params.one} {params.label_map} --status {input.status} --out {output} > {log} 2>&1"

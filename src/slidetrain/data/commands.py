@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,10 @@ def cmd_external_split(a: argparse.Namespace) -> None:
     sheet = read_sheet(a.sheet, a.classes, check_files=False)
     excluded = excluded_slides(a.status) if a.status else {}
     sheet = sheet[~sheet.slide_id.isin(excluded)].reset_index(drop=True)
+    if a.label_map:  # a derived dataset's external set: the same slides under mapped labels
+        from slidetrain.data.sheet import relabel
+
+        sheet = relabel(sheet, a.label_map)
     write_external_split(external_test_split(sheet, a.seed, a.one_per_patient), a.out)
 
 
@@ -104,6 +109,7 @@ def add_parsers(sub) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--one-per-patient", action="store_true")
     s.add_argument("--status", help="the dataset's QC status table (excluded slides are left out)")
+    s.add_argument("--label-map", type=json.loads, help="JSON {source class: derived class} of a derived dataset")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_external_split)
 

@@ -371,8 +371,12 @@ def write_split(split: pd.DataFrame, path: str | os.PathLike) -> None:
         split[list(SPLIT_COLUMNS)].to_csv(tmp, index=False)
 
 
-def read_split(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a split written by write_split; SplitError if it is malformed."""
+def read_split(path: str | os.PathLike, allow_external: bool = False) -> pd.DataFrame:
+    """Read a split written by write_split; SplitError if it is malformed.
+
+    `allow_external`: also accept an external test set (write_external_split: every slide in part
+    `test`, no train/val), for readers of the test part only (evaluation).
+    """
     path = Path(path)
     if not path.is_file():
         raise SplitError(f"split file {path} does not exist")
@@ -382,8 +386,12 @@ def read_split(path: str | os.PathLike) -> pd.DataFrame:
         raise SplitError(
             f"split file {path} lacks column(s) {missing}; expected {list(SPLIT_COLUMNS)}"
         )
+    external = allow_external and len(split) > 0 and set(split["part"]) == {"test"}
+    if external and split.slide_id.duplicated().any():
+        raise SplitError(f"split file {path}: duplicate slides in an external test set")
     try:
-        check_split(split)
+        if not external:
+            check_split(split)
     except SplitError as err:
         raise SplitError(f"split file {path}: {err}") from None
     return split[list(SPLIT_COLUMNS)]

@@ -39,6 +39,12 @@ attribute names; keys it lacks take the defaults below):
   decay 0, e.g. the no-decay group, are never touched). Needs
   `iters_per_epoch`, as `warmup_cosine` does.
 
+- `momentum_decay` ("none"): "demon" decays the momentum (Adam's beta1, SGD's
+  momentum) per iteration by the DEMON rule (Chen et al. 2022, Big-Layers'
+  CAMELYON runs): beta_t = beta_0 (1 - t/T) / ((1 - beta_0) + beta_0 (1 - t/T))
+  over the T iterations of `epochs` epochs, from beta_0 at t = 0 to 0 at t = T.
+  Needs `iters_per_epoch`.
+
 `iters_per_epoch` is the number of optimiser steps per epoch (e.g.
 ceil(slides / accumulation)). Both schedule kinds keep their position in
 `state_dict()`, so a resumed run (optimizer and schedule state restored)
@@ -153,6 +159,17 @@ def build_optimizer(params: list[nn.Parameter] | list[dict], cfg) -> torch.optim
     raise ConfigError(f"optimizer: unknown value {name!r}; expected adam, adamw, sgd or radam_lookahead")
 
 
+MOMENTUM_DECAYS = ("none", "demon")
+
+
+def demon(beta0: float, total: int) -> np.ndarray:
+    """(total,) DEMON momentum of iterations 0..total-1: beta0 (1 - t/T) / ((1 - beta0) + beta0 (1 - t/T))."""
+    if total < 1:
+        raise ConfigError(f"momentum_decay demon: expected at least one iteration, got {total}")
+    left = 1.0 - np.arange(total) / total  # (total,) 1 - t/T
+    return beta0 * left / ((1.0 - beta0) + beta0 * left)
+
+
 def warmup_cosine(base: float, final: float, total: int, warmup: int) -> np.ndarray:
     """(total,) values: linear 0 -> base over `warmup` iterations (base at the last), then cosine base -> final."""
     if total < 1:
@@ -173,10 +190,12 @@ class Schedule:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, epoch_inner=None,
-                 lr_table: list[np.ndarray] | None = None, wd_table: np.ndarray | None = None):
+                 lr_table: list[np.ndarray] | None = None, wd_table: np.ndarray | None = None,
+                 momentum_table: list[np.ndarray] | None = None):
         self.optimizer = optimizer
         self.epoch_inner = epoch_inner
         self.lr_table, self.wd_table = lr_table, wd_table
+        self.momentum_table = momentum_table  # per group: Adam's beta1 or SGD's momentum per iteration
         # which groups the weight-decay ramp drives: the decaying ones, fixed at construction
         self.wd_groups = [i for i, g in enumerate(optimizer.param_groups) if g.get("weight_decay", 0.0) > 0]
         self.iteration = 0
@@ -191,6 +210,13 @@ class Schedule:
         if self.wd_table is not None:
             for i in self.wd_groups:
                 groups[i]["weight_decay"] = float(self.wd_table[min(self.iteration, len(self.wd_table) - 1)])
+        if self.momentum_table is not None:
+            for g, table in zip(groups, self.momentum_table, strict=True):
+                beta = float(table[min(self.iteration, len(table) - 1)])
+                if "betas" in g:
+                    g["betas"] = (beta, g["betas"][1])
+                else:
+                    g["momentum"] = beta
 
     def step_iteration(self) -> None:
         """Call after every optimiser step: moves to the next iteration's values (no-op for epoch schedules)."""
@@ -214,7 +240,7 @@ class Schedule:
         if self.epoch_inner is not None:
             self.epoch_inner.load_state_dict(state["epoch"])
         self.iteration = int(state["iteration"])
-        if self.lr_table is not None or self.wd_table is not None:
+        if self.lr_table is not None or self.wd_table is not None or self.momentum_table is not None:
             self._apply()
 
 
@@ -241,7 +267,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg, iters_per_epoch: int 
     opt = optimizer.inner if isinstance(optimizer, Lookahead) else optimizer
     name = cfg.scheduler
     wd_end = _opt(cfg, "weight_decay_end", None)
-    per_iteration = name in ITERATION_SCHEDULERS or wd_end is not None
+    decay = _opt(cfg, "momentum_decay", "none")
+    if decay not in MOMENTUM_DECAYS:
+        raise ConfigError(f"momentum_decay: unknown value {decay!r}; expected one of {list(MOMENTUM_DECAYS)}")
+    per_iteration = name in ITERATION_SCHEDULERS or wd_end is not None or decay != "none"
     if per_iteration and (iters_per_epoch is None or iters_per_epoch < 1):
         raise ConfigError(
             f"scheduler {name!r} / weight_decay_end: per-iteration schedules need iters_per_epoch >= 1, "
@@ -270,4 +299,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg, iters_per_epoch: int 
         )
     if wd_end is not None:
         wd_table = warmup_cosine(cfg.weight_decay, float(wd_end), total, 0)
-    return Schedule(opt, epoch_inner, lr_table, wd_table)
+    momentum_table = None
+    if decay == "demon":  # each group's initial momentum ("initial_momentum": unchanged by a rebuilt schedule)
+        momentum_table = []
+        for g in opt.param_groups:
+            if "betas" not in g and "momentum" not in g:
+                raise ConfigError(f"momentum_decay demon: optimizer {cfg.optimizer!r} has no momentum to decay")
+            beta0 = g.setdefault("initial_momentum", g["betas"][0] if "betas" in g else g["momentum"])
+            momentum_table.append(demon(beta0, total))
+    return Schedule(opt, epoch_inner, lr_table, wd_table, momentum_table)

@@ -547,6 +547,40 @@ def segment_tissue(slide: Slide, params: MaskParams | None = None) -> TissueMask
     )
 
 
+GREY_RANGE_DEFAULT = (3, 230)  # Big-Layers' foreground: greyscale intensity in [3, 230]
+GREY_SAMPLES_PER_TILE = 16  # mask px along a tile side: fractions in steps of 1/256 of a tile
+GREY_MAX_MASK_SIDE = 8192
+
+
+def greyscale_foreground(
+    slide: Slide, tile_side_level0: int, grey_range: tuple[int, int] = GREY_RANGE_DEFAULT
+) -> TissueMask:
+    """Foreground = greyscale intensity (ITU-R 601 luma, PIL's "L") in [lo, hi], as a TissueMask.
+
+    Big-Layers' tile rule (PANDA, TCGA-PRAD): a tile is kept when >= 60% of its pixels are
+    foreground; near-white glass (> hi) and black (< lo: scanner padding, ink) are not. The mask
+    is read with GREY_SAMPLES_PER_TILE pixels along a tile side (at most GREY_MAX_MASK_SIDE px
+    along the slide's longer side), so each tile's fraction is measured on its own pixels, not on
+    the coarse tissue mask. NoTissueError if no pixel is foreground.
+    """
+    lo, hi = (int(v) for v in grey_range)
+    if not 0 <= lo <= hi <= 255:
+        raise ConfigError(f"foreground_grey_range={list(grey_range)} is invalid; expected 0 <= low <= high <= 255")
+    w0, h0 = slide.dimensions
+    downsample = max(1.0, tile_side_level0 / GREY_SAMPLES_PER_TILE, max(w0, h0) / GREY_MAX_MASK_SIDE)
+    mw, mh = max(1, round(w0 / downsample)), max(1, round(h0 / downsample))
+    rgb, level = read_scaled(slide, downsample, None, (mw, mh))  # (mh, mw, 3)
+    grey = (rgb.astype(np.uint32) @ np.array([299, 587, 114], np.uint32) + 500) // 1000  # (mh, mw)
+    fg = (grey >= lo) & (grey <= hi)
+    if not fg.any():
+        raise NoTissueError(
+            slide.slide_id, f"no pixel has greyscale intensity in [{lo}, {hi}]; expected tissue (foreground)"
+        )
+    dsx, dsy = w0 / mw, h0 / mh
+    return TissueMask(mask=fg, downsample=(dsx + dsy) / 2, level=level, downsample_xy=(dsx, dsy),
+                      stats={"grey_range": [lo, hi], "foreground_fraction": float(fg.mean())})
+
+
 def mask_area_fraction(tissue: TissueMask, level0_boxes: np.ndarray) -> np.ndarray:
     """Exact tissue fraction of each level-0 box (N, 4: x0, y0, x1, y1) from the mask: (N,) float.
 
@@ -590,6 +624,7 @@ __all__ = [
     "write_mask_png",
     "read_mask_png",
     "mask_area_fraction",
+    "greyscale_foreground",
     "filter_regions",
     "majority",
     "hsv_u8",

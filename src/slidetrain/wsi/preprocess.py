@@ -12,12 +12,21 @@ from pathlib import Path
 
 from PIL import Image
 
+from slidetrain.errors import ConfigError
 from slidetrain.io import atomic_path, write_json
 from slidetrain.wsi.image import extract_slide_image
-from slidetrain.wsi.mask import mask_params, segment_tissue, write_mask_png
+from slidetrain.wsi.mask import (
+    GREY_RANGE_DEFAULT,
+    greyscale_foreground,
+    mask_params,
+    segment_tissue,
+    write_mask_png,
+)
 from slidetrain.wsi.qc import qc_picture
 from slidetrain.wsi.slide import open_slide
 from slidetrain.wsi.tile import patch_size_level0, tile_coordinates, write_tiles_h5
+
+TILE_FOREGROUNDS = ("mask", "greyscale")
 
 
 def preprocess_slide(
@@ -38,20 +47,33 @@ def preprocess_slide(
     min_tissue_fraction: float = 0.5,
     image_magnification: float = 5.0,
     mpp_fallback: float | None = None,
+    tile_foreground: str = "mask",
+    foreground_grey_range: tuple[int, int] = GREY_RANGE_DEFAULT,
 ) -> dict:
     """Mask, tile and extract one slide; return (and write) the per-stage timings.
 
-    Raises SlideError / NoTissueError (naming the slide) before writing anything.
+    `tile_foreground`: what min_tissue_fraction counts: "mask" (the tissue mask; a tile's centre
+    must be tissue too) or "greyscale" (Big-Layers: pixels of greyscale intensity in
+    `foreground_grey_range`, the fraction alone). The tissue mask still gives the QC picture and the
+    whole-slide image. Raises SlideError / NoTissueError (naming the slide) before writing anything.
     """
+    if tile_foreground not in TILE_FOREGROUNDS:
+        raise ConfigError(f"tile_foreground={tile_foreground!r} is invalid; expected one of {list(TILE_FOREGROUNDS)}")
     params = mask_params(mask_preset, mask_overrides)  # bad config fails before the slide is read
     t0 = time.perf_counter()
     with open_slide(slide_path, slide_id=slide_id, mpp_fallback=mpp_fallback) as slide:
         t_open = time.perf_counter()
         tissue = segment_tissue(slide, params)
         t_mask = time.perf_counter()
-        coords = tile_coordinates(
-            slide, tissue, target_magnification, tile_px, overlap_px, min_tissue_fraction
-        )
+        if tile_foreground == "greyscale":
+            size0 = patch_size_level0(slide, target_magnification, tile_px)
+            foreground = greyscale_foreground(slide, size0, tuple(foreground_grey_range))
+            coords = tile_coordinates(slide, foreground, target_magnification, tile_px, overlap_px,
+                                      min_tissue_fraction, centre_in_tissue=False)
+        else:
+            coords = tile_coordinates(
+                slide, tissue, target_magnification, tile_px, overlap_px, min_tissue_fraction
+            )
         t_tile = time.perf_counter()
         image, meta = extract_slide_image(slide, tissue, image_magnification)  # (H, W, 3)
         t_image = time.perf_counter()
@@ -68,6 +90,9 @@ def preprocess_slide(
                 "min_tissue_fraction": float(min_tissue_fraction),
                 "mask_preset": mask_preset,
                 "mask_downsample": float(tissue.downsample),
+                "tile_foreground": tile_foreground,
+                **({"foreground_grey_range": list(map(int, foreground_grey_range))}
+                   if tile_foreground == "greyscale" else {}),
             },
         )
         size0 = patch_size_level0(slide, target_magnification, tile_px)

@@ -159,6 +159,7 @@ def synthesize_shard(
     seed: int,
     size_range_px: tuple[int, int],
     manifest: str | Path | None = None,
+    stain_scale: tuple[float, float] = (1.0, 1.0),
 ) -> list[dict]:
     """Draw every (slide_id, label) as a pyramidal TIFF + truth npz in out_dir (resources/{dataset}/slides)."""
     import numpy as np
@@ -166,7 +167,7 @@ def synthesize_shard(
     from slidetrain.wsi.synthetic import synthetic_spec, write_synthetic_slide
 
     def spec_of(task: SlideTask):
-        return synthetic_spec(task.slide_id, task.source, seed, tuple(size_range_px))
+        return synthetic_spec(task.slide_id, task.source, seed, tuple(size_range_px), tuple(stain_scale))
 
     def done(task: SlideTask) -> dict | None:
         if not task.outputs["slide"].exists():

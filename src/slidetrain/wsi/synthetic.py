@@ -186,13 +186,17 @@ def _stable_seed(*parts: object) -> int:
 
 
 def synthetic_spec(
-    slide_id: str, label: str, seed: int, size_range_px: tuple[int, int] = (3000, 6000)
+    slide_id: str, label: str, seed: int, size_range_px: tuple[int, int] = (3000, 6000),
+    stain_scale: tuple[float, float] = (1.0, 1.0),
 ) -> SyntheticSpec:
-    """The drawing spec of one slide, a pure function of (slide_id, label, seed).
+    """The drawing spec of one slide, a pure function of (slide_id, label, seed, stain_scale).
 
     The random draws do not depend on the label (only which of them are used
     does), so size, pieces, pen and stain carry no information about the class.
     The longer level-0 side is uniform in `size_range_px`, rounded to 16 px.
+    `stain_scale` (hematoxylin, eosin) multiplies every slide's drawn stain
+    strengths: another staining centre (an external cohort's stain shift); the
+    random draws are the same, so (1, 1) is the dataset as before.
     """
     if label not in GRADE_OF_NAME:
         raise SheetError(
@@ -202,6 +206,11 @@ def synthetic_spec(
     if not 512 <= lo <= hi:
         raise ConfigError(
             f"synthetic size_range_px must satisfy 512 <= low <= high, got {size_range_px}"
+        )
+    scale_h, scale_e = (float(v) for v in stain_scale)
+    if not (0.25 <= scale_h <= 4 and 0.25 <= scale_e <= 4):
+        raise ConfigError(
+            f"synthetic stain_scale must be two factors in [0.25, 4] (hematoxylin, eosin), got {stain_scale}"
         )
     grade = GRADE_OF_NAME[label]
     rng = np.random.default_rng(_stable_seed("synthetic-spec", seed, slide_id))
@@ -235,8 +244,8 @@ def synthetic_spec(
         has_pen=has_pen,
         pen_color=pen_color,
         has_debris=has_debris,
-        stain_h=stain_h,
-        stain_e=stain_e,
+        stain_h=stain_h * scale_h,
+        stain_e=stain_e * scale_e,
     )
 
 

@@ -64,11 +64,14 @@ def tile_coordinates(
     tile_px: int,
     overlap_px: int = 0,
     min_tissue_fraction: float = 0.5,
+    centre_in_tissue: bool = True,
 ) -> np.ndarray:
     """Level-0 top-left (x, y) of the kept tiles: int64 (N, 2), row-major order.
 
     The stride is (tile_px - overlap_px) target px, i.e. `overlap_px` target px
-    are shared by neighbours. NoTissueError if no tile qualifies.
+    are shared by neighbours. `centre_in_tissue=False` keeps the fraction test
+    alone (Big-Layers' rule: >= 60% foreground, `tissue` the greyscale
+    foreground of mask.greyscale_foreground). NoTissueError if no tile qualifies.
     """
     _check_tiling_args(tile_px, overlap_px, min_tissue_fraction)
     w0, h0 = slide.dimensions
@@ -97,7 +100,7 @@ def tile_coordinates(
     h, w = tissue.mask.shape
     cx = np.clip(((cand[:, 0] + size0 / 2) / dsx).astype(np.int64), 0, w - 1)
     cy = np.clip(((cand[:, 1] + size0 / 2) / dsy).astype(np.int64), 0, h - 1)
-    keep = tissue.mask[cy, cx]  # (M,) centre in tissue
+    keep = tissue.mask[cy, cx] if centre_in_tissue else np.ones(len(cand), bool)  # (M,) centre in tissue
     if min_tissue_fraction > 0 and keep.any():
         boxes = np.concatenate([cand[keep], cand[keep] + size0], axis=1)  # (K, 4)
         from slidetrain.wsi.mask import mask_area_fraction
@@ -106,10 +109,11 @@ def tile_coordinates(
         keep[np.flatnonzero(keep)] = frac >= min_tissue_fraction - 1e-9
     coords = cand[keep]
     if len(coords) == 0:
+        centre = "has its centre in tissue and " if centre_in_tissue else "has "
         raise NoTissueError(
             slide.slide_id,
-            f"no {tile_px} px tile at {target_magnification}x ({size0} level-0 px) has its centre in "
-            f"tissue and >= {min_tissue_fraction:.0%} tissue (tissue covers {tissue.tissue_fraction:.2%} "
+            f"no {tile_px} px tile at {target_magnification}x ({size0} level-0 px) {centre}"
+            f">= {min_tissue_fraction:.0%} tissue (tissue covers {tissue.tissue_fraction:.2%} "
             "of the slide); expected tissue larger than a tile: lower min_tissue_fraction or the tile size",
         )
     return np.ascontiguousarray(coords, dtype=np.int64)

@@ -27,6 +27,7 @@ import torch
 
 from slidetrain.data.splits import read_split
 from slidetrain.data.tilebag import BagSampling, SlideRef, slide_paths, slide_refs
+from slidetrain.errors import ConfigError
 from slidetrain.evaluate.metrics import evaluate_predictions
 from slidetrain.io import atomic_path, write_json
 from slidetrain.models.base import config_from_dict
@@ -38,6 +39,7 @@ from slidetrain.train.tilebag.trainer import TileBagTrainer, metrics_over_repeat
 log = logging.getLogger(__name__)
 
 METHOD = "tilebag"
+EVAL_KEYS = ("eval_tiles", "eval_k", "eval_repeats", "eval_chunk", "eval_bn")
 
 
 def tilebag_config(params: dict | None) -> TileBagConfig:
@@ -106,16 +108,25 @@ def fit_tilebag(
 def evaluate_tilebag(
     model_path: Path, split_csv: Path, sheet_csv: Path, slides_dir: Path, tiles_dir: Path, class_names: list[str],
     predictions_csv: Path, metrics_json: Path, attention_h5: Path | None = None, ordinal: bool = False,
-    n_bootstrap: int = 1000, seed: int = 0, threads: int = 1,
+    n_bootstrap: int = 1000, seed: int = 0, threads: int = 1, eval_overrides: dict | None = None,
 ) -> dict:
-    """Score the test part once: predictions (mean over repeats), attention h5, metrics with bootstrap CIs."""
+    """Score the test part once: predictions (mean over repeats), attention h5, metrics with bootstrap CIs.
+
+    `eval_overrides` replaces the saved config's test-time keys (eval_tiles, eval_k, eval_repeats,
+    eval_chunk, eval_bn), so one model is scored on all tiles and on R x K sampled tiles
+    (Big-Layers' two protocols); any other key is an error.
+    """
     torch.set_num_threads(max(1, threads))
     saved = torch.load(model_path, map_location="cpu", weights_only=False)
-    cfg = tilebag_config(saved["config"])
+    overrides = dict(eval_overrides or {})
+    bad = sorted(set(overrides) - set(EVAL_KEYS))
+    if bad:
+        raise ConfigError(f"evaluate-tilebag: {bad} cannot be overridden at test time; expected some of {EVAL_KEYS}")
+    cfg = tilebag_config({**saved["config"], **overrides})
     device = resolve_device(cfg.device)
     model = build_tilebag_model(cfg, len(class_names), seed)
     model.load_state_dict(saved["state_dict"])
-    test = _refs(read_split(split_csv), "test", class_names, sheet_csv, slides_dir, tiles_dir)
+    test = _refs(read_split(split_csv, allow_external=True), "test", class_names, sheet_csv, slides_dir, tiles_dir)
     samp = BagSampling(k=cfg.k, input_px=cfg.input_px, augment=False, **saved["sampling"])
     trainer = TileBagTrainer(model, cfg, samp, test, seed, device)
     pred = trainer.predict(test)
@@ -139,10 +150,35 @@ def evaluate_tilebag(
     return result
 
 
+def evaluate_tilebag_sets(
+    model_path: Path, tests: list[dict], modes: dict[str, dict], out_dir: Path, n_bootstrap: int = 1000,
+    seed: int = 0, threads: int = 1,
+) -> None:
+    """Score one model on several test sets x test-time protocols in one process (one import, one load).
+
+    `tests`: [{name, split, sheet, slides_dir, tiles_dir, classes, ordinal}]; `modes`: name -> eval
+    overrides (e.g. {"all": {"eval_tiles": "all"}, "sampled": {"eval_tiles": "sampled", "eval_k": 8,
+    "eval_repeats": 10}}). Writes out_dir/test_{test}_{mode}/predictions.csv and metrics.json.
+    """
+    for test in tests:
+        missing = sorted({"name", "split", "sheet", "slides_dir", "tiles_dir", "classes"} - set(test))
+        if missing:
+            raise ConfigError(f"evaluate-tilebag-sets: test set {test.get('name', '?')!r} lacks {missing}")
+        for mode, overrides in modes.items():
+            where = Path(out_dir) / f"test_{test['name']}_{mode}"
+            evaluate_tilebag(
+                model_path, Path(test["split"]), Path(test["sheet"]), Path(test["slides_dir"]), Path(test["tiles_dir"]),
+                list(test["classes"]), where / "predictions.csv", where / "metrics.json",
+                ordinal=bool(test.get("ordinal", False)), n_bootstrap=n_bootstrap, seed=seed, threads=threads,
+                eval_overrides=overrides,
+            )
+            log.info("%s: test set %s, %s tiles scored", model_path, test["name"], mode)
+
+
 def _per_repeat(labels: np.ndarray, probs: np.ndarray, ordinal: bool) -> list[float]:
     from slidetrain.evaluate.metrics import classification_metrics
 
     return [classification_metrics(labels, p, ordinal=ordinal)["auroc"] for p in probs]
 
 
-__all__ = ["TileBagConfig", "evaluate_tilebag", "fit_tilebag", "tilebag_config"]
+__all__ = ["TileBagConfig", "evaluate_tilebag", "evaluate_tilebag_sets", "fit_tilebag", "tilebag_config"]

@@ -58,6 +58,7 @@ class TileBagConfig(TrainConfig):
     weight_decay_end: float | None = 0.4
     no_decay_1d: bool = True
     scheduler: str = "warmup_cosine"
+    momentum_decay: str = "none"  # none | demon (Big-Layers' CAMELYON runs: Adam's beta1 decayed per iteration)
     warmup_epochs: float = 10.0
     min_lr: float = 1e-8
     selection_metric: str = "auto"  # auto = val_auroc (binary) / val_qwk (ordinal); or val_loss, ...

@@ -1,0 +1,118 @@
+# Input functions of workflow/rules/offload_tables.smk (Big-Layers Tables 1 and 2), kept apart from the
+# rules as common.smk keeps the others'.
+from types import SimpleNamespace as _NS
+
+OT = config.get("offload_tables", {})
+OT_TABLES = OT.get("tables", {})
+OT_DATASETS = {block["dataset"]: name for name, block in OT_TABLES.items()}
+
+
+def _ot_table(dataset):
+    if dataset not in OT_DATASETS:
+        raise WorkflowError(
+            f"offload_tables: dataset {dataset!r} is no table's `dataset`; known: {sorted(OT_DATASETS)}"
+        )
+    return OT_TABLES[OT_DATASETS[dataset]]
+
+
+def _ot_check():
+    """Every table's datasets exist and its external cohort has the training dataset's classes."""
+    for name, block in OT_TABLES.items():
+        for key in ("dataset", "external"):
+            ds = block.get(key)
+            if ds is not None and ds not in SHEETS and ds not in DERIVED:
+                raise WorkflowError(f"offload_tables.tables.{name}.{key}: {ds!r} is not a dataset or derived dataset")
+        ext = block.get("external")
+        if ext and dataset_cfg(ext)["classes"] != dataset_cfg(block["dataset"])["classes"]:
+            raise WorkflowError(
+                f"offload_tables.tables.{name}.external: {ext!r} has classes {dataset_cfg(ext)['classes']}, expected "
+                f"those of {block['dataset']!r}: {dataset_cfg(block['dataset'])['classes']}"
+            )
+    for enc in OT.get("encoders", {}):
+        if enc not in ("frozen", "trained"):
+            raise WorkflowError(f"offload_tables.encoders: {enc!r}; expected frozen and/or trained")
+    # every run's TileBagConfig is valid before any job starts (an unknown key names itself here)
+    from slidetrain.train.tilebag import tilebag_config
+    from slidetrain.errors import SlidetrainError
+
+    for name, block in OT_TABLES.items():
+        for enc in OT.get("encoders", {}):
+            for agg in OT.get("aggregators", []):
+                w = _NS(dataset=block["dataset"], encoder=enc, agg=agg, aug="aug")
+                try:
+                    tilebag_config(json.loads(bigl_params(w)))
+                except SlidetrainError as err:
+                    raise WorkflowError(f"offload_tables ({name}, {enc}, {agg}): {err}")
+
+
+def bigl_params(wildcards):
+    """The run's TileBagConfig: common keys, the table's, the encoder mode's, the aggregator and augmentation."""
+    table = _ot_table(wildcards.dataset)
+    return json.dumps({
+        **OT.get("params", {}), **table.get("params", {}), **OT["encoders"][wildcards.encoder],
+        **table.get("encoder_params", {}).get(wildcards.encoder, {}),
+        "aggregator": wildcards.agg, "aggregator_params": OT.get("aggregator_params", {}).get(wildcards.agg, {}),
+        "augment": wildcards.aug == "aug",
+    })
+
+
+def _bigl_test_sets(wildcards):
+    """(name, dataset, split file) of the model's test sets: its dataset's test part, the external cohort."""
+    table = _ot_table(wildcards.dataset)
+    return [("internal", wildcards.dataset, f"results/{wildcards.dataset}/splits/{wildcards.split}.csv"),
+            ("external", table["external"], f"results/{table['external']}/splits/external.csv")]
+
+
+def bigl_test_splits(wildcards):
+    return [split for _, _, split in _bigl_test_sets(wildcards)]
+
+
+def bigl_tests(wildcards):
+    """JSON list of the test sets for `slidetrain evaluate-tilebag-sets`."""
+    tests = []
+    for name, dataset, split in _bigl_test_sets(wildcards):
+        base = base_dataset(dataset)
+        tests.append({
+            "name": name, "split": split, "sheet": dataset_cfg(base)["sheet"], "slides_dir": f"resources/{base}/slides",
+            "tiles_dir": f"results/{base}/tiles", "classes": dataset_cfg(dataset)["classes"],
+            "ordinal": bool(dataset_cfg(dataset).get("ordinal")),
+        })
+    return json.dumps(tests)
+
+
+def bigl_modes(wildcards):
+    """All tiles, and the table's R x K sampled tiles."""
+    table = _ot_table(wildcards.dataset)
+    return json.dumps({"all": {"eval_tiles": "all"},
+                       "sampled": {"eval_tiles": "sampled", "eval_k": table["eval_k"], "eval_repeats": table["eval_repeats"]}})
+
+
+def _ot_splits(dataset):
+    """The first `offload_tables.splits` of the dataset's splits (its official split only when mccv: false)."""
+    splits = SPLITS + (["official"] if dataset in OFFICIAL else [])
+    if dataset_split(dataset).get("mccv") is False:
+        splits = ["official"]
+    return splits[: OT.get("splits", 1)]
+
+
+def offload_table_metrics(name):
+    block = OT_TABLES[name]
+    return expand(
+        "results/{dataset}/runs/bigl_{agg}_{encoder}_{aug}/{split}/{seed}/test_{testset}_{tiles}/metrics.json",
+        dataset=block["dataset"], agg=OT.get("aggregators", []), encoder=list(OT.get("encoders", {})),
+        aug=OT.get("augmentation", ["aug"]), split=_ot_splits(block["dataset"]), seed=SEEDS,
+        testset=["internal", "external"], tiles=["all", "sampled"],
+    )
+
+
+def offload_table_args(name):
+    block = OT_TABLES[name]
+    shown = [f"internal={block['dataset']}", f"external={block['external']}"]
+    paper = " ".join(f"{k}={v}" for k, v in block.get("paper", {}).items())
+    return (
+        f"--metric {block['metric']} --paper-table {name} --test-datasets {' '.join(shown)}"
+        f" --sampled-label {block['eval_repeats']}x{block['eval_k']}" + (f" --paper {paper}" if paper else "")
+    )
+
+
+_ot_check()
