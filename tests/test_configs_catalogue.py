@@ -46,3 +46,15 @@ def test_bad_blocks_are_errors_naming_the_key():
         check_method_config("e2e", {"checkpointing": "all"})
     with pytest.raises(ConfigError, match="unknown method 'nope'"):
         check_method_config("nope", {})
+
+
+def test_the_tile_bag_block_is_checked_without_torch_and_knows_the_encoders():
+    from slidetrain.configs.tilebag import ENCODER_NAMES, tilebag_config
+    from slidetrain.models.encoders import ENCODER_NAMES as BUILT
+
+    assert ENCODER_NAMES == BUILT
+    assert tilebag_config({"k": 8, "backbone": "resnet18"}).k == 8
+    with pytest.raises(ConfigError, match=r"methods\.tilebag: unknown key\(s\) \['kk'\]"):
+        tilebag_config({"kk": 8})
+    code = "import sys, slidetrain.configs.tilebag; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -32,7 +32,7 @@ def _ot_check():
         if enc not in ("frozen", "trained"):
             raise WorkflowError(f"offload_tables.encoders: {enc!r}; expected frozen and/or trained")
     # every run's TileBagConfig is valid before any job starts (an unknown key names itself here)
-    from slidetrain.train.tilebag import tilebag_config
+    from slidetrain.configs.tilebag import tilebag_config  # torch-free: planning stays fast
     from slidetrain.errors import SlidetrainError
 
     for name, block in OT_TABLES.items():

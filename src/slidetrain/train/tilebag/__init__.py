@@ -25,25 +25,21 @@ import numpy as np
 import pandas as pd
 import torch
 
+from slidetrain.configs.tilebag import TileBagConfig, tilebag_config
 from slidetrain.data.splits import read_split
 from slidetrain.data.tilebag import BagSampling, SlideRef, slide_paths, slide_refs
 from slidetrain.errors import ConfigError
 from slidetrain.evaluate.metrics import evaluate_predictions
 from slidetrain.io import atomic_path, write_json
-from slidetrain.models.base import config_from_dict
 from slidetrain.train.common import config_hash, part_slides, predictions_table, seed_everything
 from slidetrain.train.harness import Selection, run_epochs, write_run_files
-from slidetrain.train.tilebag.model import TileBagConfig, build_tilebag_model, selection_metric
+from slidetrain.train.tilebag.model import build_tilebag_model, selection_metric
 from slidetrain.train.tilebag.trainer import TileBagTrainer, metrics_over_repeats, resolve_device
 
 log = logging.getLogger(__name__)
 
 METHOD = "tilebag"
 EVAL_KEYS = ("eval_tiles", "eval_k", "eval_repeats", "eval_chunk", "eval_bn")
-
-
-def tilebag_config(params: dict | None) -> TileBagConfig:
-    return config_from_dict(TileBagConfig, params, where="methods.tilebag")
 
 
 def _refs(split: pd.DataFrame, part: str, class_names: list[str], sheet_csv: Path, slides_dir: Path,

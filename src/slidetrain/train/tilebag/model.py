@@ -9,73 +9,14 @@ slides per epoch, GMA aggregator).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
+from slidetrain.configs.tilebag import TileBagConfig  # noqa: F401 (re-exported)
 from slidetrain.errors import ConfigError
 from slidetrain.models import build_model, method_config
-from slidetrain.models.base import MILModel, TrainConfig
-from slidetrain.models.encoders import ENCODER_NAMES, build_encoder, encoder_dim
-
-ENCODER_MODES = ("trained", "frozen")
-EVAL_MODES = ("all", "sampled")
-
-
-@dataclass
-class TileBagConfig(TrainConfig):
-    backbone: str = "resnet50"  # tile encoder: a name of models.encoders (resnet18/34 full, resnet50[_trunc])
-    weights: str = "none"  # none | imagenet | path to a state dict
-    encoder: str = "trained"  # trained | frozen (Big-Layers' baseline: embeddings on the fly, no backward)
-    aggregator: str = "gma"  # any registered MIL aggregator
-    aggregator_params: dict = field(default_factory=dict)  # its architecture keys (dropout, size, ...)
-    executor: str = "plain"  # plain | two_stage (| offload | distributed when registered)
-    k: int = 600  # tiles per slide per step (the authors' k_per_gpu default)
-    input_px: int | None = None  # resize tiles to this side before the encoder (None = tile size)
-    augment: bool = True  # one draw per slide: flips, quarter turns, colour jitter, Gaussian blur
-    slides_per_epoch: float = 0.5  # fraction of the training slides drawn per epoch (the paper: 50%)
-    lr_encoder: float | None = None  # None = lr
-    lr_aggregator: float | None = None  # None = lr
-    amp: bool = False  # CUDA: fp16 autocast + GradScaler; CPU: bf16 autocast
-    device: str = "cpu"
-    workers: int = 2  # DataLoader worker processes reading tiles (0 = in the training process)
-    eval_tiles: str = "all"  # all (every tile, in chunks, no grad) | sampled (eval_repeats x eval_k)
-    eval_k: int = 0  # 0 = k
-    eval_repeats: int = 1
-    eval_chunk: int = 256  # tiles per encoder call at evaluation
-    # BatchNorm at evaluation: running (torch's eval mode: the running statistics) | bag (each encoder
-    # call normalised by its own tiles' statistics, as every training step is: one slide per step means
-    # BN's batch is one slide's bag; running statistics never change). See README for why it matters.
-    eval_bn: str = "running"
-    # The authors' optimiser (REFERENCE_NOTES "Multi-GPU end-to-end")
-    epochs: int = 40
-    optimizer: str = "sgd"
-    lr: float = 5e-4
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 0.04
-    weight_decay_end: float | None = 0.4
-    no_decay_1d: bool = True
-    scheduler: str = "warmup_cosine"
-    momentum_decay: str = "none"  # none | demon (Big-Layers' CAMELYON runs: Adam's beta1 decayed per iteration)
-    warmup_epochs: float = 10.0
-    min_lr: float = 1e-8
-    selection_metric: str = "auto"  # auto = val_auroc (binary) / val_qwk (ordinal); or val_loss, ...
-
-    def __post_init__(self) -> None:
-        if self.backbone not in ENCODER_NAMES:
-            raise ValueError(f"backbone: expected one of {list(ENCODER_NAMES)}, got {self.backbone!r}")
-        if self.encoder not in ENCODER_MODES:
-            raise ValueError(f"encoder: expected one of {list(ENCODER_MODES)}, got {self.encoder!r}")
-        if self.eval_tiles not in EVAL_MODES:
-            raise ValueError(f"eval_tiles: expected one of {list(EVAL_MODES)}, got {self.eval_tiles!r}")
-        if self.eval_bn not in ("running", "bag"):
-            raise ValueError(f"eval_bn: expected running or bag, got {self.eval_bn!r}")
-        if self.k < 1 or self.eval_k < 0 or self.eval_repeats < 1 or self.eval_chunk < 1:
-            raise ValueError("k, eval_repeats and eval_chunk must be >= 1 and eval_k >= 0")
-        if not 0 < self.slides_per_epoch <= 1:
-            raise ValueError(f"slides_per_epoch: expected a fraction in (0, 1], got {self.slides_per_epoch}")
+from slidetrain.models.base import MILModel
+from slidetrain.models.encoders import build_encoder, encoder_dim
 
 
 class TileBagModel(nn.Module):
