@@ -290,10 +290,6 @@ def _tb(key, default=None):
 TILEBAG_SPLITS = SPLITS[: _tb("splits", len(SPLITS))]
 
 
-def tilebag_params(wildcards):
-    return json.dumps({**_tb("params", {}), "k": int(wildcards.k)})
-
-
 def tilebag_data_args(wildcards):
     base = base_dataset(wildcards.dataset)
     ds = dataset_cfg(wildcards.dataset)
@@ -316,9 +312,12 @@ def _tilebag_threads():
 def _e2e_runs(kind):
     """metrics.json (kind "metrics") or history.csv of the K sweep, then the frozen-feature MIL runs."""
     name = "metrics.json" if kind == "metrics" else "history.csv"
+    # the K sweep (single), then the other strategies at tilebag.strategy_k (tilebag_{strategy}_k{K})
+    runs = [f"tilebag_k{k}" for k in _tb("k_sweep", [])]
+    runs += [f"tilebag_{s}_k{k}" for s in _tb("strategies", {}) for k in _tb("strategy_k", [])]
     files = expand(
-        "results/{dataset}/runs/tilebag_k{k}/{split}/{seed}/{name}",
-        dataset=_tb("datasets", []), k=_tb("k_sweep", []), split=TILEBAG_SPLITS, seed=SEEDS, name=name,
+        "results/{dataset}/runs/{run}/{split}/{seed}/{name}",
+        dataset=_tb("datasets", []), run=runs, split=TILEBAG_SPLITS, seed=SEEDS, name=name,
     )
     if kind == "metrics":
         files += expand(
