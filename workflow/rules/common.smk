@@ -1,6 +1,7 @@
 # Sheets, wildcard constraints and input functions. Every sheet is read (and validated) at parse time,
 # so every shard of slides is known at parse time and the DAG needs no checkpoints.
 import json
+import re as _re
 
 from slidetrain.data.download import SLIDE_EXTENSIONS, is_remote, remote_ext
 from slidetrain.data.sheet import SYNTHETIC, local_path, read_sheet, validate_sheet
@@ -325,6 +326,26 @@ def _e2e_runs(kind):
             dataset=_tb("datasets", []), method=_tb("frozen_methods", []), split=TILEBAG_SPLITS, seed=SEEDS,
         )
     return files
+
+
+def _tb_strategy(w):
+    """(strategy, K) of a run directory name: tilebag_k16 -> (single, 16), tilebag_half_k16 -> (half, 16)."""
+    m = _re.fullmatch(r"tilebag(?:_(half|parallel))?_k(\d+)", w.tb_run)
+    return m[1] or "single", int(m[2])
+
+
+def tilebag_run_params(w):
+    """The run's TileBagConfig keys: tilebag.params, the strategy's keys (tilebag.strategies), its K."""
+    strategy, k = _tb_strategy(w)
+    return json.dumps({**_tb("params", {}), **_tb("strategies", {}).get(strategy, {}), "k": k})
+
+
+def _tb_nproc():
+    return int(_tb("parallel", {}).get("n_encoder_ranks", 2)) + 1  # rank 0 aggregates, ranks 1..N encode
+
+
+def _tb_cuda():
+    return str(_tb("params", {}).get("device", "cpu")).startswith("cuda")
 
 
 def _step_slides(wildcards=None):

@@ -1,5 +1,3 @@
-import re
-
 # Tile-bag end-to-end training (Campanella et al.): encoder + aggregator trained together on K tiles
 # per slide, read on the fly from the slides. Not part of the main job: `snakemake --cores all e2e`.
 # Runs live beside the MIL runs: results/{dataset}/runs/{tb_run}/{split}/{seed}/, tb_run =
@@ -9,25 +7,7 @@ import re
 wildcard_constraints:
     tb_run=r"tilebag(_half|_parallel)?_k\d+",
 
-
-def _tb_strategy(w):
-    """(strategy, K) of a run directory name: tilebag_k16 -> (single, 16), tilebag_half_k16 -> (half, 16)."""
-    m = re.fullmatch(r"tilebag(?:_(half|parallel))?_k(\d+)", w.tb_run)
-    return m[1] or "single", int(m[2])
-
-
-def tilebag_run_params(w):
-    """The run's TileBagConfig keys: tilebag.params, the strategy's keys (tilebag.strategies), its K."""
-    strategy, k = _tb_strategy(w)
-    return json.dumps({**_tb("params", {}), **_tb("strategies", {}).get(strategy, {}), "k": k})
-
-
-def _tb_nproc():
-    return int(_tb("parallel", {}).get("n_encoder_ranks", 2)) + 1  # rank 0 aggregates, ranks 1..N encode
-
-
-def _tb_cuda():
-    return str(_tb("params", {}).get("device", "cpu")).startswith("cuda")
+# _tb_strategy, tilebag_run_params, _tb_nproc, _tb_cuda and the other helpers are in common.smk.
 
 
 rule train_tilebag:
