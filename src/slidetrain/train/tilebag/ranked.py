@@ -52,7 +52,6 @@ from slidetrain.train.tilebag.distributed import DistributedEngine, Topology, sp
 from slidetrain.train.tilebag.model import TileBagConfig, TileBagModel, bag_statistics_copy
 from slidetrain.train.tilebag.trainer import Prediction
 
-
 #: tests: "kill:RANK:STEP" or "hang:RANK:STEP" (bench.e2e_distributed.Fault) at a training step
 FAULT_ENV = "SLIDETRAIN_RANK_FAULT"
 
