@@ -108,3 +108,15 @@ def test_derived_split_relabels_and_stratifies(tmp_path):
 
     with pytest.raises(SheetError, match="high_grade"):
         relabel(pd.read_csv(sheet, sep="\t"), {"normal": "negative", "low_grade": "positive"})
+
+
+def test_e2e_table1_and_figure4_take_the_parallel_and_half_strategies(tmp_path):
+    runs = [write_run(tmp_path, m, s, a, [0.7, 0.6, 0.5]) for m, a in
+            [("tilebag_k2", 0.7), ("tilebag_k16", 0.9), ("tilebag_parallel_k16", 0.85), ("tilebag_half_k16", 0.8)]
+            for s in ("mccv0", "mccv1")]
+    out = e2e_table1([r / "metrics.json" for r in runs], tmp_path / "t.csv", paper_k={2: 50, 16: 700})
+    rows = {(r.k, r.strategy): r for r in out.itertuples()}
+    assert rows[(16, "parallel")].auc_mean == 85.0 and rows[(16, "parallel")].paper_auc_mean == 76.9
+    assert rows[(16, "half")].auc_mean == 80.0 and rows[(16, "half")].paper_auc_mean == 77.3  # parallel-half
+    e2e_figure4([r / "history.csv" for r in runs], tmp_path / "f4.png")
+    assert (tmp_path / "f4.png").stat().st_size > 10_000

@@ -146,3 +146,42 @@ def test_slide_without_tiles_raises_naming_it(tiled, tmp_path):
     ds = TileBagDataset([SlideRef("no_tiles_slide", tiled[0].slide_path, empty, 0)], SAMPLING, seed=0)
     with pytest.raises(SlideError, match="no_tiles_slide.*no tiles"):
         check_item(ds[0])
+
+
+def test_rank_shares_make_up_the_bag_one_process_reads(tiled):
+    """Distributed training: encoder ranks' shares (same draw and augmentation) concatenate to the full bag."""
+    from slidetrain.train.tilebag.ranked import RankShare
+
+    full = TileBagDataset(tiled, SAMPLING, seed=3)
+    shares = [TileBagDataset(tiled, SAMPLING, seed=3, share=RankShare(3, r)(SAMPLING.k)) for r in range(3)]
+    for ds in (full, *shares):
+        ds.set_epoch(1)
+    whole = check_item(full[2])
+    parts = [check_item(ds[2]) for ds in shares]
+    assert [len(p["tiles"]) for p in parts] == [3, 3, 2]
+    torch.testing.assert_close(torch.cat([p["tiles"] for p in parts]), whole["tiles"])
+    torch.testing.assert_close(torch.cat([p["coords"] for p in parts]), whole["coords"])
+    labels_only = TileBagDataset(tiled, SAMPLING, seed=3, read=False)[2]
+    assert labels_only == {"slide_id": whole["slide_id"], "index": 2, "label": whole["label"]}
+
+
+@pytest.mark.parametrize("mode", ["all", "sampled"])
+def test_eval_shares_cover_each_slide_once_in_order(tiled, mode):
+    from slidetrain.train.tilebag.ranked import RankShare
+
+    def coords_per_slide(bags):
+        out, current = {}, []
+        for j in range(len(bags)):
+            item = check_item(bags[j])
+            current.append(item["coords"])
+            if item["last"]:
+                out.setdefault(item["index"], []).append(torch.cat(current))
+                current = []
+        return out
+
+    kw = {"mode": mode, "chunk": 3, "repeats": 2, "seed": 1}
+    whole = coords_per_slide(EvalBags(tiled[:2], SAMPLING, **kw))
+    parts = [coords_per_slide(EvalBags(tiled[:2], SAMPLING, share=RankShare(2, r), **kw)) for r in range(2)]
+    for i, bags in whole.items():
+        for rep, expected in enumerate(bags):
+            torch.testing.assert_close(torch.cat([p[i][rep] for p in parts]), expected)

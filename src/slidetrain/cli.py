@@ -374,7 +374,7 @@ def cmd_train_tilebag(a: argparse.Namespace) -> None:
 
     sampling = {"tile_px": a.tile_px, "target_magnification": a.target_magnification, "mpp_fallback": a.mpp_fallback}
     fit_tilebag(a.params, sampling=sampling, out_dir=Path(a.out), seed=a.seed, ordinal=a.ordinal,
-                threads=a.threads, **_tilebag_data(a))
+                threads=a.threads, backend=a.backend, timeout_s=a.timeout_s, **_tilebag_data(a))
 
 
 def cmd_evaluate_tilebag(a: argparse.Namespace) -> None:
@@ -446,6 +446,9 @@ def _add_tilebag_parsers(sub) -> None:
     s.add_argument("--target-magnification", type=float, required=True)
     s.add_argument("--mpp-fallback", type=float)
     s.add_argument("--out", required=True)
+    # executor: distributed (under torchrun; one torch thread per rank by --threads)
+    s.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
+    s.add_argument("--timeout-s", type=float, default=300.0, help="collective timeout (distributed)")
     data_args(s)
     s.set_defaults(func=cmd_train_tilebag)
 

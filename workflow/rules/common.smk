@@ -1,6 +1,7 @@
 # Sheets, wildcard constraints and input functions. Every sheet is read (and validated) at parse time,
 # so every shard of slides is known at parse time and the DAG needs no checkpoints.
 import json
+import re as _re
 
 from slidetrain.data.download import SLIDE_EXTENSIONS, is_remote, remote_ext
 from slidetrain.data.sheet import SYNTHETIC, local_path, read_sheet, validate_sheet
@@ -282,10 +283,6 @@ def _tb(key, default=None):
 TILEBAG_SPLITS = SPLITS[: _tb("splits", len(SPLITS))]
 
 
-def tilebag_params(wildcards):
-    return json.dumps({**_tb("params", {}), "k": int(wildcards.k)})
-
-
 def tilebag_data_args(wildcards):
     base = base_dataset(wildcards.dataset)
     ds = dataset_cfg(wildcards.dataset)
@@ -308,9 +305,12 @@ def _tilebag_threads():
 def _e2e_runs(kind):
     """metrics.json (kind "metrics") or history.csv of the K sweep, then the frozen-feature MIL runs."""
     name = "metrics.json" if kind == "metrics" else "history.csv"
+    # the K sweep (single), then the other strategies at tilebag.strategy_k (tilebag_{strategy}_k{K})
+    runs = [f"tilebag_k{k}" for k in _tb("k_sweep", [])]
+    runs += [f"tilebag_{s}_k{k}" for s in _tb("strategies", {}) for k in _tb("strategy_k", [])]
     files = expand(
-        "results/{dataset}/runs/tilebag_k{k}/{split}/{seed}/{name}",
-        dataset=_tb("datasets", []), k=_tb("k_sweep", []), split=TILEBAG_SPLITS, seed=SEEDS, name=name,
+        "results/{dataset}/runs/{run}/{split}/{seed}/{name}",
+        dataset=_tb("datasets", []), run=runs, split=TILEBAG_SPLITS, seed=SEEDS, name=name,
     )
     if kind == "metrics":
         files += expand(
@@ -318,6 +318,26 @@ def _e2e_runs(kind):
             dataset=_tb("datasets", []), method=_tb("frozen_methods", []), split=TILEBAG_SPLITS, seed=SEEDS,
         )
     return files
+
+
+def _tb_strategy(w):
+    """(strategy, K) of a run directory name: tilebag_k16 -> (single, 16), tilebag_half_k16 -> (half, 16)."""
+    m = _re.fullmatch(r"tilebag(?:_(half|parallel))?_k(\d+)", w.tb_run)
+    return m[1] or "single", int(m[2])
+
+
+def tilebag_run_params(w):
+    """The run's TileBagConfig keys: tilebag.params, the strategy's keys (tilebag.strategies), its K."""
+    strategy, k = _tb_strategy(w)
+    return json.dumps({**_tb("params", {}), **_tb("strategies", {}).get(strategy, {}), "k": k})
+
+
+def _tb_nproc():
+    return int(_tb("parallel", {}).get("n_encoder_ranks", 2)) + 1  # rank 0 aggregates, ranks 1..N encode
+
+
+def _tb_cuda():
+    return str(_tb("params", {}).get("device", "cpu")).startswith("cuda")
 
 
 def _step_slides(wildcards=None):

@@ -1,22 +1,30 @@
 # Tile-bag end-to-end training (Campanella et al.): encoder + aggregator trained together on K tiles
 # per slide, read on the fly from the slides. Not part of the main job: `snakemake --cores all e2e`.
-# Runs live beside the MIL runs: results/{dataset}/runs/tilebag_k{K}/{split}/{seed}/.
+# Runs live beside the MIL runs: results/{dataset}/runs/{tb_run}/{split}/{seed}/, tb_run =
+# tilebag_k{K} (strategy single), tilebag_half_k{K} (AMP) or tilebag_parallel_k{K} (torchrun ranks).
+
+
+wildcard_constraints:
+    tb_run=r"tilebag(_half|_parallel)?_k\d+",
+
+# _tb_strategy, tilebag_run_params, _tb_nproc, _tb_cuda and the other helpers are in common.smk.
 
 
 rule train_tilebag:
+    # strategies single and half (one process; half = AMP)
     input:
         split="results/{dataset}/splits/{split}.csv",
         # every slide's tile coordinates exist (or the slide is excluded) once the QC status table does
         status=lambda w: f"results/{base_dataset(w.dataset)}/qc/status.csv",
         slides=tilebag_slides,
     output:
-        model="results/{dataset}/runs/tilebag_k{k}/{split}/{seed}/model.pt",
-        history="results/{dataset}/runs/tilebag_k{k}/{split}/{seed}/history.csv",
-        provenance="results/{dataset}/runs/tilebag_k{k}/{split}/{seed}/run.json",
+        model="results/{dataset}/runs/{tb_run}/{split}/{seed}/model.pt",
+        history="results/{dataset}/runs/{tb_run}/{split}/{seed}/history.csv",
+        provenance="results/{dataset}/runs/{tb_run}/{split}/{seed}/run.json",
     wildcard_constraints:
-        k=r"\d+",
+        tb_run=r"tilebag(_half)?_k\d+",
     params:
-        method_params=tilebag_params,
+        method_params=tilebag_run_params,
         data=tilebag_data_args,
         tile_px=config["preprocess"]["tile_px"],
         magnification=config["preprocess"]["target_magnification"],
@@ -24,40 +32,81 @@ rule train_tilebag:
     conda:
         "../../envs/slidetrain.yaml"
     log:
-        "logs/{dataset}/runs/tilebag_k{k}/{split}/{seed}/train.log",
+        "logs/{dataset}/runs/{tb_run}/{split}/{seed}/train.log",
     benchmark:
-        "benchmarks/{dataset}/runs/tilebag_k{k}/{split}/{seed}/train.tsv"
+        "benchmarks/{dataset}/runs/{tb_run}/{split}/{seed}/train.tsv"
     threads: _tilebag_threads()
     resources:
         mem_mb=8000,
         runtime=24 * 60,
-        gpu=1 if str(_tb("params", {}).get("device", "cpu")).startswith("cuda") else 0,
+        gpu=1 if _tb_cuda() else 0,
     shell:
         "slidetrain train-tilebag --params '{params.method_params}' --split {input.split} {params.data}"
         " --tile-px {params.tile_px} --target-magnification {params.magnification} {params.mpp}"
         " --out $(dirname {output.model}) --seed {wildcards.seed} > {log} 2>&1"
 
 
-rule evaluate_tilebag:
+rule train_tilebag_parallel:
+    # strategy parallel: the same trainer on torchrun's ranks (executor: distributed; rank 0 aggregator,
+    # ranks 1..N encoders in DDP, k = K / N tiles each). nproc = N + 1 from the resources; on SLURM
+    # (profiles/slurm) one task with `gpu` = nproc GPUs when tilebag.params.device is cuda.
     input:
-        model="results/{dataset}/runs/tilebag_k{k}/{split}/{seed}/model.pt",
+        split="results/{dataset}/splits/{split}.csv",
+        status=lambda w: f"results/{base_dataset(w.dataset)}/qc/status.csv",
+        slides=tilebag_slides,
+    output:
+        model="results/{dataset}/runs/{tb_run}/{split}/{seed}/model.pt",
+        history="results/{dataset}/runs/{tb_run}/{split}/{seed}/history.csv",
+        provenance="results/{dataset}/runs/{tb_run}/{split}/{seed}/run.json",
+    wildcard_constraints:
+        tb_run=r"tilebag_parallel_k\d+",
+    params:
+        method_params=tilebag_run_params,
+        data=tilebag_data_args,
+        tile_px=config["preprocess"]["tile_px"],
+        magnification=config["preprocess"]["target_magnification"],
+        mpp=mpp_arg,
+        backend=E2E.get("backend", "auto"),
+        timeout_s=E2E.get("timeout_s", 300),
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/{dataset}/runs/{tb_run}/{split}/{seed}/train.log",
+    benchmark:
+        "benchmarks/{dataset}/runs/{tb_run}/{split}/{seed}/train.tsv"
+    threads: _tb("parallel", {}).get("threads", 2)  # cores the ranks share (one torch thread per rank)
+    resources:
+        nproc=_tb_nproc(),
+        gpu=_tb_nproc() if _tb_cuda() else 0,
+        mem_mb=3000 * _tb_nproc(),
+        runtime=24 * 60,
+    shell:
+        "torchrun --standalone --nproc-per-node {resources.nproc} --no-python"
+        " slidetrain train-tilebag --params '{params.method_params}' --split {input.split} {params.data}"
+        " --tile-px {params.tile_px} --target-magnification {params.magnification} {params.mpp}"
+        " --backend {params.backend} --timeout-s {params.timeout_s} --threads 1"
+        " --out $(dirname {output.model}) --seed {wildcards.seed} > {log} 2>&1"
+
+
+rule evaluate_tilebag:
+    # every strategy's model is a plain TileBagModel: the test part is scored in one process
+    input:
+        model="results/{dataset}/runs/{tb_run}/{split}/{seed}/model.pt",
         split="results/{dataset}/splits/{split}.csv",
         status=lambda w: f"results/{base_dataset(w.dataset)}/qc/status.csv",
     output:
-        predictions="results/{dataset}/runs/tilebag_k{k}/{split}/{seed}/predictions.csv",
-        metrics="results/{dataset}/runs/tilebag_k{k}/{split}/{seed}/metrics.json",
-        attention="results/{dataset}/runs/tilebag_k{k}/{split}/{seed}/attention.h5",
-    wildcard_constraints:
-        k=r"\d+",
+        predictions="results/{dataset}/runs/{tb_run}/{split}/{seed}/predictions.csv",
+        metrics="results/{dataset}/runs/{tb_run}/{split}/{seed}/metrics.json",
+        attention="results/{dataset}/runs/{tb_run}/{split}/{seed}/attention.h5",
     params:
         data=tilebag_data_args,
         n_bootstrap=config.get("evaluation", {}).get("n_bootstrap", 1000),
     conda:
         "../../envs/slidetrain.yaml"
     log:
-        "logs/{dataset}/runs/tilebag_k{k}/{split}/{seed}/evaluate.log",
+        "logs/{dataset}/runs/{tb_run}/{split}/{seed}/evaluate.log",
     benchmark:
-        "benchmarks/{dataset}/runs/tilebag_k{k}/{split}/{seed}/evaluate.tsv"
+        "benchmarks/{dataset}/runs/{tb_run}/{split}/{seed}/evaluate.tsv"
     threads: _tilebag_threads()
     resources:
         mem_mb=8000,

@@ -25,7 +25,10 @@ class TileBagConfig(TrainConfig):
     encoder: str = "trained"  # trained | frozen (Big-Layers' baseline: embeddings on the fly, no backward)
     aggregator: str = "gma"  # any registered MIL aggregator
     aggregator_params: dict = field(default_factory=dict)  # its architecture keys (dropout, size, ...)
-    executor: str = "plain"  # plain | two_stage (| offload | distributed when registered)
+    executor: str = "plain"  # plain | two_stage | offload | distributed (under torchrun: train/tilebag/ranked.py)
+    # distributed: BatchNorm statistics over all encoder ranks' tiles (= plain's, exactly); false = each
+    # rank normalises its own K / N tiles, as the authors' script (DDP without SyncBatchNorm)
+    sync_bn: bool = False
     k: int = 600  # tiles per slide per step (the authors' k_per_gpu default)
     input_px: int | None = None  # resize tiles to this side before the encoder (None = tile size)
     augment: bool = True  # one draw per slide: flips, quarter turns, colour jitter, Gaussian blur

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,12 +232,19 @@ class TileBagDataset(Dataset):
 
     An item is a dict: slide_id, index, label, tiles (K, 3, P, P) float32, coords (K, 2), augment
     (the AugmentDraw or None); or {slide_id, index, error} when the slide could not be read.
+
+    Distributed training (one encoder rank's part of each bag): `share` keeps the tiles
+    `share` of the K drawn (the same draw and augmentation on every rank, so the ranks' shares
+    together are exactly the bag one process reads); `read=False` reads nothing (the aggregator
+    rank: slide_id, index and label only).
     """
 
-    def __init__(self, refs: list[SlideRef], sampling: BagSampling, seed: int):
+    def __init__(self, refs: list[SlideRef], sampling: BagSampling, seed: int, share: slice | None = None,
+                 read: bool = True):
         self.refs = refs
         self.sampling = sampling
         self.seed = seed
+        self.share, self.read = share, read
         self.epoch = 0
         self._reader: SlideReader | None = None
         self._coords: dict[str, np.ndarray] = {}
@@ -264,11 +272,15 @@ class TileBagDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         ref = self.refs[i]
+        if not self.read:
+            return {"slide_id": ref.slide_id, "index": i, "label": ref.label}
         try:
             rng = self.rng(i)
             coords = self.coords(i)
             picked = coords[sample_indices(len(coords), self.sampling.k, rng)]  # (K, 2)
             draw = draw_augmentation(rng) if self.sampling.augment else None
+            if self.share is not None:
+                picked = picked[self.share]  # (k_r, 2): this rank's part of the bag
             tiles = to_input(self.reader.read(ref, picked), draw)  # (K, 3, P, P)
         except Exception as err:  # noqa: BLE001 - handed to the main process, which stops (check_item)
             return {"slide_id": ref.slide_id, "index": i, "error": f"{type(err).__name__}: {err}"}
@@ -293,23 +305,31 @@ class EvalBags(Dataset):
     chunk under no_grad and concatenates the features of a slide, `last` marks its final chunk).
     mode "sampled": `repeats` bags of K random tiles per slide, drawn from a generator seeded by
     (seed, repeat, slide position): the same tiles every time the evaluation runs.
+
+    `share(n) -> slice`: one encoder rank's part of each slide's n evaluation tiles (distributed
+    evaluation); a slide whose share is empty stops with a SlideError naming it.
     """
 
     def __init__(self, refs: list[SlideRef], sampling: BagSampling, mode: str = "all", chunk: int = 256,
-                 repeats: int = 1, seed: int = 0):
+                 repeats: int = 1, seed: int = 0, share: Callable[[int], slice] | None = None):
         if mode not in ("all", "sampled"):
             raise ConfigError(f"eval_tiles: unknown value {mode!r}; expected all or sampled")
         if chunk < 1 or repeats < 1:
             raise ConfigError(f"eval_chunk and eval_repeats: expected >= 1, got {chunk} and {repeats}")
         self.bags = TileBagDataset(refs, sampling, seed)
         self.refs, self.mode, self.seed, self.repeats = refs, mode, seed, repeats
+        self.share = share
         self.items: list[EvalChunk] = []
         for i in range(len(refs)):
+            n = len(self.bags.coords(i)) if mode == "all" else sampling.k
+            part = share(n) if share is not None else slice(0, n)
+            if part.stop <= part.start:
+                raise SlideError(refs[i].slide_id, f"has {n} evaluation tiles, too few to give every encoder "
+                                 "rank one; use fewer ranks or eval_tiles: sampled")
             if mode == "all":
-                n = len(self.bags.coords(i))
-                self.items += [EvalChunk(i, -1, a, min(a + chunk, n)) for a in range(0, n, chunk)]
-            else:
-                self.items += [EvalChunk(i, r, 0, sampling.k) for r in range(repeats)]
+                self.items += [EvalChunk(i, -1, a, min(a + chunk, part.stop)) for a in range(part.start, part.stop, chunk)]
+            else:  # (start, stop) index the sampled bag, read whole
+                self.items += [EvalChunk(i, r, part.start, part.stop) for r in range(repeats)]
         self.bags._coords = {}  # read again in each worker; do not ship them through pickling
 
     def __len__(self) -> int:
@@ -320,13 +340,13 @@ class EvalBags(Dataset):
         ref = self.refs[item.slide]
         try:
             coords = self.bags.coords(item.slide)
+            n = len(coords) if self.mode == "all" else self.bags.sampling.k
+            last = item.stop == (self.share(n).stop if self.share is not None else n)
             if self.mode == "all":
                 picked = coords[item.start : item.stop]
-                last = item.stop == len(coords)
             else:
                 rng = np.random.default_rng([self.seed, item.repeat, item.slide])
-                picked = coords[sample_indices(len(coords), self.bags.sampling.k, rng)]
-                last = True
+                picked = coords[sample_indices(len(coords), self.bags.sampling.k, rng)][item.start : item.stop]
             tiles = to_input(self.bags.reader.read(ref, picked), None)
         except Exception as err:  # noqa: BLE001 - see TileBagDataset.__getitem__
             return {"slide_id": ref.slide_id, "index": item.slide, "error": f"{type(err).__name__}: {err}"}

@@ -134,10 +134,16 @@ def e2e_figure4(history_paths: list[str | Path], out_png: str | Path) -> None:
         ax.scatter(fs.k, fs[column], color="grey", s=10, alpha=0.6)
         ax.set(xscale="log", xlabel="K (tiles per slide)", ylabel=label, title=title)
         ax.set_xticks(ks, [str(k) for k in ks])
-    top = final[final.k == final.k.max()]
-    strategies = sorted(top.strategy.unique())
+    # (d) at the largest K that the other strategies ran at (the largest K when only `single` ran)
+    others = final[final.strategy != "single"]
+    k_top = int(others.k.max()) if len(others) else int(final.k.max())
+    top = final[final.k == k_top]
+    strategies = sorted(top.strategy.unique(), key=lambda s: (s != "single", s))
     axes[3].boxplot([top[top.strategy == s].val_auroc.dropna() for s in strategies], tick_labels=strategies)
-    axes[3].set(ylabel="validation AUC", title=f"(d) validation AUC per strategy (K={final.k.max()})")
+    for j, s in enumerate(strategies, 1):  # the splits' points over the boxes
+        values = top[top.strategy == s].val_auroc.dropna()
+        axes[3].scatter(np.full(len(values), j), values, color="grey", s=10, alpha=0.6, zorder=3)
+    axes[3].set(ylabel="validation AUC", title=f"(d) validation AUC per strategy (K={k_top})")
     fig.tight_layout()
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

@@ -127,6 +127,7 @@ def run_epochs(
     trailing: tuple[str, ...] = (),
     logger: logging.Logger = log,
     stop_hook: Callable[[int], None] = maybe_stop_for_test,
+    primary: bool = True,
 ) -> RunResult:
     """Train `epochs` epochs (resuming from out_dir/checkpoint.pt when its tag matches); see the module docstring.
 
@@ -135,7 +136,10 @@ def run_epochs(
     `trailing` names callback columns that go after "selected" in history.csv;
     `logger` is the trainer's (its messages carry the trainer's name);
     `stop_hook(epochs_done)` runs after each checkpoint (default: the
-    SLIDETRAIN_STOP_AFTER_EPOCH kill).
+    SLIDETRAIN_STOP_AFTER_EPOCH kill). `primary=False` (ranks 1..N of a distributed run) resumes
+    from the checkpoint the primary rank wrote but writes nothing: every rank still calls the
+    callbacks, `snapshot` and the stateful objects' state_dict (collectives in a distributed
+    trainer), so the callbacks must return the same metrics on every rank (broadcast them).
     """
     out_dir = Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT
@@ -174,23 +178,22 @@ def run_epochs(
             row["selected"] = False
         row.update(tail)
         history.append(row)
-        logger.info("epoch %d: %s", epoch + 1, _rounded(row))
-        save_checkpoint(
-            ckpt_path,
-            {
-                "format": CHECKPOINT_FORMAT, "tag": tag, "epoch": epoch + 1,
-                "state": {name: _state_of(obj) for name, obj in stateful.items()},
-                "rng": rng_state(), "cuda_rng": torch.cuda.get_rng_state(device) if cuda else None,
-                "history": history, "best": best, "best_state": best_state, "stale": stale,
-            },
-        )
-        write_history(out_dir / "history.csv", history)
+        payload = {  # built on every rank: a distributed trainer's state_dict is a collective
+            "format": CHECKPOINT_FORMAT, "tag": tag, "epoch": epoch + 1,
+            "state": {name: _state_of(obj) for name, obj in stateful.items()},
+            "rng": rng_state(), "cuda_rng": torch.cuda.get_rng_state(device) if cuda else None,
+            "history": history, "best": best, "best_state": best_state, "stale": stale,
+        }
+        if primary:
+            logger.info("epoch %d: %s", epoch + 1, _rounded(row))
+            save_checkpoint(ckpt_path, payload)
+            write_history(out_dir / "history.csv", history)
         stop_hook(epoch + 1)
         if selection.patience and epoch + 1 >= selection.min_epochs and stale >= selection.patience:
             logger.info("early stopping after epoch %d (%d epochs without improvement)", epoch + 1, stale)
             break
 
-    if best_state is None:  # every eligible validation value was NaN: keep the last model, say so
+    if best is None:  # every eligible validation value was NaN: keep the last model, say so
         logger.warning("no epoch improved %s; keeping the last model", selection.metric)
         best_state = cpu_copy(snapshot())
     return RunResult(history, best, best_state, selection)

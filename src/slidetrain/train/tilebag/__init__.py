@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import h5py
@@ -31,7 +31,13 @@ from slidetrain.data.tilebag import BagSampling, SlideRef, slide_paths, slide_re
 from slidetrain.errors import ConfigError
 from slidetrain.evaluate.metrics import evaluate_predictions
 from slidetrain.io import atomic_path, write_json
-from slidetrain.train.common import config_hash, part_slides, predictions_table, seed_everything
+from slidetrain.train.common import (
+    config_hash,
+    maybe_stop_for_test,
+    part_slides,
+    predictions_table,
+    seed_everything,
+)
 from slidetrain.train.harness import Selection, run_epochs, write_run_files
 from slidetrain.train.tilebag.model import build_tilebag_model, selection_metric
 from slidetrain.train.tilebag.trainer import TileBagTrainer, metrics_over_repeats, resolve_device
@@ -60,8 +66,14 @@ def _class_weights(refs: list[SlideRef], n_classes: int) -> torch.Tensor:
 def fit_tilebag(
     params: dict | None, split_csv: Path, sheet_csv: Path, slides_dir: Path, tiles_dir: Path,
     sampling: dict, class_names: list[str], out_dir: Path, seed: int, ordinal: bool = False, threads: int = 1,
-) -> Path:
-    """Train; writes model.pt, history.csv and run.json in `out_dir` (checkpoint.pt while running)."""
+    backend: str = "auto", timeout_s: float = 300.0,
+) -> Path | None:
+    """Train; writes model.pt, history.csv and run.json in `out_dir` (checkpoint.pt while running).
+
+    `executor: distributed` runs on the ranks of a torchrun job (ranked.py; `backend` and the
+    collectives' `timeout_s` apply there): rank 0 writes the files and returns model.pt, the other
+    ranks return None.
+    """
     torch.set_num_threads(max(1, threads))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -69,36 +81,64 @@ def fit_tilebag(
     split = read_split(split_csv)
     samp = BagSampling(k=cfg.k, input_px=cfg.input_px, augment=cfg.augment, **sampling)
     train, val = (_refs(split, p, class_names, sheet_csv, slides_dir, tiles_dir) for p in ("train", "val"))
-    device = resolve_device(cfg.device)
     metric = selection_metric(cfg, ordinal)
 
     seed_everything(seed)
     model = build_tilebag_model(cfg, len(class_names), seed)
     weights = _class_weights(train, len(class_names)) if cfg.class_weights else None
-    trainer = TileBagTrainer(model, cfg, samp, train, seed, device, weights)
+    topo = None
+    if cfg.executor == "distributed":
+        from slidetrain.train.tilebag.distributed import init_distributed
+        from slidetrain.train.tilebag.ranked import RankedTileBagTrainer
+
+        topo = init_distributed(backend, timeout_s, cfg.device)
+        device = topo.device
+        trainer = RankedTileBagTrainer(topo, model, cfg, samp, train, seed, weights)
+        primary, snapshot, stop_hook = trainer.primary, trainer.snapshot, trainer.stop_hook
+        launch = {"executor": "distributed", "world_size": topo.world_size, "backend": topo.backend,
+                  "n_encoder_ranks": topo.n_encoders, "k_per_encoder_rank": cfg.k / topo.n_encoders}
+    else:
+        device = resolve_device(cfg.device)
+        trainer = TileBagTrainer(model, cfg, samp, train, seed, device, weights)
+        primary, snapshot, stop_hook = True, model.state_dict, maybe_stop_for_test
+        launch = {"executor": cfg.executor}
     labels_val = np.array([r.label for r in val])
 
     def validate(epoch: int) -> dict:
         t0 = time.perf_counter()
-        pred = trainer.predict(val)
-        m = metrics_over_repeats(labels_val, pred.probs, ordinal)
-        trainer.schedule.step(pred.loss)  # epoch schedules (none for the default per-iteration one)
-        return {"val_loss": pred.loss, "val_accuracy": m["accuracy"], "val_auroc": m["auroc"],
-                "val_qwk": m.get("qwk", float("nan")), "val_seconds": time.perf_counter() - t0}
+        pred = trainer.predict(val)  # None on ranks 1..N of a distributed run
+        row = None
+        if pred is not None:
+            m = metrics_over_repeats(labels_val, pred.probs, ordinal)
+            row = {"val_loss": pred.loss, "val_accuracy": m["accuracy"], "val_auroc": m["auroc"],
+                   "val_qwk": m.get("qwk", float("nan")), "val_seconds": time.perf_counter() - t0}
+        if topo is not None:
+            row = trainer.broadcast(row)
+        trainer.schedule.step(row["val_loss"])  # epoch schedules (none for the default per-iteration one)
+        return row
 
-    result = run_epochs(
-        out_dir, config_hash(METHOD, cfg, seed, split_csv), cfg.epochs,
-        train_epoch=trainer.train_epoch, validate=validate, stateful={"trainer": trainer},
-        snapshot=model.state_dict, device=device, logger=log,
-        selection=Selection(metric, patience=cfg.early_stopping_patience, min_epochs=cfg.early_stopping_min_epochs),
-    )
-    return write_run_files(
-        out_dir, METHOD, cfg, seed, result,
-        provenance={"class_names": class_names, "split": str(split_csv), "tiles": str(tiles_dir),
-                    "sampling": sampling, "n_train": len(train), "n_val": len(val)},
-        model_payload=lambda best: {"method": METHOD, "config": asdict(cfg), "class_names": class_names,
-                                    "sampling": sampling, "state_dict": best},
-    )
+    try:
+        result = run_epochs(
+            out_dir, config_hash(METHOD, cfg, seed, split_csv), cfg.epochs,
+            train_epoch=trainer.train_epoch, validate=validate, stateful={"trainer": trainer},
+            snapshot=snapshot, device=device, logger=log, stop_hook=stop_hook, primary=primary,
+            selection=Selection(metric, patience=cfg.early_stopping_patience,
+                                min_epochs=cfg.early_stopping_min_epochs),
+        )
+        if not primary:
+            return None
+        return write_run_files(
+            out_dir, METHOD, cfg, seed, result,
+            provenance={"class_names": class_names, "split": str(split_csv), "tiles": str(tiles_dir),
+                        "sampling": sampling, "n_train": len(train), "n_val": len(val), "launch": launch},
+            model_payload=lambda best: {"method": METHOD, "config": asdict(cfg), "class_names": class_names,
+                                        "sampling": sampling, "state_dict": best},
+        )
+    finally:
+        if topo is not None:
+            from slidetrain.train.tilebag.distributed import shutdown
+
+            shutdown()
 
 
 def evaluate_tilebag(
@@ -119,6 +159,8 @@ def evaluate_tilebag(
     if bad:
         raise ConfigError(f"evaluate-tilebag: {bad} cannot be overridden at test time; expected some of {EVAL_KEYS}")
     cfg = tilebag_config({**saved["config"], **overrides})
+    if cfg.executor == "distributed":  # the trained model is a plain TileBagModel: score it in one process
+        cfg = replace(cfg, executor="plain")
     device = resolve_device(cfg.device)
     model = build_tilebag_model(cfg, len(class_names), seed)
     model.load_state_dict(saved["state_dict"])

@@ -16,6 +16,8 @@ Per step (one slide), as the authors' script (REFERENCE_NOTES "Multi-GPU end-to-
    gradients, so the factor N restores sum_r df_r/dtheta g_r = dL/dtheta (the paper's l_e);
 6. each side steps its own optimiser (GradScaler on either side under fp16 AMP).
 
+The tile-bag trainer's `executor: distributed` (ranked.py) runs its training loop on this engine.
+
 Every collective runs under the process group's timeout (init_process_group(timeout=...)); when one
 fails or times out, a gloo `monitored_barrier` over all ranks finds the ranks that stopped answering,
 and the step raises DistributedError naming them, so a dead or hung rank ends the job instead of
@@ -384,25 +386,35 @@ class DistributedEngine:
         The encoder runs in eval mode through the bare module (not DDP: ranks may need different
         numbers of chunks, and DDP's forward would expect the same number of calls on every rank).
         """
-        self.comm.step = step
         self.model.eval()
         if self.topo.is_aggregator:
-            sizes = self.comm.sizes(0, 0)
-            feats = torch.cat(self.comm.gather(None, sizes)).to(self.topo.device)  # (K, D)
-            with self.autocast():
-                return self.aggregator(feats)
-        dim = None
+            return self.predict_features(None, step)
         outs = []
         for part in torch.split(tiles, chunk) if len(tiles) else []:
             with self.autocast():
                 outs.append(self.model(part.to(self.topo.device)).float())  # (c, D)
-            dim = outs[-1].shape[1]
-        if dim is None:
+        return self.predict_features(torch.cat(outs) if outs else None, step)
+
+    @torch.no_grad()
+    def predict_features(self, features: Tensor | None, step: int = -1):
+        """The aggregator step of evaluation: encoder ranks hand in their share's features (k_r, D),
+        rank 0 gathers them in rank order and returns the aggregator's output (None elsewhere).
+
+        For callers that encode their share themselves (the tile-bag trainer: chunks read by a
+        DataLoader, an eval-mode copy of the encoder)."""
+        self.comm.step = step
+        if self.topo.is_aggregator:
+            self.model.eval()
+            sizes = self.comm.sizes(0, 0)
+            feats = torch.cat(self.comm.gather(None, sizes)).to(self.topo.device)  # (K, D)
+            with self.autocast():
+                return self.aggregator(feats)
+        if features is None or len(features) == 0:
             raise DistributedError(f"rank {self.topo.rank}: empty tile share at evaluation step {step}; "
                                    "give every encoder rank at least one tile")
-        f = torch.cat(outs)  # (k_r, D)
-        sizes = self.comm.sizes(f.shape[0], dim)
-        self.comm.gather(f, sizes)
+        features = features.float().contiguous()  # (k_r, D)
+        sizes = self.comm.sizes(features.shape[0], features.shape[1])
+        self.comm.gather(features, sizes)
         return None
 
     # -- checkpoints (rank 0 writes) ----------------------------------------------------------
@@ -417,12 +429,32 @@ class DistributedEngine:
             part["model"] = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         return _to_cpu(part)
 
-    def save_checkpoint(self, path: Path, step: int, extra: dict | None = None) -> None:
-        """Every rank hands its state (and its own `extra`) to rank 0 (gather_object); rank 0 writes one file."""
+    def gather_state(self, extra: dict | None = None) -> list[dict] | None:
+        """Every rank's state (and its own `extra`), gathered to rank 0 (gather_object); None elsewhere."""
         parts = [None] * self.topo.world_size if self.topo.is_aggregator else None
-        self.comm.step = step
         with self.comm.guard("checkpoint gather"):
             dist.gather_object({**self.state(), "extra": _to_cpu(extra or {})}, parts, dst=0)
+        return parts
+
+    def restore_state(self, parts: list[dict], world_size: int, where: str = "checkpoint") -> dict:
+        """Restore this rank's part of `gather_state`'s list; returns this rank's extra."""
+        if world_size != self.topo.world_size:
+            raise ConfigError(f"{where}: written by {world_size} ranks, this job has "
+                              f"{self.topo.world_size}; resume with the same --nproc-per-node")
+        part = parts[self.topo.rank]
+        self.model.load_state_dict(parts[0 if self.topo.is_aggregator else 1]["model"])
+        self.optimizer.load_state_dict(part["optimizer"])
+        if self.scaler is not None and part["scaler"] is not None:
+            self.scaler.load_state_dict(part["scaler"])
+        torch.set_rng_state(part["rng"]["torch"])
+        if "cuda" in part["rng"] and self.topo.device.type == "cuda":
+            torch.cuda.set_rng_state(part["rng"]["cuda"], self.topo.device)
+        return part["extra"]
+
+    def save_checkpoint(self, path: Path, step: int, extra: dict | None = None) -> None:
+        """Every rank hands its state (and its own `extra`) to rank 0 (gather_object); rank 0 writes one file."""
+        self.comm.step = step
+        parts = self.gather_state(extra)
         if self.topo.is_aggregator:
             with atomic_path(path) as tmp:
                 torch.save({"step": step, "world_size": self.topo.world_size, "ranks": parts}, tmp)
@@ -434,19 +466,8 @@ class DistributedEngine:
         if not path.exists():
             return None
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if ckpt["world_size"] != self.topo.world_size:
-            raise ConfigError(f"{path}: written by {ckpt['world_size']} ranks, this job has "
-                              f"{self.topo.world_size}; resume with the same --nproc-per-node")
-        part = ckpt["ranks"][self.topo.rank]
-        model_state = ckpt["ranks"][0 if self.topo.is_aggregator else 1]["model"]
-        self.model.load_state_dict(model_state)
-        self.optimizer.load_state_dict(part["optimizer"])
-        if self.scaler is not None and part["scaler"] is not None:
-            self.scaler.load_state_dict(part["scaler"])
-        torch.set_rng_state(part["rng"]["torch"])
-        if "cuda" in part["rng"] and self.topo.device.type == "cuda":
-            torch.cuda.set_rng_state(part["rng"]["cuda"], self.topo.device)
-        return {"step": ckpt["step"], "extra": part["extra"]}
+        extra = self.restore_state(ckpt["ranks"], ckpt["world_size"], where=str(path))
+        return {"step": ckpt["step"], "extra": extra}
 
 
 def _to_cpu(obj):
