@@ -50,7 +50,7 @@ from slidetrain.train.common import maybe_stop_for_test
 from slidetrain.train.optim import build_optimizer, build_scheduler
 from slidetrain.train.tilebag.distributed import DistributedEngine, Topology, split_bag
 from slidetrain.train.tilebag.model import TileBagConfig, TileBagModel, bag_statistics_copy
-from slidetrain.train.tilebag.trainer import Prediction
+from slidetrain.train.tilebag.trainer import Prediction, PredictionCollector
 
 #: tests: "kill:RANK:STEP" or "hang:RANK:STEP" (bench.e2e_distributed.Fault) at a training step
 FAULT_ENV = "SLIDETRAIN_RANK_FAULT"
@@ -204,31 +204,20 @@ class RankedTileBagTrainer:
         if not self.primary:
             self._encode_shares(refs, sampling, mode, repeats, seed, cfg.workers if workers is None else workers)
             return None
-        n_classes, losses = None, []
-        probs: dict[tuple[int, int], np.ndarray] = {}
-        attention: list[np.ndarray | None] = [None] * len(refs)
-        coords: list[np.ndarray] = [np.zeros((0, 2), np.int64)] * len(refs)
+        collector = PredictionCollector(len(refs), self.class_weights)
         # the order of EvalBags' items: slide by slide, each slide's repeats in turn
         for i, ref in enumerate(refs):
             for r in range(repeats):
                 self.step_count += 1
                 out = self.engine.predict_features(None, self.step_count)
-                label = torch.tensor(ref.label, device=self.device)
-                losses.append(float(self.engine.aggregator.loss(out, label, self.class_weights)))
-                p = self.engine.aggregator.probabilities(out).float().cpu().numpy()  # (C,)
-                if not np.isfinite(p).all():
-                    raise TrainingError(f"tile-bag evaluation: non-finite probabilities on slide {ref.slide_id}")
-                n_classes = len(p)
-                probs[(r, i)] = p
-                if r == 0:
-                    attention[i] = None if out.attention is None else out.attention.float().cpu().numpy()
+
+                def scored(ref=ref, i=i) -> np.ndarray:  # the tiles the encoder ranks read
                     all_xy = read_coords(ref)
-                    coords[i] = all_xy if mode == "all" else all_xy[
+                    return all_xy if mode == "all" else all_xy[
                         sample_indices(len(all_xy), sampling.k, np.random.default_rng([seed, 0, i]))]
-        table = np.zeros((repeats, len(refs), n_classes), np.float64)
-        for (r, i), p in probs.items():
-            table[r, i] = p
-        return Prediction(table, float(np.mean(losses)), attention, coords)
+
+                collector.add(self.engine.aggregator, out, ref.label, self.device, ref.slide_id, i, r, scored)
+        return collector.result(repeats)
 
     def _encode_shares(self, refs, sampling, mode, repeats, seed, workers) -> None:
         bags = EvalBags(refs, sampling, mode=mode, chunk=self.cfg.eval_chunk, repeats=repeats, seed=seed,

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,7 @@ from slidetrain.data.tilebag import (
 )
 from slidetrain.errors import ConfigError, TrainingError
 from slidetrain.evaluate.metrics import classification_metrics
+from slidetrain.models.base import MILModel, MILOutput
 from slidetrain.train.optim import build_optimizer, build_scheduler
 from slidetrain.train.tilebag.executors import StepContext, build_executor
 from slidetrain.train.tilebag.model import (
@@ -68,6 +70,37 @@ class Prediction:
     @property
     def mean_probs(self) -> np.ndarray:  # (N, C)
         return self.probs.mean(0)
+
+
+class PredictionCollector:
+    """Scores bags one by one (loss, probabilities, first-repeat attention) into a `Prediction`;
+    shared by the one-process trainer and the ranked one, which differ only in how features arrive."""
+
+    def __init__(self, n_slides: int, class_weights: torch.Tensor | None):
+        self.class_weights = class_weights
+        self.probs: dict[tuple[int, int], np.ndarray] = {}
+        self.losses: list[float] = []
+        self.attention: list[np.ndarray | None] = [None] * n_slides
+        self.coords: list[np.ndarray] = [np.zeros((0, 2), np.int64)] * n_slides
+
+    def add(self, aggregator: MILModel, out: MILOutput, label: int, device: torch.device, slide_id: str, index: int,
+            repeat: int, coords: Callable[[], np.ndarray]) -> None:
+        """One bag's output; `coords()` (the tiles scored) is called for the first repeat only."""
+        self.losses.append(float(aggregator.loss(out, torch.tensor(label, device=device), self.class_weights)))
+        p = aggregator.probabilities(out).float().cpu().numpy()  # (C,)
+        if not np.isfinite(p).all():
+            raise TrainingError(f"tile-bag evaluation: non-finite probabilities on slide {slide_id}")
+        self.probs[(repeat, index)] = p
+        if repeat == 0:
+            self.attention[index] = None if out.attention is None else out.attention.float().cpu().numpy()
+            self.coords[index] = coords()
+
+    def result(self, repeats: int) -> Prediction:
+        n_classes = len(next(iter(self.probs.values())))
+        table = np.zeros((repeats, len(self.attention), n_classes), np.float64)  # (R, N, C)
+        for (r, i), p in self.probs.items():
+            table[r, i] = p
+        return Prediction(table, float(np.mean(self.losses)), self.attention, self.coords)
 
 
 def metrics_over_repeats(labels: np.ndarray, probs: np.ndarray, ordinal: bool) -> dict[str, float]:
@@ -178,11 +211,7 @@ class TileBagTrainer:
                         seed=self.seed if seed is None else seed)
         self.model.eval()
         encoder = bag_statistics_copy(self.model.encoder) if cfg.eval_bn == "bag" else self.model.encoder
-        n_classes = None
-        probs: dict[tuple[int, int], np.ndarray] = {}
-        attention: list[np.ndarray | None] = [None] * len(refs)
-        coords: list[np.ndarray] = [np.zeros((0, 2), np.int64)] * len(refs)
-        losses = []
+        collector = PredictionCollector(len(refs), self.class_weights)
         chunks: list[torch.Tensor] = []
         chunk_coords: list[np.ndarray] = []
         autocast = autocast_factory(self.device, cfg.amp)
@@ -194,21 +223,8 @@ class TileBagTrainer:
             chunk_coords.append(item["coords"].numpy())
             if not item["last"]:
                 continue
-            features = torch.cat(chunks)  # (N, D)
-            i, r = item["index"], max(item["repeat"], 0)
-            out = self.model.aggregator(features)
-            label = torch.tensor(item["label"], device=self.device)
-            losses.append(float(self.model.aggregator.loss(out, label, self.class_weights)))
-            p = self.model.aggregator.probabilities(out).float().cpu().numpy()  # (C,)
-            if not np.isfinite(p).all():
-                raise TrainingError(f"tile-bag evaluation: non-finite probabilities on slide {item['slide_id']}")
-            n_classes = len(p)
-            probs[(r, i)] = p
-            if r == 0:
-                attention[i] = None if out.attention is None else out.attention.float().cpu().numpy()
-                coords[i] = np.concatenate(chunk_coords)
+            out = self.model.aggregator(torch.cat(chunks))  # features (N, D)
+            collector.add(self.model.aggregator, out, item["label"], self.device, item["slide_id"], item["index"],
+                          max(item["repeat"], 0), lambda done=chunk_coords: np.concatenate(done))
             chunks, chunk_coords = [], []
-        table = np.zeros((repeats, len(refs), n_classes), np.float64)
-        for (r, i), p in probs.items():
-            table[r, i] = p
-        return Prediction(table, float(np.mean(losses)), attention, coords)
+        return collector.result(repeats)
