@@ -51,11 +51,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from slidetrain.io import atomic_path
 from slidetrain.models import build_model, method_config
 from slidetrain.models.encoders import build_encoder
-from slidetrain.paper.tables import to_markdown
-from slidetrain.report_html import write_table_html
+from slidetrain.paper.tables import write_table
 from slidetrain.train.wholeimage.augment import normalise
 from slidetrain.train.wholeimage.registry import build_learner
 from slidetrain.wsi.features import embed_tiles
@@ -288,13 +286,7 @@ def bench_inference(
     )
     rows = [row for path in slide_paths for row in benchmark_slide(path, setup, warmup, repeats)]
     table = pd.DataFrame(rows, columns=TABLE3_COLUMNS)
-    with atomic_path(out_csv) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.4f")
-    if out_md:
-        with atomic_path(out_md) as tmp:
-            tmp.write_text(to_markdown(table))
-    if out_html:
-        write_table_html(table, out_html, "Table 3: inference seconds per slide, tile pipeline vs whole slide")
+    write_table(table, out_csv, out_md, out_html, "Table 3: inference seconds per slide, tile pipeline vs whole slide", float_format="%.4f")
     return table
 
 

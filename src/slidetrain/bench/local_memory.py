@@ -52,9 +52,8 @@ import torch
 
 from slidetrain.bench.memory import MemoryReport, peak_memory
 from slidetrain.errors import ConfigError
-from slidetrain.io import atomic_path, write_json
-from slidetrain.paper.tables import paper_table, to_markdown
-from slidetrain.report_html import write_table_html
+from slidetrain.io import write_json
+from slidetrain.paper.tables import paper_table, write_table
 from slidetrain.train.wholeimage.registry import LEARNER_MODULES, build_learner
 
 # Learners registered by other modules (StreamingCNN) are imported now, not inside
@@ -273,13 +272,7 @@ def write_table2(
 ) -> pd.DataFrame:
     """`slidetrain table2`: the CSV (and Markdown and HTML copies) of `table2`."""
     table = table2(measurement_jsons)
-    with atomic_path(out_csv) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.4f")
-    if out_md:
-        with atomic_path(out_md) as tmp:
-            tmp.write_text(to_markdown(table))
-    if out_html:
-        write_table_html(table, out_html, "Table 2: peak training memory of one slide, E2E vs local learning")
+    write_table(table, out_csv, out_md, out_html, "Table 2: peak training memory of one slide, E2E vs local learning", float_format="%.4f")
     return table
 
 

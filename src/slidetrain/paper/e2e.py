@@ -21,7 +21,7 @@ import pandas as pd  # noqa: E402
 
 from slidetrain.errors import ConfigError  # noqa: E402
 from slidetrain.io import atomic_path  # noqa: E402
-from slidetrain.paper.tables import collect_runs, paper_table, run_key, to_markdown  # noqa: E402
+from slidetrain.paper.tables import collect_runs, paper_table, run_key, write_table  # noqa: E402
 
 E2E_COLUMNS = ["algorithm", "k", "strategy", "auc_mean", "auc_std", "n_splits", "paper_auc_mean", "paper_auc_std"]
 TILEBAG_RUN = re.compile(r"^tilebag(?:_(?P<strategy>parallel|half))?_k(?P<k>\d+)$")
@@ -78,11 +78,7 @@ def e2e_table1(metrics_paths: list[str | Path], out_csv: str | Path, paper_k: di
     table["_frozen"] = table.algorithm != "Proposed"
     table = table.sort_values(["_frozen", "strategy", "k"], ascending=[False, True, True]).drop(columns="_frozen")
     table["k"] = table.k.astype("Int64")
-    with atomic_path(out_csv) as tmp:
-        table.to_csv(tmp, index=False)
-    if markdown:
-        with atomic_path(markdown) as tmp:
-            tmp.write_text(to_markdown(table))
+    write_table(table, out_csv, markdown)
     return table
 
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from slidetrain.errors import ConfigError
-from slidetrain.io import atomic_path
 
 if TYPE_CHECKING:  # pandas is imported when a table is built, not when the command line is parsed
     import pandas as pd
@@ -66,7 +65,7 @@ def offload_table(metrics_paths: list[str | Path], metric: str, paper_name: str,
     import numpy as np
     import pandas as pd
 
-    from slidetrain.paper.tables import paper_table, to_markdown
+    from slidetrain.paper.tables import paper_table, write_table
 
     if metric not in METRICS:
         raise ConfigError(f"offload-table: metric {metric!r}; expected one of {sorted(METRICS)}")
@@ -107,11 +106,7 @@ def offload_table(metrics_paths: list[str | Path], metric: str, paper_name: str,
         })
     table = pd.DataFrame(out)
     table = table.sort_values("_order").drop(columns="_order")[columns(metric)].reset_index(drop=True)
-    with atomic_path(out_csv) as tmp:
-        table.to_csv(tmp, index=False)
-    if markdown:
-        with atomic_path(markdown) as tmp:
-            tmp.write_text(to_markdown(table))
+    write_table(table, out_csv, markdown)
     return table
 
 

@@ -96,12 +96,7 @@ def table1(
     if method_order:
         order = {m: i for i, m in enumerate(method_order)}
         table = table.sort_values(["dataset", "method"], key=lambda s: s.map(order) if s.name == "method" else s)
-    with atomic_path(out_csv) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.4f")
-    with atomic_path(out_md) as tmp:
-        tmp.write_text(to_markdown(table))
-    if out_html:
-        write_table_html(table, out_html, "Table 1: test accuracy and AUROC per method (paper values beside)")
+    write_table(table, out_csv, out_md, out_html, "Table 1: test accuracy and AUROC per method (paper values beside)", float_format="%.4f")
     return table
 
 
@@ -144,13 +139,20 @@ def table4(
                 }
             )
     table = pd.DataFrame(rows, columns=TABLE4_COLUMNS)
-    with atomic_path(out_csv) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.4f")
-    with atomic_path(out_md) as tmp:
-        tmp.write_text(to_markdown(table))
-    if out_html:
-        write_table_html(table, out_html, "Table 4: the RFR ablation, test accuracy (paper values beside)")
+    write_table(table, out_csv, out_md, out_html, "Table 4: the RFR ablation, test accuracy (paper values beside)", float_format="%.4f")
     return table
+
+
+def write_table(table: pd.DataFrame, out_csv: str | Path, out_md: str | Path | None = None,
+                out_html: str | Path | None = None, title: str = "", float_format: str | None = None) -> None:
+    """A paper table as CSV, and as Markdown and report HTML when asked; each file written atomically."""
+    with atomic_path(out_csv) as tmp:
+        table.to_csv(tmp, index=False, float_format=float_format)
+    if out_md:
+        with atomic_path(out_md) as tmp:
+            tmp.write_text(to_markdown(table))
+    if out_html:
+        write_table_html(table, out_html, title)
 
 
 def to_markdown(table: pd.DataFrame) -> str:
