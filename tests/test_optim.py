@@ -160,6 +160,23 @@ def test_epoch_schedules_still_step_per_epoch():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
 
 
+def test_exponential_schedule_multiplies_lr_by_gamma_each_epoch_and_resumes():
+    """Big-Layers' second PANDA setting: lr x 0.955 after every epoch (45 epochs, no accumulation)."""
+    cfg = TrainConfig(epochs=45, lr=1e-4, scheduler="exponential", step_gamma=0.955)
+    opt = build_optimizer(list(small_net().parameters()), cfg)
+    sch = build_scheduler(opt, cfg)
+    for _ in range(3):
+        opt.step()
+        sch.step(0.5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.955**3, rel=1e-12)
+    opt2 = build_optimizer(list(small_net().parameters()), cfg)
+    sch2 = build_scheduler(opt2, cfg)
+    opt2.load_state_dict(opt.state_dict())
+    sch2.load_state_dict(sch.state_dict())
+    sch2.step(0.5)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.955**4, rel=1e-12)
+
+
 def test_per_iteration_schedule_without_iteration_count_is_a_config_error():
     with pytest.raises(ConfigError, match="iters_per_epoch"):
         build_scheduler(build_optimizer(list(small_net().parameters()), GMA_RECIPE), GMA_RECIPE)

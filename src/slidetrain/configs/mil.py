@@ -22,14 +22,14 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.9  # sgd only
     nesterov: bool = False  # sgd only
-    scheduler: str = "none"  # none | cosine | step | plateau (per epoch) | warmup_cosine (per iteration)
+    scheduler: str = "none"  # none | cosine | step | exponential | plateau (per epoch) | warmup_cosine (per iteration)
     min_lr: float = 0.0  # cosine floor
     warmup_epochs: float = 0.0  # warmup_cosine: linear lr warm-up from 0 over this many epochs
     weight_decay_end: float | None = None  # None: constant; else cosine weight_decay -> this, per iteration
     no_decay_1d: bool = False  # biases and 1-D parameters get no weight decay
     decoupled_weight_decay: bool = False  # adam / radam_lookahead: decoupled (AdamW-style) decay
     step_milestones: tuple[int, ...] = ()  # step: epochs at which lr *= step_gamma
-    step_gamma: float = 0.1
+    step_gamma: float = 0.1  # step / exponential: lr factor; plateau: its reduction factor
     plateau_patience: int = 5
     accumulation: int = 1  # slides per optimiser step
     grad_clip: float = 0.0  # 0 = off

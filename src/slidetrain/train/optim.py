@@ -25,9 +25,11 @@ attribute names; keys it lacks take the defaults below):
   Campanella/DINO and timm `filter_bias_and_bn` convention).
 - `decoupled_weight_decay` (False): AdamW-style decay for Adam and RAdam
   (TransMIL's reference RAdam decays decoupled).
-- `scheduler`: none | cosine | step | plateau are stepped once per epoch by
-  `step(val_loss)` (cosine: to `min_lr` over `epochs`; step: x`step_gamma` at
-  `step_milestones`; plateau: on the validation loss). `warmup_cosine` is
+- `scheduler`: none | cosine | step | exponential | plateau are stepped once
+  per epoch by `step(val_loss)` (cosine: to `min_lr` over `epochs`; step:
+  x`step_gamma` at `step_milestones`; exponential: x`step_gamma` after every
+  epoch, Big-Layers' second PANDA setting with 0.955; plateau: on the
+  validation loss). `warmup_cosine` is
   stepped per iteration by `step_iteration()`: the lr of iteration t rises
   linearly from 0 to the group's lr over the first `warmup_epochs *
   iters_per_epoch` iterations (reaching it at the last warm-up iteration),
@@ -62,7 +64,7 @@ from torch import nn
 
 from slidetrain.errors import ConfigError
 
-EPOCH_SCHEDULERS = ("none", "cosine", "step", "plateau")
+EPOCH_SCHEDULERS = ("none", "cosine", "step", "exponential", "plateau")
 ITERATION_SCHEDULERS = ("warmup_cosine",)
 
 class Lookahead(torch.optim.Optimizer):
@@ -286,6 +288,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg, iters_per_epoch: int 
         epoch_inner = torch.optim.lr_scheduler.MultiStepLR(
             opt, milestones=list(cfg.step_milestones), gamma=cfg.step_gamma
         )
+    elif name == "exponential":
+        epoch_inner = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.step_gamma)
     elif name == "plateau":
         epoch_inner = _Plateau(opt, cfg)
     elif name == "warmup_cosine":
