@@ -157,6 +157,76 @@ def tilebag_section(ctx: GpuContext) -> list[dict]:
     return rows
 
 
+def local_learning_section(ctx: GpuContext) -> list[dict]:
+    """Zhang et al.'s Tables 2 and 3 on the device: training memory of one slide at the paper's 8698x7496
+    (5x) for e2e, local_k4, local_k8 and local_k8 with `checkpointing: tiles`, as max_memory_allocated
+    increments (slidetrain.bench.local_memory, the rule bench_train_memory's measurement), then whole-image
+    inference seconds of local_k4 on that image beside ResNet34 tile embedding at 224 px per megapixel
+    (Table 3's model part; reading slides needs OpenSlide, which this machine lacks).
+
+    --tiny: 384x320 on the CPU (peak RSS of a fresh process per measurement; e2e and the checkpointed K=8).
+    """
+    import time as _time
+
+    from slidetrain.bench.local_memory import measure_train_memory
+    from slidetrain.models.encoders import build_encoder
+    from slidetrain.train.wholeimage.registry import build_learner
+
+    width, height = (8698, 7496) if not ctx.tiny else (384, 320)
+    cases = [("e2e", {}), ("local_k4", {}), ("local_k8", {}),
+             ("local_k8", {"checkpointing": "tiles", "checkpoint_tile_px": 256})]
+    if ctx.tiny:  # a fresh process per CPU measurement: rehearse both kinds of learner, not all four
+        cases = [cases[0], cases[-1]]
+    rows: list[dict] = []
+    deadline = _time.perf_counter() + 0.8 * ctx.budget_s
+    for method, params in cases:
+        if _time.perf_counter() > deadline:
+            rows.append({"kind": "train_memory", "method": method, "params": json.dumps(params),
+                         "status": "skipped: out of the section's time"})
+            continue
+        report = measure_train_memory(method, height, width, str(ctx.device), {"weights": "none", **params},
+                                      threads=None if ctx.device.type == "cuda" else 1)
+        rows.append({"kind": "train_memory", "method": method, "params": json.dumps(params),
+                     "image_size": f"{width}x{height}", "increment_gib": round(report.increment_bytes / 2**30, 3),
+                     "seconds": round(report.wall_s, 2), "probe": report.method, "status": "ok"})
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+    e2e = next((r["increment_gib"] for r in rows if r["method"] == "e2e" and r["status"] == "ok"), None)
+    for row in rows:  # the paper at 8698x7496 (V100): K=4 29.9%, K=8 20.7% of E2E
+        if e2e and row["status"] == "ok":
+            row["share_of_e2e"] = round(row["increment_gib"] / e2e, 4)
+    # Table 3's model part: whole-image prediction vs tile embedding, seconds per megapixel
+    learner = build_learner("local_k4", 2, {"weights": "none"}, device=ctx.device)
+    image = torch.randn(3, height, width, device=ctx.device)
+    encoder = build_encoder("resnet34", "none", 0).to(ctx.device).eval()
+    tile_px = 224 if not ctx.tiny else 64
+    tiles = torch.randn(64, 3, tile_px, tile_px, device=ctx.device)
+
+    def seconds(fn, repeats: int = 3) -> float:
+        fn()  # warm-up (cuDNN autotuning, allocations)
+        times = []
+        for _ in range(repeats):
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize(ctx.device)
+            t0 = _time.perf_counter()
+            fn()
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize(ctx.device)
+            times.append(_time.perf_counter() - t0)
+        return min(times)
+
+    with torch.no_grad():
+        whole_s = seconds(lambda: learner.predict(image))
+        tiles_s = seconds(lambda: encoder(tiles))
+    mpx_whole, mpx_tiles = width * height / 1e6, tiles.shape[0] * tile_px**2 / 1e6
+    rows.append({"kind": "inference", "method": "local_k4", "image_size": f"{width}x{height}",
+                 "seconds": round(whole_s, 4), "mpx_per_s": round(mpx_whole / whole_s, 2), "status": "ok"})
+    rows.append({"kind": "inference", "method": "resnet34_tiles", "image_size": f"64x{tile_px}px",
+                 "seconds": round(tiles_s, 4), "mpx_per_s": round(mpx_tiles / tiles_s, 2),
+                 "tiles_per_s": round(tiles.shape[0] / tiles_s, 1), "status": "ok"})
+    return rows
+
+
 #: (name, function, share of the total time budget). Benchmarks register here, in running order.
 def features_throughput_section(ctx: GpuContext) -> list[dict]:
     """Feature extraction of ResNet34 at 224 px, end to end vs model only (slidetrain.bench.features_gpu)."""
@@ -171,6 +241,7 @@ SECTIONS: list[tuple[str, Callable[[GpuContext], list[dict]], float]] = [
     ("e2e_distributed", e2e_distributed_section, 0.3),
     ("tilebag", tilebag_section, 0.25),
     ("features_throughput", features_throughput_section, 0.12),
+    ("local_learning", local_learning_section, 0.1),
 ]
 
 
