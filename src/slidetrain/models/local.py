@@ -390,7 +390,21 @@ class ConvAttentionHead(nn.Module):
         pad_h, pad_w = max(self.kernel - x.shape[2], 0), max(self.kernel - x.shape[3], 0)
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))  # zero = no activation after ReLU
-        y = self.conv(x)  # (1, C, h, w)
+        return self.from_conv(self.conv(x))
+
+    def row_bands(self, height: int, n_bands: int) -> list[tuple[int, int]]:
+        """Row ranges of the input whose convolutions, stacked, are the whole map's (kernel = stride,
+        no padding: output row i reads input rows k*i .. k*i + k-1 alone). [(0, height)] when the map
+        is shorter than the kernel (then `forward` pads it)."""
+        n_out = height // self.kernel
+        if n_out < 1:
+            return [(0, height)]
+        rows = self.kernel * -(-n_out // max(1, min(n_bands, n_out)))
+        starts = list(range(0, n_out * self.kernel, rows))
+        return [(r0, min(r0 + rows, height) if r0 + rows < n_out * self.kernel else height) for r0 in starts]
+
+    def from_conv(self, y: Tensor) -> Tensor:
+        """The head after its convolution: (1, C, h, w) -> (n_classes,)."""
         if y.shape[2] * y.shape[3] > 1:
             y = self.norm(y)
         y = F.relu(y)
@@ -510,7 +524,15 @@ class RFRDecoder(nn.Module):
         self, out_map: Tensor, in_map: Tensor, generator: torch.Generator | None = None
     ) -> Tensor:
         # out_map: (1, C_out, h, w) with graph; in_map: (1, C_in, H, W), the module's input
-        boxes = sample_rfr_boxes(
+        boxes = self.sample_boxes(out_map, in_map, generator)
+        src = crop_boxes(out_map, [b[0] for b in boxes])  # (n, C_out, ph, pw)
+        return self.crop_loss(src, crop_boxes(in_map.detach(), [b[1] for b in boxes]))
+
+    def sample_boxes(
+        self, out_map: Tensor, in_map: Tensor, generator: torch.Generator | None = None
+    ) -> list[tuple[Box, Box]]:
+        """The `n_patch` (output box, input box) pairs of one call (what `forward` draws)."""
+        return sample_rfr_boxes(
             tuple(out_map.shape[-2:]),
             tuple(in_map.shape[-2:]),
             self.spec.patch_sz,
@@ -518,8 +540,9 @@ class RFRDecoder(nn.Module):
             self.n_patch,
             generator,
         )
-        src = crop_boxes(out_map, [b[0] for b in boxes])  # (n, C_out, ph, pw)
-        target = crop_boxes(in_map.detach(), [b[1] for b in boxes])  # (n, C_in, ph*u, pw*u)
+
+    def crop_loss(self, src: Tensor, target: Tensor) -> Tensor:
+        """L1 of the decoded output crops (n, C_out, ph, pw) against the input crops (n, C_in, ph*u, pw*u)."""
         if src.shape[-2:] != target.shape[-2:]:  # same size (upscale 1): the identity, no copy
             src = F.interpolate(src, size=target.shape[-2:], mode="bilinear", align_corners=True)
         return F.l1_loss(self.decoder(src), target)

@@ -282,6 +282,12 @@ class LocalLearner(_ResNetLearner):
                     x = backbone.run_module(k, x)
                 continue
             out = backbone.run_module(k, x)  # (1, C_k, h, w); x carries no graph
+            if k < K and backbone.checkpointing != "none":
+                losses.update(self._aux_backward_assembled(k, x, out, label))
+                total += losses[f"m{k}_ce"] + self.cfg.alpha * losses.get(f"m{k}_rfr", 0.0)
+                x = out.detach()
+                del out
+                continue
             if k < K:
                 aux = self.net.aux[k - 1]
                 ce = self._ce(aux.classifier(out), label)
@@ -299,6 +305,54 @@ class LocalLearner(_ResNetLearner):
             x = out.detach()  # the gradient boundary between module k and k+1
             del out, loss
         losses["loss"] = total
+        return losses
+
+    #: row bands of the auxiliary classifier's convolution in `_aux_backward_assembled`
+    ASSEMBLED_BANDS = 16
+
+    def _aux_backward_assembled(self, k: int, x: Tensor, out: Tensor, label: Tensor) -> dict[str, float]:
+        """Module k's auxiliary loss and backward with the output's gradient built in ONE map.
+
+        Through autograd, the classifier's gradient (a full map, with its convolution's working
+        maps) and each RFR crop's (a full map of zeros around the crop, from the slice's backward)
+        meet in an accumulation buffer: several maps alive at once, the peak of a checkpointed
+        module's backward. Here the heads run on detached leaves (row bands of the output for the
+        classifier's convolution, and the RFR crops), their small gradients are written into one
+        map, and that map is the module's backward. The same
+        sums as autograd's, in another order (float rounding only); the same draws of boxes.
+        """
+        aux, losses = self.net.aux[k - 1], {}
+        head, height = aux.classifier, out.shape[2]
+        # the classifier's conv (kernel = stride) on row bands: its backward's working maps (~2 maps
+        # for the whole map on oneDNN) then exist for one band at a time
+        bands = head.row_bands(height, self.ASSEMBLED_BANDS) if out.shape[3] >= head.kernel else [(0, height)]
+        leaves = [out.detach()[:, :, r0:r1].requires_grad_(True) for r0, r1 in bands]
+        if len(leaves) == 1:
+            logits = head(leaves[0])
+        else:
+            logits = head.from_conv(torch.cat([head.conv(band) for band in leaves], dim=2))
+        ce = self._ce(logits, label)
+        loss, crops, boxes = ce, None, []
+        losses[f"m{k}_ce"] = ce.item()
+        if aux.rfr is not None:
+            boxes = aux.rfr.sample_boxes(out, x, self.generator)
+            crops = torch.cat([out.detach()[:, :, t : t + h, c : c + w] for (t, c, h, w), _ in boxes])
+            crops.requires_grad_(True)
+            target = torch.cat([x[:, :, t : t + h, c : c + w] for _, (t, c, h, w) in boxes])
+            rec = aux.rfr.crop_loss(crops, target)
+            loss = loss + self.cfg.alpha * rec
+            losses[f"m{k}_rfr"] = rec.item()
+        self._backward(loss)  # the heads' parameter gradients, the bands' and the crops' .grad
+        grad = torch.zeros_like(out)
+        for (r0, r1), band in zip(bands, leaves, strict=True):
+            if band.grad is not None:
+                grad[:, :, r0:r1] = band.grad
+            band.grad = None
+        if crops is not None and crops.grad is not None:
+            for i, ((t, c, h, w), _) in enumerate(boxes):
+                grad[:, :, t : t + h, c : c + w] += crops.grad[i : i + 1]
+        del leaves, crops, loss
+        out.backward(grad)  # already scaled by 1 / accumulation, as _backward scales the loss
         return losses
 
     def end_epoch(self, epoch: int, val_loss: float | None) -> None:
