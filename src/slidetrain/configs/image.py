@@ -70,7 +70,7 @@ class WholeImageConfig:
     # (recompute each residual block in the backward) | tiles (recompute each module tile by tile,
     # tiles of checkpoint_tile_px input-map pixels a side); see slidetrain.models.local
     checkpointing: str = "none"
-    checkpoint_tile_px: int = 1024
+    checkpoint_tile_px: int = 64
 
     def __post_init__(self) -> None:
         _positive_int(self, "epochs")

@@ -230,7 +230,7 @@ class LocalBackbone(nn.Module):
         K: int | None = None,
         train_stem: bool = False,
         checkpointing: str = "none",
-        checkpoint_tile_px: int = 1024,
+        checkpoint_tile_px: int = 64,
     ):
         super().__init__()
         if checkpointing not in CHECKPOINTING:
@@ -577,7 +577,7 @@ class LocalNet(nn.Module):
         norm: str = "group",
         entries: nn.ModuleList | None = None,
         checkpointing: str = "none",
-        checkpoint_tile_px: int = 1024,
+        checkpoint_tile_px: int = 64,
     ):
         super().__init__()
         self.backbone = LocalBackbone(
@@ -616,7 +616,7 @@ class E2ENet(nn.Module):
         entries: nn.ModuleList | None = None,
         train_stem: bool = True,
         checkpointing: str = "none",
-        checkpoint_tile_px: int = 1024,
+        checkpoint_tile_px: int = 64,
     ):
         super().__init__()
         self.backbone = LocalBackbone(

@@ -25,6 +25,7 @@ retry never double-counts a module.
 from __future__ import annotations
 
 import gc
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -311,48 +312,54 @@ class LocalLearner(_ResNetLearner):
     ASSEMBLED_BANDS = 16
 
     def _aux_backward_assembled(self, k: int, x: Tensor, out: Tensor, label: Tensor) -> dict[str, float]:
-        """Module k's auxiliary loss and backward with the output's gradient built in ONE map.
+        """Module k's auxiliary losses and backward with the output's gradient built in ONE map.
 
-        Through autograd, the classifier's gradient (a full map, with its convolution's working
+        Through autograd, the classifier's gradient (a full map, plus its convolution's working
         maps) and each RFR crop's (a full map of zeros around the crop, from the slice's backward)
-        meet in an accumulation buffer: several maps alive at once, the peak of a checkpointed
-        module's backward. Here the heads run on detached leaves (row bands of the output for the
-        classifier's convolution, and the RFR crops), their small gradients are written into one
-        map, and that map is the module's backward. The same
-        sums as autograd's, in another order (float rounding only); the same draws of boxes.
+        meet in an accumulation buffer while the heads' graphs are alive: several maps at once, the
+        peak of a checkpointed module. Here the heads run on detached leaves, one after the other:
+        RFR on the crops (their gradients are crop-sized), then the classifier's convolution on row
+        bands of the output whose `.grad` are views of one zero map (autograd adds into an existing
+        `.grad` in place), the crops' gradients are added at their boxes, and that map is the
+        module's backward. The same sums as autograd's in another order (float rounding only), the
+        same draws of boxes and dropout masks (RFR draws from `self.generator`, dropout from torch's).
         """
         aux, losses = self.net.aux[k - 1], {}
+        crops, boxes = None, []
+        if aux.rfr is not None:
+            boxes = aux.rfr.sample_boxes(out, x, self.generator)
+            crops = torch.cat([out.detach()[:, :, t : t + h, c : c + w] for (t, c, h, w), _ in boxes])
+            target = torch.cat([x[:, :, t : t + h, c : c + w] for _, (t, c, h, w) in boxes])
+            rec = aux.rfr.crop_loss(crops.requires_grad_(True), target)
+            losses[f"m{k}_rfr"] = rec.item()
+            self._backward(self.cfg.alpha * rec)  # the decoder's gradients and crops.grad
+            del rec, target
         head, height = aux.classifier, out.shape[2]
         # the classifier's conv (kernel = stride) on row bands: its backward's working maps (~2 maps
         # for the whole map on oneDNN) then exist for one band at a time
         bands = head.row_bands(height, self.ASSEMBLED_BANDS) if out.shape[3] >= head.kernel else [(0, height)]
+        grad = torch.zeros_like(out)
         leaves = [out.detach()[:, :, r0:r1].requires_grad_(True) for r0, r1 in bands]
+        for (r0, r1), band in zip(bands, leaves, strict=True):
+            band.grad = grad[:, :, r0:r1]
         if len(leaves) == 1:
             logits = head(leaves[0])
         else:
             logits = head.from_conv(torch.cat([head.conv(band) for band in leaves], dim=2))
         ce = self._ce(logits, label)
-        loss, crops, boxes = ce, None, []
         losses[f"m{k}_ce"] = ce.item()
-        if aux.rfr is not None:
-            boxes = aux.rfr.sample_boxes(out, x, self.generator)
-            crops = torch.cat([out.detach()[:, :, t : t + h, c : c + w] for (t, c, h, w), _ in boxes])
-            crops.requires_grad_(True)
-            target = torch.cat([x[:, :, t : t + h, c : c + w] for _, (t, c, h, w) in boxes])
-            rec = aux.rfr.crop_loss(crops, target)
-            loss = loss + self.cfg.alpha * rec
-            losses[f"m{k}_rfr"] = rec.item()
-        self._backward(loss)  # the heads' parameter gradients, the bands' and the crops' .grad
-        grad = torch.zeros_like(out)
-        for (r0, r1), band in zip(bands, leaves, strict=True):
-            if band.grad is not None:
-                grad[:, :, r0:r1] = band.grad
-            band.grad = None
+        with warnings.catch_warnings():  # a band view's strides are the map's: fine for an in-place add
+            warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout")
+            self._backward(ce)  # the classifier's gradients, the bands' into `grad`
+        if any(band.grad is None or band.grad.data_ptr() != grad[:, :, r0:r1].data_ptr()
+               for (r0, r1), band in zip(bands, leaves, strict=True)):  # autograd replaced a view
+            raise RuntimeError("aux backward: a band's gradient left the shared map")
+        del leaves, logits, ce
         if crops is not None and crops.grad is not None:
             for i, ((t, c, h, w), _) in enumerate(boxes):
                 grad[:, :, t : t + h, c : c + w] += crops.grad[i : i + 1]
-        del leaves, crops, loss
-        out.backward(grad)  # already scaled by 1 / accumulation, as _backward scales the loss
+        del crops
+        out.backward(grad)  # already scaled by 1 / accumulation, as _backward scales the losses
         return losses
 
     def end_epoch(self, epoch: int, val_loss: float | None) -> None:
