@@ -174,7 +174,7 @@ def local_learning_section(ctx: GpuContext) -> list[dict]:
 
     width, height = (8698, 7496) if not ctx.tiny else (384, 320)
     cases = [("e2e", {}), ("local_k4", {}), ("local_k8", {}),
-             ("local_k8", {"checkpointing": "tiles", "checkpoint_tile_px": 256})]
+             ("local_k8", {"checkpointing": "tiles"})]  # the default checkpoint_tile_px (64)
     if ctx.tiny:  # a fresh process per CPU measurement: rehearse both kinds of learner, not all four
         cases = [cases[0], cases[-1]]
     rows: list[dict] = []

@@ -399,9 +399,10 @@ class ConvAttentionHead(nn.Module):
         n_out = height // self.kernel
         if n_out < 1:
             return [(0, height)]
-        rows = self.kernel * -(-n_out // max(1, min(n_bands, n_out)))
-        starts = list(range(0, n_out * self.kernel, rows))
-        return [(r0, min(r0 + rows, height) if r0 + rows < n_out * self.kernel else height) for r0 in starts]
+        rows = self.kernel * -(-n_out // min(n_bands, n_out))  # whole output rows per band
+        bands = [(r0, r0 + rows) for r0 in range(0, n_out * self.kernel, rows)]
+        bands[-1] = (bands[-1][0], height)  # the rows the conv drops stay in the last band
+        return bands
 
     def from_conv(self, y: Tensor) -> Tensor:
         """The head after its convolution: (1, C, h, w) -> (n_classes,)."""

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from slidetrain.configs.image import ConfigKeyError, E2EConfig, LocalConfig, WholeImageConfig
 from slidetrain.errors import ConfigError
-from slidetrain.models.local import E2ENet, LocalNet
+from slidetrain.models.local import E2ENet, LocalNet, crop_boxes
 from slidetrain.train.optim import build_scheduler
 from slidetrain.train.wholeimage.batchnorm import calibrate_batchnorm
 from slidetrain.train.wholeimage.interface import WholeImageLearner, grads_of, load_grads
@@ -331,8 +331,8 @@ class LocalLearner(_ResNetLearner):
         crops, boxes = None, []
         if aux.rfr is not None:
             boxes = aux.rfr.sample_boxes(out, x, self.generator)
-            crops = torch.cat([out.detach()[:, :, t : t + h, c : c + w] for (t, c, h, w), _ in boxes])
-            target = torch.cat([x[:, :, t : t + h, c : c + w] for _, (t, c, h, w) in boxes])
+            crops = crop_boxes(out.detach(), [b[0] for b in boxes])  # (n, C_out, ph, pw), a leaf
+            target = crop_boxes(x, [b[1] for b in boxes])
             rec = aux.rfr.crop_loss(crops.requires_grad_(True), target)
             losses[f"m{k}_rfr"] = rec.item()
             self._backward(self.cfg.alpha * rec)  # the decoder's gradients and crops.grad
