@@ -67,6 +67,7 @@ def resnet_case():
     return trunk, x, engine, full, grad_out
 
 
+@pytest.mark.equivalence
 def test_resnet34_streamed_output_equals_full(resnet_case):
     trunk, x, engine, full, _ = resnet_case
     assert_real_tiling(engine, (320, 448))
@@ -76,17 +77,28 @@ def test_resnet34_streamed_output_equals_full(resnet_case):
     assert (streamed - full).abs().max() <= 1e-5 * full.abs().max()
 
 
+@pytest.mark.equivalence
 def test_resnet34_streamed_param_grads_equal_backprop(resnet_case):
     """fp32: the streamed sum runs tile by tile, so it adds the same terms in another order than the
-    full backward; over ~10^5 positions per weight that costs up to ~6e-3 relative error on some CPUs
-    (AMD EPYC, oneDNN), ~1e-5 on others. The float64 test below shows the engine itself is exact."""
+    full backward, and how far the two land apart depends on the CPU's kernels. Both are compared
+    with the float64 reference instead: the engine stands as close to it as plain fp32 does
+    (slidetrain.bench.fidelity). The float64 test below shows the engine itself is exact."""
+    import copy
+
+    from slidetrain.bench.fidelity import JUMP, fidelity
+
     trunk, x, engine, _, grad_out = resnet_case
-    reference = full_backward(trunk, x, grad_out)
+    names = [f"grad.{n}" for n, _ in trunk.named_parameters()]
+    plain = dict(zip(names, full_backward(trunk, x, grad_out), strict=True))
+    reference = dict(zip(names, full_backward(copy.deepcopy(trunk).double(), x.double(), grad_out.double()),
+                         strict=True))
     engine.accumulate_grad(x, grad_out)
-    assert_grads_match(list(trunk.parameters()), reference, tol=2e-2)
+    streamed = {f"grad.{n}": p.grad for n, p in trunk.named_parameters()}
+    fidelity(streamed, plain, reference, jump=JUMP).check("streamed ResNet34")
     trunk.zero_grad(set_to_none=True)
 
 
+@pytest.mark.equivalence
 def test_resnet34_streamed_param_grads_equal_backprop_float64():
     trunk = resnet34_to_layer3().double()
     x = torch.randn(1, 3, 320, 448, generator=torch.Generator().manual_seed(1)).double()
@@ -117,6 +129,7 @@ def tiny_stack(ceil_mode: bool = False) -> nn.Sequential:
     ).eval()
 
 
+@pytest.mark.equivalence
 @pytest.mark.parametrize(
     "tile_px, mode, ceil_mode",
     [(64, "core", False), ((40, 96), "core", True), (180, "total", False), (170, "total", True)],
@@ -190,6 +203,7 @@ def small_cfg(**kw) -> StreamingConfig:
     )
 
 
+@pytest.mark.equivalence
 def test_learner_gradients_equal_plain_backprop():
     torch.manual_seed(7)
     learner = StreamingLearner(3, small_cfg())
@@ -197,16 +211,28 @@ def test_learner_gradients_equal_plain_backprop():
     image = torch.randn(3, 128, 416, generator=torch.Generator().manual_seed(8))
     assert_real_tiling(learner.engine, (128, 416))
 
+    import copy
+
+    from slidetrain.bench.fidelity import JUMP, fidelity
+
     model = learner.model.train()
-    logits = model(image[None])  # plain full-image forward/backward of the same network
-    (torch.nn.functional.cross_entropy(logits, torch.tensor([2])) / 2).backward()
-    reference = [p.grad.clone() for p in learner.params]
-    expected_ce = float(torch.nn.functional.cross_entropy(logits.detach(), torch.tensor([2])))
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def plain_grads(net, x):  # plain full-image forward/backward of the same network
+        logits = net(x[None])
+        ce = torch.nn.functional.cross_entropy(logits, torch.tensor([2]))
+        (ce / 2).backward()
+        by_name = dict(net.named_parameters())
+        return float(ce), {f"grad.{names[id(p)]}": by_name[names[id(p)]].grad.clone() for p in learner.params}
+
+    ref_ce, reference = plain_grads(copy.deepcopy(model).double(), image.double())  # float64
+    plain_ce, plain = plain_grads(model, image)
     learner.optimizer.zero_grad(set_to_none=True)
 
     out = learner.train_slide(image, 2)
-    assert abs(out["ce"] - expected_ce) < 1e-4 * max(1.0, expected_ce)
-    assert_grads_match(learner.params, reference)
+    assert abs(out["ce"] - ref_ce) <= 4 * abs(plain_ce - ref_ce) + 1e-5 * max(1.0, ref_ce)
+    streamed = {f"grad.{names[id(p)]}": p.grad for p in learner.params}
+    fidelity(streamed, plain, reference, jump=JUMP).check("streaming learner")
     # BN stays frozen in training: running statistics untouched
     assert all(not m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d))
 

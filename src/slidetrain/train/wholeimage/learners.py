@@ -97,6 +97,11 @@ class _ResNetLearner(WholeImageLearner):
         pass
 
     # -- shared pieces
+    @property
+    def dtype(self) -> torch.dtype:
+        """The network's floating dtype (float32; float64 when a check casts it to compute exactly)."""
+        return next(self.net.parameters()).dtype
+
     def _backward(self, loss: Tensor) -> None:
         (loss / self.cfg.accumulation).backward()
 
@@ -115,7 +120,7 @@ class _ResNetLearner(WholeImageLearner):
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"train_slide: expected a (3, H, W) image, got {tuple(image.shape)}")
         self._set_train_mode()
-        image = image.to(self.device, torch.float32)
+        image = image.to(self.device, self.dtype)
         height, width = image.shape[1:]  # of the image trained on (a crop after a retry)
         size = f"{height}x{width} px (H x W)"
         target = torch.tensor([int(label)], device=self.device)
@@ -183,7 +188,7 @@ class _ResNetLearner(WholeImageLearner):
         """Backbone BN statistics from normalised (3, H, W) slides (`calibrate_batchnorm`)."""
         backbone = self.net.backbone
         return calibrate_batchnorm(
-            backbone, lambda im: backbone(im.to(self.device, torch.float32)[None]), images
+            backbone, lambda im: backbone(im.to(self.device, self.dtype)[None]), images
         )
 
     def end_epoch(self, epoch: int, val_loss: float | None) -> None:
@@ -192,7 +197,7 @@ class _ResNetLearner(WholeImageLearner):
     @torch.no_grad()
     def predict(self, image: Tensor) -> Tensor:
         self.net.eval()
-        logits = self.net(image.to(self.device, torch.float32)[None])  # (C,)
+        logits = self.net(image.to(self.device, self.dtype)[None])  # (C,)
         return torch.softmax(logits.float(), dim=0).cpu()
 
     def state_dict(self) -> dict:
