@@ -45,6 +45,7 @@ from slidetrain.bench.section_runner import (
     check_output,
     error_text,
     hard_cap,
+    raise_on_sigterm,
     run_section,
 )
 
@@ -406,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=[s.name for s in SECTIONS], metavar="SECTION",
                         help=f"run only these sections, with their usual caps ({', '.join(s.name for s in SECTIONS)})")
     args = parser.parse_args(argv)
+    raise_on_sigterm()  # the outer timeout's SIGTERM still lets the summary and output check be written
     summary = run_all(args.out, args.tiny, args.budget_s, args.only)
     failed = [e["section"] for e in summary["sections"] if e["status"] == "failed"]
     return 0 if not failed and summary["output_check"]["ok"] else 1

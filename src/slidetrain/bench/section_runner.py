@@ -43,6 +43,17 @@ class SectionCapped(BaseException):
     """
 
 
+class Terminated(BaseException):
+    """SIGTERM (the outer `timeout` of bench/gpu.sh): stop the run, but write the summary first."""
+
+
+def raise_on_sigterm() -> None:
+    def on_term(signum, frame):
+        raise Terminated("SIGTERM (the outer time limit of bench/gpu.sh?)")
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
 class SectionSkipped(Exception):
     """A section that cannot run here (a missing API or package): recorded with its reason."""
 
@@ -211,7 +222,8 @@ def run_section(name: str, rows_of, cap_s: float, table: RowTable, summary: Summ
 
     rows_of: a callable returning the section's rows (an iterable; a generator yields each row as
     it is measured). The entry ends as ok, capped, skipped or failed (with the error and its
-    traceback); nothing but KeyboardInterrupt leaves this function.
+    traceback); only a signal to stop the whole run (Terminated, KeyboardInterrupt) leaves this
+    function, with the entry marked "stopped".
     """
     import traceback
 
@@ -231,6 +243,9 @@ def run_section(name: str, rows_of, cap_s: float, table: RowTable, summary: Summ
         entry.update(status="skipped", error=str(err))
     except Exception as err:  # noqa: BLE001 - recorded; the next section still runs
         entry.update(status="failed", error=error_text(err), traceback=traceback.format_exc(limit=8))
+    except BaseException as err:  # SIGTERM from the outer timeout, ^C: recorded, and the run stops
+        entry.update(status="stopped", error=error_text(err))
+        raise
     finally:
         # the generator's own `finally` blocks (memory fraction, temporary files) run now, not at
         # garbage collection; the cap is off by now, so they run to the end
