@@ -23,6 +23,7 @@ import logging
 import os
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -410,55 +411,113 @@ def scaling_rows(parallel: list[Path], plain: list[Path]) -> list[dict]:
 
 
 # -- the GPU script's section -----------------------------------------------------------------------
-def _launch(spec: CaseSpec, nproc: int, out: Path, timeout_s: float, env_extra: dict | None = None) -> dict:
-    """torchrun as a subprocess (the GPU machine has no Snakemake); returns rank 0's result."""
+def collective_timeout_s(launch_timeout_s: float) -> float:
+    """The ranks' collective timeout for a launch that may take `launch_timeout_s`.
+
+    Below a third of it: the encoders' DDP group waits twice as long as the rest, and a rank that
+    times out must still name the dead rank (monitored barrier) and exit before the launch is killed.
+    """
+    return float(min(120.0, max(10.0, (launch_timeout_s - 15.0) / 3)))
+
+
+def _launch(spec: CaseSpec, nproc: int, out: Path, timeout_s: float) -> dict:
+    """torchrun as a subprocess (the GPU machine has no Snakemake); returns rank 0's result.
+
+    torchrun starts in its own session and is stopped with everything it started when the launch
+    times out or the section is stopped (no rank outlives its launch holding the GPU); the ranks'
+    collectives time out well before the launch does (`collective_timeout_s`).
+    """
     import subprocess
     import sys
 
+    from slidetrain.bench.section_runner import stop_process_tree
+
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "slidetrain.cli", "e2e-parallel", "--spec", json.dumps(asdict(spec)), "--out", str(out),
-           "--timeout-s", "120"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
-    if proc.returncode != 0:
-        raise RuntimeError(f"torchrun (nproc {nproc}) exited {proc.returncode}: {proc.stderr[-1500:]}")
+           "--timeout-s", f"{collective_timeout_s(timeout_s):g}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log_path = out.with_suffix(".log")
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout_s)
+        except BaseException:  # the launch's timeout, the section's cap, an interrupt
+            stop_process_tree(proc)
+            raise
+    if code != 0:
+        raise RuntimeError(f"torchrun (nproc {nproc}) exited {code}: {log_path.read_text()[-1500:]}")
     return torch.load(out, weights_only=False)
 
 
-def gpu_section(ctx) -> list[dict]:
+def _part(part: str, make_rows) -> list[dict]:
+    """One part's rows, or one row with its status when it is skipped or fails: the other parts
+    still run, and the rows measured before stay (the section is the GPU script's one chance)."""
+    from slidetrain.bench.section_runner import SectionSkipped, error_text
+
+    try:
+        return make_rows()
+    except SectionSkipped as err:
+        return [{"part": part, "status": "skipped", "error": str(err)}]
+    except Exception as err:  # noqa: BLE001 - recorded as a row
+        log.exception("e2e_distributed %s failed", part)
+        return [{"part": part, "status": "failed", "error": error_text(err)}]
+
+
+def gpu_section(ctx) -> Iterator[dict]:
     """Equivalence (single vs parallel) and a short parallel-vs-single timing, fp32 and AMP ("half").
 
     On one GPU every rank shares it, so the backend is gloo (NCCL refuses two ranks on one device);
-    with one GPU per rank it is NCCL. --tiny: the toy at small sizes on CPU.
+    with one GPU per rank it is NCCL. --tiny: the toy at small sizes on CPU. Each part's rows are
+    yielded as the part ends; a part that fails or is skipped (a missing API, too little of the cap
+    left) is a row with its status.
     """
-    device = ctx.device.type
+    from slidetrain.bench.preflight import api_ok
+    from slidetrain.bench.section_runner import SectionSkipped
+
+    device = str(ctx.device)  # with its index: every rank and the single run use that GPU
     if ctx.tiny:
-        equiv = CaseSpec(case="toy", dim=32, tiles=12, steps=2, momentum=0.9, device="cpu")
-        timing = CaseSpec(case="toy", dim=32, tiles=12, steps=3, timing_warmup=1, record=False, device="cpu")
-        n_equiv = 2
+        equiv = CaseSpec(case="toy", dim=32, tiles=12, steps=2, momentum=0.9, device=device)
+        timing = CaseSpec(case="toy", dim=32, tiles=12, steps=3, timing_warmup=1, record=False, device=device)
     else:
         equiv = CaseSpec(case="resnet", backbone="resnet50", tile_px=224, tiles=64, steps=4, lr=1e-3,
                          momentum=0.9, sync_bn=True, device=device)
         timing = CaseSpec(case="resnet", backbone="resnet50", tile_px=224, tiles=128, steps=6,
                           timing_warmup=2, sync_bn=False, record=False, device=device)
-        n_equiv = 2
-    tmp = ctx.out_dir / "e2e_distributed_runs"
-    tmp.mkdir(parents=True, exist_ok=True)
-    rows = []
+    n_equiv = 2
     started = time.perf_counter()
-    per_launch = 600.0 if ctx.tiny else max(120.0, ctx.budget_s)  # a loaded CPU starts slowly
-    single = run_single(equiv)
-    parallel = _launch(equiv, n_equiv + 1, tmp / "equiv.pt", per_launch)
-    for r in compare(f"{equiv.case}:{equiv.backbone if equiv.case == 'resnet' else equiv.dim}", single, parallel):
-        rows.append({"part": "equivalence", "backend": parallel["backend"], "n_encoder_ranks": n_equiv, **r})
-    for amp in (False,) if ctx.tiny else (False, True):  # the rehearsal keeps to two launches
+
+    def launch(spec: CaseSpec, nproc: int, name: str) -> dict:
+        for api in ("torchrun", "gloo"):
+            ok, why = api_ok(ctx.preflight, api)
+            if not ok:
+                raise SectionSkipped(f"{api}: {why}")
+        timeout = ctx.left_s() - 10  # leave the section time to record the part
+        if timeout < 30:
+            raise SectionSkipped(f"{ctx.left_s():.0f} s of the section's cap left; a launch needs 40")
+        return _launch(spec, nproc, ctx.tmp_dir / f"{name}.pt", timeout)
+
+    def equivalence() -> list[dict]:
+        if equiv.case == "resnet" and equiv.sync_bn:
+            ok, why = api_ok(ctx.preflight, "differentiable_all_reduce")
+            if not ok:
+                raise SectionSkipped(why)
+        single = run_single(equiv)
+        parallel = launch(equiv, n_equiv + 1, "equiv")
+        model = f"{equiv.case}:{equiv.backbone if equiv.case == 'resnet' else equiv.dim}"
+        return [{"part": "equivalence", "backend": parallel["backend"], "n_encoder_ranks": n_equiv, **r}
+                for r in compare(model, single, parallel)]
+
+    def timing_row(amp: bool) -> list[dict]:
         spec = CaseSpec(**{**asdict(timing), "amp": amp})
         base = run_single(spec)
-        par = _launch(spec, 2, tmp / f"timing_amp{int(amp)}.pt", per_launch)
+        par = launch(spec, 2, f"timing_amp{int(amp)}")
         s_single, s_par = statistics.median(base["seconds"]), statistics.median(par["seconds"])
-        rows.append({"part": "timing", "backend": par["backend"], "n_encoder_ranks": 1, "model": spec.case,
-                     "tensor": f"tiles={spec.tiles} amp={amp}", "single_seconds_per_step": s_single,
-                     "parallel_seconds_per_step": s_par, "comm_seconds": statistics.median(par["comm_seconds"]),
-                     "overhead_vs_single": s_par / s_single})
-    rows.append({"part": "total", "seconds": time.perf_counter() - started})
-    return rows
+        return [{"part": "timing", "backend": par["backend"], "n_encoder_ranks": 1, "model": spec.case,
+                 "tensor": f"tiles={spec.tiles} amp={amp}", "single_seconds_per_step": s_single,
+                 "parallel_seconds_per_step": s_par, "comm_seconds": statistics.median(par["comm_seconds"]),
+                 "overhead_vs_single": s_par / s_single}]
+
+    yield from _part("equivalence", equivalence)
+    for amp in (False,) if ctx.tiny else (False, True):  # the rehearsal keeps to two launches
+        yield from _part(f"timing amp={amp}", lambda amp=amp: timing_row(amp))
+    yield {"part": "total", "seconds": time.perf_counter() - started}

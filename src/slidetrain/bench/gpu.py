@@ -1,32 +1,59 @@
 """The project's one GPU script: every GPU benchmark, in one process, within a time box.
 
-Run on a bare CUDA machine that has PyTorch but neither Snakemake nor OpenSlide
-(`bench/gpu.sh` puts carried wheels on the path and calls this module)::
+Run on a bare CUDA machine that has PyTorch but neither Snakemake nor OpenSlide (`bench/gpu.sh`
+puts carried wheels on the path, sets the outer time limit and calls this module; docs/gpu.md is
+the procedure)::
 
-    PYTHONPATH=src python -m slidetrain.bench.gpu --out OUT_DIR            # the real run
-    PYTHONPATH=src python -m slidetrain.bench.gpu --out OUT_DIR --tiny     # CPU rehearsal (tests)
+    bash bench/gpu.sh OUT_DIR                              # the real run, about 6 minutes
+    bash bench/gpu.sh OUT_DIR --only e2e_distributed       # one section again
+    bash bench/gpu.sh OUT_DIR --tiny                       # CPU rehearsal (tests/test_gpu_script.py)
 
-Each section is a function `(ctx: GpuContext) -> list[dict]` registered in SECTIONS; its rows
-go to `OUT_DIR/<section>.csv` and a line to `OUT_DIR/summary.json` (seconds, status, error).
-A section that fails or overruns its share of the budget is recorded as such and the next one
-runs: one broken benchmark must not cost the others their device time. Sections import what they
-need inside the function, so that this module imports without OpenSlide, h5py or Snakemake.
+First a preflight (~10 s: versions, device, the APIs each section needs in the installed torch, free
+space), then each section of SECTIONS under a hard cap (its share of --budget-s). A section is a
+function `(ctx: GpuContext) -> Iterable[dict]` that yields its rows as it measures them; each row
+is in `OUT_DIR/<section>.csv` before the next is measured, and summary.json records the preflight
+and every section's status (running, ok, capped, skipped, failed with its error) as the run goes.
+One broken or slow benchmark must not cost the others their device time, nor its own rows.
+Intermediates (checkpoints, features) go to a temporary directory deleted at the end: the output
+folder holds at most 8 files of at most 16 MiB (what the device tool brings back), which
+`check_output` verifies at the end. Sections import what they need inside the function, so that
+this module imports without OpenSlide, h5py or Snakemake.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import platform
+import os
+import re
+import shutil
+import tempfile
 import time
-import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+
+from slidetrain.bench.preflight import api_ok, preflight
+from slidetrain.bench.section_runner import (
+    RowTable,
+    SectionCapped,
+    SectionSkipped,
+    Summary,
+    check_output,
+    error_text,
+    hard_cap,
+    raise_on_sigterm,
+    run_section,
+)
+
+#: seconds all sections may take together (their caps are shares of it); bench/gpu.sh passes it
+#: and sets its outer `timeout` from it. The CPU rehearsal runs on loaded CI cores: more room.
+DEFAULT_BUDGET_S = 300.0
+TINY_BUDGET_S = 900.0
+PREFLIGHT_CAP_S = 30.0
 
 
 @dataclass
@@ -34,65 +61,93 @@ class GpuContext:
     """What a section gets: where to write, which device, whether this is the CPU rehearsal."""
 
     out_dir: Path
+    #: intermediates (checkpoints, features): deleted when the section ends, never in out_dir
+    tmp_dir: Path
+    #: one device for every section; on CUDA with an explicit index (see resolve_device)
     device: torch.device
     tiny: bool
-    #: seconds this section may take (it should size itself to fit; the runner records overruns)
-    budget_s: float
-    notes: dict = field(default_factory=dict)
+    #: the section's hard cap in seconds: it is stopped there (it may also stop starting new work
+    #: earlier, to end cleanly)
+    cap_s: float
+    #: the preflight's findings (api_ok reads them); None where a test runs a section alone
+    preflight: dict | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    def left_s(self) -> float:
+        return self.cap_s - (time.perf_counter() - self.started)
 
 
-def device_section(ctx: GpuContext) -> list[dict]:
-    """The device, its memory and the software versions: the header of every recorded figure."""
-    row = {
-        "date_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
-        "device": str(ctx.device),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "host": platform.node(),
-    }
-    if ctx.device.type == "cuda":
-        props = torch.cuda.get_device_properties(ctx.device)
-        row.update(name=props.name, memory_gib=round(props.total_memory / 2**30, 1),
-                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
-    else:
-        row.update(name=platform.processor() or "cpu", memory_gib=None, cuda=None, cudnn=None)
-    return [row]
+def resolve_device(tiny: bool) -> torch.device:
+    """The one device every section uses: CUDA with an explicit index, or the CPU (--tiny, or no GPU).
+
+    A bare torch.device("cuda") is rejected by set_per_process_memory_fraction and read as "the
+    current device" by other calls; the index makes every call name the same GPU.
+    """
+    if tiny or not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.set_device(device)
+    return device
 
 
-def offload_sweep_section(ctx: GpuContext) -> list[dict]:
+def offload_sweep_section(ctx: GpuContext) -> Iterator[dict]:
     """Big-Layers Figure 2 at the paper's sides (7,680 px up, step 256) on a 24 GB budget, AMP.
 
     plain and save_on_cpu side by side, then the fewest offloaded stages that fit; as many sides
-    as the share allows (1 warm-up + 3 measured iterations each, not the paper's 5 + 10).
+    as the cap allows (1 warm-up + 3 measured iterations each, not the paper's 5 + 10). An error
+    other than running out of memory is a row, and the sweep goes on.
     --tiny: a CPU rehearsal at toy sides under the CPU accounting.
     """
-    from slidetrain.bench.offload_sweep import SweepConfig, run_sweep
+    from slidetrain.bench.offload_sweep import SweepConfig, iter_sweep
 
+    ok, why = api_ok(ctx.preflight, "memory_fraction")
+    if ctx.device.type == "cuda" and not ok:
+        raise SectionSkipped(f"the 24 GB budget is enforced with set_per_process_memory_fraction: {why}")
     if ctx.tiny:
         cfg = SweepConfig(sides=[64], budget_bytes=230 * 2**20, warmup=1, repeats=2)
     else:
         total = torch.cuda.get_device_properties(ctx.device).total_memory
         cfg = SweepConfig(sides=list(range(7680, 13824 + 1, 256 * 5)), budget_bytes=min(24 * 10**9, total),
                           warmup=1, repeats=3, max_transfer_bytes=2 * 2**30)
-    rows = run_sweep(cfg, ctx.device, log=lambda m: print(m, flush=True), deadline_s=0.6 * ctx.budget_s)
-    for row in rows:
+    for row in iter_sweep(cfg, ctx.device, log=lambda m: print(m, flush=True), deadline_s=0.6 * ctx.cap_s,
+                          record_errors=True):
         row["warmup"], row["repeats"] = cfg.warmup, cfg.repeats
-    return rows
+        yield row
 
 
-def e2e_distributed_section(ctx: GpuContext) -> list[dict]:
+def e2e_distributed_section(ctx: GpuContext) -> Iterable[dict]:
     """Campanella et al.'s executor: single vs torchrun gradients, and parallel vs single seconds."""
     from slidetrain.bench.e2e_distributed import gpu_section
 
     return gpu_section(ctx)
-def tilebag_section(ctx: GpuContext) -> list[dict]:
+
+
+def paper_tiles_per_gb() -> dict[str, float]:
+    """Campanella et al.'s ResNet50 maximum tiles per GB of their GPU, by our precision names
+    (paper/data/e2e_memory.csv: the memory is in the column's name, max_tiles_h100_80gb)."""
+    from slidetrain.errors import ConfigError
+    from slidetrain.paper.tables import paper_table
+
+    table = paper_table("e2e_memory")
+    column = next(c for c in table.columns if re.fullmatch(r"max_tiles_\w+?_(\d+)gb", c))
+    gb = float(re.fullmatch(r"max_tiles_\w+?_(\d+)gb", column).group(1))
+    out = {}
+    for ours, theirs in {"fp32": "fp32", "amp": "amp-fp16"}.items():
+        match = table[(table.encoder == "ResNet50") & (table.precision == theirs)]
+        if len(match) != 1:
+            raise ConfigError(f"paper/data/e2e_memory.csv: expected one ResNet50 {theirs} row, found {len(match)}")
+        out[ours] = float(match[column].iloc[0]) / gb
+    return out
+
+
+def tilebag_section(ctx: GpuContext) -> Iterator[dict]:
     """Campanella et al.: max tiles per forward + backward for ResNet50 at 224 px (fp32, AMP), then a few
     plain-executor training steps (ResNet50 + GMA, one slide per step) per K on in-memory tiles.
 
+    On CUDA the search stops within 1/64 of the answer (time box); a probe that fails to allocate
+    (OOM, cuDNN or cuBLAS workspace) is a miss.
     --tiny: ResNet18 at 64 px on the CPU (peak RSS of a fresh process per probe, 2 GiB, N <= 4).
     """
-    import time as _time
-
     from slidetrain.bench.max_tiles import cuda_fits, fits, search_max
     from slidetrain.models import build_model, method_config
     from slidetrain.models.encoders import build_encoder, encoder_dim
@@ -102,7 +157,8 @@ def tilebag_section(ctx: GpuContext) -> list[dict]:
     encoder_name, tile_px = ("resnet50", 224) if not ctx.tiny else ("resnet18", 64)
     budget = torch.cuda.get_device_properties(ctx.device).total_memory if cuda else 2 * 2**30
     limit = 16384 if not ctx.tiny else 4
-    rows = []
+    resolution = 1 / 64 if cuda else 0.0
+    paper = paper_tiles_per_gb()
     for precision in ("fp32", "amp"):
         probes = []
 
@@ -111,15 +167,14 @@ def tilebag_section(ctx: GpuContext) -> list[dict]:
             probes.append((n, ok, peak))
             return ok
 
-        t0 = _time.perf_counter()
-        best = search_max(fit, start=64 if not ctx.tiny else 1, limit=limit)
+        t0 = time.perf_counter()
+        best = search_max(fit, start=64 if not ctx.tiny else 1, limit=limit, resolution=resolution)
         peak_at_best = max((p for n, ok, p in probes if ok and n == best), default=None)
-        rows.append({"kind": "max_tiles", "encoder": encoder_name, "precision": precision, "tile_px": tile_px,
-                     "max_tiles": best, "device_memory_gib": round(budget / 2**30, 1),
-                     "tiles_per_gib": round(best / (budget / 2**30), 2), "peak_gib_at_max": peak_at_best,
-                     "probes": len(probes), "seconds": round(_time.perf_counter() - t0, 1),
-                     # the paper's ResNet50 on an 80 GB H100: 840 (fp32) / 1,848 (AMP) tiles
-                     "paper_tiles_per_gb": {"fp32": 840 / 80, "amp": 1848 / 80}[precision]})
+        yield {"kind": "max_tiles", "encoder": encoder_name, "precision": precision, "tile_px": tile_px,
+               "max_tiles": best, "resolution": resolution, "device_memory_gib": round(budget / 2**30, 1),
+               "tiles_per_gib": round(best / (budget / 2**30), 2), "peak_gib_at_max": peak_at_best,
+               "probes": len(probes), "seconds": round(time.perf_counter() - t0, 1),
+               "paper_tiles_per_gb": paper[precision]}
         if cuda:
             torch.cuda.empty_cache()
     # a few sweep steps: time per training step at several K (AMP on CUDA as the paper trains)
@@ -138,7 +193,7 @@ def tilebag_section(ctx: GpuContext) -> list[dict]:
         for step in range(4 if not ctx.tiny else 2):
             if cuda:
                 torch.cuda.synchronize(ctx.device)
-            t0 = _time.perf_counter()
+            t0 = time.perf_counter()
             result = executor.step(tiles, encoder, aggregator, torch.tensor(step % 2), aggregator.loss, step_ctx)
             if scaler is not None:
                 scaler.step(optimizer)
@@ -148,16 +203,15 @@ def tilebag_section(ctx: GpuContext) -> list[dict]:
             optimizer.zero_grad(set_to_none=True)
             if cuda:
                 torch.cuda.synchronize(ctx.device)
-            times.append(_time.perf_counter() - t0)
+            times.append(time.perf_counter() - t0)
         step_s = sorted(times[1:] or times)[len(times[1:] or times) // 2]  # median after the first (warm-up)
-        rows.append({"kind": "sweep_step", "encoder": encoder_name, "precision": "amp", "tile_px": tile_px,
-                     "k": k, "step_s": round(step_s, 4), "tiles_per_s": round(k / step_s, 1),
-                     "loss": round(result.loss, 4)})
+        yield {"kind": "sweep_step", "encoder": encoder_name, "precision": "amp", "tile_px": tile_px,
+               "k": k, "step_s": round(step_s, 4), "tiles_per_s": round(k / step_s, 1),
+               "loss": round(result.loss, 4)}
         del tiles
-    return rows
 
 
-def local_learning_section(ctx: GpuContext) -> list[dict]:
+def local_learning_section(ctx: GpuContext) -> Iterator[dict]:
     """Zhang et al.'s Tables 2 and 3 on the device: training memory of one slide at the paper's 8698x7496
     (5x) for e2e, local_k4, local_k8 and local_k8 with `checkpointing: tiles`, as max_memory_allocated
     increments (slidetrain.bench.local_memory, the rule bench_train_memory's measurement), then whole-image
@@ -166,8 +220,6 @@ def local_learning_section(ctx: GpuContext) -> list[dict]:
 
     --tiny: 384x320 on the CPU (peak RSS of a fresh process per measurement; e2e and the checkpointed K=8).
     """
-    import time as _time
-
     from slidetrain.bench.local_memory import measure_train_memory
     from slidetrain.models.encoders import build_encoder
     from slidetrain.train.wholeimage.registry import build_learner
@@ -177,24 +229,23 @@ def local_learning_section(ctx: GpuContext) -> list[dict]:
              ("local_k8", {"checkpointing": "tiles"})]  # the default checkpoint_tile_px (64)
     if ctx.tiny:  # a fresh process per CPU measurement: rehearse both kinds of learner, not all four
         cases = [cases[0], cases[-1]]
-    rows: list[dict] = []
-    deadline = _time.perf_counter() + 0.8 * ctx.budget_s
+    deadline = time.perf_counter() + 0.7 * ctx.cap_s  # leave the inference part its time
+    e2e = None
     for method, params in cases:
-        if _time.perf_counter() > deadline:
-            rows.append({"kind": "train_memory", "method": method, "params": json.dumps(params),
-                         "status": "skipped: out of the section's time"})
+        if time.perf_counter() > deadline:
+            yield {"kind": "train_memory", "method": method, "params": json.dumps(params),
+                   "status": "skipped: out of the section's time"}
             continue
         report = measure_train_memory(method, height, width, str(ctx.device), {"weights": "none", **params},
                                       threads=None if ctx.device.type == "cuda" else 1)
-        rows.append({"kind": "train_memory", "method": method, "params": json.dumps(params),
-                     "image_size": f"{width}x{height}", "increment_gib": round(report.increment_bytes / 2**30, 3),
-                     "seconds": round(report.wall_s, 2), "probe": report.method, "status": "ok"})
+        gib = round(report.increment_bytes / 2**30, 3)
+        e2e = gib if method == "e2e" else e2e  # e2e is measured first: the denominator of the shares
+        # the paper at 8698x7496 (V100): K=4 29.9%, K=8 20.7% of E2E
+        yield {"kind": "train_memory", "method": method, "params": json.dumps(params),
+               "image_size": f"{width}x{height}", "increment_gib": gib, "seconds": round(report.wall_s, 2),
+               "probe": report.method, "status": "ok", "share_of_e2e": round(gib / e2e, 4) if e2e else None}
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
-    e2e = next((r["increment_gib"] for r in rows if r["method"] == "e2e" and r["status"] == "ok"), None)
-    for row in rows:  # the paper at 8698x7496 (V100): K=4 29.9%, K=8 20.7% of E2E
-        if e2e and row["status"] == "ok":
-            row["share_of_e2e"] = round(row["increment_gib"] / e2e, 4)
     # Table 3's model part: whole-image prediction vs tile embedding, seconds per megapixel
     learner = build_learner("local_k4", 2, {"weights": "none"}, device=ctx.device)
     image = torch.randn(3, height, width, device=ctx.device)
@@ -208,92 +259,158 @@ def local_learning_section(ctx: GpuContext) -> list[dict]:
         for _ in range(repeats):
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize(ctx.device)
-            t0 = _time.perf_counter()
+            t0 = time.perf_counter()
             fn()
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize(ctx.device)
-            times.append(_time.perf_counter() - t0)
+            times.append(time.perf_counter() - t0)
         return min(times)
 
     with torch.no_grad():
         whole_s = seconds(lambda: learner.predict(image))
+    mpx_whole = width * height / 1e6
+    yield {"kind": "inference", "method": "local_k4", "image_size": f"{width}x{height}",
+           "seconds": round(whole_s, 4), "mpx_per_s": round(mpx_whole / whole_s, 2), "status": "ok"}
+    with torch.no_grad():
         tiles_s = seconds(lambda: encoder(tiles))
-    mpx_whole, mpx_tiles = width * height / 1e6, tiles.shape[0] * tile_px**2 / 1e6
-    rows.append({"kind": "inference", "method": "local_k4", "image_size": f"{width}x{height}",
-                 "seconds": round(whole_s, 4), "mpx_per_s": round(mpx_whole / whole_s, 2), "status": "ok"})
-    rows.append({"kind": "inference", "method": "resnet34_tiles", "image_size": f"64x{tile_px}px",
-                 "seconds": round(tiles_s, 4), "mpx_per_s": round(mpx_tiles / tiles_s, 2),
-                 "tiles_per_s": round(tiles.shape[0] / tiles_s, 1), "status": "ok"})
-    return rows
+    mpx_tiles = tiles.shape[0] * tile_px**2 / 1e6
+    yield {"kind": "inference", "method": "resnet34_tiles", "image_size": f"64x{tile_px}px",
+           "seconds": round(tiles_s, 4), "mpx_per_s": round(mpx_tiles / tiles_s, 2),
+           "tiles_per_s": round(tiles.shape[0] / tiles_s, 1), "status": "ok"}
 
 
-#: (name, function, share of the total time budget). Benchmarks register here, in running order.
-def features_throughput_section(ctx: GpuContext) -> list[dict]:
+def features_throughput_section(ctx: GpuContext) -> Iterable[dict]:
     """Feature extraction of ResNet34 at 224 px, end to end vs model only (slidetrain.bench.features_gpu)."""
     from slidetrain.bench.features_gpu import features_throughput_section as run
 
     return run(ctx)
 
 
-SECTIONS: list[tuple[str, Callable[[GpuContext], list[dict]], float]] = [
-    ("device", device_section, 0.01),
-    ("offload_sweep", offload_sweep_section, 0.21),
-    ("e2e_distributed", e2e_distributed_section, 0.3),
-    ("tilebag", tilebag_section, 0.25),
-    ("features_throughput", features_throughput_section, 0.12),
-    ("local_learning", local_learning_section, 0.1),
+@dataclass(frozen=True)
+class Section:
+    name: str
+    run: Callable[[GpuContext], Iterable[dict]]
+    #: its cap, as a share of the budget (the shares add up to 1)
+    share: float
+    #: what it imports: the preflight imports them all, so a missing package shows in seconds
+    modules: tuple[str, ...] = ()
+
+
+#: the sections, in running order. Each adds one CSV to the output: keep the total (with
+#: summary.json and log.txt) within MAX_FILES, by merging small tables into one (tests check).
+SECTIONS: list[Section] = [
+    Section("offload_sweep", offload_sweep_section, 0.20,
+            ("torchvision", "slidetrain.bench.offload_sweep", "slidetrain.partitioned.offload")),
+    Section("e2e_distributed", e2e_distributed_section, 0.30,
+            ("slidetrain.bench.e2e_distributed", "slidetrain.train.tilebag.distributed", "slidetrain.cli",
+             "torch.distributed.run")),
+    Section("tilebag", tilebag_section, 0.24,
+            ("slidetrain.bench.max_tiles", "slidetrain.train.tilebag.executors", "slidetrain.paper.tables")),
+    Section("features_throughput", features_throughput_section, 0.12,
+            ("PIL", "slidetrain.bench.features_gpu", "slidetrain.wsi.encode")),
+    Section("local_learning", local_learning_section, 0.14,
+            ("slidetrain.bench.local_memory", "slidetrain.train.wholeimage.registry")),
 ]
 
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    if not rows:
-        return
-    keys: list[str] = []
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+#: test-only: tests/test_gpu_script.py sets it to force a failure or an overrun through the real
+#: command line (documented there, not in --help: it is no user's option)
+FAULT_ENV = "SLIDETRAIN_GPU_BENCH_FAULT"
 
 
-def run_all(out_dir: Path, tiny: bool, budget_s: float, only: list[str] | None = None) -> list[dict]:
+def _fault(name: str) -> tuple[str, int] | None:
+    """(kind, after how many rows) for section `name` from FAULT_ENV="SECTION:fail|hang[:ROWS],..."."""
+    for item in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
+        section, kind, *after = item.split(":")
+        if section == name:
+            return kind, int(after[0]) if after else 0
+    return None
+
+
+def _with_fault(name: str, rows: Iterable[dict]) -> Iterable[dict]:
+    fault = _fault(name)
+    return rows if fault is None else _faulty(rows, *fault)
+
+
+def _faulty(rows: Iterable[dict], kind: str, after: int) -> Iterator[dict]:
+    """`rows`, then after `after` of them a failure (kind "fail") or a sleep past any cap ("hang")."""
+    rows = iter(rows)
+    try:
+        for _ in range(after):
+            row = next(rows, None)
+            if row is None:
+                return
+            yield row
+        if kind == "hang":
+            time.sleep(3600)  # until the cap stops it
+        raise RuntimeError(f"injected failure after {after} rows ({FAULT_ENV})")
+    finally:
+        if hasattr(rows, "close"):
+            rows.close()
+
+
+def _run_preflight(summary: Summary, device: torch.device, tmp_dir: Path) -> None:
+    modules = sorted({m for s in SECTIONS for m in s.modules})
+    try:
+        with hard_cap(PREFLIGHT_CAP_S, "preflight"):
+            summary.data["preflight"] = preflight(device, modules, tmp_dir)
+    except (SectionCapped, Exception) as err:  # noqa: BLE001 - the sections run without it (defaults)
+        summary.data["preflight"] = {"error": error_text(err)}
+    summary.write()
+    print(json.dumps({"preflight": summary.data["preflight"]}), flush=True)
+
+
+def run_all(out_dir: Path, tiny: bool, budget_s: float | None = None, only: list[str] | None = None) -> dict:
+    """Preflight, then every section (or those in `only`) under its cap; returns summary.json's content."""
+    budget_s = budget_s or (TINY_BUDGET_S if tiny else DEFAULT_BUDGET_S)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
-    summary = []
-    for name, fn, share in SECTIONS:
-        if only and name not in only:
-            continue
-        ctx = GpuContext(out_dir=out_dir, device=device, tiny=tiny, budget_s=budget_s * share)
-        start = time.perf_counter()
-        entry = {"section": name, "budget_s": round(ctx.budget_s, 1)}
-        try:
-            rows = fn(ctx)
-            write_rows(out_dir / f"{name}.csv", rows)
-            entry.update(status="ok", rows=len(rows))
-        except Exception as exc:  # noqa: BLE001 - recorded, and the next section still runs
-            entry.update(status="failed", error=f"{type(exc).__name__}: {exc}",
-                         traceback=traceback.format_exc(limit=8))
-        entry["seconds"] = round(time.perf_counter() - start, 2)
-        if entry["seconds"] > ctx.budget_s and entry["status"] == "ok":
-            entry["status"] = "overran"
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        summary.append(entry)
-        print(json.dumps({k: v for k, v in entry.items() if k != "traceback"}), flush=True)
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+    device = resolve_device(tiny)
+    summary = Summary(out_dir / "summary.json", {
+        "started_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"), "tiny": tiny, "budget_s": budget_s,
+        "only": only, "device": str(device)})
+    tmp_root = Path(tempfile.mkdtemp(prefix="slidetrain-gpu-"))  # intermediates: never in out_dir
+    try:
+        _run_preflight(summary, device, tmp_root)
+        for section in SECTIONS:
+            if only and section.name not in only:
+                continue
+            cap = budget_s * section.share
+            ctx = GpuContext(out_dir=out_dir, tmp_dir=tmp_root / section.name, device=device, tiny=tiny,
+                             cap_s=cap, preflight=summary.data["preflight"])
+            ctx.tmp_dir.mkdir()
+
+            def rows_of(section=section, ctx=ctx) -> Iterator[dict]:
+                ctx.started = time.perf_counter()
+                return _with_fault(section.name, section.run(ctx))
+
+            entry = run_section(section.name, rows_of, cap, RowTable(out_dir / f"{section.name}.csv"),
+                                summary, device)
+            shutil.rmtree(ctx.tmp_dir, ignore_errors=True)  # free the disk (checkpoints) as we go
+            print(json.dumps({k: v for k, v in entry.items() if k != "traceback"}), flush=True)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+        summary.data["finished_utc"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
+        summary.data["output_check"] = check_output(out_dir)
+        summary.write()
+        print(json.dumps({"output_check": summary.data["output_check"]}), flush=True)
+    return summary.data
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 1 when a section failed or the output folder breaks the limits (capped or skipped
+    sections are recorded in summary.json, and are no failure of the script)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tiny", action="store_true", help="CPU rehearsal at toy sizes (what the tests run)")
-    parser.add_argument("--budget-s", type=float, default=420.0, help="total seconds for all sections")
-    parser.add_argument("--only", nargs="*", help="run only these sections")
+    parser.add_argument("--budget-s", type=float,
+                        help=f"seconds for all sections together (default {DEFAULT_BUDGET_S:g}; "
+                             f"--tiny {TINY_BUDGET_S:g}); each section's cap is its share")
+    parser.add_argument("--only", nargs="+", choices=[s.name for s in SECTIONS], metavar="SECTION",
+                        help=f"run only these sections, with their usual caps ({', '.join(s.name for s in SECTIONS)})")
     args = parser.parse_args(argv)
+    raise_on_sigterm()  # the outer timeout's SIGTERM still lets the summary and output check be written
     summary = run_all(args.out, args.tiny, args.budget_s, args.only)
-    return 0 if all(e["status"] != "failed" for e in summary) else 1
+    failed = [e["section"] for e in summary["sections"] if e["status"] == "failed"]
+    return 0 if not failed and summary["output_check"]["ok"] else 1
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from slidetrain.bench.memory import is_alloc_failure, with_index
 from slidetrain.errors import ConfigError
 from slidetrain.io import atomic_path
 
@@ -91,8 +92,13 @@ def fits(encoder_name: str, precision: str, n_tiles: int, tile_px: int, device: 
     return report.peak_bytes <= budget_bytes, report.peak_bytes / 2**30
 
 
-def search_max(fit: Callable[[int], bool], start: int = 1, limit: int = 65536) -> int:
-    """Largest N in [0, limit] with fit(N), assuming fit is monotone: doubling, then bisection."""
+def search_max(fit: Callable[[int], bool], start: int = 1, limit: int = 65536, resolution: float = 0.0) -> int:
+    """Largest N in [0, limit] with fit(N), assuming fit is monotone: doubling, then bisection.
+
+    resolution > 0 stops the bisection once the miss is within that fraction of the fit (the GPU
+    script's time box: 1/64 saves about four probes of a second or more each); the N returned still
+    fits, and is at most that fraction below the exact answer. 0 = exact.
+    """
     lo, hi = 0, None  # lo fits (0 trivially), hi misses
     n = max(1, min(start, limit))
     while hi is None:
@@ -103,7 +109,7 @@ def search_max(fit: Callable[[int], bool], start: int = 1, limit: int = 65536) -
             n = min(2 * n, limit)
         else:
             hi = n
-    while hi - lo > 1:
+    while hi - lo > max(1, int(resolution * lo)):
         mid = (lo + hi) // 2
         if fit(mid):
             lo = mid
@@ -152,13 +158,20 @@ def max_tiles_table(encoders: list[str], precisions: list[str], tile_px: int, de
 
 def cuda_fits(encoder_name: str, precision: str, n_tiles: int, tile_px: int, device: str,
               budget_bytes: int) -> tuple[bool, float | None]:
-    """In-process CUDA probe (the GPU script: no spawn, no pandas): (fits, peak GiB); OOM is a miss."""
-    dev = torch.device(device)
+    """In-process CUDA probe (the GPU script: no spawn, no pandas): (fits, peak GiB).
+
+    A miss is any allocation failure, not only torch's OutOfMemoryError: near the limit cuDNN and
+    cuBLAS fail to get their workspaces with errors of their own (`is_alloc_failure`). Any other
+    error is a bug and is raised.
+    """
+    dev = with_index(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(dev)
     try:
-        forward_backward(encoder_name, precision, n_tiles, tile_px, device, threads=torch.get_num_threads())
-    except torch.OutOfMemoryError:
+        forward_backward(encoder_name, precision, n_tiles, tile_px, str(dev), threads=torch.get_num_threads())
+    except RuntimeError as err:
+        if not is_alloc_failure(err):
+            raise
         return False, None
     finally:
         torch.cuda.empty_cache()

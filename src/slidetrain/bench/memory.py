@@ -158,7 +158,7 @@ def _peak_cpu(
 def _peak_cuda(fn: Callable, args: tuple, kwargs: dict, device) -> MemoryReport:
     import torch
 
-    device = torch.device(device)
+    device = with_index(device)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     baseline = torch.cuda.memory_allocated(device)
@@ -168,6 +168,36 @@ def _peak_cuda(fn: Callable, args: tuple, kwargs: dict, device) -> MemoryReport:
     wall = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device)
     return MemoryReport(peak, str(device), CUDA_METHOD, baseline, peak - baseline, wall)
+
+
+#: what a CUDA library says when the allocator (or the memory fraction) refuses it memory: cuDNN and
+#: cuBLAS ask for workspaces outside the OOM path, so near the limit they fail with their own messages
+ALLOC_FAILURE_MARKERS = ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED",
+                         "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE", "CUDA_ERROR_OUT_OF_MEMORY")
+
+
+def is_alloc_failure(err: BaseException) -> bool:
+    """Whether `err` means "the device memory ran out" (a miss for a probe) rather than a bug."""
+    import torch
+
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(m.lower() in text.lower() for m in ALLOC_FAILURE_MARKERS)
+
+
+def with_index(device: Any):
+    """`device` as a torch.device; a CUDA one with an explicit index (the current device's if none).
+
+    torch's per-device calls take a bare "cuda" badly: set_per_process_memory_fraction rejects it on
+    every version, so the GPU script threads one indexed device through all of them.
+    """
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def peak_memory(
@@ -190,4 +220,5 @@ def peak_memory(
     raise ValueError(f"peak_memory: device must be 'cpu' or 'cuda[:i]', got {device!r}")
 
 
-__all__ = ["CPU_METHOD", "CUDA_METHOD", "DEFAULT_MMAP_THRESHOLD", "MemoryReport", "peak_memory"]
+__all__ = ["CPU_METHOD", "CUDA_METHOD", "DEFAULT_MMAP_THRESHOLD", "MemoryReport", "is_alloc_failure", "peak_memory",
+           "with_index"]

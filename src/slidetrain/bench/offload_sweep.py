@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slidetrain.bench.memory import is_alloc_failure, with_index
 from slidetrain.partitioned.offload import (
     STAGES,
     OffloadEngine,
@@ -124,8 +125,8 @@ def time_config(net: Net, config: str, side: int, device: torch.device, cfg: Swe
     target = torch.tensor([1], device=device)
     times = []
     if amp:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     for it in range(cfg.warmup + cfg.repeats):
         start = time.perf_counter()
         x = image if engine is not None else image.to(device, non_blocking=True)
@@ -136,10 +137,10 @@ def time_config(net: Net, config: str, side: int, device: torch.device, cfg: Swe
         scaler.update()
         opt.zero_grad(set_to_none=True)
         if amp:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         if it >= cfg.warmup:
             times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if amp else 0
+    peak = torch.cuda.max_memory_allocated(device) if amp else 0
     return times, peak
 
 
@@ -152,25 +153,53 @@ def _row(side, config, times, peak, device_name, budget, note=""):
     }
 
 
-def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+def _error_note(err: BaseException) -> str:
+    first = str(err).splitlines()[0] if str(err) else ""
+    return f"error: {type(err).__name__}: {first[:300]}"
+
+
+@contextlib.contextmanager
+def memory_fraction(device: torch.device, budget_bytes: int) -> Iterator[None]:
+    """The device's budget enforced by the caching allocator, and lifted again however the block ends:
+    left set, it would shrink every later section of the GPU script."""
+    device = with_index(device)  # the call rejects a device without an index
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_bytes / total), device)
+    try:
+        yield
+    finally:
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
 
 
 def run_sweep(cfg: SweepConfig, device: torch.device | str = "cpu", log=print,
               deadline_s: float | None = None) -> list[dict]:
     """Rows of the sweep (only configurations that fit the budget); see the module docstring."""
-    device = torch.device(device)
+    return list(iter_sweep(cfg, device, log, deadline_s))
+
+
+def iter_sweep(cfg: SweepConfig, device: torch.device | str = "cpu", log=print, deadline_s: float | None = None,
+               record_errors: bool = False) -> Iterator[dict]:
+    """`run_sweep`'s rows one at a time, as each is measured (the GPU script writes each at once).
+
+    record_errors: an error other than running out of memory becomes a row (`note` "error: ...") and
+    the sweep goes on with the next configuration, instead of raising (the GPU script's one chance).
+    """
+    device = with_index(device)
+    with memory_fraction(device, cfg.budget_bytes) if device.type == "cuda" else contextlib.nullcontext():
+        yield from _sweep(cfg, device, log, deadline_s, record_errors)
+
+
+def _sweep(cfg: SweepConfig, device: torch.device, log, deadline_s: float | None,
+           record_errors: bool) -> Iterator[dict]:
     cuda = device.type == "cuda"
     started = time.perf_counter()
     if cuda:
         name = f"{torch.cuda.get_device_name(device)} (budget {cfg.budget_bytes / GB:.1f} GB)"
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.budget_bytes / total), device)
     else:
         name = f"cpu (accounted budget {cfg.budget_bytes / GB:.2f} GB)"
     net = Net(cfg.seed).to(device)
     elem = 2 if cuda else 4
-    rows: list[dict] = []
 
     def attempt(config: str, side: int, engine: OffloadEngine | None) -> dict | None:
         if not cuda:  # the accounting decides before spending time on a run that cannot fit
@@ -178,11 +207,16 @@ def run_sweep(cfg: SweepConfig, device: torch.device | str = "cpu", log=print,
                 return None
         try:
             times, peak = time_config(net, config, side, device, cfg, engine)
-        except RuntimeError as err:
-            if not (cuda and _is_oom(err)):
+        except Exception as err:
+            if cuda and is_alloc_failure(err):
+                torch.cuda.empty_cache()
+                return None
+            if not record_errors:
                 raise
-            torch.cuda.empty_cache()
-            return None
+            if cuda:
+                torch.cuda.empty_cache()
+            return {"image_side": side, "config": config, "device": name, "budget_gb": cfg.budget_bytes / GB,
+                    "note": _error_note(err)}
         finally:
             net.offloaded = None
         if not cuda:
@@ -191,6 +225,10 @@ def run_sweep(cfg: SweepConfig, device: torch.device | str = "cpu", log=print,
                 return None
         return _row(side, config, times, peak, name, cfg.budget_bytes)
 
+    def outcome(row: dict | None) -> str:
+        return "does not fit" if row is None else row["note"] if "seconds_mean" not in row else \
+            f"{row['seconds_mean']:.3f} s"
+
     for side in cfg.sides:
         if deadline_s is not None and time.perf_counter() - started > deadline_s:
             log(f"side {side}: time box reached, stopping")
@@ -198,9 +236,9 @@ def run_sweep(cfg: SweepConfig, device: torch.device | str = "cpu", log=print,
         configs = ["plain", "save_on_cpu"] if cfg.baselines else []
         for config in configs:
             row = attempt(config, side, None)
-            log(f"side {side} {config}: " + ("does not fit" if row is None else f"{row['seconds_mean']:.3f} s"))
+            log(f"side {side} {config}: {outcome(row)}")
             if row:
-                rows.append(row)
+                yield row
         for stages in range(len(STAGES) + 1):
             transfer = transfer_budget(net, side, stages, cfg, elem)
             if transfer < cfg.min_transfer_bytes:
@@ -208,15 +246,12 @@ def run_sweep(cfg: SweepConfig, device: torch.device | str = "cpu", log=print,
             engine = OffloadEngine(device, transfer)
             net.offloaded = OffloadResNet(net.trunk, stages, engine)
             row = attempt(f"offload_{stages}", side, engine)
-            log(f"side {side} offload_{stages} (transfer {transfer / 2**20:.0f} MiB): "
-                + ("does not fit" if row is None else f"{row['seconds_mean']:.3f} s"))
+            log(f"side {side} offload_{stages} (transfer {transfer / 2**20:.0f} MiB): {outcome(row)}")
             if row:
-                row["note"] = f"transfer {transfer / 2**20:.0f} MiB"
-                rows.append(row)
+                if "seconds_mean" in row:
+                    row["note"] = f"transfer {transfer / 2**20:.0f} MiB"
+                yield row
                 break
-    if cuda:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
-    return rows
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -227,6 +262,8 @@ def summarise(rows: list[dict]) -> dict:
     largest: dict[str, int] = {}
     by: dict[tuple[int, str], float] = {}
     for r in rows:
+        if "seconds_mean" not in r:  # an error row (record_errors)
+            continue
         k = kind(r["config"])
         largest[k] = max(largest.get(k, 0), int(r["image_side"]))
         by[(int(r["image_side"]), k)] = float(r["seconds_mean"])

@@ -27,6 +27,8 @@ hanging it. Rank 0 writes checkpoints (the encoder state comes from rank 1 by ga
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import os
 import time
@@ -97,8 +99,12 @@ def init_distributed(backend: str = "auto", timeout_s: float = 300.0, device: st
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        dev = torch.device("cuda", local_rank % torch.cuda.device_count())  # ranks may share a GPU (gloo)
+    wanted = torch.device(device)
+    if wanted.type == "cuda":
+        # "cuda:i" pins every rank to GPU i; bare "cuda" spreads them (ranks may share a GPU under gloo).
+        # Always an explicit index: set_device and the memory calls reject or misread a bare "cuda".
+        index = wanted.index if wanted.index is not None else local_rank % torch.cuda.device_count()
+        dev = torch.device("cuda", index)
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
@@ -113,6 +119,51 @@ def init_distributed(backend: str = "auto", timeout_s: float = 300.0, device: st
     monitor_group = dist.new_group(ranks=list(range(world_size)), timeout=timeout, backend="gloo")
     return Topology(rank, world_size, backend, dev, encoder_group if rank > 0 else None, monitor_group,
                     timeout_s)
+
+
+def ddp_buffer_kwargs(sync: bool) -> dict[str, bool]:
+    """DDP's keyword for syncing buffers at each forward, in the installed torch's spelling.
+
+    torch 2.13 added `forward_sync_buffers` and deprecated `broadcast_buffers`; older torch (2.11 on
+    the GPU machine) knows only `broadcast_buffers` and raises TypeError on the new name. The two
+    differ only in the sync at construction, where our ranks' buffers are equal anyway (same seed).
+    """
+    params = inspect.signature(DDP.__init__).parameters
+    return {"forward_sync_buffers": sync} if "forward_sync_buffers" in params else {"broadcast_buffers": sync}
+
+
+@functools.cache
+def differentiable_all_reduce_impl() -> str | None:
+    """Which all-reduce with a backward the installed torch offers, for the gloo SyncBN below.
+
+    "funcol": torch.distributed._functional_collectives.all_reduce, once its op has an autograd
+    kernel (newer torch registers one; `torch.distributed.nn.functional` is deprecated there);
+    "nn.functional": the autograd Function of torch.distributed.nn.functional (older torch);
+    None: neither (the caller skips SyncBN with a reason).
+    """
+    try:
+        if torch._C._dispatch_has_kernel_for_dispatch_key("_c10d_functional::all_reduce", "Autograd"):
+            return "funcol"
+    except (AttributeError, RuntimeError):  # a private API: its absence only means "look further"
+        pass
+    try:
+        from torch.distributed.nn.functional import all_reduce  # noqa: F401
+    except ImportError:
+        return None
+    return "nn.functional"
+
+
+def _all_reduce_sum(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """Sum of `x` over `group`, differentiable (its backward sums the gradient over the group)."""
+    impl = differentiable_all_reduce_impl()
+    if impl == "funcol":
+        return funcol.wait_tensor(funcol.all_reduce(x, "sum", group))
+    if impl == "nn.functional":
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(x, dist.ReduceOp.SUM, group)
+    raise DistributedError("SyncBN under gloo needs a differentiable all_reduce; this torch "
+                           f"{torch.__version__} has none (see differentiable_all_reduce_impl)")
 
 
 def shutdown() -> None:
@@ -212,8 +263,8 @@ class _AllReduceSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose batch statistics span the encoder group, for gloo (CPU, or ranks sharing a GPU).
 
     PyTorch's nn.SyncBatchNorm refuses CPU input ("expected input tensor to be on GPU") and is meant
-    for NCCL, so elsewhere the global sums go through PyTorch's functional all_reduce, whose registered backward
-    all-reduces the gradient, and autograd does the rest. With NCCL, nn.SyncBatchNorm is used.
+    for NCCL, so elsewhere the global sums go through a differentiable all_reduce (`_all_reduce_sum`: its
+    backward all-reduces the gradient), and autograd does the rest. With NCCL, nn.SyncBatchNorm is used.
     """
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm, group: dist.ProcessGroup):
@@ -233,12 +284,12 @@ class _AllReduceSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         count = torch.tensor([float(x.numel() // c)], dtype=x.dtype, device=x.device)
         # two passes (mean, then centred squares) as BatchNorm's own kernel: E[x^2] - mean^2 in fp32
         # loses digits when |mean| >> std
-        sums = funcol.wait_tensor(funcol.all_reduce(torch.cat([x.sum(dims), count]), "sum", self.group))
+        sums = _all_reduce_sum(torch.cat([x.sum(dims), count]), self.group)
         n = sums[-1]
         mean = sums[:c] / n  # (C,); the all_reduce's backward all-reduces the gradient
         shape = [1, c] + [1] * (x.dim() - 2)
         centred = x - mean.reshape(shape)
-        var = funcol.wait_tensor(funcol.all_reduce((centred * centred).sum(dims), "sum", self.group)) / n  # (C,)
+        var = _all_reduce_sum((centred * centred).sum(dims), self.group) / n  # (C,)
         with torch.no_grad():
             self.num_batches_tracked += 1
             m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
@@ -304,7 +355,7 @@ class DistributedEngine:
             enc = enc.to(dev)
             self.ddp = DDP(enc, process_group=self.topo.encoder_group,
                            device_ids=[dev.index] if dev.type == "cuda" else None,
-                           forward_sync_buffers=not self.sync_bn)  # SyncBN stats agree already
+                           **ddp_buffer_kwargs(not self.sync_bn))  # SyncBN stats agree already
             self.model = enc
             self.aggregator = None
         self.optimizer = self.make_optimizer(self.model)
