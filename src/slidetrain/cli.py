@@ -794,7 +794,7 @@ def cmd_e2e_equivalence(a: argparse.Namespace) -> None:
     from slidetrain.bench.e2e_distributed import write_equivalence
 
     pairs = [(m, Path(s), Path(p)) for m, s, p in a.pair]
-    write_equivalence(pairs, Path(a.csv), Path(a.figure))
+    write_equivalence(pairs, Path(a.csv), Path(a.figure), {m: Path(r) for m, r in a.reference or []})
 
 
 def cmd_e2e_scaling(a: argparse.Namespace) -> None:
@@ -826,6 +826,8 @@ def _add_e2e_distributed_parsers(sub) -> None:
     s.set_defaults(func=cmd_e2e_parallel)
     s = sub.add_parser("e2e-equivalence", help="normalized L1 of single vs parallel runs, table + figure")
     s.add_argument("--pair", nargs=3, action="append", required=True, metavar=("MODEL", "SINGLE", "PARALLEL"))
+    s.add_argument("--reference", nargs=2, action="append", metavar=("MODEL", "SINGLE_FLOAT64"),
+                   help="a float32 case's single run in float64: adds the fp32_noise column")
     s.add_argument("--csv", required=True)
     s.add_argument("--figure", required=True)
     s.set_defaults(func=cmd_e2e_equivalence)

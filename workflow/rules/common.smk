@@ -346,6 +346,8 @@ def _step_slides(wildcards=None):
 # Distributed end-to-end (workflow/rules/distributed.smk)
 E2E = config.get("e2e_distributed", {})
 E2E_CASES = list(E2E.get("equivalence", {}))
+# float32 cases get a float64 single run beside them (the reference's own rounding)
+E2E_FLOAT32_CASES = [c for c in E2E_CASES if E2E["equivalence"][c].get("dtype", "float32") == "float32"]
 E2E_SCALING = E2E.get("scaling", {})
 
 

@@ -54,10 +54,31 @@ rule e2e_parallel:
         " --timeout-s {params.timeout_s} --out {output} > {log} 2>&1"
 
 
+rule e2e_reference:
+    # a float32 case's single run in float64: how far plain fp32 itself stands from exact (fp32_noise)
+    output:
+        temp("results/bench/e2e/{e2e_case}_reference.pt"),
+    params:
+        spec=lambda w: json.dumps({**_e2e_spec(w.e2e_case), "dtype": "float64"}),
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/bench/e2e/{e2e_case}_reference.log",
+    benchmark:
+        "benchmarks/bench/e2e/{e2e_case}_reference.tsv"
+    threads: E2E.get("threads", 2)
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "slidetrain e2e-single --spec '{params.spec}' --threads 1 --out {output} > {log} 2>&1"
+
+
 rule e2e_equivalence:
     input:
         single=expand("results/bench/e2e/{e2e_case}_single.pt", e2e_case=E2E_CASES),
         parallel=expand("results/bench/e2e/{e2e_case}_parallel.pt", e2e_case=E2E_CASES),
+        reference=expand("results/bench/e2e/{e2e_case}_reference.pt", e2e_case=E2E_FLOAT32_CASES),
     output:
         csv=report("results/bench/e2e_equivalence.csv", caption="../report/e2e_equivalence.rst",
                    category="Distributed end-to-end"),
@@ -66,6 +87,7 @@ rule e2e_equivalence:
     params:
         pairs=" ".join(f"--pair {c} results/bench/e2e/{c}_single.pt results/bench/e2e/{c}_parallel.pt"
                        for c in E2E_CASES),
+        references=" ".join(f"--reference {c} results/bench/e2e/{c}_reference.pt" for c in E2E_FLOAT32_CASES),
     conda:
         "../../envs/slidetrain.yaml"
     log:
@@ -73,7 +95,7 @@ rule e2e_equivalence:
     benchmark:
         "benchmarks/bench/e2e_equivalence.tsv"
     shell:
-        "slidetrain e2e-equivalence {params.pairs} --csv {output.csv} --figure {output.figure} > {log} 2>&1"
+        "slidetrain e2e-equivalence {params.pairs} {params.references} --csv {output.csv} --figure {output.figure} > {log} 2>&1"
 
 
 rule e2e_scaling_parallel:

@@ -145,7 +145,10 @@ def _snapshot(module: nn.Module, names: dict[str, str], grads: bool) -> dict[str
     for display, name in names.items():
         p = params[name.removeprefix("module.")]
         t = p.grad if grads else p
-        t = (torch.zeros_like(p) if t is None else t).detach().cpu().clone()
+        if t is None:  # kept as missing: a gradient on one side only must fail the comparison
+            out[display] = None
+            continue
+        t = t.detach().cpu().clone()
         out[display] = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
     return out
 
@@ -156,6 +159,15 @@ def _side_names(tracked: dict[str, tuple[str, str]], side: str) -> dict[str, str
 
 # -- single process: plain autograd on the whole bag ---------------------------------------------
 def run_single(spec: CaseSpec) -> dict:
+    """The case in this process; torch's default dtype (set to spec.dtype) is restored afterwards."""
+    previous = torch.get_default_dtype()
+    try:
+        return _run_single(spec)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _run_single(spec: CaseSpec) -> dict:
     from slidetrain.train.tilebag.executors import PlainExecutor, StepContext
 
     dev = torch.device(spec.device)
@@ -328,18 +340,41 @@ def normalized_l1(a: Tensor, ref: Tensor) -> float:
     return diff / denom if denom > 0 else diff
 
 
-def compare(model: str, single: dict, parallel: dict) -> list[dict]:
+def _nl1(model: str, step: int, name: str, a: Tensor | None, ref: Tensor | None) -> float | None:
+    if (a is None) != (ref is None):
+        raise AssertionError(f"{model} step {step}: {name} present on one side only")
+    return None if ref is None else normalized_l1(a, ref)
+
+
+def compare(model: str, single: dict, parallel: dict, reference: dict | None = None) -> list[dict]:
+    """Per step and tracked tensor: normalized L1 of parallel vs single; with a float64 `reference`
+    (the single run in float64), also single's own distance from it (`fp32_noise`: rounding of
+    plain fp32 on this CPU) and parallel's (`parallel_vs_fp64`)."""
     rows = []
-    if len(single["records"]) != len(parallel["records"]):
-        raise ConfigError(f"{model}: {len(single['records'])} single steps vs {len(parallel['records'])} parallel")
-    for s, p in zip(single["records"], parallel["records"], strict=True):
+    runs = [single, parallel] + ([reference] if reference is not None else [])
+    if len({len(r["records"]) for r in runs}) != 1:
+        raise ConfigError(f"{model}: steps differ (single, parallel, reference): {[len(r['records']) for r in runs]}")
+    for i, (s, p) in enumerate(zip(single["records"], parallel["records"], strict=True)):
+        r = reference["records"][i] if reference is not None else None
+        step = s["step"]
         for kind in ("params", "grads"):
             for name, ref in s[kind].items():
-                rows.append({"model": model, "step": s["step"], "tensor": f"{name} {kind[:-1] if kind == 'params' else 'grad'}",
-                             "normalized_l1": normalized_l1(p[kind][name], ref), "abs_difference": ""})
-        rows.append({"model": model, "step": s["step"], "tensor": "loss",
-                     "normalized_l1": abs(p["loss"] - s["loss"]) / max(abs(s["loss"]), 1e-12),
-                     "abs_difference": abs(p["loss"] - s["loss"])})
+                label = f"{name} {kind[:-1] if kind == 'params' else 'grad'}"
+                if name not in p[kind]:
+                    raise AssertionError(f"{model} step {step}: {label} missing from the parallel run")
+                row = {"model": model, "step": step, "tensor": label,
+                       "normalized_l1": _nl1(model, step, label, p[kind][name], ref), "abs_difference": ""}
+                if r is not None:
+                    row["fp32_noise"] = _nl1(model, step, label, ref, r[kind][name])
+                    row["parallel_vs_fp64"] = _nl1(model, step, label, p[kind][name], r[kind][name])
+                rows.append(row)
+        row = {"model": model, "step": step, "tensor": "loss",
+               "normalized_l1": abs(p["loss"] - s["loss"]) / max(abs(s["loss"]), 1e-12),
+               "abs_difference": abs(p["loss"] - s["loss"])}
+        if r is not None:
+            row["fp32_noise"] = abs(s["loss"] - r["loss"]) / max(abs(r["loss"]), 1e-12)
+            row["parallel_vs_fp64"] = abs(p["loss"] - r["loss"]) / max(abs(r["loss"]), 1e-12)
+        rows.append(row)
     return rows
 
 
@@ -367,8 +402,12 @@ def equivalence_figure(rows: list[dict], path: Path) -> None:
             else:
                 sel = d[d["tensor"].str.endswith(f" {kind}")]
                 for name, g in sel.groupby("tensor", sort=False):
-                    ax.plot(g["step"], g["normalized_l1"].clip(lower=floor), marker="o",
+                    ax.plot(g["step"], g["normalized_l1"].astype(float).clip(lower=floor), marker="o",
                             label=name.removesuffix(f" {kind}"))
+                if "fp32_noise" in sel and sel["fp32_noise"].notna().any():  # the reference's own rounding
+                    noise = sel.groupby("step")["fp32_noise"].max().clip(lower=floor)
+                    ax.plot(noise.index, noise.to_numpy(), ls="--", color="grey",
+                            label="plain fp32 vs float64 (largest)")
                 ax.legend(fontsize=7)
             ax.set_yscale("log")
             ax.set_ylim(bottom=floor / 3)
@@ -380,12 +419,16 @@ def equivalence_figure(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_equivalence(pairs: list[tuple[str, Path, Path]], csv_path: Path, figure: Path) -> list[dict]:
+def write_equivalence(pairs: list[tuple[str, Path, Path]], csv_path: Path, figure: Path,
+                      references: dict[str, Path] | None = None) -> list[dict]:
+    """The equivalence table and Figure 3; `references` maps a float32 case to its single run in float64."""
     import pandas as pd
 
     rows = []
     for model, single, parallel in pairs:
-        rows += compare(model, torch.load(single, weights_only=False), torch.load(parallel, weights_only=False))
+        ref = (references or {}).get(model)
+        rows += compare(model, torch.load(single, weights_only=False), torch.load(parallel, weights_only=False),
+                        torch.load(ref, weights_only=False) if ref is not None else None)
     with atomic_path(csv_path) as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
     equivalence_figure(rows, figure)

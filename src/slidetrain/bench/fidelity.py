@@ -29,7 +29,7 @@ A dropped gradient or a wrong factor moves a tensor by its whole scale, far abov
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -105,11 +105,13 @@ def fidelity(
     plain: Mapping[str, Tensor | None],
     reference: Mapping[str, Tensor | None],
     jump: float = 0.0,
+    jump_on: Callable[[str], bool] = lambda name: "grad" in name,
 ) -> Fidelity:
     """Per tensor, the engine's and plain fp32's distances from the float64 reference.
 
-    `jump` (e.g. JUMP, for deep ReLU networks) is added to the allowance of gradient tensors
-    (names containing "grad"). All three map the same names; a tensor present on one side only (a dropped gradient) or of
+    `jump` (e.g. JUMP, for deep ReLU networks) is added to the allowance of the tensors `jump_on`
+    selects: gradients (names containing "grad"); over several optimiser steps, the parameters too,
+    since a flipped branch's jump in one step's gradient is in every later parameter. All three map the same names; a tensor present on one side only (a dropped gradient) or of
     another shape is an AssertionError naming it.
     """
     if not (set(engine) == set(plain) == set(reference)):
@@ -132,7 +134,7 @@ def fidelity(
     for k in names:
         ref = reference[k].double()
         out.append(TensorFidelity(k, _rms(engine[k].double() - ref), _rms(plain[k].double() - ref),
-                                  max(scales[k], floor), jump if "grad" in k else 0.0))
+                                  max(scales[k], floor), jump if jump_on(k) else 0.0))
     return Fidelity(out)
 
 

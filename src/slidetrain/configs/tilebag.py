@@ -36,6 +36,9 @@ class TileBagConfig(TrainConfig):
     lr_encoder: float | None = None  # None = lr
     lr_aggregator: float | None = None  # None = lr
     amp: bool = False  # CUDA: fp16 autocast + GradScaler; CPU: bf16 autocast
+    # float64: every weight, tile and feature in double precision, for equivalence checks of the
+    # executors against plain (exact to rounding on any CPU); several times slower than float32
+    dtype: str = "float32"
     device: str = "cpu"
     workers: int = 2  # DataLoader worker processes reading tiles (0 = in the training process)
     eval_tiles: str = "all"  # all (every tile, in chunks, no grad) | sampled (eval_repeats x eval_k)
@@ -68,6 +71,10 @@ class TileBagConfig(TrainConfig):
             raise ValueError(f"encoder: expected one of {list(ENCODER_MODES)}, got {self.encoder!r}")
         if self.eval_tiles not in EVAL_MODES:
             raise ValueError(f"eval_tiles: expected one of {list(EVAL_MODES)}, got {self.eval_tiles!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype: expected float32 or float64, got {self.dtype!r}")
+        if self.dtype == "float64" and self.amp:
+            raise ValueError("dtype: float64 with amp: true (half-precision autocast) contradicts itself")
         if self.eval_bn not in ("running", "bag"):
             raise ValueError(f"eval_bn: expected running or bag, got {self.eval_bn!r}")
         if self.k < 1 or self.eval_k < 0 or self.eval_repeats < 1 or self.eval_chunk < 1:

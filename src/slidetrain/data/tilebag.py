@@ -218,7 +218,7 @@ class SlideReader:
 
 def to_input(bag_u8: Tensor, draw: AugmentDraw | None) -> Tensor:
     """uint8 (K, 3, P, P) -> normalised float32 (K, 3, P, P), augmented when `draw` is given."""
-    tiles = bag_u8.float().div_(255)
+    tiles = bag_u8.to(torch.get_default_dtype()).div_(255)  # float32 (float64 in equivalence checks)
     if draw is not None:
         tiles = apply_augmentation(tiles, draw)
     return normalise(tiles)

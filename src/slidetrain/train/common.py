@@ -7,12 +7,13 @@ and ends exactly where an uninterrupted run would.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
@@ -26,6 +27,17 @@ from slidetrain.io import atomic_path, write_json
 
 #: test hook: exit hard (as a kill would) right after the checkpoint of this epoch (1-based) is saved
 STOP_AFTER_EPOCH_ENV = "SLIDETRAIN_STOP_AFTER_EPOCH"
+
+
+@contextlib.contextmanager
+def default_dtype(name: str) -> Iterator[None]:
+    """torch's default dtype set to `name` (float32 | float64) inside, restored after."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, name))
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def seed_everything(seed: int) -> None:

@@ -33,6 +33,7 @@ from slidetrain.evaluate.metrics import evaluate_predictions
 from slidetrain.io import atomic_path, write_json
 from slidetrain.train.common import (
     config_hash,
+    default_dtype,
     maybe_stop_for_test,
     part_slides,
     predictions_table,
@@ -74,10 +75,19 @@ def fit_tilebag(
     collectives' `timeout_s` apply there): rank 0 writes the files and returns model.pt, the other
     ranks return None.
     """
+    cfg = tilebag_config(params)
+    with default_dtype(cfg.dtype):  # float64: equivalence checks of the executors
+        return _fit(cfg, split_csv, sheet_csv, slides_dir, tiles_dir, sampling, class_names, out_dir, seed,
+                    ordinal, threads, backend, timeout_s)
+
+
+def _fit(
+    cfg: TileBagConfig, split_csv: Path, sheet_csv: Path, slides_dir: Path, tiles_dir: Path, sampling: dict,
+    class_names: list[str], out_dir: Path, seed: int, ordinal: bool, threads: int, backend: str, timeout_s: float,
+) -> Path | None:
     torch.set_num_threads(max(1, threads))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = tilebag_config(params)
     split = read_split(split_csv)
     samp = BagSampling(k=cfg.k, input_px=cfg.input_px, augment=cfg.augment, **sampling)
     train, val = (_refs(split, p, class_names, sheet_csv, slides_dir, tiles_dir) for p in ("train", "val"))

@@ -45,6 +45,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from slidetrain.errors import ConfigError, DistributedError
 from slidetrain.io import atomic_path
+from slidetrain.train.tilebag.executors import full_precision
 
 log = logging.getLogger(__name__)
 
@@ -387,7 +388,7 @@ class DistributedEngine:
     def _encoder_side(self, tiles: Tensor) -> None:
         with self.autocast():
             f = self.ddp(tiles.to(self.topo.device, non_blocking=True))  # (k_r, D)
-        f = (f.float() if f.dtype in (torch.float16, torch.bfloat16) else f).contiguous()  # fp32 (or fp64)
+        f = full_precision(f).contiguous()  # fp32 (or fp64)
         sizes = self.comm.sizes(f.shape[0], f.shape[1])
         self.comm.gather(f, sizes)
         g = self.comm.scatter(None, sizes).to(f.device)  # (k_r, D), dL/df_r (loss-scaled, unscaled by AMP)
@@ -401,7 +402,7 @@ class DistributedEngine:
         with self.autocast():
             out = self.aggregator(feats)
             loss = self.loss_fn(out, label.to(self.topo.device))
-        scaled = loss.float() * loss_scale
+        scaled = full_precision(loss) * loss_scale
         (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         g = feats.grad  # (sum k_r, D)
         if self.scaler is not None:
@@ -443,7 +444,7 @@ class DistributedEngine:
         outs = []
         for part in torch.split(tiles, chunk) if len(tiles) else []:
             with self.autocast():
-                outs.append(self.model(part.to(self.topo.device)).float())  # (c, D)
+                outs.append(full_precision(self.model(part.to(self.topo.device))))  # (c, D)
         return self.predict_features(torch.cat(outs) if outs else None, step)
 
     @torch.no_grad()
@@ -463,7 +464,7 @@ class DistributedEngine:
         if features is None or len(features) == 0:
             raise DistributedError(f"rank {self.topo.rank}: empty tile share at evaluation step {step}; "
                                    "give every encoder rank at least one tile")
-        features = features.float().contiguous()  # (k_r, D)
+        features = full_precision(features).contiguous()  # (k_r, D)
         sizes = self.comm.sizes(features.shape[0], features.shape[1])
         self.comm.gather(features, sizes)
         return None

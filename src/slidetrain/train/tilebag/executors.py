@@ -82,7 +82,12 @@ def encode(encoder: nn.Module, tiles: Tensor, ctx: StepContext) -> Tensor:
     grad = torch.enable_grad() if ctx.train_encoder else torch.no_grad()
     with grad, ctx.autocast():
         features = encoder(tiles)  # (K, D)
-    return features.float() if features.dtype in (torch.float16, torch.bfloat16) else features
+    return full_precision(features)
+
+
+def full_precision(t: Tensor) -> Tensor:
+    """AMP's half-precision output back to torch's default dtype (float32, or float64 in checks)."""
+    return t.to(torch.get_default_dtype()) if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 class Executor:

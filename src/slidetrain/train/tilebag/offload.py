@@ -11,7 +11,6 @@ A frozen encoder has no backward and nothing to offload: it runs as `plain` does
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from slidetrain.errors import ConfigError
@@ -22,6 +21,7 @@ from slidetrain.train.tilebag.executors import (
     _backward,
     _detached,
     encode,
+    full_precision,
     register_executor,
 )
 
@@ -62,8 +62,7 @@ class OffloadExecutor(Executor):
             wrapped = self.offloaded(encoder, ctx.device)
             with ctx.autocast():
                 features = wrapped(tiles.cpu())  # host bag in; (K, D) on the device out
-            if features.dtype in (torch.float16, torch.bfloat16):  # as `encode`: AMP's half -> float32
-                features = features.float()
+            features = full_precision(features)  # as `encode`: AMP's half -> float32
         with ctx.autocast():
             out = aggregator(features)
             loss = loss_fn(out, label.to(ctx.device))

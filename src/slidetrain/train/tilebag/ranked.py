@@ -49,6 +49,7 @@ from slidetrain.models.encoders import build_encoder
 from slidetrain.train.common import maybe_stop_for_test
 from slidetrain.train.optim import build_optimizer, build_scheduler
 from slidetrain.train.tilebag.distributed import DistributedEngine, Topology, split_bag
+from slidetrain.train.tilebag.executors import full_precision
 from slidetrain.train.tilebag.model import TileBagConfig, TileBagModel, bag_statistics_copy
 from slidetrain.train.tilebag.trainer import Prediction, PredictionCollector
 
@@ -227,7 +228,7 @@ class RankedTileBagTrainer:
         for item in bag_loader(bags, workers=workers):
             item = check_item(item)
             with self.engine.autocast():
-                chunks.append(encoder(item["tiles"].to(self.device)).float())  # (c, D)
+                chunks.append(full_precision(encoder(item["tiles"].to(self.device))))  # (c, D)
             if item["last"]:
                 self.step_count += 1
                 self.engine.predict_features(torch.cat(chunks), self.step_count)  # (k_r, D) to rank 0

@@ -31,7 +31,7 @@ from slidetrain.errors import ConfigError, TrainingError
 from slidetrain.evaluate.metrics import classification_metrics
 from slidetrain.models.base import MILModel, MILOutput
 from slidetrain.train.optim import build_optimizer, build_scheduler
-from slidetrain.train.tilebag.executors import StepContext, build_executor
+from slidetrain.train.tilebag.executors import StepContext, build_executor, full_precision
 from slidetrain.train.tilebag.model import (
     TileBagConfig,
     TileBagModel,
@@ -219,7 +219,7 @@ class TileBagTrainer:
         for item in loader:
             item = check_item(item)
             with autocast():
-                chunks.append(encoder(item["tiles"].to(self.device)).float())  # (B, D)
+                chunks.append(full_precision(encoder(item["tiles"].to(self.device))))  # (B, D)
             chunk_coords.append(item["coords"].numpy())
             if not item["last"]:
                 continue
