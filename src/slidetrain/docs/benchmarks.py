@@ -68,21 +68,21 @@ CATALOGUE: tuple[Result, ...] = (
            cost="four whole-image trainings"),
     Result("results/tables/table2.csv", "Table 2: training memory (local-learning paper)",
            "Peak memory of one training slide and step, e2e against local_k4/local_k8 per image size.",
-           cost="about 21 GB of RAM at the largest default size"),
+           cost="a fresh process per measurement; the rule asks for 21,000 MB of RAM"),
     Result("results/bench/mil_throughput.csv", "MIL training throughput",
            "One training epoch per MIL method over 1,000 synthetic bags of 2,000 x 512 features.",
            cost="4 GB of synthetic bags; TransMIL's epoch dominates"),
     Result("results/tables/e2e_table1.csv", "Campanella et al. Table 1: AUROC against K and strategy",
            "Tile-bag K sweep (single), parallel and half strategies, frozen-feature MIL rows.",
-           target="e2e", cost="the `e2e` target: about 20 tile-bag trainings"),
+           target="e2e", cost="the `e2e` target: 18 tile-bag trainings at the default config"),
     Result("results/bench/e2e_max_tiles.csv", "Campanella et al. Figure 1: most tiles per step",
            "Most tiles per forward + backward within the memory budget, per encoder and precision.",
-           target="e2e"),
+           target="e2e", cost="part of the `e2e` target: a fresh process per probe"),
     Result("results/tables/offload_table1.csv", "Big-Layers Table 1: QWK",
            "Frozen against trained (offload) encoder, with and without augmentation, internal and "
            "external test sets.", target="offload", cost="the `offload` target: 24 tile-bag trainings"),
     Result("results/tables/offload_table2.csv", "Big-Layers Table 2: accuracy",
-           "As Table 1 on the binary task.", target="offload"),
+           "As Table 1 on the binary task.", target="offload", cost="part of the `offload` target"),
 )
 
 DEFAULT_BUILD = tuple(r.path for r in CATALOGUE[:10])
@@ -202,7 +202,7 @@ def render(root: Path, stamp: Stamp, catalogue: tuple[Result, ...] = CATALOGUE) 
            "`docs.build` (the main job and the benchmarks that take minutes on a CPU) and renders every "
            "other known result that exists; `--configfile config/docs_full.yaml` builds all of them. "
            "Synthetic data at CPU scale: the values show that each pipeline runs and how its parts compare, "
-           "not the papers' levels (docs/methods.md).", ""]
+           "not the papers' levels ([methods.md](methods.md)).", ""]
     if not present:
         out += ["No results exist yet in this working directory.", ""]
     for r in present:
