@@ -70,7 +70,8 @@ CATALOGUE: tuple[Result, ...] = (
            "Peak memory of one training slide and step, e2e against local_k4/local_k8 per image size.",
            cost="a fresh process per measurement; the rule asks for 21,000 MB of RAM"),
     Result("results/bench/mil_throughput.csv", "MIL training throughput",
-           "One training epoch per MIL method over 1,000 synthetic bags of 2,000 x 512 features.",
+           "One training epoch per MIL method over synthetic feature bags (`bench.mil_*`); MIL-RNN's epoch is "
+           "its stage 1 (the top-1 tile classifier), not the RNN.",
            cost="4 GB of synthetic bags; TransMIL's epoch dominates"),
     Result("results/tables/e2e_table1.csv", "Campanella et al. Table 1: AUROC against K and strategy",
            "Tile-bag K sweep (single), parallel and half strategies, frozen-feature MIL rows.",
