@@ -1,10 +1,13 @@
-"""Every `snakemake` and `slidetrain` command in README.md's fenced blocks stays true for the code.
+"""Every `snakemake` and `slidetrain` command in the fenced blocks of README.md and docs/*.md stays
+true for the code.
 
 snakemake commands are dry-run (`-n`, same targets, configs and profile) in a scratch working
 directory that links the repository's Snakefile, workflow/, config/, profiles/ and envs/ (so that
 nothing is written into the clone and a user's running job is not unlocked); `--report FILE` is
 dropped and `--unlock` runs as written there. slidetrain commands (also those launched by torchrun)
-are parsed by the real argument parser without running them.
+are parsed by the real argument parser without running them. A target written after an option
+that takes several values (`--forcerun RULE TARGET`) would silently be swallowed by it and the
+default target built instead: every `results/...` path and target rule must parse as a target.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from slidetrain.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+PAGES = [README, *sorted((REPO / "docs").glob("*.md"))]
+TARGET_RULES = {"docs", "e2e", "offload"}  # target rules the pages name (`all` is a --cores value)
 pytestmark = pytest.mark.workflow
 
 SETUP = (
@@ -57,10 +62,10 @@ def _join(block: list[str]) -> list[str]:
     return out + ([current] if current else [])
 
 
-def commands(tool: str) -> list[list[str]]:
+def commands(tool: str, pages: list[Path] = PAGES) -> list[list[str]]:
     """argv after `tool` for each command that runs it (after &&, ;, |, or torchrun's --no-python)."""
     found = []
-    for line in fenced_lines(README.read_text()):
+    for line in (x for page in pages for x in fenced_lines(page.read_text())):
         for segment in re.split(r"\s(?:&&|\|\||;|\|)\s", line):
             try:
                 tokens = shlex.split(segment, comments=True)
@@ -81,8 +86,18 @@ def test_setup_commands_come_first_as_written():
 
 
 def test_readme_has_the_commands_this_test_checks():
-    assert len(commands("snakemake")) >= 8
-    assert len(commands("slidetrain")) >= 3
+    assert len(commands("snakemake", [README])) >= 8
+    assert len(commands("slidetrain", [README])) >= 3
+
+
+@pytest.mark.parametrize("argv", commands("snakemake"), ids=lambda a: " ".join(a)[:80])
+def test_snakemake_targets_parse_as_targets(argv):
+    from snakemake.cli import get_argument_parser
+
+    args = get_argument_parser().parse_args(argv)
+    for tok in argv:
+        if tok.startswith("results/") or tok in TARGET_RULES:
+            assert tok in args.targets, f"snakemake {' '.join(argv)}: {tok} is not parsed as a target"
 
 
 @pytest.fixture(scope="module")
