@@ -31,6 +31,7 @@ include: "workflow/rules/offload.smk"
 include: "workflow/rules/distributed.smk"
 include: "workflow/rules/tilebag.smk"
 include: "workflow/rules/offload_tables.smk"
+include: "workflow/rules/docs.smk"
 
 
 rule all:

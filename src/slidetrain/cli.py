@@ -742,6 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tilebag_parsers(sub)
     _add_data_parsers(sub)
     _add_report_parsers(sub)
+    _add_docs_parsers(sub)
     return p
 
 
@@ -840,6 +841,12 @@ def _add_e2e_distributed_parsers(sub) -> None:
 
 def _add_data_parsers(sub) -> None:
     from slidetrain.data.commands import add_parsers
+
+    add_parsers(sub)
+
+
+def _add_docs_parsers(sub) -> None:
+    from slidetrain.docs.commands import add_parsers
 
     add_parsers(sub)
 

@@ -1,6 +1,6 @@
 # The distributed tile-bag executor (Campanella et al.): gradient equivalence (Figure 3) and scaling.
 # Parallel runs are launched by torchrun (--standalone: one node; nproc from the rule's resources).
-# On SLURM, profiles/slurm gives such a job one task and `gpu` GPUs (see README, "Distributed").
+# On SLURM, profiles/slurm gives such a job one task and `gpu` GPUs (docs/tilebag.md, "distributed").
 
 # E2E, E2E_CASES, E2E_SCALING and the helpers below them are in common.smk.
 

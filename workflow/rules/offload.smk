@@ -1,4 +1,4 @@
-# Big-Layers (issue 13): the offload engine's equivalence to plain PyTorch, and Figure 2's sweep.
+# Big-Layers: the offload engine's equivalence to plain PyTorch, and Figure 2's sweep.
 
 
 OFFLOAD_BENCH = config.get("bench", {}).get("offload", {})

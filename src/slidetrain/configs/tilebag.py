@@ -47,7 +47,7 @@ class TileBagConfig(TrainConfig):
     eval_chunk: int = 256  # tiles per encoder call at evaluation
     # BatchNorm at evaluation: running (torch's eval mode: the running statistics) | bag (each encoder
     # call normalised by its own tiles' statistics, as every training step is: one slide per step means
-    # BN's batch is one slide's bag; running statistics never change). See README for why it matters.
+    # BN's batch is one slide's bag; running statistics never change). See docs/tilebag.md (Data) for why it matters.
     eval_bn: str = "running"
     # The authors' optimiser (REFERENCE_NOTES "Multi-GPU end-to-end")
     epochs: int = 40

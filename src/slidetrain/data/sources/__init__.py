@@ -9,7 +9,7 @@ and md5/size where the source gives them, plus source-specific columns) for `sli
 | camelyon16  | public S3 bucket                | camelyon  |
 | camelyon17  | public S3 bucket                | camelyon  |
 | panda       | Kaggle competition API          | panda     |
-| lks         | none: a sheet placed by hand    | (format in README, checked by read_sheet) |
+| lks         | none: a sheet placed by hand    | (format in docs/datasets.md, read_sheet checks it) |
 """
 
 DATASETS = ("tcga_nsclc", "tcga_rcc", "tcga_prad", "camelyon16", "camelyon17", "panda")
