@@ -19,6 +19,7 @@ import torch
 from slidetrain.bench.e2e_distributed import run_single, spec_from_dict
 from slidetrain.train.tilebag.distributed import pick_backend, split_bag
 
+pytestmark = pytest.mark.equivalence
 REPO = Path(__file__).resolve().parents[1]
 TOY = {"case": "toy", "dim": 32, "tiles": 21, "steps": 3, "momentum": 0.9, "track_all": True, "predict_tiles": 7}
 TOL = 1e-5
@@ -105,7 +106,6 @@ def records_by_name(result: dict) -> dict:
             for name, t in r[kind].items()}
 
 
-@pytest.mark.equivalence
 def test_resnet_gma_syncbn_three_processes_match_single_process(tmp_path):
     """ResNet18 + GMA (no dropout), BatchNorm synchronised over the encoder ranks, 2 steps.
 

@@ -70,6 +70,7 @@ def test_registry_has_plain_and_two_stage():
 
 
 @pytest.mark.parametrize("accumulation,n_slides", [(1, 1), (3, 3)])
+@pytest.mark.equivalence
 def test_two_stage_equals_one_graph(accumulation, n_slides):
     encoder, aggregator, tiles = _setup()
     loss_a, ga = _run(PlainExecutor(), encoder, aggregator, tiles, accumulation, n_slides)
@@ -79,6 +80,7 @@ def test_two_stage_equals_one_graph(accumulation, n_slides):
     assert _max_rel(gb, ga) < 1e-6
 
 
+@pytest.mark.equivalence
 def test_a_missing_factor_is_caught():
     """The comparison above can fail: a pseudo-loss off by a factor (as a forgotten N would be) does."""
     encoder, aggregator, tiles = _setup()
