@@ -87,20 +87,26 @@ class ToyAggregator(nn.Module):
 
 
 def build_models(spec: CaseSpec) -> tuple[nn.Module, nn.Module]:
-    """(encoder, aggregator), identical on every process for one seed (in spec.dtype, as every tensor)."""
-    torch.set_default_dtype(getattr(torch, spec.dtype))
+    """(encoder, aggregator), identical on every process for one seed, in spec.dtype (as every tensor).
+
+    Drawn in float32 and then cast, so that a float64 run starts from the float32 run's numbers
+    and is its exact reference (fp32_noise); then torch's default dtype is set to spec.dtype.
+    """
+    torch.set_default_dtype(torch.float32)
     torch.manual_seed(spec.seed)
     if spec.case == "toy":
         encoder = nn.Sequential(nn.Linear(spec.dim, spec.dim), nn.ReLU(), nn.Linear(spec.dim, spec.dim))
         aggregator = ToyAggregator(spec.dim)
-        return encoder, aggregator
-    from slidetrain.models.encoders import build_encoder, encoder_dim
-    from slidetrain.models.gma import GMA, GMAConfig
+    else:
+        from slidetrain.models.encoders import build_encoder, encoder_dim
+        from slidetrain.models.gma import GMA, GMAConfig
 
-    encoder = build_encoder(spec.backbone, "none", spec.seed).train()
-    torch.manual_seed(spec.seed + 1)
-    aggregator = GMA(encoder_dim(spec.backbone), 2, GMAConfig(dropout=0.0))
-    return encoder, aggregator
+        encoder = build_encoder(spec.backbone, "none", spec.seed).train()
+        torch.manual_seed(spec.seed + 1)
+        aggregator = GMA(encoder_dim(spec.backbone), 2, GMAConfig(dropout=0.0))
+    dtype = getattr(torch, spec.dtype)
+    torch.set_default_dtype(dtype)
+    return encoder.to(dtype), aggregator.to(dtype)
 
 
 def tracked_names(spec: CaseSpec, encoder: nn.Module, aggregator: nn.Module) -> dict[str, tuple[str, str]]:
@@ -125,9 +131,9 @@ def bag(spec: CaseSpec, step: int, n_tiles: int | None = None, salt: int = 0) ->
     """The step's whole bag and label, a function of (seed, step) only."""
     g = torch.Generator().manual_seed(10_000 * spec.seed + step + 7_919 * salt)
     k = n_tiles or spec.tiles
-    x = torch.randn(k, spec.dim, generator=g) if spec.case == "toy" else \
-        torch.randn(k, 3, spec.tile_px, spec.tile_px, generator=g)  # (K, D) or (K, 3, P, P)
-    return x, torch.tensor(step % 2)
+    shape = (k, spec.dim) if spec.case == "toy" else (k, 3, spec.tile_px, spec.tile_px)  # (K, D) or (K, 3, P, P)
+    x = torch.randn(shape, generator=g, dtype=torch.float32)  # float32 draws in every dtype (see build_models)
+    return x.to(torch.get_default_dtype()), torch.tensor(step % 2)
 
 
 def loss_fn(out: MILOutput, label: Tensor) -> Tensor:
