@@ -64,6 +64,7 @@ def cmd_features(a: argparse.Namespace) -> None:
     extract_features(
         jobs, a.encoder, a.weights, batch_size=a.batch_size, device=a.device, threads=a.threads,
         seed=a.seed, mpp_fallback=a.mpp_fallback, workers=a.workers, amp=a.amp, shard=a.shard, manifest=a.manifest,
+        sha256=a.weights_sha256 or None,
     )
 
 
@@ -560,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-dir", required=True)
     s.add_argument("--encoder", required=True)
     s.add_argument("--weights", default="none")
+    s.add_argument("--weights-sha256", default="", help="expected sha256 of the weights file (foundation models)")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--device", default="cpu")
     s.add_argument("--threads", type=int, default=1)

@@ -55,3 +55,8 @@ class DownloadError(SlidetrainError):
     def __init__(self, what: str, message: str):
         self.what = str(what)
         super().__init__(f"{self.what}: {message}")
+
+
+class WeightsError(ConfigError):
+    """An encoder's weights file is missing, fails its sha256 or does not fit the architecture; the message
+    names the model, the file and where its model card says to get it."""

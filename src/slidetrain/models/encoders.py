@@ -10,6 +10,10 @@
 `weights`: "none" (random init, seeded so every process builds the same
 encoder), "imagenet" (torchvision's weights API; needs the weights in the
 torch hub cache or network access), or a path to a state dict.
+
+Pathology foundation models (UNI, UNI2-h, Virchow2, H-optimus-0/1, Prov-GigaPath, Phikon-v2,
+CONCH v1.5) are registered in slidetrain.models.foundation; `build_encoder` hands their names
+there (weights: none or a local file, with an optional sha256).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from torch import nn
 
 from slidetrain.errors import ConfigError
+from slidetrain.models.foundation import FOUNDATION_NAMES, FOUNDATION_SPECS, build_foundation
 from slidetrain.models.resnet import resnet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -98,15 +103,19 @@ def load_resnet(arch: str, weights_enum: str, weights: str, seed: int = 0, light
     return model
 
 
-def build_encoder(name: str, weights: str = "none", seed: int = 0) -> TruncatedResNet:
+def build_encoder(name: str, weights: str = "none", seed: int = 0, sha256: str | None = None) -> nn.Module:
+    if name in FOUNDATION_NAMES:
+        return build_foundation(name, weights, seed, sha256=sha256)
     if name not in _SPECS:
-        raise ConfigError(f"features.encoder: unknown encoder {name!r}; expected one of {list(_SPECS)}")
+        raise ConfigError(f"features.encoder: unknown encoder {name!r}; expected one of {[*_SPECS, *FOUNDATION_NAMES]}")
     arch, enum, last, dim = _SPECS[name]
     encoder = TruncatedResNet(load_resnet(arch, enum, weights, seed, light=True), last, dim)
     return encoder.eval()
 
 
 def encoder_dim(name: str) -> int:
+    if name in FOUNDATION_NAMES:
+        return FOUNDATION_SPECS[name].dim
     if name not in _SPECS:
         raise ConfigError(f"features.encoder: unknown encoder {name!r}; expected one of {list(_SPECS)}")
     return _SPECS[name][3]

@@ -178,6 +178,7 @@ def extract_features(
     shard: str = "-",
     manifest: str | Path | None = None,
     encoder: torch.nn.Module | None = None,
+    sha256: str | None = None,
 ) -> list[dict]:
     """Extract features for every job not already current; returns per-slide timing rows of those.
 
@@ -205,7 +206,7 @@ def extract_features(
     log.info("features %s %s: %d slides, %d already done", encoder_name, shard, len(jobs), len(jobs) - len(todo))
     rows: list[dict] = []
     if todo:
-        encoder = encoder if encoder is not None else build_encoder(encoder_name, weights, seed)
+        encoder = encoder if encoder is not None else build_encoder(encoder_name, weights, seed, sha256=sha256 or None)
         run = TileEncoder(encoder, dev, amp)
         attrs = {"encoder": encoder_name, "weights": weights}
 

@@ -1,0 +1,115 @@
+"""Per-slide tile features other tools wrote (TRIDENT, CLAM), read without re-extraction.
+
+Layouts read, per slide (`{slide}` = slide_id), looked for in this order under a features folder:
+
+| file                         | written by                              | content                                   |
+|------------------------------|-----------------------------------------|-------------------------------------------|
+| `{slide}.h5`                 | slidetrain; TRIDENT `features_{encoder}/` | `features` (N, D), `coords` (N, 2)        |
+| `h5_files/{slide}.h5`        | CLAM `extract_features_fp.py`           | `features` (N, D), `coords` (N, 2)        |
+| `{slide}.pt`, `pt_files/{slide}.pt` | CLAM                             | a (N, D) tensor; coords from the h5 twin if there |
+
+TRIDENT puts the tile geometry in the attributes of `coords` (patch_size, patch_size_level0,
+level0_magnification, target_magnification, overlap); CLAM's patching writes patch_level and
+patch_size there. slidetrain's own files carry `complete` (written last) and `encoder`/`weights`
+attributes on the file; a slidetrain file without `complete` is an interrupted extraction and an
+error, while files of other tools have no such flag and are taken as complete. A (1, N, D)
+`features` dataset (some CLAM versions) is squeezed to (N, D).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from slidetrain.errors import SlideError
+
+log = logging.getLogger(__name__)
+
+CANDIDATES = ("{s}.h5", "h5_files/{s}.h5", "{s}.pt", "pt_files/{s}.pt")
+
+
+def find_feature_file(features_dir: str | Path, slide_id: str) -> Path:
+    """The slide's feature file in any supported layout; a missing one is an error naming the slide and the places looked."""
+    root = Path(features_dir)
+    for pattern in CANDIDATES:
+        path = root / pattern.format(s=slide_id)
+        if path.is_file():
+            return path
+    looked = ", ".join(str(root / p.format(s=slide_id)) for p in CANDIDATES)
+    raise SlideError(slide_id, f"no feature file in {root} (looked for {looked})")
+
+
+def _as_nd(features: np.ndarray, slide_id: str, path: Path) -> np.ndarray:
+    if features.ndim == 3 and features.shape[0] == 1:
+        features = features[0]
+    if features.ndim != 2:
+        raise SlideError(slide_id, f"{path}: `features` has shape {features.shape}, expected (N, D)")
+    return features.astype(np.float32, copy=False)
+
+
+def read_slide_features(features_dir: str | Path, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """(features (N, D) float32, coords (N, 2)) of one slide from slidetrain's, TRIDENT's or CLAM's layout."""
+    path = find_feature_file(features_dir, slide_id)
+    if path.suffix == ".pt":
+        import torch
+
+        features = torch.load(path, map_location="cpu", weights_only=True)
+        features = _as_nd(np.asarray(features.float().numpy()), slide_id, path)
+        twin = path.parent.parent / "h5_files" / f"{slide_id}.h5" if path.parent.name == "pt_files" else None
+        if twin is not None and twin.is_file():
+            with h5py.File(twin, "r") as f:
+                coords = f["coords"][:]
+        else:
+            log.warning("slide %s: %s has no coordinates (no h5 twin); coords set to -1", slide_id, path)
+            coords = np.full((len(features), 2), -1, np.int64)
+    else:
+        try:
+            with h5py.File(path, "r") as f:
+                if "complete" in f.attrs and not bool(f.attrs["complete"]):
+                    raise SlideError(slide_id, f"{path}: feature file is incomplete (extraction was interrupted)")
+                if "features" not in f:
+                    raise SlideError(slide_id, f"{path}: no `features` dataset (found {sorted(f.keys())})")
+                features = _as_nd(f["features"][:], slide_id, path)
+                coords = f["coords"][:] if "coords" in f else np.full((len(features), 2), -1, np.int64)
+        except OSError as err:
+            raise SlideError(slide_id, f"{path}: not a readable h5 file ({err})") from err
+    coords = np.asarray(coords).reshape(-1, 2)
+    if len(coords) != len(features):
+        raise SlideError(slide_id, f"{path}: {len(features)} feature rows but {len(coords)} coordinates")
+    return features, coords
+
+
+def check_dims(dims: dict[str, int], features_dir: str | Path, expected: int | None = None) -> int:
+    """Every slide's feature dimension equal (to `expected` when given); otherwise an error naming the odd slides."""
+    if not dims:
+        return expected or 0
+    want = expected if expected is not None else max(set(dims.values()), key=list(dims.values()).count)
+    odd = {s: d for s, d in dims.items() if d != want}
+    if odd:
+        first = next(iter(odd))
+        raise SlideError(first, f"features in {features_dir} have dimension {odd[first]}, expected {want} "
+                                f"(slides of another dimension: {list(odd)[:10]})")
+    return want
+
+
+def external_feature_index(features_dir: str | Path, slide_ids: list[str], out_csv: str | Path,
+                           dim: int | None = None):
+    """index.csv (slide_id, n_tiles, dim, empty) of a folder of precomputed features, checked slide by slide."""
+    import pandas as pd
+
+    from slidetrain.io import atomic_path
+
+    rows, dims = [], {}
+    for slide_id in slide_ids:
+        features, _ = read_slide_features(features_dir, slide_id)
+        dims[slide_id] = features.shape[1]
+        rows.append({"slide_id": slide_id, "n_tiles": len(features), "dim": features.shape[1],
+                     "empty": len(features) == 0})
+    check_dims(dims, features_dir, dim)
+    table = pd.DataFrame(rows, columns=["slide_id", "n_tiles", "dim", "empty"])
+    with atomic_path(out_csv) as tmp:
+        table.to_csv(tmp, index=False)
+    return table
