@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from slidetrain.bench.e2e_distributed import run_single, spec_from_dict
-from slidetrain.train.tilebag.distributed import pick_backend, split_bag
+from slidetrain.bench.distributed_equivalence import run_single, spec_from_dict
+from slidetrain.train.tilebag.distributed_executor import pick_backend, split_bag
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = {"case": "toy", "dim": 32, "tiles": 21, "steps": 3, "momentum": 0.9, "track_all": True, "predict_tiles": 7}
@@ -30,7 +30,7 @@ def torchrun(tmp: Path, spec: dict, *extra: str, nproc: int = 3, timeout_s: floa
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "slidetrain.cli", "e2e-parallel", "--spec", json.dumps(spec), "--out", str(tmp / out),
+           "-m", "slidetrain.cli", "distributed-parallel", "--spec", json.dumps(spec), "--out", str(tmp / out),
            "--backend", "gloo", "--timeout-s", str(timeout_s), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp)
 
@@ -133,7 +133,7 @@ def test_resnet_gma_syncbn_three_processes_match_single_process(tmp_path):
 
 
 def test_a_gradient_on_one_side_only_fails_the_comparison():
-    from slidetrain.bench.e2e_distributed import compare
+    from slidetrain.bench.distributed_equivalence import compare
 
     record = {"step": 1, "loss": 1.0, "params": {"w": torch.ones(2)}, "grads": {"w": torch.ones(2)}}
     lost = {**record, "grads": {"w": None}}
@@ -176,7 +176,7 @@ def test_hung_rank_times_out_with_an_error_naming_it(tmp_path):
 
 
 def test_slurm_profile_gives_a_torchrun_rule_one_task_with_n_gpus():
-    """What the installed SLURM executor plugin submits for e2e_parallel with 5 processes on GPUs."""
+    """What the installed SLURM executor plugin submits for distributed_parallel with 5 processes on GPUs."""
     import yaml
     from snakemake_executor_plugin_slurm.submit_string import get_submit_command
     from snakemake_executor_plugin_slurm.utils import set_gres_string
@@ -191,7 +191,7 @@ def test_slurm_profile_gives_a_torchrun_rule_one_task_with_n_gpus():
 
     profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
     rule = {"gpu": 5, "nproc": 5, "mem_mb": 10000, "runtime": 30}  # the rule's resources with device: cuda
-    job = Job({**profile["default-resources"], **profile["set-resources"]["e2e_parallel"], **rule})
+    job = Job({**profile["default-resources"], **profile["set-resources"]["distributed_parallel"], **rule})
     params = {"run_uuid": "u", "slurm_logfile": "log", "comment_str": "c", "account": "", "partition": "-p gpu",
               "workdir": "/w"}
     sbatch = get_submit_command(job, params) + set_gres_string(job)

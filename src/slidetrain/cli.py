@@ -271,7 +271,7 @@ def _add_bench_read_parser(sub) -> None:
 def _add_bench_local_parsers(sub) -> None:
     """Table 2 (training memory) and Table 3 (inference speed) of the local-learning paper."""
     s = sub.add_parser("bench-train-memory", help="peak memory of one training slide + step of a whole-image method")
-    s.add_argument("--method", required=True, help="e2e | local_k4 | local_k8 (any whole-image learner)")
+    s.add_argument("--method", required=True, help="image_e2e | local_k4 | local_k8 (any whole-image learner)")
     s.add_argument("--size", required=True, help="image WIDTHxHEIGHT in px, as the paper writes it (8698x7496)")
     s.add_argument("--device", default="cpu", help="cpu (fresh process, peak RSS) or cuda[:i] (max allocated)")
     s.add_argument("--params", type=_json_arg, default={}, help="JSON: learner config overrides")
@@ -394,17 +394,17 @@ def cmd_evaluate_tilebag_sets(a: argparse.Namespace) -> None:
                           threads=a.threads)
 
 
-def cmd_e2e_table1(a: argparse.Namespace) -> None:
-    from slidetrain.paper.e2e import e2e_table1
+def cmd_tilebag_table1(a: argparse.Namespace) -> None:
+    from slidetrain.paper.tilebag_tables import tilebag_table1
 
     paper_k = {int(k): int(v) for k, _, v in (x.partition("=") for x in a.paper_k or [])}
-    e2e_table1(a.metrics, a.out, paper_k=paper_k, markdown=a.markdown)
+    tilebag_table1(a.metrics, a.out, paper_k=paper_k, markdown=a.markdown)
 
 
-def cmd_e2e_figure4(a: argparse.Namespace) -> None:
-    from slidetrain.paper.e2e import e2e_figure4
+def cmd_tilebag_figure4(a: argparse.Namespace) -> None:
+    from slidetrain.paper.tilebag_tables import tilebag_figure4
 
-    e2e_figure4(a.histories, a.out)
+    tilebag_figure4(a.histories, a.out)
 
 
 def cmd_bench_max_tiles(a: argparse.Namespace) -> None:
@@ -414,10 +414,10 @@ def cmd_bench_max_tiles(a: argparse.Namespace) -> None:
                     start=a.start, limit=a.limit, threads=a.threads)
 
 
-def cmd_e2e_figure1(a: argparse.Namespace) -> None:
-    from slidetrain.paper.e2e import e2e_figure1
+def cmd_tilebag_figure1(a: argparse.Namespace) -> None:
+    from slidetrain.paper.tilebag_tables import tilebag_figure1
 
-    e2e_figure1(a.tables, a.out_table, a.out)
+    tilebag_figure1(a.tables, a.out_table, a.out)
 
 
 def cmd_bench_tilebag_step(a: argparse.Namespace) -> None:
@@ -475,17 +475,17 @@ def _add_tilebag_parsers(sub) -> None:
     s.add_argument("--threads", type=int, default=1)
     s.set_defaults(func=cmd_evaluate_tilebag_sets)
 
-    s = sub.add_parser("e2e-table1", help="Campanella et al. Table 1: K sweep and frozen-feature rows")
+    s = sub.add_parser("tilebag-table1", help="Campanella et al. Table 1: K sweep and frozen-feature rows")
     s.add_argument("--metrics", nargs="+", required=True, help="metrics.json of every run (path names the run)")
     s.add_argument("--paper-k", nargs="*", help="K=PAPER_K: the paper's K whose values a scaled K sits beside")
     s.add_argument("--out", required=True)
     s.add_argument("--markdown")
-    s.set_defaults(func=cmd_e2e_table1)
+    s.set_defaults(func=cmd_tilebag_table1)
 
-    s = sub.add_parser("e2e-figure4", help="Campanella et al. Figure 4: loss and AUC against K")
+    s = sub.add_parser("tilebag-figure4", help="Campanella et al. Figure 4: loss and AUC against K")
     s.add_argument("--histories", nargs="+", required=True, help="history.csv of every tile-bag run")
     s.add_argument("--out", required=True)
-    s.set_defaults(func=cmd_e2e_figure4)
+    s.set_defaults(func=cmd_tilebag_figure4)
 
     s = sub.add_parser("bench-max-tiles", help="most tiles per forward+backward within a memory budget")
     s.add_argument("--encoders", nargs="+", required=True)
@@ -499,11 +499,11 @@ def _add_tilebag_parsers(sub) -> None:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_bench_max_tiles)
 
-    s = sub.add_parser("e2e-figure1", help="Campanella et al. Figure 1: max tiles per encoder and precision")
+    s = sub.add_parser("tilebag-figure1", help="Campanella et al. Figure 1: max tiles per encoder and precision")
     s.add_argument("--tables", nargs="+", required=True, help="bench-max-tiles CSVs (one per encoder)")
     s.add_argument("--out-table", required=True, help="the merged CSV")
     s.add_argument("--out", required=True, help="the figure (PNG)")
-    s.set_defaults(func=cmd_e2e_figure1)
+    s.set_defaults(func=cmd_tilebag_figure1)
 
     s = sub.add_parser("bench-tilebag-step", help="step time with on-the-fly reading vs tiles in memory")
     s.add_argument("--params", type=_json_arg, default={})
@@ -641,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_evaluate_mil)
 
-    s = sub.add_parser("train-image", help="train a whole-image learner (local_k4, e2e, streamingcnn, ...)")
+    s = sub.add_parser("train-image", help="train a whole-image learner (local_k4, image_e2e, streamingcnn, ...)")
     s.add_argument("--method", required=True)
     s.add_argument("--params", type=_json_arg, default={})
     s.add_argument("--split", required=True)
@@ -738,7 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_attention_figure)
     _add_bench_local_parsers(sub)
     _add_offload_parsers(sub)
-    _add_e2e_distributed_parsers(sub)
+    _add_distributed_benchmark_parsers(sub)
     _add_tilebag_parsers(sub)
     _add_data_parsers(sub)
     _add_report_parsers(sub)
@@ -761,17 +761,17 @@ def _add_report_parsers(sub) -> None:
     s.set_defaults(func=cmd_qc_pictures)
 
 
-def cmd_e2e_single(a: argparse.Namespace) -> None:
+def cmd_distributed_single(a: argparse.Namespace) -> None:
     import torch
 
-    from slidetrain.bench.e2e_distributed import run_single, save_result, spec_from_dict
+    from slidetrain.bench.distributed_equivalence import run_single, save_result, spec_from_dict
 
     torch.set_num_threads(a.threads)  # 1 = what each torchrun rank gets (OMP_NUM_THREADS=1)
     save_result(run_single(spec_from_dict(a.spec)), Path(a.out))
 
 
-def cmd_e2e_parallel(a: argparse.Namespace) -> None:
-    from slidetrain.bench.e2e_distributed import (
+def cmd_distributed_parallel(a: argparse.Namespace) -> None:
+    from slidetrain.bench.distributed_equivalence import (
         Fault,
         ParallelOptions,
         run_parallel,
@@ -791,30 +791,30 @@ def cmd_e2e_parallel(a: argparse.Namespace) -> None:
         save_result(result, Path(a.out))
 
 
-def cmd_e2e_equivalence(a: argparse.Namespace) -> None:
-    from slidetrain.bench.e2e_distributed import write_equivalence
+def cmd_distributed_equivalence(a: argparse.Namespace) -> None:
+    from slidetrain.bench.distributed_equivalence import write_equivalence
 
     pairs = [(m, Path(s), Path(p)) for m, s, p in a.pair]
     write_equivalence(pairs, Path(a.csv), Path(a.figure), {m: Path(r) for m, r in a.reference or []})
 
 
-def cmd_e2e_scaling(a: argparse.Namespace) -> None:
+def cmd_distributed_scaling(a: argparse.Namespace) -> None:
     import pandas as pd
 
-    from slidetrain.bench.e2e_distributed import scaling_rows
+    from slidetrain.bench.distributed_equivalence import scaling_rows
     from slidetrain.io import atomic_path
 
     with atomic_path(a.out) as tmp:
         pd.DataFrame(scaling_rows([Path(p) for p in a.parallel], [Path(p) for p in a.plain])).to_csv(tmp, index=False)
 
 
-def _add_e2e_distributed_parsers(sub) -> None:
-    s = sub.add_parser("e2e-single", help="equivalence case in one process (plain autograd, whole bag)")
+def _add_distributed_benchmark_parsers(sub) -> None:
+    s = sub.add_parser("distributed-single", help="equivalence case in one process (plain autograd, whole bag)")
     s.add_argument("--spec", type=_json_arg, default={}, help="CaseSpec keys as JSON")
     s.add_argument("--out", required=True)
     s.add_argument("--threads", type=int, default=1)
-    s.set_defaults(func=cmd_e2e_single)
-    s = sub.add_parser("e2e-parallel", help="equivalence case under torchrun (rank 0 aggregator, DDP encoders)")
+    s.set_defaults(func=cmd_distributed_single)
+    s = sub.add_parser("distributed-parallel", help="equivalence case under torchrun (rank 0 aggregator, DDP encoders)")
     s.add_argument("--spec", type=_json_arg, default={}, help="CaseSpec keys as JSON")
     s.add_argument("--out", required=True, help="written by rank 0")
     s.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
@@ -824,19 +824,19 @@ def _add_e2e_distributed_parsers(sub) -> None:
     s.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     s.add_argument("--fault", help=argparse.SUPPRESS)  # tests: kill:RANK:STEP or hang:RANK:STEP
     s.add_argument("--pseudo-loss-factor", type=float, help=argparse.SUPPRESS)  # tests: a wrong factor
-    s.set_defaults(func=cmd_e2e_parallel)
-    s = sub.add_parser("e2e-equivalence", help="normalized L1 of single vs parallel runs, table + figure")
+    s.set_defaults(func=cmd_distributed_parallel)
+    s = sub.add_parser("distributed-equivalence", help="normalized L1 of single vs parallel runs, table + figure")
     s.add_argument("--pair", nargs=3, action="append", required=True, metavar=("MODEL", "SINGLE", "PARALLEL"))
     s.add_argument("--reference", nargs=2, action="append", metavar=("MODEL", "SINGLE_FLOAT64"),
                    help="a float32 case's single run in float64: adds the fp32_noise column")
     s.add_argument("--csv", required=True)
     s.add_argument("--figure", required=True)
-    s.set_defaults(func=cmd_e2e_equivalence)
-    s = sub.add_parser("e2e-scaling", help="seconds per step of distributed runs against plain")
+    s.set_defaults(func=cmd_distributed_equivalence)
+    s = sub.add_parser("distributed-scaling", help="seconds per step of distributed runs against plain")
     s.add_argument("--parallel", nargs="+", required=True)
     s.add_argument("--plain", nargs="+", required=True, help="plain runs at the same tiles, in --parallel's order")
     s.add_argument("--out", required=True)
-    s.set_defaults(func=cmd_e2e_scaling)
+    s.set_defaults(func=cmd_distributed_scaling)
 
 
 def _add_data_parsers(sub) -> None:

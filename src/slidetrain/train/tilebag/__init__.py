@@ -98,7 +98,7 @@ def _fit(
     weights = _class_weights(train, len(class_names)) if cfg.class_weights else None
     topo = None
     if cfg.executor == "distributed":
-        from slidetrain.train.tilebag.distributed import init_distributed
+        from slidetrain.train.tilebag.distributed_executor import init_distributed
         from slidetrain.train.tilebag.ranked import RankedTileBagTrainer
 
         topo = init_distributed(backend, timeout_s, cfg.device)
@@ -146,7 +146,7 @@ def _fit(
         )
     finally:
         if topo is not None:
-            from slidetrain.train.tilebag.distributed import shutdown
+            from slidetrain.train.tilebag.distributed_executor import shutdown
 
             shutdown()
 

@@ -48,12 +48,12 @@ from slidetrain.errors import ConfigError, TrainingError
 from slidetrain.models.encoders import build_encoder
 from slidetrain.train.common import maybe_stop_for_test
 from slidetrain.train.optim import build_optimizer, build_scheduler
-from slidetrain.train.tilebag.distributed import DistributedEngine, Topology, split_bag
+from slidetrain.train.tilebag.distributed_executor import DistributedEngine, Topology, split_bag
 from slidetrain.train.tilebag.executors import full_precision
 from slidetrain.train.tilebag.model import TileBagConfig, TileBagModel, bag_statistics_copy
 from slidetrain.train.tilebag.trainer import Prediction, PredictionCollector
 
-#: tests: "kill:RANK:STEP" or "hang:RANK:STEP" (bench.e2e_distributed.Fault) at a training step
+#: tests: "kill:RANK:STEP" or "hang:RANK:STEP" (bench.distributed_equivalence.Fault) at a training step
 FAULT_ENV = "SLIDETRAIN_RANK_FAULT"
 
 
@@ -61,7 +61,7 @@ def _test_fault():
     text = os.environ.get(FAULT_ENV)
     if not text:
         return None
-    from slidetrain.bench.e2e_distributed import Fault
+    from slidetrain.bench.distributed_equivalence import Fault
 
     return Fault.parse(text)
 

@@ -1,4 +1,4 @@
-"""Train and evaluate a whole-image learner (local_k4/k8[_norfr], e2e, streamingcnn) on whole-slide images.
+"""Train and evaluate a whole-image learner (local_k4/k8[_norfr], image_e2e, streamingcnn) on whole-slide images.
 
     slidetrain train-image --method local_k4 --split results/synthetic/splits/mccv0.csv \
         --images results/synthetic/images --classes a b --out results/synthetic/runs/local_k4/mccv0/0 \
@@ -134,7 +134,7 @@ def predict_images(
 
 
 def _learning_rate(learner: WholeImageLearner) -> float:
-    """The first parameter group's lr (local/e2e: backbone), NaN for a learner without `optimizer`."""
+    """The first parameter group's lr (local/image_e2e: backbone), NaN for a learner without `optimizer`."""
     optimizer = getattr(learner, "optimizer", None)
     return float(optimizer.param_groups[0]["lr"]) if optimizer is not None else float("nan")
 
