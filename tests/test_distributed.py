@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _entry import ENTRY
 from slidetrain.bench.distributed_equivalence import run_single, spec_from_dict
 from slidetrain.train.tilebag.distributed_executor import pick_backend, split_bag
 
@@ -25,12 +26,13 @@ TOL = 1e-5
 
 
 def torchrun(tmp: Path, spec: dict, *extra: str, nproc: int = 3, timeout_s: float = 30,
-             out: str = "parallel.pt") -> subprocess.CompletedProcess:
+             out: str = "parallel.pt", **hooks: str) -> subprocess.CompletedProcess:
+    """`slidetrain distributed-parallel` under torchrun; `hooks`: tests/_entry.py's environment variables."""
     import json
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"), **hooks}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "slidetrain.cli", "distributed-parallel", "--spec", json.dumps(spec), "--out", str(tmp / out),
+           ENTRY, "distributed-parallel", "--spec", json.dumps(spec), "--out", str(tmp / out),
            "--backend", "gloo", "--timeout-s", str(timeout_s), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp)
 
@@ -91,7 +93,7 @@ def test_toy_three_processes_match_single_process(tmp_path):
 
 def test_wrong_pseudo_loss_scale_is_detected(tmp_path):
     """Without the factor N the encoder gradients are 1/N of the truth: the check must fail."""
-    proc = torchrun(tmp_path, TOY, "--pseudo-loss-factor", "1")
+    proc = torchrun(tmp_path, TOY, SLIDETRAIN_PSEUDO_LOSS_FACTOR="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     single, parallel = run_single(spec_from_dict(TOY)), load(tmp_path / "parallel.pt")
     assert not equivalent(single, parallel)
@@ -144,7 +146,7 @@ def test_a_gradient_on_one_side_only_fails_the_comparison():
 def test_killed_rank_fails_the_job_and_a_rerun_resumes(tmp_path):
     spec = {**TOY, "steps": 4, "predict_tiles": 0}
     ckpt = tmp_path / "checkpoint.pt"
-    proc = torchrun(tmp_path, spec, "--checkpoint", str(ckpt), "--fault", "kill:2:3", timeout_s=20)
+    proc = torchrun(tmp_path, spec, "--checkpoint", str(ckpt), timeout_s=20, SLIDETRAIN_RANK_FAULT="kill:2:3")
     assert proc.returncode != 0
     assert seconds_since_fault(proc, time.time()) < 20 + 10  # within the configured timeout (+ shutdown)
     # torchrun's summary names the rank that died first
@@ -161,7 +163,7 @@ def test_killed_rank_fails_the_job_and_a_rerun_resumes(tmp_path):
 
 
 def test_hung_rank_times_out_with_an_error_naming_it(tmp_path):
-    proc = torchrun(tmp_path, {**TOY, "predict_tiles": 0}, "--fault", "hang:2:2", timeout_s=4)
+    proc = torchrun(tmp_path, {**TOY, "predict_tiles": 0}, timeout_s=4, SLIDETRAIN_RANK_FAULT="hang:2:2")
     assert proc.returncode != 0
     assert "size exchange (all_gather) at step 2 failed" in proc.stderr, proc.stderr[-3000:]
     report = re.search(r"\[rank0\]:\[E\d{4} (\d+):(\d+):(\d+\.\d+) .*Ranks? 2 failed to pass monitoredBarrier",

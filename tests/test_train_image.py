@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from _entry import ENTRY
 from slidetrain.configs.image import WholeImageConfig
 from slidetrain.data.splits import write_split
 from slidetrain.errors import SlideError
+from slidetrain.train import common
 from slidetrain.train.wholeimage import loop
 from slidetrain.train.wholeimage.interface import WholeImageLearner
 from slidetrain.train.wholeimage.loop import (
@@ -78,7 +80,7 @@ def train_cli(out: Path, split_csv: Path, images: Path, method: str, params: dic
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if stop_after is not None:
         env["SLIDETRAIN_STOP_AFTER_EPOCH"] = str(stop_after)
-    cmd = [sys.executable, "-m", "slidetrain.cli", "train-image", "--method", method, "--params", json.dumps(params),
+    cmd = [sys.executable, ENTRY, "train-image", "--method", method, "--params", json.dumps(params),
            "--split", str(split_csv), "--images", str(images), "--classes", *CLASSES, "--out", str(out),
            "--seed", str(seed)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -188,7 +190,7 @@ def test_a_checkpoint_of_another_seed_is_ignored(dataset, tmp_path, monkeypatch,
 
     out, fresh = tmp_path / "run", tmp_path / "fresh"
     with monkeypatch.context() as m:
-        m.setattr(loop, "maybe_stop_for_test", stop)
+        m.setattr(common, "after_epoch_checkpoint", stop)
         with pytest.raises(_Killed):
             fit_whole_image("image_e2e", IMAGE_E2E, split_csv, images, CLASSES, out, seed=3)
     assert (out / "checkpoint.pt").exists()

@@ -772,7 +772,6 @@ def cmd_distributed_single(a: argparse.Namespace) -> None:
 
 def cmd_distributed_parallel(a: argparse.Namespace) -> None:
     from slidetrain.bench.distributed_equivalence import (
-        Fault,
         ParallelOptions,
         run_parallel,
         save_result,
@@ -781,8 +780,7 @@ def cmd_distributed_parallel(a: argparse.Namespace) -> None:
 
     opts = ParallelOptions(backend=a.backend, timeout_s=a.timeout_s,
                            checkpoint=Path(a.checkpoint) if a.checkpoint else None,
-                           checkpoint_every=a.checkpoint_every, fault=Fault.parse(a.fault),
-                           pseudo_loss_factor=a.pseudo_loss_factor)
+                           checkpoint_every=a.checkpoint_every)
     import torch
 
     torch.set_num_threads(a.threads)  # per rank; a job's OMP_NUM_THREADS would oversubscribe the cores
@@ -822,8 +820,6 @@ def _add_distributed_benchmark_parsers(sub) -> None:
     s.add_argument("--checkpoint", help="resume from / write to this file (rank 0 writes)")
     s.add_argument("--checkpoint-every", type=int, default=1)
     s.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    s.add_argument("--fault", help=argparse.SUPPRESS)  # tests: kill:RANK:STEP or hang:RANK:STEP
-    s.add_argument("--pseudo-loss-factor", type=float, help=argparse.SUPPRESS)  # tests: a wrong factor
     s.set_defaults(func=cmd_distributed_parallel)
     s = sub.add_parser("distributed-equivalence", help="normalized L1 of single vs parallel runs, table + figure")
     s.add_argument("--pair", nargs=3, action="append", required=True, metavar=("MODEL", "SINGLE", "PARALLEL"))

@@ -23,8 +23,8 @@ import logging
 import os
 import statistics
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -214,37 +214,15 @@ def _run_single(spec: CaseSpec) -> dict:
 
 # -- parallel: one process per rank under torchrun -----------------------------------------------
 @dataclass
-class Fault:
-    """A deliberate failure for the tests: `kill` exits, `hang` sleeps, on `rank` at `step`."""
-
-    kind: str
-    rank: int
-    step: int
-
-    @classmethod
-    def parse(cls, text: str | None) -> Fault | None:
-        if not text:
-            return None
-        kind, rank, step = text.split(":")
-        return cls(kind, int(rank), int(step))
-
-    def maybe_fire(self, rank: int, step: int) -> None:
-        if rank != self.rank or step != self.step:
-            return
-        log.error("rank %d: injected fault %s at step %d", rank, self.kind, step)
-        if self.kind == "kill":
-            os._exit(17)
-        time.sleep(3600)
-
-
-@dataclass
 class ParallelOptions:
     backend: str = "auto"
     timeout_s: float = 300.0
     checkpoint: Path | None = None
     checkpoint_every: int = 1
-    fault: Fault | None = None
-    pseudo_loss_factor: float | None = field(default=None)  # private: tests break it on purpose
+    #: called as step_hook(rank, step) on every rank before each step (tests kill or hang a rank there)
+    step_hook: Callable[[int, int], None] | None = None
+    #: the pseudo-loss factor; None = the number of encoder ranks (correct; tests break it on purpose)
+    pseudo_loss_factor: float | None = None
 
 
 def run_parallel(spec: CaseSpec, opts: ParallelOptions) -> dict | None:
@@ -277,8 +255,8 @@ def run_parallel(spec: CaseSpec, opts: ParallelOptions) -> dict | None:
                 log.info("rank %d: resuming from %s after step %d", topo.rank, opts.checkpoint, state["step"])
         share = split_bag(spec.tiles, topo.n_encoders)
         for step in range(start, spec.steps + 1):
-            if opts.fault is not None:
-                opts.fault.maybe_fire(topo.rank, step)
+            if opts.step_hook is not None:
+                opts.step_hook(topo.rank, step)
             x, y = bag(spec, step)
             tiles = None if topo.is_aggregator else x[share[topo.rank - 1]]  # (k_r, ...)
             comm0 = engine.comm.seconds

@@ -34,7 +34,6 @@ from slidetrain.io import atomic_path, write_json
 from slidetrain.train.common import (
     config_hash,
     default_dtype,
-    maybe_stop_for_test,
     part_slides,
     predictions_table,
     seed_everything,
@@ -110,7 +109,7 @@ def _fit(
     else:
         device = resolve_device(cfg.device)
         trainer = TileBagTrainer(model, cfg, samp, train, seed, device, weights)
-        primary, snapshot, stop_hook = True, model.state_dict, maybe_stop_for_test
+        primary, snapshot, stop_hook = True, model.state_dict, None
         launch = {"executor": cfg.executor}
     labels_val = np.array([r.label for r in val])
 

@@ -36,7 +36,6 @@ from slidetrain.evaluate.metrics import classification_metrics, evaluate_predict
 from slidetrain.io import atomic_path, write_json
 from slidetrain.train.common import (
     config_hash,
-    maybe_stop_for_test,
     part_slides,
     predictions_table,
     seed_everything,
@@ -229,7 +228,7 @@ def fit_whole_image(
         out_dir, config_hash(method, cfg, seed, split_csv), cfg.epochs, train_epoch, validate,
         stateful={"learner": learner}, snapshot=learner.weights_state_dict,
         selection=Selection(cfg.selection_metric), device=dev, clock=_now, trailing=("cropped",),
-        logger=log, stop_hook=lambda epochs_done: maybe_stop_for_test(epochs_done),  # late-bound: tests patch it
+        logger=log, stop_hook=None,
     )
     return write_run_files(
         out_dir, method, cfg, seed, result,
