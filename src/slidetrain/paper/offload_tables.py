@@ -110,7 +110,7 @@ def offload_table(metrics_paths: list[str | Path], metric: str, paper_name: str,
     return table
 
 
-def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
+def parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
     pairs = {}
     for item in items or []:
         k, sep, v = item.partition("=")
@@ -118,21 +118,3 @@ def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
             raise ConfigError(f"offload-table: {what} {item!r}; expected KEY=VALUE")
         pairs[k] = v
     return pairs
-
-
-def cmd_offload_table(a) -> None:
-    offload_table(a.metrics, a.metric, a.paper_table, _pairs(a.test_datasets, "--test-datasets"), a.sampled_label,
-                  _pairs(a.paper, "--paper"), a.out, markdown=a.markdown)
-
-
-def add_parser(sub) -> None:
-    s = sub.add_parser("offload-table", help="Big-Layers Table 1 (qwk) or 2 (acc) from the biglayers_* tile-bag runs")
-    s.add_argument("--metrics", nargs="+", required=True)
-    s.add_argument("--metric", choices=sorted(METRICS), required=True)
-    s.add_argument("--paper-table", required=True, help="offload_table1 | offload_table2 (slidetrain/paper/data)")
-    s.add_argument("--test-datasets", nargs="*", help="internal=NAME external=NAME: the dataset column")
-    s.add_argument("--sampled-label", default="sampled", help="test_tiles shown for sampled tiles, e.g. 10x8")
-    s.add_argument("--paper", nargs="*", help="{internal|external}_{all|sampled}=paper column prefix")
-    s.add_argument("--out", required=True)
-    s.add_argument("--markdown")
-    s.set_defaults(func=cmd_offload_table)
