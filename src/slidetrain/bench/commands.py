@@ -148,7 +148,7 @@ def cmd_distributed_scaling(a: argparse.Namespace) -> None:
         pd.DataFrame(scaling_rows([Path(p) for p in a.parallel], [Path(p) for p in a.plain])).to_csv(tmp, index=False)
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
+def _add_bench_read_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("bench-read", help="5x tissue-box reading speed: OpenSlide vs tifffile, side by side")
     s.add_argument("--slides", nargs="+", required=True, help="slide files")
     s.add_argument("--threads", type=int, default=2, help="tifffile decoding threads")
@@ -157,6 +157,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True, help="CSV")
     s.set_defaults(func=cmd_bench_read)
 
+
+def _add_bench_train_memory_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("bench-train-memory", help="peak memory of one training slide + step of a whole-image method")
     s.add_argument("--method", required=True, help="image_e2e | local_k4 | local_k8 (any whole-image learner)")
     s.add_argument("--size", required=True, help="image WIDTHxHEIGHT in px, as the paper writes it (8698x7496)")
@@ -169,6 +171,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--variant", default="", help="name of the params' setting, shown in Table 2 (e.g. checkpoint_tiles)")
     s.set_defaults(func=cmd_bench_train_memory)
 
+
+def _add_bench_inference_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("bench-inference", help="Table 3: tile pipeline (gated ABMIL) vs whole-slide inference")
     s.add_argument("--slides", nargs="+", required=True, help="slide files (OpenSlide formats)")
     s.add_argument("--device", default="cpu")
@@ -187,10 +191,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out-html", help="HTML copy (Snakemake's report)")
     s.set_defaults(func=cmd_bench_inference)
 
+
+def _add_bench_offload_equivalence_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("bench-offload-equivalence", help="offload engine vs plain PyTorch, every gradient")
     s.add_argument("--out", required=True, help="CSV: case, max_abs_diff, max_rel_diff")
     s.set_defaults(func=cmd_bench_offload_equivalence)
 
+
+def _add_bench_offload_sweep_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("bench-offload-sweep", help="Big-Layers Figure 2: seconds per iteration vs image side")
     s.add_argument("--sides", type=int, nargs="+", required=True, help="image sides (px), in order")
     s.add_argument("--budget-mb", type=float, required=True, help="device budget (MiB; CUDA: memory fraction)")
@@ -203,6 +211,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True, help="CSV")
     s.set_defaults(func=cmd_bench_offload_sweep)
 
+
+def _add_bench_max_tiles_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("bench-max-tiles", help="most tiles per forward+backward within a memory budget")
     s.add_argument("--encoders", nargs="+", required=True)
     s.add_argument("--precisions", nargs="+", default=["fp32", "amp"])
@@ -215,6 +225,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_bench_max_tiles)
 
+
+def _add_bench_tilebag_step_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("bench-tilebag-step", help="step time with on-the-fly reading vs tiles in memory")
     s.add_argument("--params", type=json_arg, default={})
     s.add_argument("--slides", nargs="+", required=True, help="SLIDE_ID=PATH")
@@ -228,6 +240,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_bench_tilebag_step)
 
+
+def _add_bench_features_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("bench-features", help="feature extraction tiles/s: a shard end to end vs the model alone")
     s.add_argument("--slides", nargs="+", required=True, help="slide_id=path pairs (already tiled)")
     s.add_argument("--tiles-dir", required=True)
@@ -240,6 +254,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True, help="CSV")
     s.set_defaults(func=cmd_bench_features)
 
+
+def _add_bench_preprocess_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("bench-preprocess", help="per-slide preprocessing seconds")
     s.add_argument("--timings", nargs="*", default=[])
     s.add_argument("--features", nargs="*", default=[])
@@ -247,6 +263,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_bench_preprocess)
 
+
+def _add_bench_bags_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("bench-bags", help="write synthetic feature bags for the MIL throughput benchmark")
     s.add_argument("--out-dir", required=True)
     s.add_argument("--split", required=True)
@@ -256,18 +274,24 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_bench_bags)
 
+
+def _add_bench_mil_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("bench-mil", help="collect MIL training-epoch seconds per method")
     s.add_argument("--runs", nargs="+", required=True)
     s.add_argument("--benchmarks", nargs="+", required=True)
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_bench_mil)
 
+
+def _add_distributed_single_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("distributed-single", help="equivalence case in one process (plain autograd, whole bag)")
     s.add_argument("--spec", type=json_arg, default={}, help="CaseSpec keys as JSON")
     s.add_argument("--out", required=True)
     s.add_argument("--threads", type=int, default=1)
     s.set_defaults(func=cmd_distributed_single)
 
+
+def _add_distributed_parallel_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("distributed-parallel", help="equivalence case under torchrun (rank 0 aggregator, DDP encoders)")
     s.add_argument("--spec", type=json_arg, default={}, help="CaseSpec keys as JSON")
     s.add_argument("--out", required=True, help="written by rank 0")
@@ -278,6 +302,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     s.set_defaults(func=cmd_distributed_parallel)
 
+
+def _add_distributed_equivalence_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("distributed-equivalence", help="normalized L1 of single vs parallel runs, table + figure")
     s.add_argument("--pair", nargs=3, action="append", required=True, metavar=("MODEL", "SINGLE", "PARALLEL"))
     s.add_argument("--reference", nargs=2, action="append", metavar=("MODEL", "SINGLE_FLOAT64"),
@@ -286,8 +312,28 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--figure", required=True)
     s.set_defaults(func=cmd_distributed_equivalence)
 
+
+def _add_distributed_scaling_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("distributed-scaling", help="seconds per step of distributed runs against plain")
     s.add_argument("--parallel", nargs="+", required=True)
     s.add_argument("--plain", nargs="+", required=True, help="plain runs at the same tiles, in --parallel's order")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_distributed_scaling)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    _add_bench_read_parser(sub)
+    _add_bench_train_memory_parser(sub)
+    _add_bench_inference_parser(sub)
+    _add_bench_offload_equivalence_parser(sub)
+    _add_bench_offload_sweep_parser(sub)
+    _add_bench_max_tiles_parser(sub)
+    _add_bench_tilebag_step_parser(sub)
+    _add_bench_features_parser(sub)
+    _add_bench_preprocess_parser(sub)
+    _add_bench_bags_parser(sub)
+    _add_bench_mil_parser(sub)
+    _add_distributed_single_parser(sub)
+    _add_distributed_parallel_parser(sub)
+    _add_distributed_equivalence_parser(sub)
+    _add_distributed_scaling_parser(sub)

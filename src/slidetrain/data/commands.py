@@ -1,4 +1,4 @@
-"""`slidetrain download` and `slidetrain sheet <dataset>`: the real-data subcommands (cli.py adds them)."""
+"""`slidetrain` subcommands of slidetrain.data: sheets (synthetic and real), splits, downloads (cli.py adds them)."""
 
 from __future__ import annotations
 
@@ -166,13 +166,15 @@ def cmd_split(a: argparse.Namespace) -> None:
     write_split(split, a.out)
 
 
-def _add_moved_parsers(sub: argparse._SubParsersAction) -> None:
+def _add_make_sheet_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("make-sheet", help="write the synthetic dataset's slide sheet")
     s.add_argument("--n-slides", type=int, required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_make_sheet)
 
+
+def _add_split_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("split", help="write a seeded, patient-grouped, stratified split (or validate an official one)")
     s.add_argument("--sheet", required=True)
     s.add_argument("--classes", nargs="+", required=True)
@@ -186,6 +188,11 @@ def _add_moved_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--label-map", type=json_arg, help="JSON {label: new label}: a derived dataset's labels")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_split)
+
+
+def _add_moved_parsers(sub: argparse._SubParsersAction) -> None:
+    _add_make_sheet_parser(sub)
+    _add_split_parser(sub)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

@@ -86,7 +86,7 @@ def _add_offload_table_parser(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=cmd_offload_table)
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
+def _add_table2_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("table2", help="Table 2 (training memory vs E2E) from bench-train-memory JSONs")
     s.add_argument("--measurements", nargs="+", required=True)
     s.add_argument("--out", required=True, help="CSV")
@@ -94,11 +94,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out-html", help="HTML copy (Snakemake's report)")
     s.set_defaults(func=cmd_table2)
 
+
+def _add_offload_figure_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("offload-figure", help="Big-Layers Figure 2 from the sweep CSV")
     s.add_argument("--sweep", required=True)
     s.add_argument("--out", required=True, help="PNG")
     s.set_defaults(func=cmd_offload_figure)
 
+
+def _add_tilebag_table1_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("tilebag-table1", help="Campanella et al. Table 1: K sweep and frozen-feature rows")
     s.add_argument("--metrics", nargs="+", required=True, help="metrics.json of every run (path names the run)")
     s.add_argument("--paper-k", nargs="*", help="K=PAPER_K: the paper's K whose values a scaled K sits beside")
@@ -106,17 +110,23 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--markdown")
     s.set_defaults(func=cmd_tilebag_table1)
 
+
+def _add_tilebag_figure4_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("tilebag-figure4", help="Campanella et al. Figure 4: loss and AUC against K")
     s.add_argument("--histories", nargs="+", required=True, help="history.csv of every tile-bag run")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_tilebag_figure4)
 
+
+def _add_tilebag_figure1_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("tilebag-figure1", help="Campanella et al. Figure 1: max tiles per encoder and precision")
     s.add_argument("--tables", nargs="+", required=True, help="bench-max-tiles CSVs (one per encoder)")
     s.add_argument("--out-table", required=True, help="the merged CSV")
     s.add_argument("--out", required=True, help="the figure (PNG)")
     s.set_defaults(func=cmd_tilebag_figure1)
 
+
+def _add_table1_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("table1", help="Table 1 from run metrics")
     s.add_argument("--metrics", nargs="+", required=True, help="metrics.json files under results/{dataset}/runs/{method}/{split}/{seed}/")
     s.add_argument("--out-csv", required=True)
@@ -127,6 +137,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out-html", help="HTML copy (Snakemake's report)")
     s.set_defaults(func=cmd_table1)
 
+
+def _add_table4_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("table4", help="Table 4 (RFR ablation) from local-learning run metrics")
     s.add_argument("--metrics", nargs="+", required=True, help="metrics.json of local_k4/_k8(_norfr) runs")
     s.add_argument("--out-csv", required=True)
@@ -135,6 +147,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out-html", help="HTML copy (Snakemake's report)")
     s.set_defaults(func=cmd_table4)
 
+
+def _add_attention_figure_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("attention-figure", help="heatmaps of the best attention method on test slides")
     s.add_argument("--dataset", required=True)
     s.add_argument("--table1", required=True)
@@ -149,4 +163,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_attention_figure)
 
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    _add_table2_parser(sub)
+    _add_offload_figure_parser(sub)
+    _add_tilebag_table1_parser(sub)
+    _add_tilebag_figure4_parser(sub)
+    _add_tilebag_figure1_parser(sub)
+    _add_table1_parser(sub)
+    _add_table4_parser(sub)
+    _add_attention_figure_parser(sub)
     _add_offload_table_parser(sub)

@@ -86,7 +86,7 @@ def data_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--threads", type=int, default=1)
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
+def _add_train_tilebag_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("train-tilebag", help="train encoder + aggregator end to end on K tiles per slide")
     s.add_argument("--params", type=json_arg, default={})
     s.add_argument("--tile-px", type=int, required=True, help="tile side at the target magnification")
@@ -98,6 +98,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     data_args(s)
     s.set_defaults(func=cmd_train_tilebag)
 
+
+def _add_evaluate_tilebag_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("evaluate-tilebag", help="score a trained tile-bag model on the test part")
     s.add_argument("--model", required=True)
     s.add_argument("--predictions", required=True)
@@ -110,6 +112,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     data_args(s)
     s.set_defaults(func=cmd_evaluate_tilebag)
 
+
+def _add_evaluate_tilebag_sets_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("evaluate-tilebag-sets", help="score one tile-bag model on several test sets x protocols")
     s.add_argument("--model", required=True)
     s.add_argument("--tests", type=json_arg, required=True,
@@ -121,6 +125,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--threads", type=int, default=1)
     s.set_defaults(func=cmd_evaluate_tilebag_sets)
 
+
+def _add_train_mil_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("train-mil", help="train a MIL aggregator on frozen features")
     s.add_argument("--method", required=True)
     s.add_argument("--params", type=json_arg, default={})
@@ -132,6 +138,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--threads", type=int, default=1)
     s.set_defaults(func=cmd_train_mil)
 
+
+def _add_evaluate_mil_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("evaluate-mil", help="score a trained aggregator on the test part")
     s.add_argument("--model", required=True)
     s.add_argument("--split", required=True)
@@ -145,6 +153,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_evaluate_mil)
 
+
+def _add_train_image_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("train-image", help="train a whole-image learner (local_k4, image_e2e, streamingcnn, ...)")
     s.add_argument("--method", required=True)
     s.add_argument("--params", type=json_arg, default={})
@@ -157,6 +167,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_train_image)
 
+
+def _add_evaluate_image_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("evaluate-image", help="score a trained whole-image learner on the test part")
     s.add_argument("--model", required=True)
     s.add_argument("--split", required=True)
@@ -169,3 +181,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_evaluate_image)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    _add_train_tilebag_parser(sub)
+    _add_evaluate_tilebag_parser(sub)
+    _add_evaluate_tilebag_sets_parser(sub)
+    _add_train_mil_parser(sub)
+    _add_evaluate_mil_parser(sub)
+    _add_train_image_parser(sub)
+    _add_evaluate_image_parser(sub)

@@ -97,7 +97,7 @@ def cmd_qc_pictures(a: argparse.Namespace) -> None:
     write_excluded_pictures(a.status, a.pictures_dir, a.out, a.dataset)
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
+def _add_synthesize_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("synthesize", help="draw one synthetic slide (pyramidal TIFF + truth masks)")
     s.add_argument("--slide-id", required=True)
     s.add_argument("--label", required=True)
@@ -108,6 +108,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--truth")
     s.set_defaults(func=cmd_synthesize)
 
+
+def _add_preprocess_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("preprocess", help="mask tissue, tile, write QC picture and the whole-slide image")
     s.add_argument("--slide", required=True)
     s.add_argument("--slide-id", required=True)
@@ -122,6 +124,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--status", required=True, help="status JSON (ok or excluded with the reason)")
     s.set_defaults(func=cmd_preprocess)
 
+
+def _add_features_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("features", help="extract frozen tile features for slides (encoder loaded once)")
     s.add_argument("--slides", nargs="+", required=True, help="slide_id=path pairs")
     s.add_argument("--tiles-dir", required=True)
@@ -139,6 +143,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--manifest", help="write the shard manifest (slide_id, status, reason, features)")
     s.set_defaults(func=cmd_features)
 
+
+def _add_synthesize_shard_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("synthesize-shard", help="draw a shard of synthetic slides (skips finished ones)")
     s.add_argument("--shard", required=True)
     s.add_argument("--slides", nargs="+", required=True, help="slide_id=label pairs")
@@ -150,6 +156,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--manifest", required=True)
     s.set_defaults(func=cmd_synthesize_shard)
 
+
+def _add_preprocess_shard_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("preprocess-shard", help="preprocess a shard of slides (skips finished ones)")
     s.add_argument("--shard", required=True)
     s.add_argument("--slides", nargs="+", required=True, help="slide_id=path pairs")
@@ -159,26 +167,46 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--manifest", required=True)
     s.set_defaults(func=cmd_preprocess_shard)
 
+
+def _add_qc_status_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("qc-status", help="one dataset's per-slide QC statuses as one table")
     s.add_argument("--status", nargs="*", default=[], help="per-slide status JSONs")
     s.add_argument("--manifests", nargs="*", default=[], help="or: the dataset's preprocess shard manifests")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_qc_status)
 
+
+def _add_feature_index_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("feature-index", help="index of a dataset's feature files (checks each is complete)")
     s.add_argument("--features", nargs="*", default=[])
     s.add_argument("--manifests", nargs="*", default=[], help="features shard manifests (their features column)")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_feature_index)
 
+
+def _add_qc_table_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("qc-table", help="collect excluded slides and their reasons over datasets")
     s.add_argument("--status", nargs="+", required=True, help="per-dataset status tables")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_qc_table)
 
+
+def _add_qc_pictures_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("qc-pictures", help="one HTML page of the QC pictures of a dataset's excluded slides")
     s.add_argument("--status", required=True, help="results/{dataset}/qc/status.csv")
     s.add_argument("--pictures-dir", required=True, help="folder of the {slide}.qc.jpg pictures")
     s.add_argument("--dataset", required=True)
     s.add_argument("--out", required=True, help="HTML")
     s.set_defaults(func=cmd_qc_pictures)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    _add_synthesize_parser(sub)
+    _add_preprocess_parser(sub)
+    _add_features_parser(sub)
+    _add_synthesize_shard_parser(sub)
+    _add_preprocess_shard_parser(sub)
+    _add_qc_status_parser(sub)
+    _add_feature_index_parser(sub)
+    _add_qc_table_parser(sub)
+    _add_qc_pictures_parser(sub)
