@@ -3,7 +3,7 @@
 # procedure; src/slidetrain/bench/gpu.py the sections). The GPU machine has PyTorch but neither
 # Snakemake nor OpenSlide: wheels carried in .whl/ (if any) are installed to /tmp/site first.
 #   bash bench/gpu.sh OUT_DIR                          # on the GPU machine
-#   bash bench/gpu.sh OUT_DIR --only e2e_distributed   # one section again (same cap as in the full run)
+#   bash bench/gpu.sh OUT_DIR --only distributed_equivalence   # one section again (same cap as in the full run)
 #   bash bench/gpu.sh OUT_DIR --tiny                   # CPU rehearsal at toy sizes (tests/test_gpu_script.py)
 # OUT_DIR gets summary.json, one CSV per section and log.txt (this output): at most 8 files.
 set -euo pipefail

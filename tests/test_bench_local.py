@@ -56,30 +56,30 @@ def test_parse_size_is_width_by_height():
 def test_table2_ratios_and_paper_join(tmp_path):
     files = [
         write_measurement(tmp_path / "a.json", "local_k4", "8698x7496", 4.0),
-        write_measurement(tmp_path / "b.json", "e2e", "8698x7496", 16.0),
+        write_measurement(tmp_path / "b.json", "image_e2e", "8698x7496", 16.0),
         write_measurement(tmp_path / "c.json", "local_k8", "8698x7496", 3.0),
-        write_measurement(tmp_path / "d.json", "e2e", "1000x800", 2.0),
+        write_measurement(tmp_path / "d.json", "image_e2e", "1000x800", 2.0),
         write_measurement(tmp_path / "e.json", "local_k4", "1000x800", 1.0),
-        write_measurement(tmp_path / "f.json", "local_k8", "2000x1000", 1.0),  # no e2e at this size
-        write_measurement(tmp_path / "g.json", "e2e", "1000x800", 3.0, device="cuda"),
+        write_measurement(tmp_path / "f.json", "local_k8", "2000x1000", 1.0),  # no image_e2e at this size
+        write_measurement(tmp_path / "g.json", "image_e2e", "1000x800", 3.0, device="cuda"),
     ]
     t = table2(files)
     assert list(t.columns) == TABLE2_COLUMNS
     row = {(r.image_size, r.method, r.device): r for r in t.itertuples()}
-    assert row["8698x7496", "e2e", "cpu"].ratio_to_e2e == pytest.approx(1.0)
-    assert row["8698x7496", "local_k4", "cpu"].ratio_to_e2e == pytest.approx(0.25)
-    assert row["8698x7496", "local_k8", "cpu"].ratio_to_e2e == pytest.approx(3 / 16)
-    assert row["1000x800", "local_k4", "cpu"].ratio_to_e2e == pytest.approx(0.5)  # not the cuda e2e
-    assert math.isnan(row["2000x1000", "local_k8", "cpu"].ratio_to_e2e)
+    assert row["8698x7496", "image_e2e", "cpu"].ratio_to_image_e2e == pytest.approx(1.0)
+    assert row["8698x7496", "local_k4", "cpu"].ratio_to_image_e2e == pytest.approx(0.25)
+    assert row["8698x7496", "local_k8", "cpu"].ratio_to_image_e2e == pytest.approx(3 / 16)
+    assert row["1000x800", "local_k4", "cpu"].ratio_to_image_e2e == pytest.approx(0.5)  # not the cuda e2e
+    assert math.isnan(row["2000x1000", "local_k8", "cpu"].ratio_to_image_e2e)
     assert row["8698x7496", "local_k4", "cpu"].peak_memory_gb == pytest.approx(4.0)
     # the paper's numbers where the size is one of its sizes, NaN elsewhere
-    assert row["8698x7496", "e2e", "cpu"].paper_memory_gb == pytest.approx(17.89)
+    assert row["8698x7496", "image_e2e", "cpu"].paper_memory_gb == pytest.approx(17.89)
     assert row["8698x7496", "local_k4", "cpu"].paper_memory_gb == pytest.approx(5.35)
     assert row["8698x7496", "local_k8", "cpu"].paper_memory_gb == pytest.approx(3.71)
-    assert math.isnan(row["1000x800", "e2e", "cpu"].paper_memory_gb)
-    # smallest image first; e2e, local_k4, local_k8 within a size
+    assert math.isnan(row["1000x800", "image_e2e", "cpu"].paper_memory_gb)
+    # smallest image first; image_e2e, local_k4, local_k8 within a size
     assert list(t.image_size[:3]) == ["1000x800"] * 3
-    assert list(t[t.image_size == "8698x7496"].method) == ["e2e", "local_k4", "local_k8"]
+    assert list(t[t.image_size == "8698x7496"].method) == ["image_e2e", "local_k4", "local_k8"]
 
     csv, md = tmp_path / "table2.csv", tmp_path / "table2.md"
     assert (
@@ -91,14 +91,14 @@ def test_table2_ratios_and_paper_join(tmp_path):
     assert list(pd.read_csv(csv).columns) == TABLE2_COLUMNS
     assert md.read_text().startswith("| image_size | method |")
 
-    write_measurement(tmp_path / "dup.json", "e2e", "1000x800", 2.5)
+    write_measurement(tmp_path / "dup.json", "image_e2e", "1000x800", 2.5)
     with pytest.raises(ConfigError, match="more than one measurement"):
         table2([*files, tmp_path / "dup.json"])
 
 
 def test_table2_shows_variants_beside_the_plain_rows(tmp_path):
     files = [
-        write_measurement(tmp_path / "a.json", "e2e", "8698x7496", 16.0),
+        write_measurement(tmp_path / "a.json", "image_e2e", "8698x7496", 16.0),
         write_measurement(tmp_path / "b.json", "local_k4", "8698x7496", 4.0),
         write_measurement(tmp_path / "c.json", "local_k4", "8698x7496", 2.0),
     ]
@@ -106,7 +106,7 @@ def test_table2_shows_variants_beside_the_plain_rows(tmp_path):
     files[2].write_text(json.dumps({**record, "variant": "checkpoint_tiles", "wall_s": 3.5}))
     t = table2(files)
     row = {(r.method, r.variant): r for r in t.itertuples()}
-    assert row["local_k4", "checkpoint_tiles"].ratio_to_e2e == pytest.approx(2 / 16)  # vs plain e2e
+    assert row["local_k4", "checkpoint_tiles"].ratio_to_image_e2e == pytest.approx(2 / 16)  # vs plain e2e
     assert row["local_k4", "checkpoint_tiles"].seconds_per_slide == pytest.approx(3.5)
     assert math.isnan(row["local_k4", "checkpoint_tiles"].paper_memory_gb)
     assert row["local_k4", ""].paper_memory_gb == pytest.approx(5.35)

@@ -38,7 +38,7 @@ def dry_run(configfile: Path, *targets: str) -> list[dict]:
 
 
 @pytest.mark.workflow
-@pytest.mark.parametrize("name", ["local_learning", "offload", "e2e"])
+@pytest.mark.parametrize("name", ["local_learning", "offload", "tilebag"])
 def test_paper_config_dry_runs_with_downloads_of_its_table_datasets_only(name):
     path = REPO / "config" / f"{name}.yaml"
     config = yaml.safe_load(path.read_text())

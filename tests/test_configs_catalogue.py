@@ -42,8 +42,8 @@ def test_bad_blocks_are_errors_naming_the_key():
         check_method_config("abmil", {"lrr": 1})
     with pytest.raises(ConfigError, match=r"methods\.local_k4\.K: fixed to 4"):
         check_method_config("local_k4", {"K": 8})
-    with pytest.raises(ConfigError, match=r"methods\.e2e\.checkpointing: expected one of"):
-        check_method_config("e2e", {"checkpointing": "all"})
+    with pytest.raises(ConfigError, match=r"methods\.image_e2e\.checkpointing: expected one of"):
+        check_method_config("image_e2e", {"checkpointing": "all"})
     with pytest.raises(ConfigError, match="unknown method 'nope'"):
         check_method_config("nope", {})
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from slidetrain.bench.e2e_distributed import run_single, spec_from_dict
-from slidetrain.train.tilebag.distributed import pick_backend, split_bag
+from _entry import ENTRY
+from slidetrain.bench.distributed_equivalence import run_single, spec_from_dict
+from slidetrain.train.tilebag.distributed_executor import pick_backend, split_bag
 
 pytestmark = pytest.mark.equivalence
 REPO = Path(__file__).resolve().parents[1]
@@ -26,12 +27,13 @@ TOL = 1e-5
 
 
 def torchrun(tmp: Path, spec: dict, *extra: str, nproc: int = 3, timeout_s: float = 30,
-             out: str = "parallel.pt") -> subprocess.CompletedProcess:
+             out: str = "parallel.pt", **hooks: str) -> subprocess.CompletedProcess:
+    """`slidetrain distributed-parallel` under torchrun; `hooks`: tests/_entry.py's environment variables."""
     import json
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"), **hooks}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "slidetrain.cli", "e2e-parallel", "--spec", json.dumps(spec), "--out", str(tmp / out),
+           ENTRY, "distributed-parallel", "--spec", json.dumps(spec), "--out", str(tmp / out),
            "--backend", "gloo", "--timeout-s", str(timeout_s), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp)
 
@@ -92,7 +94,7 @@ def test_toy_three_processes_match_single_process(tmp_path):
 
 def test_wrong_pseudo_loss_scale_is_detected(tmp_path):
     """Without the factor N the encoder gradients are 1/N of the truth: the check must fail."""
-    proc = torchrun(tmp_path, TOY, "--pseudo-loss-factor", "1")
+    proc = torchrun(tmp_path, TOY, SLIDETRAIN_PSEUDO_LOSS_FACTOR="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     single, parallel = run_single(spec_from_dict(TOY)), load(tmp_path / "parallel.pt")
     assert not equivalent(single, parallel)
@@ -133,7 +135,7 @@ def test_resnet_gma_syncbn_three_processes_match_single_process(tmp_path):
 
 
 def test_a_gradient_on_one_side_only_fails_the_comparison():
-    from slidetrain.bench.e2e_distributed import compare
+    from slidetrain.bench.distributed_equivalence import compare
 
     record = {"step": 1, "loss": 1.0, "params": {"w": torch.ones(2)}, "grads": {"w": torch.ones(2)}}
     lost = {**record, "grads": {"w": None}}
@@ -144,7 +146,7 @@ def test_a_gradient_on_one_side_only_fails_the_comparison():
 def test_killed_rank_fails_the_job_and_a_rerun_resumes(tmp_path):
     spec = {**TOY, "steps": 4, "predict_tiles": 0}
     ckpt = tmp_path / "checkpoint.pt"
-    proc = torchrun(tmp_path, spec, "--checkpoint", str(ckpt), "--fault", "kill:2:3", timeout_s=20)
+    proc = torchrun(tmp_path, spec, "--checkpoint", str(ckpt), timeout_s=20, SLIDETRAIN_RANK_FAULT="kill:2:3")
     assert proc.returncode != 0
     assert seconds_since_fault(proc, time.time()) < 20 + 10  # within the configured timeout (+ shutdown)
     # torchrun's summary names the rank that died first
@@ -161,7 +163,7 @@ def test_killed_rank_fails_the_job_and_a_rerun_resumes(tmp_path):
 
 
 def test_hung_rank_times_out_with_an_error_naming_it(tmp_path):
-    proc = torchrun(tmp_path, {**TOY, "predict_tiles": 0}, "--fault", "hang:2:2", timeout_s=4)
+    proc = torchrun(tmp_path, {**TOY, "predict_tiles": 0}, timeout_s=4, SLIDETRAIN_RANK_FAULT="hang:2:2")
     assert proc.returncode != 0
     assert "size exchange (all_gather) at step 2 failed" in proc.stderr, proc.stderr[-3000:]
     report = re.search(r"\[rank0\]:\[E\d{4} (\d+):(\d+):(\d+\.\d+) .*Ranks? 2 failed to pass monitoredBarrier",
@@ -176,7 +178,7 @@ def test_hung_rank_times_out_with_an_error_naming_it(tmp_path):
 
 
 def test_slurm_profile_gives_a_torchrun_rule_one_task_with_n_gpus():
-    """What the installed SLURM executor plugin submits for e2e_parallel with 5 processes on GPUs."""
+    """What the installed SLURM executor plugin submits for distributed_parallel with 5 processes on GPUs."""
     import yaml
     from snakemake_executor_plugin_slurm.submit_string import get_submit_command
     from snakemake_executor_plugin_slurm.utils import set_gres_string
@@ -191,7 +193,7 @@ def test_slurm_profile_gives_a_torchrun_rule_one_task_with_n_gpus():
 
     profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
     rule = {"gpu": 5, "nproc": 5, "mem_mb": 10000, "runtime": 30}  # the rule's resources with device: cuda
-    job = Job({**profile["default-resources"], **profile["set-resources"]["e2e_parallel"], **rule})
+    job = Job({**profile["default-resources"], **profile["set-resources"]["distributed_parallel"], **rule})
     params = {"run_uuid": "u", "slurm_logfile": "log", "comment_str": "c", "account": "", "partition": "-p gpu",
               "workdir": "/w"}
     sbatch = get_submit_command(job, params) + set_gres_string(job)

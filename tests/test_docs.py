@@ -75,7 +75,7 @@ def test_benchmarks_page_renders_each_table_with_its_stamp(tmp_path):
     assert "| s1 | tifffile | 120.2 |" in page
     # a known result that is missing is listed with the command that makes it
     missing = page.split("## Not built yet", 1)[1]
-    assert "`snakemake --cores all e2e`" in missing and "results/tables/table2.csv" in missing
+    assert "`snakemake --cores all tilebag`" in missing and "results/tables/table2.csv" in missing
     assert "results/tables/table1.csv" not in missing
 
 
@@ -87,10 +87,10 @@ def test_benchmarks_page_without_results_lists_every_command(tmp_path):
 
 
 def test_docs_inputs_build_the_configured_results_and_add_existing_ones(tmp_path):
-    _write(tmp_path / "results/tables/e2e_table1.csv", "a\n1\n")
-    assert benchmarks.docs_inputs(None, tmp_path) == [*benchmarks.DEFAULT_BUILD, "results/tables/e2e_table1.csv"]
+    _write(tmp_path / "results/tables/tilebag_table1.csv", "a\n1\n")
+    assert benchmarks.docs_inputs(None, tmp_path) == [*benchmarks.DEFAULT_BUILD, "results/tables/tilebag_table1.csv"]
     assert benchmarks.docs_inputs(["results/tables/table1.csv"], tmp_path) == [
-        "results/tables/table1.csv", "results/tables/e2e_table1.csv"]
+        "results/tables/table1.csv", "results/tables/tilebag_table1.csv"]
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     assert tuple(config["docs"]["build"]) == benchmarks.DEFAULT_BUILD
     full = yaml.safe_load((REPO / "config" / "docs_full.yaml").read_text())

@@ -189,15 +189,15 @@ def test_output_check_counts_files_sizes_and_folders(tmp_path, monkeypatch):
 
     # a section that writes into the output folder makes the run fail its check (exit status 1)
     def litters(ctx):
-        (ctx.out_dir / "e2e_distributed_runs").mkdir()
-        (ctx.out_dir / "e2e_distributed_runs" / "equiv.pt").write_bytes(b"x")
+        (ctx.out_dir / "distributed_equivalence_runs").mkdir()
+        (ctx.out_dir / "distributed_equivalence_runs" / "equiv.pt").write_bytes(b"x")
         yield {"k": 1}
 
     out = tmp_path / "out"
     _fake_sections(monkeypatch, gpu.Section("litters", litters, 1.0))
     assert gpu.main(["--out", str(out), "--tiny", "--budget-s", "10"]) == 1
     check = json.loads((out / "summary.json").read_text())["output_check"]
-    assert not check["ok"] and "e2e_distributed_runs" in check["problems"][0]
+    assert not check["ok"] and "distributed_equivalence_runs" in check["problems"][0]
 
 
 def test_the_device_has_an_explicit_index(monkeypatch):
@@ -281,7 +281,7 @@ def test_search_max_resolution_still_returns_a_fit():
 def test_paper_tiles_per_gb_come_from_the_paper_csv():
     from slidetrain.paper.tables import paper_table
 
-    table = paper_table("e2e_memory")
+    table = paper_table("tilebag_memory")
     per_gb = gpu.paper_tiles_per_gb()
     fp32 = table[(table.encoder == "ResNet50") & (table.precision == "fp32")].max_tiles_h100_80gb.iloc[0]
     assert per_gb["fp32"] == pytest.approx(fp32 / 80)
@@ -289,7 +289,7 @@ def test_paper_tiles_per_gb_come_from_the_paper_csv():
 
 
 def test_collective_timeouts_end_before_their_launch():
-    from slidetrain.bench.e2e_distributed import collective_timeout_s
+    from slidetrain.bench.distributed_equivalence import collective_timeout_s
 
     for launch in (40, 70, 90, 250, 600):
         # the encoders' DDP group waits twice the timeout, then a 10 s monitored barrier

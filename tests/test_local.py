@@ -31,7 +31,8 @@ from slidetrain.train.wholeimage.augment import (
     channel_stats,
     normalise,
 )
-from slidetrain.train.wholeimage.learners import E2ELearner, LocalLearner
+from slidetrain.train.wholeimage.image_e2e_learner import ImageE2ELearner
+from slidetrain.train.wholeimage.local_learner import LocalLearner
 from slidetrain.train.wholeimage.oom import SlideOOMError
 from slidetrain.train.wholeimage.registry import LEARNERS, build_learner, register_learner
 
@@ -161,13 +162,13 @@ def test_groups_and_bad_k():
         build_learner("local_k8", 2, {"lr_heads_typo": 1e-3})
     with pytest.raises(ConfigError, match=r"methods\.local_k4_norfr\.alpha"):
         build_learner("local_k4_norfr", 2, {"alpha": 1.0})
-    with pytest.raises(ConfigError, match=r"methods\.e2e\.K"):
-        build_learner("e2e", 2, {"K": 4})  # e2e has no modules
+    with pytest.raises(ConfigError, match=r"methods\.image_e2e\.K"):
+        build_learner("image_e2e", 2, {"K": 4})  # e2e has no modules
     with pytest.raises(ConfigError, match=r"methods\.local_k4\.schedule"):
         build_learner("local_k4", 2, {"schedule": "greedy"})
-    assert {"local_k4", "local_k8", "local_k4_norfr", "local_k8_norfr", "e2e"} <= set(LEARNERS)
+    assert {"local_k4", "local_k8", "local_k4_norfr", "local_k8_norfr", "image_e2e"} <= set(LEARNERS)
     with pytest.raises(ValueError, match="twice"):
-        register_learner("e2e", LocalConfig, E2ELearner)
+        register_learner("image_e2e", LocalConfig, ImageE2ELearner)
 
 
 # --------------------------------------------------------------------------- gradient isolation
@@ -228,8 +229,8 @@ def test_norfr_has_no_decoder_and_no_rfr_loss(weights):
     logits = torch.tensor([0.3, -0.2])
     ce = torch.nn.functional.cross_entropy(logits[None], torch.tensor([1]))
     assert learner._ce(logits, torch.tensor([1])).item() == pytest.approx(3 * ce.item())
-    with pytest.raises(ConfigError, match=r"methods\.e2e\.class_weights"):
-        build_learner("e2e", 3, {"class_weights": [1, 2]})
+    with pytest.raises(ConfigError, match=r"methods\.image_e2e\.class_weights"):
+        build_learner("image_e2e", 3, {"class_weights": [1, 2]})
 
 
 def test_backbone_bn_stays_in_eval_and_stats_unchanged(weights):
@@ -254,9 +255,9 @@ def test_backbone_bn_stays_in_eval_and_stats_unchanged(weights):
 
 
 @pytest.mark.parametrize("stem", ["trained", "frozen"])
-def test_e2e_every_parameter_gets_gradient_stem_only_when_trained(weights, stem):
-    learner = build_learner("e2e", 2, {"weights": weights, "accumulation": 1, "stem": stem})
-    assert isinstance(learner, E2ELearner)
+def test_image_e2e_every_parameter_gets_gradient_stem_only_when_trained(weights, stem):
+    learner = build_learner("image_e2e", 2, {"weights": weights, "accumulation": 1, "stem": stem})
+    assert isinstance(learner, ImageE2ELearner)
     no_dropout(learner)
     # A 64 x 480 strip (fewer pixels than 256 x 256) gives a 2 x 10 layer4 map, so
     # the head's conv output has 2 positions and its norm and attention get a
@@ -285,8 +286,8 @@ def test_e2e_every_parameter_gets_gradient_stem_only_when_trained(weights, stem)
     [
         ("local_k4", {}, True),
         ("local_k8", {}, True),
-        ("e2e", {"stem": "frozen"}, True),
-        ("e2e", {"stem": "trained"}, False),  # conv1's weight gradient needs the image
+        ("image_e2e", {"stem": "frozen"}, True),
+        ("image_e2e", {"stem": "trained"}, False),  # conv1's weight gradient needs the image
         ("local_k4", {"on_oom": "crop"}, False),  # a retry crops the image, so it is kept
     ],
 )
@@ -621,7 +622,7 @@ def test_batchnorm_calibration_sets_statistics_once_and_keeps_them_frozen():
 def _checkpointing_run(method, weights, mode, image, dtype):
     """(learner, losses) of one slide's forward/backward with `checkpointing: mode` in `dtype`."""
     torch.manual_seed(0)
-    tile = 96 if method == "e2e" else 16  # a tile owns >= 1 output pixel (e2e's stride: 48)
+    tile = 96 if method == "image_e2e" else 16  # a tile owns >= 1 output pixel (e2e's stride: 48)
     learner = build_learner(method, 2, {"weights": weights, "checkpointing": mode, "checkpoint_tile_px": tile})
     no_dropout(learner)
     learner.net.to(dtype)
@@ -633,7 +634,7 @@ def _named_grads(learner) -> dict:
 
 
 @pytest.mark.equivalence
-@pytest.mark.parametrize("method", ["local_k4", "local_k8", "e2e"])
+@pytest.mark.parametrize("method", ["local_k4", "local_k8", "image_e2e"])
 def test_checkpointing_keeps_the_gradients(weights, method):
     """blocks and tiles recompute what plain autograd keeps: the same losses and gradients.
 
@@ -647,7 +648,7 @@ def test_checkpointing_keeps_the_gradients(weights, method):
     image = slide(1, 160, seed=3)
     runs = {(mode, dtype): _checkpointing_run(method, weights, mode, image, dtype)
             for mode in ("none", "blocks", "tiles") for dtype in (torch.float32, torch.float64)}
-    if method != "e2e":  # tiles really tile module 1 (a 27 x 27 map in tiles of 16)
+    if method != "image_e2e":  # tiles really tile module 1 (a 27 x 27 map in tiles of 16)
         assert len(runs["tiles", torch.float32][0].net.backbone._engines[0].plan((27, 27)).tiles) > 1
     reference, ref_losses = runs["none", torch.float64]
     plain, plain_losses = runs["none", torch.float32]
@@ -667,7 +668,7 @@ def test_checkpointing_keeps_the_gradients(weights, method):
 def test_checkpointing_with_misplaced_crop_gradients_would_fail(weights, monkeypatch):
     """The assembled backward of `tiles` with RFR's crops mirrored (their gradients land on the
     wrong pixels): the check catches it."""
-    import slidetrain.train.wholeimage.learners as learners_module
+    import slidetrain.train.wholeimage.local_learner as learners_module
     from slidetrain.bench.fidelity import JUMP, fidelity
 
     image = slide(1, 160, seed=3)

@@ -9,10 +9,10 @@ import torch
 import torchvision
 from torch import nn
 
-import slidetrain.partitioned.offload as off
+import slidetrain.partitioned.offload_engine as off
 from slidetrain.bench.offload_equivalence import CASES, run_case
 from slidetrain.partitioned.geometry import PartitionError
-from slidetrain.partitioned.offload import (
+from slidetrain.partitioned.offload_engine import (
     OffloadBatchNorm2d,
     OffloadEngine,
     OffloadResNet,

@@ -25,11 +25,11 @@ def _metrics(root, dataset, run, testset, tiles, value, key="qwk", seed=0):
 
 def test_table1_rows_means_and_the_papers_values_where_the_test_set_matches(tmp_path):
     paths = [
-        _metrics(tmp_path, "synthetic", "bigl_dtfd_trained_aug", "internal", "all", 0.80, seed=0),
-        _metrics(tmp_path, "synthetic", "bigl_dtfd_trained_aug", "internal", "all", 0.90, seed=1),
-        _metrics(tmp_path, "synthetic", "bigl_dtfd_trained_aug", "internal", "sampled", 0.70),
-        _metrics(tmp_path, "synthetic", "bigl_dtfd_trained_aug", "external", "all", 0.60),
-        _metrics(tmp_path, "synthetic", "bigl_abmil_frozen_noaug", "external", "sampled", 0.50),
+        _metrics(tmp_path, "synthetic", "biglayers_dtfd_trained_aug", "internal", "all", 0.80, seed=0),
+        _metrics(tmp_path, "synthetic", "biglayers_dtfd_trained_aug", "internal", "all", 0.90, seed=1),
+        _metrics(tmp_path, "synthetic", "biglayers_dtfd_trained_aug", "internal", "sampled", 0.70),
+        _metrics(tmp_path, "synthetic", "biglayers_dtfd_trained_aug", "external", "all", 0.60),
+        _metrics(tmp_path, "synthetic", "biglayers_abmil_frozen_noaug", "external", "sampled", 0.50),
     ]
     out = tmp_path / "t1.csv"
     table = offload_table(paths, "qwk", "offload_table1", {"internal": "synthetic", "external": "ext"}, "10x8",
@@ -52,7 +52,7 @@ def test_table1_rows_means_and_the_papers_values_where_the_test_set_matches(tmp_
 
 
 def test_table2_through_the_command_line(tmp_path):
-    paths = [_metrics(tmp_path, "synthetic_binary", "bigl_transmil_trained_aug", "external", "sampled", 0.75,
+    paths = [_metrics(tmp_path, "synthetic_binary", "biglayers_transmil_trained_aug", "external", "sampled", 0.75,
                       key="accuracy")]
     out = tmp_path / "t2.csv"
     assert main(["offload-table", "--metrics", *map(str, paths), "--metric", "acc", "--paper-table",

@@ -26,7 +26,7 @@ from slidetrain.cli import build_parser
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 PAGES = [README, *sorted((REPO / "docs").glob("*.md"))]
-TARGET_RULES = {"docs", "e2e", "offload"}  # target rules the pages name (`all` is a --cores value)
+TARGET_RULES = {"docs", "tilebag", "offload"}  # target rules the pages name (`all` is a --cores value)
 pytestmark = pytest.mark.workflow
 
 SETUP = (

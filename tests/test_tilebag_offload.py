@@ -10,7 +10,7 @@ import torch
 from slidetrain.models import build_model, method_config
 from slidetrain.models.encoders import build_encoder
 from slidetrain.train.tilebag.executors import PlainExecutor, StepContext, build_executor
-from slidetrain.train.tilebag.offload import OffloadExecutor
+from slidetrain.train.tilebag.offload_executor import OffloadExecutor
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.equivalence

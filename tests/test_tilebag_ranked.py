@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
+from _entry import ENTRY
 from slidetrain.train.tilebag import fit_tilebag
 
 pytestmark = pytest.mark.equivalence
@@ -61,7 +62,7 @@ def torchrun_train(out: Path, tiled_synthetic, split, params: dict, env_extra: d
     root, sheet, _ = tiled_synthetic
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"), **(env_extra or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3",
-           "-m", "slidetrain.cli", "train-tilebag", "--params", json.dumps(params), "--split", str(split),
+           ENTRY, "train-tilebag", "--params", json.dumps(params), "--split", str(split),
            "--sheet", str(sheet), "--slides-dir", str(root), "--tiles-dir", str(root), "--tile-px", "32",
            "--target-magnification", "5", "--classes", *CLASSES, "--out", str(out), "--seed", "0",
            "--backend", "gloo", "--timeout-s", str(timeout_s)]

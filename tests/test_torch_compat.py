@@ -26,13 +26,13 @@ SIGNATURES = json.loads((REPO / "tests" / "data" / "torch211_signatures.json").r
 #: calls that spread a dict (`**kwargs`) into a recorded API, which the AST cannot read: each has a
 #: test or a reason
 SPREAD_OK = {
-    ("slidetrain/train/tilebag/distributed.py", "torch.nn.parallel.DistributedDataParallel"):
+    ("slidetrain/train/tilebag/distributed_executor.py", "torch.nn.parallel.DistributedDataParallel"):
         "ddp_buffer_kwargs: test_ddp_buffer_keyword_is_one_torch_211_knows",
     ("slidetrain/data/tilebag.py", "torch.utils.data.DataLoader"):
         "bag_loader: num_workers, collate_fn, sampler, shuffle, prefetch_factor, persistent_workers",
 }
-#: slidetrain.cli imports every command's module lazily; the GPU script uses only `e2e-parallel`,
-#: whose module (slidetrain.bench.e2e_distributed) is a root already
+#: slidetrain.cli imports every command's module lazily; the GPU script uses only `distributed-parallel`,
+#: whose module (slidetrain.bench.distributed_equivalence) is a root already
 NOT_FOLLOWED = {"slidetrain.cli"}
 
 
@@ -219,7 +219,7 @@ def syncbn_grads(tmp_path_factory) -> Path:
 def test_syncbn_gradients_under_each_differentiable_all_reduce(syncbn_grads, impl):
     """The gloo SyncBN's gradients equal BatchNorm's over the whole batch, with funcol's all_reduce
     (newer torch) and with torch.distributed.nn.functional's (the fallback torch 2.11 may need)."""
-    from slidetrain.train.tilebag.distributed import differentiable_all_reduce_impl
+    from slidetrain.train.tilebag.distributed_executor import differentiable_all_reduce_impl
 
     if impl == "funcol" and differentiable_all_reduce_impl() != "funcol":
         pytest.skip("this torch has no autograd for funcol's all_reduce")

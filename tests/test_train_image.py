@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from _entry import ENTRY
 from slidetrain.configs.image import WholeImageConfig
 from slidetrain.data.splits import write_split
 from slidetrain.errors import SlideError
+from slidetrain.train import common
 from slidetrain.train.wholeimage import loop
 from slidetrain.train.wholeimage.interface import WholeImageLearner
 from slidetrain.train.wholeimage.loop import (
@@ -36,7 +38,7 @@ from slidetrain.train.wholeimage.registry import LEARNERS, LearnerSpec
 CLASSES = ["red", "blue"]
 TRAIN_IDS = [f"s{i:02d}" for i in range(6)]
 VAL_IDS = ["s06", "s07"]
-E2E = {"epochs": 2, "accumulation": 2, "lr_backbone": 1e-4, "lr_heads": 1e-3}
+IMAGE_E2E = {"epochs": 2, "accumulation": 2, "lr_backbone": 1e-4, "lr_heads": 1e-3}
 
 
 def blob_image(label: int, rng: np.random.Generator, size: int = 64) -> np.ndarray:
@@ -78,7 +80,7 @@ def train_cli(out: Path, split_csv: Path, images: Path, method: str, params: dic
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if stop_after is not None:
         env["SLIDETRAIN_STOP_AFTER_EPOCH"] = str(stop_after)
-    cmd = [sys.executable, "-m", "slidetrain.cli", "train-image", "--method", method, "--params", json.dumps(params),
+    cmd = [sys.executable, ENTRY, "train-image", "--method", method, "--params", json.dumps(params),
            "--split", str(split_csv), "--images", str(images), "--classes", *CLASSES, "--out", str(out),
            "--seed", str(seed)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -106,8 +108,8 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 def test_a_run_writes_every_file_and_scores_the_test_part(dataset, tmp_path):
     split_csv, images = dataset
-    out = tmp_path / "e2e"
-    model_path = fit_whole_image("e2e", {**E2E, "class_weights": [1.0, 2.0]}, split_csv, images, CLASSES, out, seed=0)
+    out = tmp_path / "image_e2e"
+    model_path = fit_whole_image("image_e2e", {**IMAGE_E2E, "class_weights": [1.0, 2.0]}, split_csv, images, CLASSES, out, seed=0)
     assert model_path == out / "model.pt"
     assert {p.name for p in out.iterdir()} == {"model.pt", "history.csv", "run.json"}  # checkpoint removed
     history = pd.read_csv(out / "history.csv")
@@ -116,7 +118,7 @@ def test_a_run_writes_every_file_and_scores_the_test_part(dataset, tmp_path):
     assert history.epoch.tolist() == [1, 2] and history.selected.iloc[0]
     assert history.cropped.isna().all()  # nothing ran out of memory
     run = json.loads((out / "run.json").read_text())
-    assert run["method"] == "e2e" and run["seed"] == 0 and run["config"]["selection_metric"] == "val_loss"
+    assert run["method"] == "image_e2e" and run["seed"] == 0 and run["config"]["selection_metric"] == "val_loss"
     assert run["epochs_run"] == 2 and run["class_names"] == CLASSES and run["git_commit"]
     assert run["image_sizes"]["train"]["n"] == 6 and run["image_sizes"]["val"]["n"] == 2
 
@@ -138,7 +140,7 @@ def test_a_killed_run_resumes_to_the_same_result(dataset, tmp_path):
     split_csv, images = dataset
     # accumulation 4 over 6 training slides: the last 2 slides' gradients carry into the next epoch's
     # first step (no step at an epoch's end, as the reference), so the checkpoint must hold them
-    params = {**E2E, "n_patch": 2, "accumulation": 4}
+    params = {**IMAGE_E2E, "n_patch": 2, "accumulation": 4}
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     fit_whole_image("local_k4", params, split_csv, images, CLASSES, whole, seed=3)  # uninterrupted, in-process
     first = train_cli(killed, split_csv, images, "local_k4", params, stop_after=1)
@@ -159,18 +161,18 @@ def test_a_killed_run_resumes_to_the_same_result(dataset, tmp_path):
 
 def test_the_optimiser_steps_only_every_accumulation_slides(dataset, tmp_path, monkeypatch):
     """6 training slides, accumulation 4, 2 epochs: steps after slides 4 and 10, none at an epoch's end."""
-    from slidetrain.train.wholeimage.learners import E2ELearner
+    from slidetrain.train.wholeimage.image_e2e_learner import ImageE2ELearner
 
     steps = []
-    real_step = E2ELearner.step
+    real_step = ImageE2ELearner.step
 
     def counting_step(self):
         steps.append(sum(p.grad is not None for p in self.net.parameters()))
         real_step(self)
 
-    monkeypatch.setattr(E2ELearner, "step", counting_step)
+    monkeypatch.setattr(ImageE2ELearner, "step", counting_step)
     split_csv, images = dataset
-    fit_whole_image("e2e", {**E2E, "accumulation": 4}, split_csv, images, CLASSES, tmp_path / "run", seed=0)
+    fit_whole_image("image_e2e", {**IMAGE_E2E, "accumulation": 4}, split_csv, images, CLASSES, tmp_path / "run", seed=0)
     assert len(steps) == 2
     assert steps[0] == steps[1] > 0  # each step had gradients to apply
 
@@ -188,14 +190,14 @@ def test_a_checkpoint_of_another_seed_is_ignored(dataset, tmp_path, monkeypatch,
 
     out, fresh = tmp_path / "run", tmp_path / "fresh"
     with monkeypatch.context() as m:
-        m.setattr(loop, "maybe_stop_for_test", stop)
+        m.setattr(common, "after_epoch_checkpoint", stop)
         with pytest.raises(_Killed):
-            fit_whole_image("e2e", E2E, split_csv, images, CLASSES, out, seed=3)
+            fit_whole_image("image_e2e", IMAGE_E2E, split_csv, images, CLASSES, out, seed=3)
     assert (out / "checkpoint.pt").exists()
     with caplog.at_level(logging.INFO, logger="slidetrain.train.wholeimage.loop"):
-        fit_whole_image("e2e", E2E, split_csv, images, CLASSES, out, seed=4)
+        fit_whole_image("image_e2e", IMAGE_E2E, split_csv, images, CLASSES, out, seed=4)
     assert "ignoring" in caplog.text and "resuming" not in caplog.text
-    fit_whole_image("e2e", E2E, split_csv, images, CLASSES, fresh, seed=4)
+    fit_whole_image("image_e2e", IMAGE_E2E, split_csv, images, CLASSES, fresh, seed=4)
     pd.testing.assert_frame_equal(history_without_time(out), history_without_time(fresh))
     assert_same_state(torch.load(out / "model.pt", weights_only=False)["state"],
                       torch.load(fresh / "model.pt", weights_only=False)["state"])
@@ -207,7 +209,7 @@ def test_normalisation_statistics_come_from_the_train_part_only(dataset, own_ima
     black = Image.new("RGB", (64, 64))
     for slide_id in ("s06", "s09"):  # a val and a test slide: had they leaked in, the statistics would move
         black.save(own_images / f"{slide_id}.jpg")
-    fit_whole_image("e2e", {**E2E, "epochs": 1}, split_csv, own_images, CLASSES, tmp_path / "run", seed=0)
+    fit_whole_image("image_e2e", {**IMAGE_E2E, "epochs": 1}, split_csv, own_images, CLASSES, tmp_path / "run", seed=0)
     assert torch.load(tmp_path / "run" / "model.pt", weights_only=False)["norm_stats"] == train_only
     black.save(own_images / "s02.jpg")  # a train slide does move them
     assert norm_stats_of(load_images(TRAIN_IDS, own_images))["mean"][0] < train_only["mean"][0]
@@ -217,10 +219,10 @@ def test_a_missing_or_broken_image_names_the_slide(dataset, own_images, tmp_path
     split_csv, _ = dataset
     (own_images / "s03.jpg").unlink()
     with pytest.raises(SlideError, match=r"slide s03: .*s03\.jpg is missing"):
-        fit_whole_image("e2e", E2E, split_csv, own_images, CLASSES, tmp_path / "run", seed=0)
+        fit_whole_image("image_e2e", IMAGE_E2E, split_csv, own_images, CLASSES, tmp_path / "run", seed=0)
     from slidetrain.cli import main
 
-    argv = ["train-image", "--method", "e2e", "--split", str(split_csv), "--images", str(own_images),
+    argv = ["train-image", "--method", "image_e2e", "--split", str(split_csv), "--images", str(own_images),
             "--classes", *CLASSES, "--out", str(tmp_path / "cli")]
     assert main(argv) == 2
     assert "slide s03" in capsys.readouterr().err
@@ -287,6 +289,6 @@ def test_a_diverged_run_stops_with_a_clear_error(dataset, tmp_path, monkeypatch)
         return loss, np.full_like(probs, np.nan)
 
     monkeypatch.setattr(loop, "predict_images", diverged)
-    with pytest.raises(TrainingError, match=r"e2e: training diverged in epoch 1"):
-        fit_whole_image("e2e", {**E2E, "epochs": 1}, split_csv, images, CLASSES, tmp_path / "run", seed=0)
+    with pytest.raises(TrainingError, match=r"image_e2e: training diverged in epoch 1"):
+        fit_whole_image("image_e2e", {**IMAGE_E2E, "epochs": 1}, split_csv, images, CLASSES, tmp_path / "run", seed=0)
     assert not (tmp_path / "run" / "model.pt").exists()

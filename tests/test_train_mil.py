@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from _entry import ENTRY
 from slidetrain.data.splits import write_split
 from slidetrain.wsi.features import write_features
 
@@ -44,7 +45,7 @@ def train(out: Path, split_csv: Path, features_dir: Path, method: str = "abmil",
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if stop_after is not None:
         env["SLIDETRAIN_STOP_AFTER_EPOCH"] = str(stop_after)
-    cmd = [sys.executable, "-m", "slidetrain.cli", "train-mil", "--method", method,
+    cmd = [sys.executable, ENTRY, "train-mil", "--method", method,
            "--params", json.dumps({"epochs": epochs, "dropout": 0.25} if method == "abmil" else {"epochs": epochs}),
            "--split", str(split_csv), "--features", str(features_dir), "--classes", *CLASSES,
            "--out", str(out), "--seed", "3"]

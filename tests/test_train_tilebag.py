@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from _entry import ENTRY
 from slidetrain.errors import SlideError
 from slidetrain.train.tilebag import evaluate_tilebag, fit_tilebag
 
@@ -43,7 +44,7 @@ def train_cli(out, tiled_synthetic, split, params, stop_after=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if stop_after is not None:
         env["SLIDETRAIN_STOP_AFTER_EPOCH"] = str(stop_after)
-    cmd = [sys.executable, "-m", "slidetrain.cli", "train-tilebag", "--params", json.dumps(params),
+    cmd = [sys.executable, ENTRY, "train-tilebag", "--params", json.dumps(params),
            "--split", str(split), "--sheet", str(sheet), "--slides-dir", str(root), "--tiles-dir", str(root),
            "--tile-px", "32", "--target-magnification", "5", "--classes", *CLASSES, "--out", str(out),
            "--seed", "2"]

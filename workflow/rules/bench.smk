@@ -178,7 +178,7 @@ rule bench_train_memory:
         "benchmarks/bench/train_memory/{device}/{size}/{method}.tsv"
     threads: _bench_cfg("threads", 2)
     resources:
-        mem_mb=_bench_cfg("train_memory", {}).get("mem_mb", 21000),  # e2e at 8698x7496: 18.8 GiB peak RSS
+        mem_mb=_bench_cfg("train_memory", {}).get("mem_mb", 21000),  # image_e2e at 8698x7496: 18.8 GiB peak RSS
         runtime=60,
         gpu=lambda w: 1 if w.device.startswith("cuda") else 0,
     shell:
@@ -223,7 +223,7 @@ rule table2:
             "results/bench/train_memory/{device}/{size}/{method}.json",
             device=_bench_cfg("device", "cpu"),
             size=_bench_cfg("train_memory", {}).get("sizes", []),
-            method=["e2e", "local_k4", "local_k8"],
+            method=["image_e2e", "local_k4", "local_k8"],
         ),
         expand(
             "results/bench/train_memory/{device}/{size}/{method}.{variant}.json",

@@ -276,11 +276,11 @@ _INFERENCE_SLIDES = {f"{w}x{h}": (w, h) for w, h in _bench_cfg("inference", {}).
 
 
 # Tile-bag end-to-end (workflow/rules/tilebag.smk)
-def _tb(key, default=None):
+def _tilebag_cfg(key, default=None):
     return config.get("tilebag", {}).get(key, default)
 
 
-TILEBAG_SPLITS = SPLITS[: _tb("splits", len(SPLITS))]
+TILEBAG_SPLITS = SPLITS[: _tilebag_cfg("splits", len(SPLITS))]
 
 
 def tilebag_data_args(wildcards):
@@ -299,73 +299,73 @@ def tilebag_slides(wildcards):
 
 def _tilebag_threads():
     # one torch thread for the step, plus the reader worker processes
-    return 1 + int(_tb("params", {}).get("workers", 2))
+    return 1 + int(_tilebag_cfg("params", {}).get("workers", 2))
 
 
-def _e2e_runs(kind):
+def _tilebag_runs(kind):
     """metrics.json (kind "metrics") or history.csv of the K sweep, then the frozen-feature MIL runs."""
     name = "metrics.json" if kind == "metrics" else "history.csv"
     # the K sweep (single), then the other strategies at tilebag.strategy_k (tilebag_{strategy}_k{K})
-    runs = [f"tilebag_k{k}" for k in _tb("k_sweep", [])]
-    runs += [f"tilebag_{s}_k{k}" for s in _tb("strategies", {}) for k in _tb("strategy_k", [])]
+    runs = [f"tilebag_k{k}" for k in _tilebag_cfg("k_sweep", [])]
+    runs += [f"tilebag_{s}_k{k}" for s in _tilebag_cfg("strategies", {}) for k in _tilebag_cfg("strategy_k", [])]
     files = expand(
         "results/{dataset}/runs/{run}/{split}/{seed}/{name}",
-        dataset=_tb("datasets", []), run=runs, split=TILEBAG_SPLITS, seed=SEEDS, name=name,
+        dataset=_tilebag_cfg("datasets", []), run=runs, split=TILEBAG_SPLITS, seed=SEEDS, name=name,
     )
     if kind == "metrics":
         files += expand(
             "results/{dataset}/runs/{method}/{split}/{seed}/metrics.json",
-            dataset=_tb("datasets", []), method=_tb("frozen_methods", []), split=TILEBAG_SPLITS, seed=SEEDS,
+            dataset=_tilebag_cfg("datasets", []), method=_tilebag_cfg("frozen_methods", []), split=TILEBAG_SPLITS, seed=SEEDS,
         )
     return files
 
 
-def _tb_strategy(w):
+def _tilebag_strategy(w):
     """(strategy, K) of a run directory name: tilebag_k16 -> (single, 16), tilebag_half_k16 -> (half, 16)."""
-    m = _re.fullmatch(r"tilebag(?:_(half|parallel))?_k(\d+)", w.tb_run)
+    m = _re.fullmatch(r"tilebag(?:_(half|parallel))?_k(\d+)", w.tilebag_run)
     return m[1] or "single", int(m[2])
 
 
 def tilebag_run_params(w):
     """The run's TileBagConfig keys: tilebag.params, the strategy's keys (tilebag.strategies), its K."""
-    strategy, k = _tb_strategy(w)
-    return json.dumps({**_tb("params", {}), **_tb("strategies", {}).get(strategy, {}), "k": k})
+    strategy, k = _tilebag_strategy(w)
+    return json.dumps({**_tilebag_cfg("params", {}), **_tilebag_cfg("strategies", {}).get(strategy, {}), "k": k})
 
 
-def _tb_nproc():
-    return int(_tb("parallel", {}).get("n_encoder_ranks", 2)) + 1  # rank 0 aggregates, ranks 1..N encode
+def _tilebag_nproc():
+    return int(_tilebag_cfg("parallel", {}).get("n_encoder_ranks", 2)) + 1  # rank 0 aggregates, ranks 1..N encode
 
 
-def _tb_cuda():
-    return str(_tb("params", {}).get("device", "cpu")).startswith("cuda")
+def _tilebag_cuda():
+    return str(_tilebag_cfg("params", {}).get("device", "cpu")).startswith("cuda")
 
 
 def _step_slides(wildcards=None):
-    dataset = base_dataset(_tb("datasets", ["synthetic"])[0])
-    return {s: slide_file(dataset, s) for s in slide_ids(dataset)[: _tb("step", {}).get("slides", 8)]}
+    dataset = base_dataset(_tilebag_cfg("datasets", ["synthetic"])[0])
+    return {s: slide_file(dataset, s) for s in slide_ids(dataset)[: _tilebag_cfg("step", {}).get("slides", 8)]}
 # Distributed end-to-end (workflow/rules/distributed.smk)
-E2E = config.get("e2e_distributed", {})
-E2E_CASES = list(E2E.get("equivalence", {}))
+DISTRIBUTED_BENCH = config.get("distributed_benchmark", {})
+DISTRIBUTED_CASES = list(DISTRIBUTED_BENCH.get("equivalence", {}))
 # float32 cases get a float64 single run beside them (the reference's own rounding)
-E2E_FLOAT32_CASES = [c for c in E2E_CASES if E2E["equivalence"][c].get("dtype", "float32") == "float32"]
-E2E_SCALING = E2E.get("scaling", {})
+DISTRIBUTED_FLOAT32_CASES = [c for c in DISTRIBUTED_CASES if DISTRIBUTED_BENCH["equivalence"][c].get("dtype", "float32") == "float32"]
+DISTRIBUTED_SCALING = DISTRIBUTED_BENCH.get("scaling", {})
 
 
-def _e2e_spec(case):
-    return {**E2E["equivalence"][case], "device": E2E.get("device", "cpu")}
+def _distributed_spec(case):
+    return {**DISTRIBUTED_BENCH["equivalence"][case], "device": DISTRIBUTED_BENCH.get("device", "cpu")}
 
 
-def _e2e_nproc(case):
-    return E2E["ranks"][case] + 1  # rank 0 aggregates, ranks 1..N encode
+def _distributed_nproc(case):
+    return DISTRIBUTED_BENCH["ranks"][case] + 1  # rank 0 aggregates, ranks 1..N encode
 
 
 def _scaling_spec(n):
-    k = E2E_SCALING["k_per_rank"]
-    return {**E2E_SCALING["spec"], "tiles": int(n) * k, "device": E2E.get("device", "cpu")}
+    k = DISTRIBUTED_SCALING["k_per_rank"]
+    return {**DISTRIBUTED_SCALING["spec"], "tiles": int(n) * k, "device": DISTRIBUTED_BENCH.get("device", "cpu")}
 
 
 def _gpus(nproc):
-    return nproc if E2E.get("device", "cpu") == "cuda" else 0
+    return nproc if DISTRIBUTED_BENCH.get("device", "cpu") == "cuda" else 0
 # Shards: per-slide work runs one job per fixed group of a dataset's slides (slidetrain.data.shards);
 # per-slide outputs keep their paths, and the shard's manifest is what Snakemake tracks.
 from slidetrain.data.shards import assign_shards

@@ -1,23 +1,23 @@
 # Input functions of workflow/rules/offload_tables.smk (Big-Layers Tables 1 and 2), kept apart from the
 # rules as common.smk keeps the others'.
-from types import SimpleNamespace as _NS
+from types import SimpleNamespace
 
-OT = config.get("offload_tables", {})
-OT_TABLES = OT.get("tables", {})
-OT_DATASETS = {block["dataset"]: name for name, block in OT_TABLES.items()}
+OFFLOAD_TABLES_CFG = config.get("offload_tables", {})
+OFFLOAD_TABLES = OFFLOAD_TABLES_CFG.get("tables", {})
+OFFLOAD_TABLE_OF_DATASET = {block["dataset"]: name for name, block in OFFLOAD_TABLES.items()}
 
 
-def _ot_table(dataset):
-    if dataset not in OT_DATASETS:
+def _offload_table_of(dataset):
+    if dataset not in OFFLOAD_TABLE_OF_DATASET:
         raise WorkflowError(
-            f"offload_tables: dataset {dataset!r} is no table's `dataset`; known: {sorted(OT_DATASETS)}"
+            f"offload_tables: dataset {dataset!r} is no table's `dataset`; known: {sorted(OFFLOAD_TABLE_OF_DATASET)}"
         )
-    return OT_TABLES[OT_DATASETS[dataset]]
+    return OFFLOAD_TABLES[OFFLOAD_TABLE_OF_DATASET[dataset]]
 
 
-def _ot_check():
+def _check_offload_tables():
     """Every table's datasets exist and its external cohort has the training dataset's classes."""
-    for name, block in OT_TABLES.items():
+    for name, block in OFFLOAD_TABLES.items():
         for key in ("dataset", "external"):
             ds = block.get(key)
             if ds is not None and ds not in SHEETS and ds not in DERIVED:
@@ -28,49 +28,49 @@ def _ot_check():
                 f"offload_tables.tables.{name}.external: {ext!r} has classes {dataset_cfg(ext)['classes']}, expected "
                 f"those of {block['dataset']!r}: {dataset_cfg(block['dataset'])['classes']}"
             )
-    for enc in OT.get("encoders", {}):
+    for enc in OFFLOAD_TABLES_CFG.get("encoders", {}):
         if enc not in ("frozen", "trained"):
             raise WorkflowError(f"offload_tables.encoders: {enc!r}; expected frozen and/or trained")
     # every run's TileBagConfig is valid before any job starts (an unknown key names itself here)
     from slidetrain.configs.tilebag import tilebag_config  # torch-free: planning stays fast
     from slidetrain.errors import SlidetrainError
 
-    for name, block in OT_TABLES.items():
-        for enc in OT.get("encoders", {}):
-            for agg in OT.get("aggregators", []):
-                w = _NS(dataset=block["dataset"], encoder=enc, agg=agg, aug="aug")
+    for name, block in OFFLOAD_TABLES.items():
+        for enc in OFFLOAD_TABLES_CFG.get("encoders", {}):
+            for agg in OFFLOAD_TABLES_CFG.get("aggregators", []):
+                w = SimpleNamespace(dataset=block["dataset"], encoder=enc, agg=agg, aug="aug")
                 try:
-                    tilebag_config(json.loads(bigl_params(w)))
+                    tilebag_config(json.loads(biglayers_params(w)))
                 except SlidetrainError as err:
                     raise WorkflowError(f"offload_tables ({name}, {enc}, {agg}): {err}")
 
 
-def bigl_params(wildcards):
+def biglayers_params(wildcards):
     """The run's TileBagConfig: common keys, the table's, the encoder mode's, the aggregator and augmentation."""
-    table = _ot_table(wildcards.dataset)
+    table = _offload_table_of(wildcards.dataset)
     return json.dumps({
-        **OT.get("params", {}), **table.get("params", {}), **OT["encoders"][wildcards.encoder],
+        **OFFLOAD_TABLES_CFG.get("params", {}), **table.get("params", {}), **OFFLOAD_TABLES_CFG["encoders"][wildcards.encoder],
         **table.get("encoder_params", {}).get(wildcards.encoder, {}),
-        "aggregator": wildcards.agg, "aggregator_params": OT.get("aggregator_params", {}).get(wildcards.agg, {}),
+        "aggregator": wildcards.agg, "aggregator_params": OFFLOAD_TABLES_CFG.get("aggregator_params", {}).get(wildcards.agg, {}),
         "augment": wildcards.aug == "aug",
     })
 
 
-def _bigl_test_sets(wildcards):
+def _biglayers_test_sets(wildcards):
     """(name, dataset, split file) of the model's test sets: its dataset's test part, the external cohort."""
-    table = _ot_table(wildcards.dataset)
+    table = _offload_table_of(wildcards.dataset)
     return [("internal", wildcards.dataset, f"results/{wildcards.dataset}/splits/{wildcards.split}.csv"),
             ("external", table["external"], f"results/{table['external']}/splits/external.csv")]
 
 
-def bigl_test_splits(wildcards):
-    return [split for _, _, split in _bigl_test_sets(wildcards)]
+def biglayers_test_splits(wildcards):
+    return [split for _, _, split in _biglayers_test_sets(wildcards)]
 
 
-def bigl_tests(wildcards):
+def biglayers_tests(wildcards):
     """JSON list of the test sets for `slidetrain evaluate-tilebag-sets`."""
     tests = []
-    for name, dataset, split in _bigl_test_sets(wildcards):
+    for name, dataset, split in _biglayers_test_sets(wildcards):
         base = base_dataset(dataset)
         tests.append({
             "name": name, "split": split, "sheet": dataset_cfg(base)["sheet"], "slides_dir": f"resources/{base}/slides",
@@ -80,33 +80,33 @@ def bigl_tests(wildcards):
     return json.dumps(tests)
 
 
-def bigl_modes(wildcards):
+def biglayers_modes(wildcards):
     """All tiles, and the table's R x K sampled tiles."""
-    table = _ot_table(wildcards.dataset)
+    table = _offload_table_of(wildcards.dataset)
     return json.dumps({"all": {"eval_tiles": "all"},
                        "sampled": {"eval_tiles": "sampled", "eval_k": table["eval_k"], "eval_repeats": table["eval_repeats"]}})
 
 
-def _ot_splits(dataset):
+def _offload_table_splits(dataset):
     """The first `offload_tables.splits` of the dataset's splits (its official split only when mccv: false)."""
     splits = SPLITS + (["official"] if dataset in OFFICIAL else [])
     if dataset_split(dataset).get("mccv") is False:
         splits = ["official"]
-    return splits[: OT.get("splits", 1)]
+    return splits[: OFFLOAD_TABLES_CFG.get("splits", 1)]
 
 
 def offload_table_metrics(name):
-    block = OT_TABLES[name]
+    block = OFFLOAD_TABLES[name]
     return expand(
-        "results/{dataset}/runs/bigl_{agg}_{encoder}_{aug}/{split}/{seed}/test_{testset}_{tiles}/metrics.json",
-        dataset=block["dataset"], agg=OT.get("aggregators", []), encoder=list(OT.get("encoders", {})),
-        aug=OT.get("augmentation", ["aug"]), split=_ot_splits(block["dataset"]), seed=SEEDS,
+        "results/{dataset}/runs/biglayers_{agg}_{encoder}_{aug}/{split}/{seed}/test_{testset}_{tiles}/metrics.json",
+        dataset=block["dataset"], agg=OFFLOAD_TABLES_CFG.get("aggregators", []), encoder=list(OFFLOAD_TABLES_CFG.get("encoders", {})),
+        aug=OFFLOAD_TABLES_CFG.get("augmentation", ["aug"]), split=_offload_table_splits(block["dataset"]), seed=SEEDS,
         testset=["internal", "external"], tiles=["all", "sampled"],
     )
 
 
 def offload_table_args(name):
-    block = OT_TABLES[name]
+    block = OFFLOAD_TABLES[name]
     shown = [f"internal={block['dataset']}", f"external={block['external']}"]
     paper = " ".join(f"{k}={v}" for k, v in block.get("paper", {}).items())
     return (
@@ -115,4 +115,4 @@ def offload_table_args(name):
     )
 
 
-_ot_check()
+_check_offload_tables()

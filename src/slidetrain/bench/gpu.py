@@ -5,7 +5,7 @@ puts carried wheels on the path, sets the outer time limit and calls this module
 the procedure)::
 
     bash bench/gpu.sh OUT_DIR                              # the real run, about 6 minutes
-    bash bench/gpu.sh OUT_DIR --only e2e_distributed       # one section again
+    bash bench/gpu.sh OUT_DIR --only distributed_equivalence       # one section again
     bash bench/gpu.sh OUT_DIR --tiny                       # CPU rehearsal (tests/test_gpu_script.py)
 
 First a preflight (~10 s: versions, device, the APIs each section needs in the installed torch, free
@@ -115,27 +115,27 @@ def offload_sweep_section(ctx: GpuContext) -> Iterator[dict]:
         yield row
 
 
-def e2e_distributed_section(ctx: GpuContext) -> Iterable[dict]:
+def distributed_equivalence_section(ctx: GpuContext) -> Iterable[dict]:
     """Campanella et al.'s executor: single vs torchrun gradients, and parallel vs single seconds."""
-    from slidetrain.bench.e2e_distributed import gpu_section
+    from slidetrain.bench.distributed_equivalence import gpu_section
 
     return gpu_section(ctx)
 
 
 def paper_tiles_per_gb() -> dict[str, float]:
     """Campanella et al.'s ResNet50 maximum tiles per GB of their GPU, by our precision names
-    (paper/data/e2e_memory.csv: the memory is in the column's name, max_tiles_h100_80gb)."""
+    (paper/data/tilebag_memory.csv: the memory is in the column's name, max_tiles_h100_80gb)."""
     from slidetrain.errors import ConfigError
     from slidetrain.paper.tables import paper_table
 
-    table = paper_table("e2e_memory")
+    table = paper_table("tilebag_memory")
     column = next(c for c in table.columns if re.fullmatch(r"max_tiles_\w+?_(\d+)gb", c))
     gb = float(re.fullmatch(r"max_tiles_\w+?_(\d+)gb", column).group(1))
     out = {}
     for ours, theirs in {"fp32": "fp32", "amp": "amp-fp16"}.items():
         match = table[(table.encoder == "ResNet50") & (table.precision == theirs)]
         if len(match) != 1:
-            raise ConfigError(f"paper/data/e2e_memory.csv: expected one ResNet50 {theirs} row, found {len(match)}")
+            raise ConfigError(f"paper/data/tilebag_memory.csv: expected one ResNet50 {theirs} row, found {len(match)}")
         out[ours] = float(match[column].iloc[0]) / gb
     return out
 
@@ -213,24 +213,24 @@ def tilebag_section(ctx: GpuContext) -> Iterator[dict]:
 
 def local_learning_section(ctx: GpuContext) -> Iterator[dict]:
     """Zhang et al.'s Tables 2 and 3 on the device: training memory of one slide at the paper's 8698x7496
-    (5x) for e2e, local_k4, local_k8 and local_k8 with `checkpointing: tiles`, as max_memory_allocated
+    (5x) for image_e2e, local_k4, local_k8 and local_k8 with `checkpointing: tiles`, as max_memory_allocated
     increments (slidetrain.bench.local_memory, the rule bench_train_memory's measurement), then whole-image
     inference seconds of local_k4 on that image beside ResNet34 tile embedding at 224 px per megapixel
     (Table 3's model part; reading slides needs OpenSlide, which this machine lacks).
 
-    --tiny: 384x320 on the CPU (peak RSS of a fresh process per measurement; e2e and the checkpointed K=8).
+    --tiny: 384x320 on the CPU (peak RSS of a fresh process per measurement; image_e2e and the checkpointed K=8).
     """
     from slidetrain.bench.local_memory import measure_train_memory
     from slidetrain.models.encoders import build_encoder
     from slidetrain.train.wholeimage.registry import build_learner
 
     width, height = (8698, 7496) if not ctx.tiny else (384, 320)
-    cases = [("e2e", {}), ("local_k4", {}), ("local_k8", {}),
+    cases = [("image_e2e", {}), ("local_k4", {}), ("local_k8", {}),
              ("local_k8", {"checkpointing": "tiles"})]  # the default checkpoint_tile_px (64)
     if ctx.tiny:  # a fresh process per CPU measurement: rehearse both kinds of learner, not all four
         cases = [cases[0], cases[-1]]
     deadline = time.perf_counter() + 0.7 * ctx.cap_s  # leave the inference part its time
-    e2e = None
+    image_e2e = None
     for method, params in cases:
         if time.perf_counter() > deadline:
             yield {"kind": "train_memory", "method": method, "params": json.dumps(params),
@@ -239,11 +239,11 @@ def local_learning_section(ctx: GpuContext) -> Iterator[dict]:
         report = measure_train_memory(method, height, width, str(ctx.device), {"weights": "none", **params},
                                       threads=None if ctx.device.type == "cuda" else 1)
         gib = round(report.increment_bytes / 2**30, 3)
-        e2e = gib if method == "e2e" else e2e  # e2e is measured first: the denominator of the shares
+        image_e2e = gib if method == "image_e2e" else image_e2e  # measured first: the denominator of the shares
         # the paper at 8698x7496 (V100): K=4 29.9%, K=8 20.7% of E2E
         yield {"kind": "train_memory", "method": method, "params": json.dumps(params),
                "image_size": f"{width}x{height}", "increment_gib": gib, "seconds": round(report.wall_s, 2),
-               "probe": report.method, "status": "ok", "share_of_e2e": round(gib / e2e, 4) if e2e else None}
+               "probe": report.method, "status": "ok", "share_of_image_e2e": round(gib / image_e2e, 4) if image_e2e else None}
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
     # Table 3's model part: whole-image prediction vs tile embedding, seconds per megapixel
@@ -300,9 +300,9 @@ class Section:
 #: summary.json and log.txt) within MAX_FILES, by merging small tables into one (tests check).
 SECTIONS: list[Section] = [
     Section("offload_sweep", offload_sweep_section, 0.20,
-            ("torchvision", "slidetrain.bench.offload_sweep", "slidetrain.partitioned.offload")),
-    Section("e2e_distributed", e2e_distributed_section, 0.30,
-            ("slidetrain.bench.e2e_distributed", "slidetrain.train.tilebag.distributed", "slidetrain.cli",
+            ("torchvision", "slidetrain.bench.offload_sweep", "slidetrain.partitioned.offload_engine")),
+    Section("distributed_equivalence", distributed_equivalence_section, 0.30,
+            ("slidetrain.bench.distributed_equivalence", "slidetrain.train.tilebag.distributed_executor", "slidetrain.cli",
              "torch.distributed.run")),
     Section("tilebag", tilebag_section, 0.24,
             ("slidetrain.bench.max_tiles", "slidetrain.train.tilebag.executors", "slidetrain.paper.tables")),

@@ -62,14 +62,14 @@ for _name in LEARNER_MODULES:
     importlib.import_module(_name)
 
 #: the methods of the paper's Table 2, in its row order
-METHODS: tuple[str, ...] = ("e2e", "local_k4", "local_k8")
+METHODS: tuple[str, ...] = ("image_e2e", "local_k4", "local_k8")
 #: pipeline method key -> row name in paper/data/local_table2.csv
-PAPER_METHOD_NAMES = {"e2e": "E2E", "local_k4": "Local K=4", "local_k8": "Local K=8"}
+PAPER_METHOD_NAMES = {"image_e2e": "E2E", "local_k4": "Local K=4", "local_k8": "Local K=8"}
 TABLE2_COLUMNS = [
     "image_size",
     "method",
     "peak_memory_gb",
-    "ratio_to_e2e",
+    "ratio_to_image_e2e",
     "device",
     "paper_memory_gb",
     "variant",
@@ -231,7 +231,7 @@ def table2(measurement_jsons: list[str | Path]) -> pd.DataFrame:
     """Table 2 from bench-train-memory JSONs: one row per (image size, method, device).
 
     peak_memory_gb: the call's increment in GiB (2^30 bytes; see the module
-    docstring). ratio_to_e2e: divided by E2E's at the same size and device
+    docstring). ratio_to_image_e2e: divided by E2E's at the same size and device
     (NaN without an E2E measurement there). paper_memory_gb: the paper's
     number when the size is one of the paper's and the method one of its
     rows, else NaN (the paper measured on GPUs; its 23849x10257 E2E on CPU).
@@ -249,9 +249,9 @@ def table2(measurement_jsons: list[str | Path]) -> pd.DataFrame:
             + ", ".join(sorted(dup._path))
         )
     m["peak_memory_gb"] = m.increment_bytes / GIB
-    e2e = m[(m.method == "e2e") & (m.variant == "")].set_index(["image_size", "device"]).peak_memory_gb
+    e2e = m[(m.method == "image_e2e") & (m.variant == "")].set_index(["image_size", "device"]).peak_memory_gb
     key = pd.MultiIndex.from_frame(m[["image_size", "device"]])
-    m["ratio_to_e2e"] = m.peak_memory_gb.to_numpy() / e2e.reindex(key).to_numpy()
+    m["ratio_to_image_e2e"] = m.peak_memory_gb.to_numpy() / e2e.reindex(key).to_numpy()
     paper = paper_table("local_table2")
     paper_gb = {(r.image_size, r.method): float(r.memory_gb) for r in paper.itertuples()}
     m["paper_memory_gb"] = [

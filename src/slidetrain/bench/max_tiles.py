@@ -1,7 +1,7 @@
 """The most tiles one forward + backward holds (Campanella et al., Figure 1), per encoder and precision.
 
     slidetrain bench-max-tiles --encoders resnet18 resnet34 resnet50 vit_b_16 --precisions fp32 amp \
-        --tile-px 224 --device cuda --out results/bench/e2e_max_tiles.csv
+        --tile-px 224 --device cuda --out results/bench/tilebag_max_tiles.csv
 
 A probe encodes N random tiles with a freshly built encoder (random weights:
 memory does not depend on them) and backpropagates a dummy loss on the

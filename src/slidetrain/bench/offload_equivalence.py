@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slidetrain.bench.fidelity import JUMP, Fidelity, fidelity
-from slidetrain.partitioned.offload import (
+from slidetrain.partitioned.offload_engine import (
     OffloadBasicBlock,
     OffloadBatchNorm2d,
     OffloadConv2d,

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slidetrain.bench.memory import is_alloc_failure, with_index
-from slidetrain.partitioned.offload import (
+from slidetrain.partitioned.offload_engine import (
     STAGES,
     OffloadEngine,
     OffloadResNet,

@@ -78,7 +78,7 @@ def api_checks(device: torch.device) -> dict[str, dict]:
     import torch.distributed as dist
 
     def ddp_keyword() -> str:
-        from slidetrain.train.tilebag.distributed import ddp_buffer_kwargs
+        from slidetrain.train.tilebag.distributed_executor import ddp_buffer_kwargs
 
         return next(iter(ddp_buffer_kwargs(True)))
 
@@ -89,11 +89,11 @@ def api_checks(device: torch.device) -> dict[str, dict]:
         return f"set_per_process_memory_fraction(1.0, {device})"
 
     def all_reduce() -> str:
-        from slidetrain.train.tilebag.distributed import differentiable_all_reduce_impl
+        from slidetrain.train.tilebag.distributed_executor import differentiable_all_reduce_impl
 
         impl = differentiable_all_reduce_impl()
         if impl is None:
-            raise RuntimeError("no differentiable all_reduce: the gloo SyncBN (e2e equivalence) is skipped")
+            raise RuntimeError("no differentiable all_reduce: the gloo SyncBN (distributed equivalence) is skipped")
         return impl
 
     def init_device_id() -> bool:  # init_process_group's device_id (used with NCCL only)

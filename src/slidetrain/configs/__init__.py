@@ -44,7 +44,7 @@ METHODS: dict[str, MethodInfo] = {
     "local_k8": MethodInfo("image", image.LocalConfig, {"K": 8}),
     "local_k4_norfr": MethodInfo("image", image.LocalConfig, {"K": 4, **_NO_RFR}),
     "local_k8_norfr": MethodInfo("image", image.LocalConfig, {"K": 8, **_NO_RFR}),
-    "e2e": MethodInfo("image", image.E2EConfig),
+    "image_e2e": MethodInfo("image", image.ImageE2EConfig),
     "streamingcnn": MethodInfo("image", image.StreamingConfig),
 }
 

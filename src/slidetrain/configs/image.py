@@ -38,7 +38,7 @@ class ConfigKeyError(ConfigError):
 
 @dataclass
 class WholeImageConfig:
-    """Keys shared by every whole-image learner (e2e uses exactly these)."""
+    """Keys shared by every whole-image learner (image_e2e uses exactly these)."""
 
     epochs: int = 55  # the authors' README training command (their options default: 80)
     weights: str = "none"  # none | imagenet | path to a ResNet34 state dict
@@ -113,7 +113,7 @@ class WholeImageConfig:
 
 
 @dataclass
-class E2EConfig(WholeImageConfig):
+class ImageE2EConfig(WholeImageConfig):
     """Plain end-to-end training of the same network (the memory reference of Table 2)."""
 
     # trained: the entire network, conv1 included (the paper's E2E: "the entire network";

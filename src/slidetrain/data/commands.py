@@ -1,10 +1,13 @@
-"""`slidetrain download` and `slidetrain sheet <dataset>`: the real-data subcommands (cli.py adds them)."""
+"""`slidetrain` subcommands of slidetrain.data: sheets (synthetic and real), splits, downloads (cli.py adds them)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+from pathlib import Path
+
+from slidetrain.cli_args import json_arg
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +31,6 @@ def cmd_download(a: argparse.Namespace) -> None:
 
 def cmd_sheet(a: argparse.Namespace) -> None:
     """Build config/sheets/<dataset>.tsv from the dataset's source (needs internet)."""
-    from pathlib import Path
 
     from slidetrain.data.download import Endpoints, s3_client
     from slidetrain.data.sheet import validate_sheet
@@ -87,7 +89,7 @@ def cmd_external_split(a: argparse.Namespace) -> None:
     write_external_split(external_test_split(sheet, a.seed, a.one_per_patient), a.out)
 
 
-def add_parsers(sub) -> None:
+def _add_own_parsers(sub) -> None:
     from slidetrain.data.sources import DATASETS
 
     s = sub.add_parser("sheet", help="build a dataset's slide sheet from its source (GDC, S3, Kaggle; needs internet)")
@@ -128,3 +130,71 @@ def add_parsers(sub) -> None:
     s.add_argument("--s3-endpoint", help="S3 endpoint URL (default AWS)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_download)
+
+
+def cmd_make_sheet(a: argparse.Namespace) -> None:
+    from slidetrain.io import atomic_path
+    from slidetrain.wsi.synthetic import synthetic_sheet
+
+    sheet = synthetic_sheet(a.n_slides, a.seed)
+    with atomic_path(a.out) as tmp:
+        sheet.to_csv(tmp, sep="\t", index=False)
+
+
+def cmd_split(a: argparse.Namespace) -> None:
+    from slidetrain.data.sheet import read_sheet
+    from slidetrain.data.splits import make_split, read_official_split, write_split
+    from slidetrain.wsi.exclusion import excluded_slides
+
+    sheet = read_sheet(a.sheet, a.classes, check_files=False)
+    excluded = excluded_slides(a.status) if a.status else {}
+    sheet = sheet[~sheet.slide_id.isin(excluded)].reset_index(drop=True)
+    if a.label_map:  # a derived dataset: same slides, mapped labels (stratified on the new labels)
+        from slidetrain.data.sheet import relabel
+
+        sheet = relabel(sheet, a.label_map)
+    if a.official:
+        split = read_official_split(a.official, sheet, allow_subset=a.official_subset)
+    elif a.counts:  # the local-learning paper's slide counts (slidetrain.data.splits.PAPER_SPLIT_COUNTS)
+        from slidetrain.data.splits import make_split_counts
+
+        test = sheet.slide_id[sheet["official_part"].str.lower() == "test"] if a.fixed_test else None
+        split = make_split_counts(sheet, seed=a.seed, counts=a.counts, test_slides=test)
+        logging.info("split counts %s (asked %s)", split.part.value_counts().to_dict(), a.counts)
+    else:
+        split = make_split(sheet, seed=a.seed, fractions=tuple(a.fractions))
+    write_split(split, a.out)
+
+
+def _add_make_sheet_parser(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("make-sheet", help="write the synthetic dataset's slide sheet")
+    s.add_argument("--n-slides", type=int, required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_make_sheet)
+
+
+def _add_split_parser(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("split", help="write a seeded, patient-grouped, stratified split (or validate an official one)")
+    s.add_argument("--sheet", required=True)
+    s.add_argument("--classes", nargs="+", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--fractions", type=float, nargs=3, default=(0.6, 0.15, 0.25))
+    s.add_argument("--official")
+    s.add_argument("--official-subset", action="store_true", help="the official split may leave sheet slides out")
+    s.add_argument("--counts", type=int, nargs=3, help="slides per part (train val test) instead of fractions")
+    s.add_argument("--fixed-test", action="store_true", help="with --counts: the sheet's official_part=test slides are the test part")
+    s.add_argument("--status", help="the dataset's QC status table; excluded slides are left out")
+    s.add_argument("--label-map", type=json_arg, help="JSON {label: new label}: a derived dataset's labels")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_split)
+
+
+def _add_moved_parsers(sub: argparse._SubParsersAction) -> None:
+    _add_make_sheet_parser(sub)
+    _add_split_parser(sub)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    _add_moved_parsers(sub)
+    _add_own_parsers(sub)

@@ -8,7 +8,7 @@ sampled tiles; the paper's values beside where the test set stands for one of th
         --paper internal_all=panda external_all=tcga_prad_all external_sampled=tcga_prad_256 --out ...
 
 A run's metrics live at
-results/{dataset}/runs/bigl_{aggregator}_{encoder}_{aug|noaug}/{split}/{seed}/test_{internal|external}_{all|sampled}/metrics.json
+results/{dataset}/runs/biglayers_{aggregator}_{encoder}_{aug|noaug}/{split}/{seed}/test_{internal|external}_{all|sampled}/metrics.json
 (workflow/rules/offload_tables.smk); everything a row needs is read from that path. The metric is
 Big-Layers' test protocol: computed per repeat of sampled tiles, then averaged (one "repeat" for
 all tiles), in % as the paper reports it.
@@ -32,7 +32,7 @@ PAPER_NAMES = {"panda": "PANDA", "tcga_prad_all": "TCGA-PRAD (all tiles)", "tcga
                "camelyon17": "CAMELYON17", "camelyon16": "CAMELYON16"}
 
 _PATH = re.compile(
-    r"(?:^|/)results/(?P<dataset>[^/]+)/runs/bigl_(?P<aggregator>[a-z0-9]+)_(?P<encoder>frozen|trained)_"
+    r"(?:^|/)results/(?P<dataset>[^/]+)/runs/biglayers_(?P<aggregator>[a-z0-9]+)_(?P<encoder>frozen|trained)_"
     r"(?P<aug>aug|noaug)/(?P<split>[^/]+)/(?P<seed>\d+)/test_(?P<testset>internal|external)_(?P<tiles>all|sampled)"
     r"/metrics\.json$"
 )
@@ -47,7 +47,7 @@ def run_of(path: str | Path) -> dict:
     """The row keys of one metrics.json from its path; ConfigError naming a path of another layout."""
     m = _PATH.search(Path(path).as_posix())
     if m is None:
-        raise ConfigError(f"offload-table: {path} is not results/{{dataset}}/runs/bigl_{{aggregator}}_{{frozen|"
+        raise ConfigError(f"offload-table: {path} is not results/{{dataset}}/runs/biglayers_{{aggregator}}_{{frozen|"
                           f"trained}}_{{aug|noaug}}/{{split}}/{{seed}}/test_{{internal|external}}_{{all|sampled}}"
                           f"/metrics.json")
     return m.groupdict()
@@ -110,7 +110,7 @@ def offload_table(metrics_paths: list[str | Path], metric: str, paper_name: str,
     return table
 
 
-def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
+def parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
     pairs = {}
     for item in items or []:
         k, sep, v = item.partition("=")
@@ -118,21 +118,3 @@ def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
             raise ConfigError(f"offload-table: {what} {item!r}; expected KEY=VALUE")
         pairs[k] = v
     return pairs
-
-
-def cmd_offload_table(a) -> None:
-    offload_table(a.metrics, a.metric, a.paper_table, _pairs(a.test_datasets, "--test-datasets"), a.sampled_label,
-                  _pairs(a.paper, "--paper"), a.out, markdown=a.markdown)
-
-
-def add_parser(sub) -> None:
-    s = sub.add_parser("offload-table", help="Big-Layers Table 1 (qwk) or 2 (acc) from the bigl_* tile-bag runs")
-    s.add_argument("--metrics", nargs="+", required=True)
-    s.add_argument("--metric", choices=sorted(METRICS), required=True)
-    s.add_argument("--paper-table", required=True, help="offload_table1 | offload_table2 (slidetrain/paper/data)")
-    s.add_argument("--test-datasets", nargs="*", help="internal=NAME external=NAME: the dataset column")
-    s.add_argument("--sampled-label", default="sampled", help="test_tiles shown for sampled tiles, e.g. 10x8")
-    s.add_argument("--paper", nargs="*", help="{internal|external}_{all|sampled}=paper column prefix")
-    s.add_argument("--out", required=True)
-    s.add_argument("--markdown")
-    s.set_defaults(func=cmd_offload_table)

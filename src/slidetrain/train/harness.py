@@ -20,8 +20,8 @@ train_epoch keys, the validate keys, seconds, selected}, selection (the row's
 only epochs >= `selection.start_epoch` and only while `selectable()` holds),
 then an atomic checkpoint (`stateful` state dicts, the torch / numpy / python
 RNG states and the CUDA one on a CUDA device, history, best, best state,
-epochs without improvement), history.csv, the SLIDETRAIN_STOP_AFTER_EPOCH test
-hook (a hard exit as a kill would), and early stopping (`selection.patience`
+epochs without improvement), history.csv, `common.after_epoch_checkpoint` (a no-op extension point
+that the tests replace to kill a run there), and early stopping (`selection.patience`
 epochs without a selection, once `selection.min_epochs` epochs have run).
 
 A rerun with the same `tag` (config_hash of method, config, seed and split)
@@ -47,10 +47,10 @@ import torch
 from torch import Tensor
 
 from slidetrain.io import atomic_path
+from slidetrain.train import common
 from slidetrain.train.common import (
     is_better,
     load_checkpoint,
-    maybe_stop_for_test,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -126,7 +126,7 @@ def run_epochs(
     clock: Callable[[], float] = time.perf_counter,
     trailing: tuple[str, ...] = (),
     logger: logging.Logger = log,
-    stop_hook: Callable[[int], None] = maybe_stop_for_test,
+    stop_hook: Callable[[int], None] | None = None,
     primary: bool = True,
 ) -> RunResult:
     """Train `epochs` epochs (resuming from out_dir/checkpoint.pt when its tag matches); see the module docstring.
@@ -135,8 +135,8 @@ def run_epochs(
     them; `clock` times an epoch (pass one that synchronises CUDA for GPU work);
     `trailing` names callback columns that go after "selected" in history.csv;
     `logger` is the trainer's (its messages carry the trainer's name);
-    `stop_hook(epochs_done)` runs after each checkpoint (default: the
-    SLIDETRAIN_STOP_AFTER_EPOCH kill). `primary=False` (ranks 1..N of a distributed run) resumes
+    `stop_hook(epochs_done)` runs after each checkpoint (default:
+    `common.after_epoch_checkpoint`, looked up at call time). `primary=False` (ranks 1..N of a distributed run) resumes
     from the checkpoint the primary rank wrote but writes nothing: every rank still calls the
     callbacks, `snapshot` and the stateful objects' state_dict (collectives in a distributed
     trainer), so the callbacks must return the same metrics on every rank (broadcast them).
@@ -188,7 +188,7 @@ def run_epochs(
             logger.info("epoch %d: %s", epoch + 1, _rounded(row))
             save_checkpoint(ckpt_path, payload)
             write_history(out_dir / "history.csv", history)
-        stop_hook(epoch + 1)
+        (stop_hook or common.after_epoch_checkpoint)(epoch + 1)
         if selection.patience and epoch + 1 >= selection.min_epochs and stale >= selection.patience:
             logger.info("early stopping after epoch %d (%d epochs without improvement)", epoch + 1, stale)
             break

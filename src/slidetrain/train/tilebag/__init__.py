@@ -34,7 +34,6 @@ from slidetrain.io import atomic_path, write_json
 from slidetrain.train.common import (
     config_hash,
     default_dtype,
-    maybe_stop_for_test,
     part_slides,
     predictions_table,
     seed_everything,
@@ -98,7 +97,7 @@ def _fit(
     weights = _class_weights(train, len(class_names)) if cfg.class_weights else None
     topo = None
     if cfg.executor == "distributed":
-        from slidetrain.train.tilebag.distributed import init_distributed
+        from slidetrain.train.tilebag.distributed_executor import init_distributed
         from slidetrain.train.tilebag.ranked import RankedTileBagTrainer
 
         topo = init_distributed(backend, timeout_s, cfg.device)
@@ -110,7 +109,7 @@ def _fit(
     else:
         device = resolve_device(cfg.device)
         trainer = TileBagTrainer(model, cfg, samp, train, seed, device, weights)
-        primary, snapshot, stop_hook = True, model.state_dict, maybe_stop_for_test
+        primary, snapshot, stop_hook = True, model.state_dict, None
         launch = {"executor": cfg.executor}
     labels_val = np.array([r.label for r in val])
 
@@ -146,7 +145,7 @@ def _fit(
         )
     finally:
         if topo is not None:
-            from slidetrain.train.tilebag.distributed import shutdown
+            from slidetrain.train.tilebag.distributed_executor import shutdown
 
             shutdown()
 

@@ -157,4 +157,4 @@ class TwoStageExecutor(Executor):
         return StepResult(float(loss.detach()), _detached(out), len(tiles))
 
 
-from slidetrain.train.tilebag import offload as _offload  # noqa: E402, F401  registers "offload"
+from slidetrain.train.tilebag import offload_executor as _offload_executor  # noqa: E402, F401  registers "offload"

@@ -25,7 +25,6 @@ k = K / N tiles (tests/test_tilebag_ranked.py checks both).
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 
@@ -46,24 +45,19 @@ from slidetrain.data.tilebag import (
 )
 from slidetrain.errors import ConfigError, TrainingError
 from slidetrain.models.encoders import build_encoder
-from slidetrain.train.common import maybe_stop_for_test
+from slidetrain.train import common
 from slidetrain.train.optim import build_optimizer, build_scheduler
-from slidetrain.train.tilebag.distributed import DistributedEngine, Topology, split_bag
+from slidetrain.train.tilebag.distributed_executor import DistributedEngine, Topology, split_bag
 from slidetrain.train.tilebag.executors import full_precision
 from slidetrain.train.tilebag.model import TileBagConfig, TileBagModel, bag_statistics_copy
 from slidetrain.train.tilebag.trainer import Prediction, PredictionCollector
 
-#: tests: "kill:RANK:STEP" or "hang:RANK:STEP" (bench.e2e_distributed.Fault) at a training step
-FAULT_ENV = "SLIDETRAIN_RANK_FAULT"
 
+def before_step(rank: int, step: int) -> None:
+    """Runs on every rank before each training step (1-based); a no-op.
 
-def _test_fault():
-    text = os.environ.get(FAULT_ENV)
-    if not text:
-        return None
-    from slidetrain.bench.e2e_distributed import Fault
-
-    return Fault.parse(text)
+    An extension point, looked up at call time: the tests replace it (tests/_entry.py) to kill or
+    hang one rank at one step."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +103,6 @@ class RankedTileBagTrainer:
         self.optimizer = self.engine.optimizer
         self.schedule = build_scheduler(self.optimizer, cfg, math.ceil(len(self.sampler) / cfg.accumulation))
         self.step_count = 0  # slides seen in this process, for the collectives' error messages
-        self.fault = _test_fault()
 
     def loss_fn(self, out, label):
         return self.engine.aggregator.loss(out, label, self.class_weights)
@@ -143,9 +136,9 @@ class RankedTileBagTrainer:
         return {**parts[1], **parts[0]} if self.primary else None
 
     def stop_hook(self, epochs_done: int) -> None:
-        """The test kill (SLIDETRAIN_STOP_AFTER_EPOCH) only once rank 0's checkpoint is on disk."""
+        """`after_epoch_checkpoint` on every rank only once rank 0's checkpoint is on disk."""
         self.engine.comm.barrier("epoch end")
-        maybe_stop_for_test(epochs_done)
+        common.after_epoch_checkpoint(epochs_done)
 
     # ---------------------------------------------------------------- training
     def train_epoch(self, epoch: int) -> dict:
@@ -163,8 +156,7 @@ class RankedTileBagTrainer:
             wait += time.perf_counter() - t_wait
             item = check_item(item)
             self.step_count += 1
-            if self.fault is not None:
-                self.fault.maybe_fire(self.topo.rank, self.step_count)
+            before_step(self.topo.rank, self.step_count)
             loss = self.engine.forward_backward(None if self.primary else item["tiles"],
                                                 torch.tensor(item["label"]), self.step_count,
                                                 loss_scale=1.0 / cfg.accumulation)

@@ -5,12 +5,14 @@
 | `loop` | `fit_whole_image` / `evaluate_whole_image`: the train-image / evaluate-image CLI's training and test loop |
 | `registry` | method name -> learner: `build_learner`, `learner_config`, `register_learner`, `whole_image_methods` |
 | `interface` | `WholeImageLearner`, what the loop needs from a learner; pending-gradient state helpers |
-| `learners` | the ResNet34 learners: `LocalLearner` (local_k4/k8[_norfr]) and `E2ELearner` (e2e) |
+| `resnet_learner` | `ResNetLearner`: optimiser, schedule, OOM policy, checkpoints of the ResNet34 learners |
+| `local_learner` | `LocalLearner` (local_k4/k8[_norfr]): locally supervised learning |
+| `image_e2e_learner` | `ImageE2ELearner` (image_e2e): the same network trained end to end |
 | `augment` | the authors' slide augmentation, normalisation, per-channel training statistics |
 | `batchnorm` | BatchNorm statistics calibrated once on the training slides (`calibrate_bn`) |
 | `oom` | out-of-memory recognition and the edge crop of a retry (`on_oom`) |
 
-The networks are in `slidetrain.models.local`; StreamingCNN's learner in
+The networks are in `slidetrain.models.local` and `slidetrain.models.image_e2e`; StreamingCNN's learner in
 `slidetrain.models.streamingcnn` registers itself. A learner's use::
 
     learner = build_learner("local_k4", n_classes=2, params={"epochs": 55}, device=device)

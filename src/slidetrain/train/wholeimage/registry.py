@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
-from slidetrain.configs.image import ConfigKeyError, E2EConfig, LocalConfig, build_config
+from slidetrain.configs.image import ConfigKeyError, ImageE2EConfig, LocalConfig, build_config
 from slidetrain.errors import ConfigError
+from slidetrain.train.wholeimage.image_e2e_learner import ImageE2ELearner
 from slidetrain.train.wholeimage.interface import WholeImageLearner
-from slidetrain.train.wholeimage.learners import E2ELearner, LocalLearner
+from slidetrain.train.wholeimage.local_learner import LocalLearner
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ register_learner("local_k4", LocalConfig, LocalLearner, {"K": 4})
 register_learner("local_k8", LocalConfig, LocalLearner, {"K": 8})
 register_learner("local_k4_norfr", LocalConfig, LocalLearner, {"K": 4, "rfr": False, "alpha": 0.0})
 register_learner("local_k8_norfr", LocalConfig, LocalLearner, {"K": 8, "rfr": False, "alpha": 0.0})
-register_learner("e2e", E2EConfig, E2ELearner)
+register_learner("image_e2e", ImageE2EConfig, ImageE2ELearner)
 
 
 def _load_learner_modules() -> None:

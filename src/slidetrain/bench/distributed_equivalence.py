@@ -5,10 +5,10 @@ bag (`single`), once under torchrun with the aggregator on rank 0 and the bag sp
 ranks (`parallel`). Both record, per optimisation step, the loss and the tracked parameters (after
 the step) and gradients (before it); `compare` turns the pair into normalized L1 rows::
 
-    slidetrain e2e-single   --spec '{"case": "toy"}' --out single.pt
+    slidetrain distributed-single   --spec '{"case": "toy"}' --out single.pt
     torchrun --standalone --nproc-per-node 5 --no-python \\
-        slidetrain e2e-parallel --spec '{"case": "toy"}' --out parallel.pt
-    slidetrain e2e-equivalence --pair toy single.pt parallel.pt --csv e2e_equivalence.csv --figure fig.png
+        slidetrain distributed-parallel --spec '{"case": "toy"}' --out parallel.pt
+    slidetrain distributed-equivalence --pair toy single.pt parallel.pt --csv distributed_equivalence.csv --figure fig.png
 
 Cases: `toy` (the paper's: MLP 2048-2048-2048 encoder, aggregator Linear(2048,2048)-ReLU-
 Linear(2048,2)-ReLU-mean over tiles, an 800 x 2048 input) and `resnet` (a ResNet encoder + GMA
@@ -23,8 +23,8 @@ import logging
 import os
 import statistics
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -62,17 +62,17 @@ class CaseSpec:
 
     def __post_init__(self) -> None:
         if self.case not in ("toy", "resnet"):
-            raise ConfigError(f"e2e case: expected toy | resnet, got {self.case!r}")
+            raise ConfigError(f"distributed case: expected toy | resnet, got {self.case!r}")
         if self.dtype not in ("float32", "float64"):
-            raise ConfigError(f"e2e case: dtype expected float32 | float64, got {self.dtype!r}")
+            raise ConfigError(f"distributed case: dtype expected float32 | float64, got {self.dtype!r}")
         if self.steps < 1 or self.tiles < 1:
-            raise ConfigError("e2e case: steps and tiles must be >= 1")
+            raise ConfigError("distributed case: steps and tiles must be >= 1")
 
 
 def spec_from_dict(d: dict | None) -> CaseSpec:
     from slidetrain.models.base import config_from_dict
 
-    return config_from_dict(CaseSpec, d, where="e2e spec")
+    return config_from_dict(CaseSpec, d, where="distributed case spec")
 
 
 class ToyAggregator(nn.Module):
@@ -220,44 +220,22 @@ def _run_single(spec: CaseSpec) -> dict:
 
 # -- parallel: one process per rank under torchrun -----------------------------------------------
 @dataclass
-class Fault:
-    """A deliberate failure for the tests: `kill` exits, `hang` sleeps, on `rank` at `step`."""
-
-    kind: str
-    rank: int
-    step: int
-
-    @classmethod
-    def parse(cls, text: str | None) -> Fault | None:
-        if not text:
-            return None
-        kind, rank, step = text.split(":")
-        return cls(kind, int(rank), int(step))
-
-    def maybe_fire(self, rank: int, step: int) -> None:
-        if rank != self.rank or step != self.step:
-            return
-        log.error("rank %d: injected fault %s at step %d", rank, self.kind, step)
-        if self.kind == "kill":
-            os._exit(17)
-        time.sleep(3600)
-
-
-@dataclass
 class ParallelOptions:
     backend: str = "auto"
     timeout_s: float = 300.0
     checkpoint: Path | None = None
     checkpoint_every: int = 1
-    fault: Fault | None = None
-    pseudo_loss_factor: float | None = field(default=None)  # private: tests break it on purpose
+    #: called as step_hook(rank, step) on every rank before each step (tests kill or hang a rank there)
+    step_hook: Callable[[int, int], None] | None = None
+    #: the pseudo-loss factor; None = the number of encoder ranks (correct; tests break it on purpose)
+    pseudo_loss_factor: float | None = None
 
 
 def run_parallel(spec: CaseSpec, opts: ParallelOptions) -> dict | None:
     """Run under torchrun; returns the merged records on rank 0 (None on the other ranks)."""
     import torch.distributed as dist
 
-    from slidetrain.train.tilebag.distributed import (
+    from slidetrain.train.tilebag.distributed_executor import (
         DistributedEngine,
         init_distributed,
         shutdown,
@@ -283,8 +261,8 @@ def run_parallel(spec: CaseSpec, opts: ParallelOptions) -> dict | None:
                 log.info("rank %d: resuming from %s after step %d", topo.rank, opts.checkpoint, state["step"])
         share = split_bag(spec.tiles, topo.n_encoders)
         for step in range(start, spec.steps + 1):
-            if opts.fault is not None:
-                opts.fault.maybe_fire(topo.rank, step)
+            if opts.step_hook is not None:
+                opts.step_hook(topo.rank, step)
             x, y = bag(spec, step)
             tiles = None if topo.is_aggregator else x[share[topo.rank - 1]]  # (k_r, ...)
             comm0 = engine.comm.seconds
@@ -482,7 +460,7 @@ def _launch(spec: CaseSpec, nproc: int, out: Path, timeout_s: float) -> dict:
     from slidetrain.bench.section_runner import stop_process_tree
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "slidetrain.cli", "e2e-parallel", "--spec", json.dumps(asdict(spec)), "--out", str(out),
+           "-m", "slidetrain.cli", "distributed-parallel", "--spec", json.dumps(asdict(spec)), "--out", str(out),
            "--timeout-s", f"{collective_timeout_s(timeout_s):g}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log_path = out.with_suffix(".log")
@@ -508,7 +486,7 @@ def _part(part: str, make_rows) -> list[dict]:
     except SectionSkipped as err:
         return [{"part": part, "status": "skipped", "error": str(err)}]
     except Exception as err:  # noqa: BLE001 - recorded as a row
-        log.exception("e2e_distributed %s failed", part)
+        log.exception("distributed equivalence %s failed", part)
         return [{"part": part, "status": "failed", "error": error_text(err)}]
 
 

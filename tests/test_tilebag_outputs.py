@@ -1,4 +1,4 @@
-"""Campanella et al.'s outputs: e2e Table 1 rows and paper values, Figure 4 and 1, max-tiles search, derived splits."""
+"""Campanella et al.'s outputs: tile-bag Table 1 rows and paper values, Figure 4 and 1, max-tiles search, derived splits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,13 @@ import pytest
 
 from slidetrain.bench.max_tiles import search_max
 from slidetrain.errors import ConfigError, SheetError
-from slidetrain.paper.e2e import E2E_COLUMNS, bootstrap_band, e2e_figure1, e2e_figure4, e2e_table1
+from slidetrain.paper.tilebag_tables import (
+    TILEBAG_TABLE1_COLUMNS,
+    bootstrap_band,
+    tilebag_figure1,
+    tilebag_figure4,
+    tilebag_table1,
+)
 
 
 def write_run(root, method, split, auroc, losses=None):
@@ -23,14 +29,14 @@ def write_run(root, method, split, auroc, losses=None):
     return d
 
 
-def test_e2e_table1_rows_and_paper_values(tmp_path):
+def test_tilebag_table1_rows_and_paper_values(tmp_path):
     runs = [write_run(tmp_path, m, s, a) for m, s, a in [
         ("tilebag_k2", "mccv0", 0.70), ("tilebag_k2", "mccv1", 0.80), ("tilebag_k16", "mccv0", 0.9),
         ("tilebag_k16", "mccv1", 0.95), ("gma", "mccv0", 0.6), ("gma", "mccv1", 0.7), ("maxpool", "mccv0", 0.5),
     ]]
-    out = e2e_table1([r / "metrics.json" for r in runs], tmp_path / "t.csv", paper_k={2: 50, 16: 700},
+    out = tilebag_table1([r / "metrics.json" for r in runs], tmp_path / "t.csv", paper_k={2: 50, 16: 700},
                      markdown=tmp_path / "t.md")
-    assert list(out.columns) == E2E_COLUMNS
+    assert list(out.columns) == TILEBAG_TABLE1_COLUMNS
     assert out.algorithm.tolist() == ["GMA", "Max-pool MIL", "Proposed", "Proposed"]
     k2 = out[out.k == 2].iloc[0]
     assert (k2.strategy, k2.auc_mean, k2.n_splits) == ("single", 75.0, 2)
@@ -43,10 +49,10 @@ def test_e2e_table1_rows_and_paper_values(tmp_path):
     assert pd.read_csv(tmp_path / "t.csv").shape == out.shape
 
 
-def test_e2e_table1_rejects_unknown_runs(tmp_path):
+def test_tilebag_table1_rejects_unknown_runs(tmp_path):
     run = write_run(tmp_path, "abmil", "mccv0", 0.6)
     with pytest.raises(ConfigError, match="abmil"):
-        e2e_table1([run / "metrics.json"], tmp_path / "t.csv")
+        tilebag_table1([run / "metrics.json"], tmp_path / "t.csv")
 
 
 def test_bootstrap_band_brackets_the_mean():
@@ -55,10 +61,10 @@ def test_bootstrap_band_brackets_the_mean():
     assert (lo <= curves.mean(0)).all() and (hi >= curves.mean(0)).all() and (hi > lo).all()
 
 
-def test_e2e_figure4_and_figure1_are_written(tmp_path):
+def test_tilebag_figure4_and_figure1_are_written(tmp_path):
     runs = [write_run(tmp_path, f"tilebag_k{k}", s, 0.6 + 0.01 * k, [0.7, 0.6 - 0.01 * k, 0.5])
             for k in (2, 4) for s in ("mccv0", "mccv1")]
-    e2e_figure4([r / "history.csv" for r in runs], tmp_path / "f4.png")
+    tilebag_figure4([r / "history.csv" for r in runs], tmp_path / "f4.png")
     assert (tmp_path / "f4.png").stat().st_size > 10_000
     parts = []
     for enc in ("resnet50", "vit_b_16"):
@@ -66,7 +72,7 @@ def test_e2e_figure4_and_figure1_are_written(tmp_path):
         pd.DataFrame({"encoder": enc, "precision": ["fp32", "amp"], "tile_px": 224, "max_tiles": [10, 20],
                       "device": "cpu", "memory_budget_gb": 2.0}).to_csv(p, index=False)
         parts.append(p)
-    merged = e2e_figure1(parts, tmp_path / "m.csv", tmp_path / "f1.png")
+    merged = tilebag_figure1(parts, tmp_path / "m.csv", tmp_path / "f1.png")
     assert len(merged) == 4 and (tmp_path / "f1.png").stat().st_size > 10_000
 
 
@@ -110,13 +116,13 @@ def test_derived_split_relabels_and_stratifies(tmp_path):
         relabel(pd.read_csv(sheet, sep="\t"), {"normal": "negative", "low_grade": "positive"})
 
 
-def test_e2e_table1_and_figure4_take_the_parallel_and_half_strategies(tmp_path):
+def test_tilebag_table1_and_figure4_take_the_parallel_and_half_strategies(tmp_path):
     runs = [write_run(tmp_path, m, s, a, [0.7, 0.6, 0.5]) for m, a in
             [("tilebag_k2", 0.7), ("tilebag_k16", 0.9), ("tilebag_parallel_k16", 0.85), ("tilebag_half_k16", 0.8)]
             for s in ("mccv0", "mccv1")]
-    out = e2e_table1([r / "metrics.json" for r in runs], tmp_path / "t.csv", paper_k={2: 50, 16: 700})
+    out = tilebag_table1([r / "metrics.json" for r in runs], tmp_path / "t.csv", paper_k={2: 50, 16: 700})
     rows = {(r.k, r.strategy): r for r in out.itertuples()}
     assert rows[(16, "parallel")].auc_mean == 85.0 and rows[(16, "parallel")].paper_auc_mean == 76.9
     assert rows[(16, "half")].auc_mean == 80.0 and rows[(16, "half")].paper_auc_mean == 77.3  # parallel-half
-    e2e_figure4([r / "history.csv" for r in runs], tmp_path / "f4.png")
+    tilebag_figure4([r / "history.csv" for r in runs], tmp_path / "f4.png")
     assert (tmp_path / "f4.png").stat().st_size > 10_000

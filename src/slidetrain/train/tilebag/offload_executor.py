@@ -2,7 +2,7 @@
 
 The bag's activations through the stem and the first `stages` stages live in host RAM; each
 convolution and BatchNorm (training mode, statistics over the whole bag) runs on sub-tensors
-of at most `max_transfer_mb` on the device (slidetrain.partitioned.offload). The rest of the
+of at most `max_transfer_mb` on the device (slidetrain.partitioned.offload_engine). The rest of the
 encoder and the aggregator run on the device in one autograd graph, so after `step` every
 `.grad` holds what `plain` leaves there (tests/test_tilebag_offload.py).
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 from slidetrain.errors import ConfigError
-from slidetrain.partitioned.offload import STAGES, OffloadEncoder, OffloadEngine
+from slidetrain.partitioned.offload_engine import STAGES, OffloadEncoder, OffloadEngine
 from slidetrain.train.tilebag.executors import (
     Executor,
     StepResult,

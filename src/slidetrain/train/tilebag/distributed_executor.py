@@ -2,7 +2,7 @@
 
 Launched by torchrun, one process per rank (gloo on CPU, NCCL when every rank has its own GPU)::
 
-    torchrun --standalone --nproc-per-node 3 -m slidetrain.bench.e2e_distributed parallel ...
+    torchrun --standalone --nproc-per-node 3 -m slidetrain.bench.distributed_equivalence parallel ...
 
 Per step (one slide), as the authors' script (REFERENCE_NOTES "Multi-GPU end-to-end"):
 

@@ -3,7 +3,7 @@
 Run outputs live at results/{dataset}/runs/{method}/{split}/{seed}/: tile-bag runs are named
 `tilebag_k{K}` (strategy `single`: one device; the distributed executor adds `parallel` and
 `half`), frozen-feature rows come from the MIL runs on the same splits (`maxpool`, `gma`,
-`transmil`). The paper's values (paper/data/e2e_table1.csv, e2e_memory.csv) sit beside ours:
+`transmil`). The paper's values (paper/data/tilebag_table1.csv, tilebag_memory.csv) sit beside ours:
 a tile-bag row is joined to the paper's row of the K that `paper_k` maps its (scaled) K to.
 """
 
@@ -23,7 +23,7 @@ from slidetrain.errors import ConfigError  # noqa: E402
 from slidetrain.io import atomic_path  # noqa: E402
 from slidetrain.paper.tables import collect_runs, paper_table, run_key, write_table  # noqa: E402
 
-E2E_COLUMNS = ["algorithm", "k", "strategy", "auc_mean", "auc_std", "n_splits", "paper_auc_mean", "paper_auc_std"]
+TILEBAG_TABLE1_COLUMNS = ["algorithm", "k", "strategy", "auc_mean", "auc_std", "n_splits", "paper_auc_mean", "paper_auc_std"]
 TILEBAG_RUN = re.compile(r"^tilebag(?:_(?P<strategy>parallel|half))?_k(?P<k>\d+)$")
 
 #: frozen-feature MIL method -> (the paper's algorithm, its embedding row whose values sit beside ours).
@@ -47,17 +47,17 @@ def _run_kind(method: str) -> tuple[str, int | None, str] | None:
     return None
 
 
-def e2e_table1(metrics_paths: list[str | Path], out_csv: str | Path, paper_k: dict[int, int] | None = None,
+def tilebag_table1(metrics_paths: list[str | Path], out_csv: str | Path, paper_k: dict[int, int] | None = None,
                markdown: str | Path | None = None) -> pd.DataFrame:
     """Mean and std of test AUROC (in %) over splits per row, with the paper's values beside."""
     runs = collect_runs(metrics_paths)
-    paper = paper_table("e2e_table1")
+    paper = paper_table("tilebag_table1")
     paper_k = paper_k or {}
     rows = []
     for method, group in runs.groupby("method", sort=False):
         kind = _run_kind(method)
         if kind is None:
-            raise ConfigError(f"e2e-table1: run {method!r} is neither tilebag[_parallel|_half]_k<K> nor one of "
+            raise ConfigError(f"tilebag-table1: run {method!r} is neither tilebag[_parallel|_half]_k<K> nor one of "
                               f"{sorted(FROZEN_ROWS)}")
         algorithm, k, strategy = kind
         auc = 100 * group.auroc.astype(float)
@@ -73,7 +73,7 @@ def e2e_table1(metrics_paths: list[str | Path], out_csv: str | Path, paper_k: di
             "paper_auc_mean": float(ref.auc_mean.iloc[0]) if len(ref) else float("nan"),
             "paper_auc_std": float(ref.auc_std.iloc[0]) if len(ref) else float("nan"),
         })
-    table = pd.DataFrame(rows, columns=E2E_COLUMNS)
+    table = pd.DataFrame(rows, columns=TILEBAG_TABLE1_COLUMNS)
     # the paper's order: frozen-feature baselines first, then the K sweep by strategy and K
     table["_frozen"] = table.algorithm != "Proposed"
     table = table.sort_values(["_frozen", "strategy", "k"], ascending=[False, True, True]).drop(columns="_frozen")
@@ -96,13 +96,13 @@ def _histories(paths: list[str | Path]) -> pd.DataFrame:
         key = run_key(Path(path).with_name("metrics.json"))
         kind = _run_kind(key["method"])
         if kind is None or kind[0] != "Proposed":
-            raise ConfigError(f"e2e-figure4: {path} is not a tile-bag run (tilebag[_parallel|_half]_k<K>)")
+            raise ConfigError(f"tilebag-figure4: {path} is not a tile-bag run (tilebag[_parallel|_half]_k<K>)")
         h = pd.read_csv(path)
         frames.append(h.assign(k=kind[1], strategy=kind[2], split=key["split"], seed=key["seed"]))
     return pd.concat(frames, ignore_index=True)
 
 
-def e2e_figure4(history_paths: list[str | Path], out_png: str | Path) -> None:
+def tilebag_figure4(history_paths: list[str | Path], out_png: str | Path) -> None:
     """(a) training loss per epoch by K with a bootstrap 95% band over splits, (b) final training loss
     against K, (c) final validation AUC against K, (d) final validation AUC per strategy."""
     h = _histories(history_paths)
@@ -146,12 +146,12 @@ def e2e_figure4(history_paths: list[str | Path], out_png: str | Path) -> None:
     plt.close(fig)
 
 
-def e2e_figure1(tables: list[str | Path], out_table: str | Path, out_png: str | Path) -> pd.DataFrame:
+def tilebag_figure1(tables: list[str | Path], out_table: str | Path, out_png: str | Path) -> pd.DataFrame:
     """Merge per-encoder max-tiles CSVs; bars of ours beside the paper's (80 GB H100), and per GB."""
     table = pd.concat([pd.read_csv(t) for t in tables], ignore_index=True)
     with atomic_path(out_table) as tmp:
         table.to_csv(tmp, index=False)
-    paper = paper_table("e2e_memory")
+    paper = paper_table("tilebag_memory")
     paper_name = {"resnet50": "ResNet50", "vit_b_16": "ViT-base"}
     paper_prec = {"fp32": "fp32", "amp": "amp-fp16"}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
