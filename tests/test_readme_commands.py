@@ -138,10 +138,8 @@ def test_slidetrain_command_parses(argv):
 
 
 def test_readme_links_point_to_files():
-    # docs pages written in their own change; remove from this set when they exist
-    elsewhere = {"docs/gpu.md", "docs/reproducibility.md"}
     for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", README.read_text()):
-        if "://" in target or target in elsewhere:
+        if "://" in target:
             continue
         assert (REPO / target).exists(), f"README links to {target}, which does not exist"
 
