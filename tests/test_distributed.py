@@ -212,3 +212,17 @@ def test_half_strategy_runs_and_stays_close_to_single_process_amp(tmp_path):
     single, parallel = run_single(spec_from_dict(spec)), load(tmp_path / "parallel.pt")
     for side in ("encoder", "aggregator"):
         assert max(side_l1(single, parallel, "grads", side)) < 2e-2, side
+
+
+def test_slurm_profile_names_only_rules_the_workflow_has():
+    """A renamed rule must not leave its cluster resources behind under the old name (they would silently not apply)."""
+    import re
+
+    import yaml
+
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    rules = set()
+    for smk in (REPO / "workflow").rglob("*.smk"):
+        rules |= set(re.findall(r"^rule (\w+)", smk.read_text(), flags=re.M))
+    missing = sorted(set(profile["set-resources"]) - rules)
+    assert not missing, f"profiles/slurm/config.yaml sets resources for rules that do not exist: {missing}"

@@ -158,7 +158,7 @@ def test_every_recorded_name_exists_in_the_installed_torch():
 
 
 def test_ddp_buffer_keyword_is_one_torch_211_knows(monkeypatch):
-    from slidetrain.train.tilebag import distributed
+    from slidetrain.train.tilebag import distributed_executor as distributed
 
     namespace: dict = {}
     exec(f"def __init__(self, {SIGNATURES['torch.nn.parallel.DistributedDataParallel'][1:]}: pass", namespace)
@@ -184,7 +184,7 @@ def _syncbn_rank(rank: int, world: int, port: int, out: str) -> None:
     """One gloo rank: the gloo SyncBN under each differentiable all_reduce; its gradients to `out`."""
     import torch.distributed as dist
 
-    from slidetrain.train.tilebag import distributed
+    from slidetrain.train.tilebag import distributed_executor as distributed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))

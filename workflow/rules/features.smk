@@ -11,7 +11,8 @@ rule extract_features_shard:
     params:
         slides=shard_slides_arg,
         weights=config["features"]["weights"],
-        sha256=config["features"].get("sha256", ""),
+        # passed only when set: an empty value would be a missing argument
+        sha256=("--weights-sha256 " + config["features"]["sha256"]) if config["features"].get("sha256") else "",
         batch_size=config["features"]["batch_size"],
         device=config["features"]["device"],
         workers=config["features"].get("workers", 0),
@@ -31,7 +32,7 @@ rule extract_features_shard:
     shell:
         "slidetrain features --shard {wildcards.shard} --slides {params.slides}"
         " --tiles-dir results/{wildcards.dataset}/tiles --out-dir results/{wildcards.dataset}/features/{wildcards.encoder}"
-        " --encoder {wildcards.encoder} --weights {params.weights:q} --weights-sha256 {params.sha256:q} --batch-size {params.batch_size}"
+        " --encoder {wildcards.encoder} --weights {params.weights:q} {params.sha256} --batch-size {params.batch_size}"
         " --device {params.device} --threads {threads} --workers {params.workers} {params.amp} {params.mpp}"
         " --manifest {output} > {log} 2>&1"
 
