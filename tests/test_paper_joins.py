@@ -113,3 +113,13 @@ def test_split_counts_by_paper_name_and_an_unknown_one_named():
     assert test < train and val < train
     with pytest.raises(ConfigError, match="'TCGA-LUNG'"):
         paper_split_counts("TCGA-LUNG")
+
+
+def test_the_gpu_script_takes_its_paper_numbers_from_the_csvs():
+    from slidetrain.bench.gpu import paper_image_size, paper_tiles_per_gb
+
+    sizes = {tuple(map(int, s.split("x"))) for s in paper_table("local_table2").image_size}
+    assert paper_image_size() == min(sizes, key=lambda wh: wh[0] * wh[1])
+    memory = paper_table("tilebag_memory").set_index(["encoder", "precision"]).max_tiles_h100_80gb
+    assert paper_tiles_per_gb() == pytest.approx({"fp32": memory["ResNet50", "fp32"] / 80,
+                                                  "amp": memory["ResNet50", "amp-fp16"] / 80})
