@@ -37,9 +37,14 @@ def paper_table(name: str) -> pd.DataFrame:
 def require_value(table: pd.DataFrame, table_name: str, column: str, value: object, what: str) -> None:
     """ConfigError unless `value` occurs in `column` of a paper table; `what` says who asked (a config key)."""
     if value not in set(table[column]):
-        known = sorted(map(str, table[column].dropna().unique()))
+        known = sorted({_shown(v) for v in table[column].dropna()}, key=lambda v: (len(v), v) if v.isdigit() else (0, v))
         raise ConfigError(f"{what} = {value!r}: the paper's {table_name} has no {column} {value!r}; "
                           f"expected one of {known}")
+
+
+def _shown(value: object) -> str:
+    """A cell as the paper writes it: 700, not 700.0 (a column with empty cells is read as float)."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 def paper_row(table: pd.DataFrame, table_name: str, what: str, **keys: object) -> pd.Series:
