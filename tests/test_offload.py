@@ -92,7 +92,9 @@ def _metered_step(trunk: nn.Module, x: torch.Tensor, stages: int, budget: int):
     return engine, meter, peaks
 
 
-def check_ledger(peaks: dict[str, tuple[int, int]], budget: int) -> None:
+def check_ledger(meter: DeviceMeter, peaks: dict[str, tuple[int, int]], budget: int) -> None:
+    assert meter.max_unaccounted == 0, (
+        f"{meter.max_unaccounted} bytes alive on the device beyond the ledger, before {meter.max_unaccounted_at}")
     for phase, (ledger, measured) in peaks.items():
         assert ledger >= measured, f"{phase}: the ledger's peak {ledger} is below the measured {measured}"
         assert 0 < measured <= budget, f"{phase}: measured {measured} bytes on the device, budget {budget}"
@@ -108,7 +110,7 @@ def test_ledger_covers_every_device_tensor_and_the_measure_stays_under_the_budge
     assert plain_saved > 20 * budget  # plain training holds far more on its device
     engine, meter, peaks = _metered_step(trunk, x, 2, budget)
     assert engine.spatial_parts_run > 0  # the stem and layer1 were cut inside the map
-    check_ledger(peaks, budget)
+    check_ledger(meter, peaks, budget)
     assert engine.ledger.current == 0 and meter.live == 0  # nothing of the engine's left on the device
     # what the engine handed over as model state is a parameter's .grad (or already freed)
     grads = {p.grad.untyped_storage()._cdata for p in trunk.parameters() if p.grad is not None}
@@ -127,9 +129,12 @@ def test_a_device_copy_left_off_the_ledger_would_fail(monkeypatch):
 
     monkeypatch.setattr(OffloadEngine, "copy_in", leaky_copy_in)
     trunk, _ = _resnet_pair()
-    _, _, peaks = _metered_step(trunk, torch.randn(1, 3, 192, 160), 2, 2 * 2**20)
+    _, meter, peaks = _metered_step(trunk, torch.randn(1, 3, 192, 160), 2, 2 * 2**20)
+    with pytest.raises(AssertionError, match="beyond the ledger"):
+        check_ledger(meter, peaks, 2 * 2**20)
+    meter.max_unaccounted = 0  # the peak-to-peak comparison alone catches this one too
     with pytest.raises(AssertionError, match="ledger's peak .* is below the measured"):
-        check_ledger(peaks, 2 * 2**20)
+        check_ledger(meter, peaks, 2 * 2**20)
 
 
 def test_stage_policy_offloads_more_stages_for_a_smaller_budget():

@@ -4,10 +4,12 @@
 storage of each output that is new (not the storage of one of the op's inputs: views and
 in-place ops allocate nothing) and lives on the engine's device, when the op runs inside the
 engine's `device_scope()`. A weakref finalizer on the storage takes its bytes off when it is
-freed, so `live` is what is allocated now and `peak` its maximum. It reads none of the engine's
-bookkeeping: only where device work starts and ends, and what a scope hands over as parameter
-gradients (model state from then on, no longer counted; `handed_over_alive` lets a test check
-that each of them is indeed a parameter's .grad or gone).
+freed, so `live` is what is allocated now and `peak` its maximum. The count uses none of the
+engine's bookkeeping: only where device work starts and ends, and what a scope hands over as
+parameter gradients (model state from then on, no longer counted; `handed_over_alive` lets a
+test check that each of them is indeed a parameter's .grad or gone). Against the ledger it
+keeps one comparison, moment by moment: `max_unaccounted`, the most bytes alive that the ledger
+did not hold at the same time (a peak-to-peak comparison misses an omission outside the peak).
 
 Limits (why this is a check of the ledger, not a replacement for max_memory_allocated):
 - it sees op outputs only: a kernel's internal workspace (oneDNN reorders, im2col columns,
@@ -50,6 +52,11 @@ class DeviceMeter(TorchDispatchMode):
         # storage key (its StorageImpl's address, stable across Python wrappers) -> finalizer
         self._counted: dict[int, weakref.finalize] = {}
         self._handed_over: list[weakref.ref] = []
+        # the most bytes alive beyond what the ledger held at the same moment, and the op it was
+        # seen before: sampled as each op starts, when the previous statement's tensors are held
+        # (an allocation is added to the ledger only after the op that makes it returns)
+        self.max_unaccounted = 0
+        self.max_unaccounted_at = ""
 
     def __enter__(self):
         self.engine.scope_exit_hooks.append(self._scope_ended)
@@ -67,6 +74,9 @@ class DeviceMeter(TorchDispatchMode):
         return [s for ref in self._handed_over if (s := ref()) is not None]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.engine.scope is not None and self.live - self.engine.ledger.current > self.max_unaccounted:
+            self.max_unaccounted = self.live - self.engine.ledger.current
+            self.max_unaccounted_at = str(func)
         out = func(*args, **(kwargs or {}))
         if self.engine.scope is not None:
             inputs = {s._cdata for s in _storages((args, kwargs))}
