@@ -28,7 +28,7 @@ from slidetrain.train.tilebag.executors import (
 
 @register_executor("offload")
 class OffloadExecutor(Executor):
-    """`stages`: residual stages offloaded after the stem (0..4); `max_transfer_mb`: one partition's budget."""
+    """`stages`: residual stages offloaded after the stem (0..4); `max_transfer_mb`: the engine's device budget."""
 
     #: used when the trainer builds the executor by name alone (tests lower both to force partitions:
     #: an offloaded layer's weight-gradient buffers count in the budget, so a tiny one takes few stages)
