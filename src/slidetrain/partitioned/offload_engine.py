@@ -64,12 +64,6 @@ class DeviceLedger:
         self.peak = max(self.peak, self.current)
 
     @contextlib.contextmanager
-    def hold(self, *tensors: Tensor | None) -> Iterator[None]:
-        with self.scope() as held:
-            held.add_bytes(nbytes(*tensors))
-            yield
-
-    @contextlib.contextmanager
     def scope(self) -> Iterator[Held]:
         """Tensors added inside are held until released or until the block ends, whichever is first."""
         held = Held(self)
