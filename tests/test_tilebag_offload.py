@@ -26,8 +26,10 @@ def _step(executor, encoder, aggregator, tiles, n_slides=2):
     return losses, grads, enc
 
 
-@pytest.mark.parametrize("stages", [1, 4])
-def test_offload_step_equals_plain(stages):
+# 1 stage under 1 MB: spatial partitions of each tile; 4 stages need room for layer4's weight-gradient
+# buffers (2 x 18.9 MB in fp64), which leaves 64 px tiles whole
+@pytest.mark.parametrize("stages, max_transfer_mb", [(1, 1.0), (4, 40.0)])
+def test_offload_step_equals_plain(stages, max_transfer_mb):
     """fp64: agreement to rounding (fp32 noise of a random ResNet's attention is larger than the check)."""
     dtype, tol = torch.float64, 1e-10
     torch.manual_seed(0)
@@ -35,9 +37,10 @@ def test_offload_step_equals_plain(stages):
     aggregator = build_model("abmil", 512, 2, method_config("abmil", {})).to(dtype)
     tiles = torch.randn(3, 3, 64, 64, dtype=dtype)
     loss_a, ga, _ = _step(PlainExecutor(), encoder, aggregator, tiles)
-    executor = OffloadExecutor(stages=stages, max_transfer_mb=0.2)  # spatial partitions of each tile
+    executor = OffloadExecutor(stages=stages, max_transfer_mb=max_transfer_mb)
     loss_b, gb, enc = _step(executor, encoder, aggregator, tiles)
-    assert executor.offloaded(enc, torch.device("cpu")).engine.spatial_parts_run > 0
+    engine = executor.offloaded(enc, torch.device("cpu")).engine
+    assert engine.spatial_parts_run > 0 if stages == 1 else engine.parts_run > 0
     assert loss_b == pytest.approx(loss_a, rel=tol)
     scale = max(float(g.abs().max()) for g in ga.values())
     for k in ga:  # per tensor, floored at 1e-3 of the largest (ABMIL's last bias: zero in exact arithmetic)
@@ -83,7 +86,8 @@ def test_one_epoch_offload_gives_the_weights_of_plain(recipe, tiled_synthetic, t
     params = {"backbone": "resnet18", "k": 6, "input_px": 32, "epochs": 1, "workers": 0,
               "slides_per_epoch": 0.75, "accumulation": 2, "selection_metric": "val_loss", "eval_tiles": "all",
               "eval_chunk": 16, **RECIPES[recipe]}
-    monkeypatch.setattr(OffloadExecutor, "default_max_transfer_mb", 0.1)  # partitions even at 32 px
+    monkeypatch.setattr(OffloadExecutor, "default_max_transfer_mb", 0.7)  # partitions even at 32 px,
+    monkeypatch.setattr(OffloadExecutor, "default_stages", 1)  # with room for layer1's weight gradients
     sampling = {"tile_px": 32, "target_magnification": 5.0}
     for name in ("plain", "offload"):  # float64: equal to rounding over the epoch, on any CPU
         fit_tilebag({**params, "executor": name, "dtype": "float64"}, sampling=sampling, out_dir=tmp_path / name,

@@ -19,17 +19,22 @@ The paper's Algorithm 1 (and 2 for BatchNorm), exact in fp32:
   memory-bound, so moving their operands to the device and back would cost more than the
   arithmetic; plain torch ops on host tensors give their autograd for free.
 
-`DeviceLedger` is the engine's own account of the device bytes it holds (every sub-tensor it
-moves or produces there, while alive); its peak is what the budget tests check on CPU, where
-"device" and "host" are the same RAM. Nothing here knows about slides.
+`DeviceLedger` is the engine's own account of the device bytes it holds: every tensor it
+allocates there while alive (transferred crops and their staging copies, outputs, input and
+per-partition weight gradients, the weight-gradient sums, BatchNorm's x_hat and g * x_hat, fp16
+parameter casts, a bound on the per-channel statistics). The plans keep it under
+`max_transfer_bytes`. All device work runs inside `OffloadEngine.device_scope()`, so an
+independent measure (`partitioned.device_meter`) can count the tensors created there and check
+the ledger against them on CPU, where "device" and "host" are the same RAM. Nothing here
+knows about slides.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -54,22 +59,62 @@ class DeviceLedger:
     def reset_peak(self) -> None:
         self.peak = self.current
 
-    @contextlib.contextmanager
-    def hold(self, *tensors: Tensor | None) -> Iterator[None]:
-        n = nbytes(*tensors)
+    def add_bytes(self, n: int) -> None:
         self.current += n
         self.peak = max(self.peak, self.current)
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[Held]:
+        """Tensors added inside are held until released or until the block ends, whichever is first."""
+        held = Held(self)
         try:
-            yield
+            yield held
         finally:
-            self.current -= n
+            self.current -= held.bytes
+
+
+class Held:
+    """The tensors one block of engine code holds on the device (see `DeviceLedger.scope`).
+
+    A tensor is added when it is allocated and released where its last reference is dropped;
+    one added twice counts twice (an over-count is safe, an under-count is what the meter catches).
+    """
+
+    def __init__(self, ledger: DeviceLedger) -> None:
+        self.ledger, self.bytes = ledger, 0
+
+    def add_bytes(self, n: int) -> None:
+        self.bytes += n
+        self.ledger.add_bytes(n)
+
+    def add(self, t: Tensor | None) -> Tensor | None:
+        self.add_bytes(nbytes(t))
+        return t
+
+    def release(self, *tensors: Tensor | None) -> None:
+        n = nbytes(*tensors)
+        self.bytes -= n
+        self.ledger.current -= n
+
+
+@dataclass
+class DeviceScope:
+    """One stretch of device work; what it hands over (parameter gradients) outlives it as model state."""
+
+    handed_over: list[Tensor] = field(default_factory=list)
+
+    def hand_over(self, *tensors: Tensor | None) -> None:
+        self.handed_over.extend(t for t in tensors if t is not None)
 
 
 class OffloadEngine:
     """Where offloaded layers compute, how much one transfer may carry, and the ledger.
 
-    `max_transfer_bytes`: the largest working set of one partition on the device (its input
-    crop, output and, in the backward, their gradients), the budget of Algorithm 1's max_N.
+    `max_transfer_bytes`: the most the engine holds on the device at once (the budget of
+    Algorithm 1's max_N): one partition's working set (input crop, output, in the backward
+    their gradients and the partition's weight gradient) plus what a layer keeps across its
+    partitions (the weight-gradient sums, fp16 parameter casts, per-channel statistics).
+    Parameters, their `.grad` and optimiser state are model state, outside this budget.
     """
 
     def __init__(self, device: torch.device | str = "cpu", max_transfer_bytes: int = 64 * 2**20):
@@ -81,23 +126,62 @@ class OffloadEngine:
         self.pinned = self.device.type == "cuda"
         self.parts_run = 0  # partitions moved to the device so far (tests check that they split)
         self.spatial_parts_run = 0  # of which cut inside a sample's map
+        self.scope: DeviceScope | None = None  # the device work under way, if any
+        self.scope_exit_hooks: list[Callable[[DeviceScope], None]] = []  # a meter's, while one watches
 
     def record(self, parts: list[Part], out_size: Size) -> list[Part]:
         self.parts_run += len(parts)
         self.spatial_parts_run += sum(p.out != ((0, out_size[0]), (0, out_size[1])) for p in parts)
         return parts
 
-    def to_device(self, x: Tensor) -> Tensor:
-        """A sub-tensor on the device (a copy when the device is the host: crops overlap)."""
+    @contextlib.contextmanager
+    def device_scope(self) -> Iterator[DeviceScope]:
+        """Where a layer computes on the device. Host buffers are allocated outside it, so on CPU
+        every tensor created inside is device memory (what `device_meter` counts). Nested: the outer."""
+        if self.scope is not None:
+            yield self.scope
+            return
+        scope = self.scope = DeviceScope()
+        try:
+            yield scope
+        finally:
+            self.scope = None
+            for hook in self.scope_exit_hooks:
+                hook(scope)
+
+    def copy_in(self, src: Tensor, dtype: torch.dtype, held: Held) -> Tensor:
+        """A fresh device tensor holding src (a host view) in dtype, held. Always a copy, so the
+        caller may work in place. A cast on CUDA goes through a staging copy in src's dtype
+        (converting on the host would cost a host temporary per partition), held while alive."""
+        if self.device.type == "cpu" or src.dtype == dtype:
+            out = held.add(torch.empty(src.shape, dtype=dtype, device=self.device))
+            out.copy_(src, non_blocking=self.pinned)
+            return out
+        staged = held.add(src.to(self.device, non_blocking=self.pinned))
+        out = held.add(staged.to(dtype))
+        held.release(staged)
+        return out
+
+    def add_to_host(self, dst: Tensor, src: Tensor, held: Held) -> None:
+        """dst (a host view) += src (a device view): overlapping crops' input gradients add up."""
         if self.device.type == "cpu":
-            return x.contiguous()
-        return x.to(self.device, non_blocking=self.pinned)
+            dst.add_(src)
+            return
+        # the copy would make a strided device view contiguous on the device: do it here, held
+        staged = src if src.is_contiguous() else held.add(src.contiguous())
+        dst.add_(staged.to("cpu"))  # a host temporary in src's dtype; the add converts
+        if staged is not src:
+            held.release(staged)
 
     def host_empty(self, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
         return torch.empty(tuple(shape), dtype=dtype, pin_memory=self.pinned)
 
     def host_zeros(self, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
         return self.host_empty(shape, dtype).zero_()
+
+    def host_copy(self, t: Tensor) -> Tensor:
+        """A host copy of a small device tensor (statistics saved from forward to backward)."""
+        return t.to("cpu", copy=True)
 
     def to_host(self, dst: Tensor, src: Tensor) -> None:
         # asynchronous only into a contiguous pinned slice (a batch partition): a strided
@@ -145,9 +229,11 @@ def plan_parts(
 ) -> list[Part]:
     """Partitions of an (n, c_in, *in_size) -> (n, c_out, *out) layer under `budget` bytes each.
 
-    A partition's working set is estimated as factor_in * input crop + factor_out * output
-    (forward: crop and output; backward: crop, padded crop, output gradient, input gradient).
-    `node` None means a pointwise layer (output region = input region).
+    A partition's working set is bounded by factor_in * padded input crop + factor_out * output,
+    at elem_bytes per value (the callers count what their code holds at once: a convolution's
+    forward the crop, its padded copy and the output; its backward the padded crop, the input
+    gradient, the output gradient and its staging copy). `reserve`: what the layer holds across
+    its partitions. `node` None means a pointwise layer (output region = input region).
     """
     out_size = in_size if node is None else node.out_size(in_size)
 
@@ -158,7 +244,13 @@ def plan_parts(
         padded = out if node is None else node.need(out, None)
         return samples * elem_bytes * (factor_in * c_in * _area(padded) + factor_out * c_out * _area(out))
 
-    budget -= reserve  # what stays on the device across partitions (weight gradient, casts)
+    if reserve >= budget:
+        raise PartitionError(
+            f"max_transfer_bytes={budget}: a ({c_in}->{c_out}) layer holds {reserve} bytes across its "
+            "partitions (weight-gradient sums and each partition's weight gradient, fp16 casts, "
+            "per-channel statistics); expected a budget above that"
+        )
+    budget -= reserve  # what stays on the device across partitions
 
     whole = ((0, out_size[0]), (0, out_size[1]))
     per_sample = cost(1, whole)
@@ -193,6 +285,10 @@ def _crop(x: Tensor, part: Part, region: Region) -> Tensor:
 # --- Conv2d -----------------------------------------------------------------------------------
 
 
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
 def _conv_node(conv: nn.Conv2d) -> Local:
     node = as_node(conv)
     if not isinstance(node, Local):
@@ -200,14 +296,61 @@ def _conv_node(conv: nn.Conv2d) -> Local:
     return node
 
 
-def _padded_crop(engine: OffloadEngine, node: Local, x: Tensor, part: Part, in_size: Size) -> Tensor:
+def _cast_params(weight: Tensor, bias: Tensor | None, dtype: torch.dtype, held: Held
+                 ) -> tuple[Tensor, Tensor | None]:
+    """The parameters in the compute dtype: themselves, or fp16 copies under AMP (held)."""
+    if dtype == weight.dtype:
+        return weight, bias
+    return held.add(weight.to(dtype)), held.add(None if bias is None else bias.to(dtype))
+
+
+def _padded_crop(engine: OffloadEngine, node: Local, x: Tensor, part: Part, dtype: torch.dtype,
+                 held: Held) -> Tensor:
     """The partition's input crop on the device, padded where its window crosses the border."""
     full = node.need(part.out, None)
-    xin = engine.to_device(_crop(x, part, part.inp))
+    xin = engine.copy_in(_crop(x, part, part.inp), dtype, held)
     (fr0, fr1), (fc0, fc1) = full
     (ir0, ir1), (ic0, ic1) = part.inp
     pad = (ic0 - fc0, fc1 - ic1, ir0 - fr0, fr1 - ir1)
-    return F.pad(xin, pad) if any(pad) else xin
+    if not any(pad):
+        return xin
+    padded = held.add(F.pad(xin, pad))  # both alive while F.pad copies: the planner's factor_in 2
+    held.release(xin)  # its last reference goes with this frame
+    return padded
+
+
+def _conv_forward_part(engine: OffloadEngine, conv: nn.Conv2d, node: Local, x: Tensor, w: Tensor,
+                       b: Tensor | None, part: Part, dtype: torch.dtype, y: Tensor) -> None:
+    with engine.ledger.scope() as held:
+        xin = _padded_crop(engine, node, x, part, dtype, held)  # (n, C_in, h_in, w_in)
+        out = held.add(F.conv2d(xin, w, b, conv.stride, 0, conv.dilation, conv.groups))  # (n, C_out, h, w)
+        (r0, r1), (c0, c1) = part.out
+        engine.to_host(y[part.batch, :, r0:r1, c0:c1], out)
+
+
+def _conv_backward_part(engine: OffloadEngine, conv: nn.Conv2d, node: Local, x: Tensor, w: Tensor,
+                        grad_y: Tensor, part: Part, dtype: torch.dtype, grad_x: Tensor | None,
+                        grad_w: Tensor | None, grad_b: Tensor | None) -> None:
+    need = [grad_x is not None, grad_w is not None, grad_b is not None]
+    with engine.ledger.scope() as held:
+        xin = _padded_crop(engine, node, x, part, dtype, held)  # (n, C_in, h_in, w_in)
+        (r0, r1), (c0, c1) = part.out
+        g = engine.copy_in(grad_y[part.batch, :, r0:r1, c0:c1], dtype, held)  # (n, C_out, h, w)
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            g, xin, w, [w.shape[0]] if need[2] else None, list(conv.stride), [0, 0],
+            list(conv.dilation), False, [0, 0], conv.groups, need,
+        )
+        for t in (gx, gw, gb):  # the input gradient and this partition's weight and bias gradients
+            held.add(t)
+        if grad_w is not None:
+            grad_w.add_(gw)
+        if grad_b is not None:
+            grad_b.add_(gb)
+        if grad_x is not None:  # strip the synthesised padding; overlapping crops add up
+            full = node.need(part.out, None)
+            (ir0, ir1), (ic0, ic1) = part.inp
+            inner = gx[..., ir0 - full[0][0] : ir1 - full[0][0], ic0 - full[1][0] : ic1 - full[1][0]]
+            engine.add_to_host(grad_x[part.batch, :, ir0:ir1, ic0:ic1], inner, held)
 
 
 class _ConvFn(torch.autograd.Function):
@@ -217,22 +360,16 @@ class _ConvFn(torch.autograd.Function):
         in_size: Size = tuple(x.shape[-2:])  # type: ignore[assignment]
         out_size = node.out_size(in_size)
         dtype = compute_dtype(engine.device) or x.dtype
-        w = weight.to(dtype)
-        b = None if bias is None else bias.to(dtype)
         n, c_out = x.shape[0], weight.shape[0]
         y = engine.host_empty((n, c_out, *out_size), dtype)  # (N, C_out, H_out, W_out) on host
-        reserve = nbytes(w, b) if dtype != weight.dtype else 0
-        parts = engine.record(plan_parts(node, n, x.shape[1], c_out, in_size, x.element_size(),
-                                         engine.max_transfer_bytes, 1, 1, reserve), out_size)
-        cast = (w, b) if dtype != weight.dtype else ()  # fp16 copies of the parameters under AMP
-        with torch.autocast(engine.device.type, enabled=False), engine.ledger.hold(*cast):
+        elem = max(x.element_size(), _itemsize(dtype))  # a cast's staging copy is in x's dtype
+        with torch.autocast(engine.device.type, enabled=False), engine.device_scope(), \
+                engine.ledger.scope() as held:
+            w, b = _cast_params(weight, bias, dtype, held)
+            parts = engine.record(plan_parts(node, n, x.shape[1], c_out, in_size, elem,
+                                             engine.max_transfer_bytes, 2, 1, held.bytes), out_size)
             for part in parts:
-                xin = _padded_crop(engine, node, x, part, in_size).to(dtype)
-                with engine.ledger.hold(xin):
-                    out = F.conv2d(xin, w, b, conv.stride, 0, conv.dilation, conv.groups)
-                    with engine.ledger.hold(out):
-                        (r0, r1), (c0, c1) = part.out
-                        engine.to_host(y[part.batch, :, r0:r1, c0:c1], out)
+                _conv_forward_part(engine, conv, node, x, w, b, part, dtype, y)
         engine.sync()
         ctx.layer, ctx.has_bias, ctx.dtype = layer, bias is not None, dtype
         ctx.save_for_backward(x, weight)
@@ -245,37 +382,23 @@ class _ConvFn(torch.autograd.Function):
         engine, conv, node = layer.engine, layer.conv, layer.node
         in_size: Size = tuple(x.shape[-2:])  # type: ignore[assignment]
         dtype = ctx.dtype
-        w = weight.to(dtype)
         need_x, need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.has_bias and ctx.needs_input_grad[3]
         grad_x = engine.host_zeros(x.shape, x.dtype) if need_x else None
-        grad_w = torch.zeros_like(weight) if need_w else None  # summed over partitions, on the device
-        grad_b = torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype) if need_b else None
-        # grad_w / grad_b become the parameters' .grad: model state (counted with the parameters),
-        # not part of the transfer budget nor of the ledger
-        reserve = nbytes(w) if dtype != weight.dtype else 0
-        parts = plan_parts(node, x.shape[0], x.shape[1], weight.shape[0], in_size, x.element_size(),
-                           engine.max_transfer_bytes, 2, 1, reserve)
-        cast = w if dtype != weight.dtype else None
-        with torch.autocast(engine.device.type, enabled=False), engine.ledger.hold(cast):
+        elem = max(x.element_size(), grad_y.element_size(), _itemsize(dtype))
+        with torch.autocast(engine.device.type, enabled=False), engine.device_scope() as scope, \
+                engine.ledger.scope() as held:
+            # the sums over partitions stay on the device for the whole layer, then become the
+            # parameters' .grad (model state from there: handed over)
+            grad_w = held.add(torch.zeros_like(weight)) if need_w else None
+            grad_b = held.add(torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype)) if need_b else None
+            w, _ = _cast_params(weight, None, dtype, held)
+            # convolution_backward returns each partition's weight (and bias) gradient in the compute dtype
+            part_grads = ((weight.numel() if need_w else 0) + (weight.shape[0] if need_b else 0)) * _itemsize(dtype)
+            parts = plan_parts(node, x.shape[0], x.shape[1], weight.shape[0], in_size, elem,
+                               engine.max_transfer_bytes, 2, 2, held.bytes + part_grads)
             for part in parts:
-                xin = _padded_crop(engine, node, x, part, in_size).to(dtype)
-                (r0, r1), (c0, c1) = part.out
-                g = engine.to_device(grad_y[part.batch, :, r0:r1, c0:c1]).to(dtype)
-                with engine.ledger.hold(xin, g):
-                    gx, gw, gb = torch.ops.aten.convolution_backward(
-                        g, xin, w, [weight.shape[0]] if need_b else None, list(conv.stride), [0, 0],
-                        list(conv.dilation), False, [0, 0], conv.groups, [need_x, need_w, need_b],
-                    )
-                    with engine.ledger.hold(gx):
-                        if need_w:
-                            grad_w += gw.to(grad_w.dtype)
-                        if need_b:
-                            grad_b += gb.to(grad_b.dtype)
-                        if need_x:  # strip the synthesised padding; overlapping crops add up
-                            full = node.need(part.out, None)
-                            (ir0, ir1), (ic0, ic1) = part.inp
-                            inner = gx[..., ir0 - full[0][0] : ir1 - full[0][0], ic0 - full[1][0] : ic1 - full[1][0]]
-                            grad_x[part.batch, :, ir0:ir1, ic0:ic1] += inner.to("cpu", grad_x.dtype)
+                _conv_backward_part(engine, conv, node, x, w, grad_y, part, dtype, grad_x, grad_w, grad_b)
+            scope.hand_over(grad_w, grad_b)
         engine.sync()
         return None, grad_x, grad_w, grad_b
 
@@ -294,11 +417,26 @@ class OffloadConv2d(nn.Module):
 
 # --- BatchNorm2d ------------------------------------------------------------------------------
 
+#: per-channel (C,) vectors a BatchNorm layer has alive at once at most, counted along the code
+#: below (forward: mean, M2, var, invstd, scale, shift and a temporary; backward: mean, invstd,
+#: the two sums, a partition's sum, k, the two means); held for the whole layer
+STAT_VECTORS = 8
 
-def _bn_parts(engine: OffloadEngine, x: Tensor, factor: int) -> list[Part]:
+
+def _stat_bytes(x: Tensor) -> int:
+    return STAT_VECTORS * x.shape[1] * _itemsize(stat_dtype(x))
+
+
+def _bytes_per_value(acc: torch.dtype, tensors: int, *dtypes: torch.dtype) -> int:
+    """A partition's device bytes per element: `tensors` maps in acc, plus a staging copy or an
+    output cast in another dtype (never both alive: staging ends before the compute)."""
+    return tensors * _itemsize(acc) + max((_itemsize(d) for d in dtypes if d != acc), default=0)
+
+
+def _bn_parts(engine: OffloadEngine, x: Tensor, bytes_per_value: int, reserve: int) -> list[Part]:
     size: Size = tuple(x.shape[-2:])  # type: ignore[assignment]
-    parts = plan_parts(None, x.shape[0], x.shape[1], x.shape[1], size, x.element_size(),
-                       engine.max_transfer_bytes, factor, 1)
+    parts = plan_parts(None, x.shape[0], x.shape[1], x.shape[1], size, 1,
+                       engine.max_transfer_bytes, bytes_per_value, 0, reserve)
     return engine.record(parts, size)
 
 
@@ -312,28 +450,69 @@ def stat_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def _part_moments(engine: OffloadEngine, x: Tensor, part: Part, acc: torch.dtype) -> tuple[int, Tensor, Tensor]:
+    """Count, mean (C,) and M2 (C,) of one partition; var_mean reduces without a centred copy."""
+    with engine.ledger.scope() as held:
+        xp = engine.copy_in(_part_view(x, part), acc, held)  # (n, C, h, w)
+        var, mean = torch.var_mean(xp, dim=(0, 2, 3), correction=0)
+        k = xp.numel() // xp.shape[1]
+        return k, mean, var.mul_(k)
+
+
 def welford_stats(engine: OffloadEngine, x: Tensor) -> tuple[Tensor, Tensor, int]:
     """Per-channel mean and M2 (sum of squared deviations) of host x over all partitions.
 
     Each partition's own mean and M2 are combined with Chan et al.'s parallel form of Welford's
     update, in fp32 on the device: no sum of squares of the whole tensor (which cancels badly).
+    The running mean and M2 are updated in place (fewer per-channel vectors alive).
     """
+    acc = stat_dtype(x)
     count, mean, m2 = 0, None, None
-    for part in _bn_parts(engine, x, 1):
-        xp = engine.to_device(_part_view(x, part)).to(stat_dtype(x))  # (n, C, h, w)
-        with engine.ledger.hold(xp):
-            k = xp.numel() // xp.shape[1]
-            mean_p = xp.mean(dim=(0, 2, 3))
-            m2_p = (xp - mean_p[None, :, None, None]).square().sum(dim=(0, 2, 3))
+    for part in _bn_parts(engine, x, _bytes_per_value(acc, 1, x.dtype), _stat_bytes(x)):
+        k, mean_p, m2_p = _part_moments(engine, x, part, acc)
         if mean is None:
             count, mean, m2 = k, mean_p, m2_p
             continue
-        delta = mean_p - mean
         total = count + k
-        mean = mean + delta * (k / total)
-        m2 = m2 + m2_p + delta.square() * (count * k / total)
+        delta = mean_p - mean  # (C,)
+        mean.add_(delta, alpha=k / total)
+        m2.add_(m2_p).add_(delta.square_(), alpha=count * k / total)
         count = total
     return mean, m2, count
+
+
+def _bn_normalise_part(engine: OffloadEngine, x: Tensor, part: Part, scale: Tensor, shift: Tensor,
+                       y: Tensor) -> None:
+    with engine.ledger.scope() as held:
+        yp = engine.copy_in(_part_view(x, part), scale.dtype, held)  # (n, C, h, w): x, then y in place
+        yp.mul_(scale[None, :, None, None]).add_(shift[None, :, None, None])
+        # back to the activations' dtype on the device: half the bytes to move under AMP
+        out = yp if yp.dtype == y.dtype else held.add(yp.to(y.dtype))
+        engine.to_host(_part_view(y, part), out)
+
+
+def _bn_grad_sums_part(engine: OffloadEngine, x: Tensor, grad_y: Tensor, part: Part, mean: Tensor,
+                       invstd: Tensor, sum_g: Tensor, sum_gx: Tensor) -> None:
+    with engine.ledger.scope() as held:
+        xhat = engine.copy_in(_part_view(x, part), mean.dtype, held)  # (n, C, h, w): x, then x_hat in place
+        gxhat = engine.copy_in(_part_view(grad_y, part), mean.dtype, held)  # g, then g * x_hat in place
+        sum_g.add_(gxhat.sum(dim=(0, 2, 3)))
+        xhat.sub_(mean[None, :, None, None]).mul_(invstd[None, :, None, None])
+        sum_gx.add_(gxhat.mul_(xhat).sum(dim=(0, 2, 3)))
+
+
+def _bn_grad_input_part(engine: OffloadEngine, x: Tensor, grad_y: Tensor, part: Part, mean: Tensor,
+                        invstd: Tensor, k: Tensor, mean_g: Tensor, mean_gx: Tensor, training: bool,
+                        grad_x: Tensor) -> None:
+    with engine.ledger.scope() as held:
+        dx = engine.copy_in(_part_view(grad_y, part), k.dtype, held)  # (n, C, h, w): g, then dx in place
+        if training:  # x's change moves the batch statistics: dx = (g - mean(g) - x_hat * mean(g x_hat)) * k
+            xhat = engine.copy_in(_part_view(x, part), k.dtype, held)
+            xhat.sub_(mean[None, :, None, None]).mul_(invstd[None, :, None, None])
+            dx.sub_(mean_g[None, :, None, None]).sub_(xhat.mul_(mean_gx[None, :, None, None]))
+        dx.mul_(k[None, :, None, None])
+        out = dx if dx.dtype == grad_x.dtype else held.add(dx.to(grad_x.dtype))
+        engine.to_host(_part_view(grad_x, part), out)
 
 
 class _BatchNormFn(torch.autograd.Function):
@@ -341,67 +520,57 @@ class _BatchNormFn(torch.autograd.Function):
     def forward(ctx, layer: OffloadBatchNorm2d, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         engine, bn = layer.engine, layer.bn
         acc = stat_dtype(x)
-        with torch.autocast(engine.device.type, enabled=False):
+        y = engine.host_empty(x.shape, x.dtype)
+        with torch.autocast(engine.device.type, enabled=False), engine.device_scope(), \
+                engine.ledger.scope() as held:
+            held.add_bytes(_stat_bytes(x))
             if bn.training:
                 mean, m2, count = welford_stats(engine, x)  # pass 1
                 if count < 2:
                     raise PartitionError(f"BatchNorm2d in training mode needs more than 1 value per channel, got {count}")
-                var = m2 / count  # biased: what normalises
                 if bn.track_running_stats:
                     _update_running(bn, mean, m2 / (count - 1))
+                var = m2.div_(count)  # biased: what normalises
             else:
                 mean, var = bn.running_mean.to(acc), bn.running_var.to(acc)
             invstd = torch.rsqrt(var + bn.eps)
             scale = weight.to(acc) * invstd  # (C,)
             shift = bias.to(acc) - mean * scale
-            y = engine.host_empty(x.shape, x.dtype)
-            for part in _bn_parts(engine, x, 1):  # pass 2: normalise
-                xp = engine.to_device(_part_view(x, part))
-                with engine.ledger.hold(xp):
-                    yp = torch.addcmul(shift[None, :, None, None], xp.to(acc), scale[None, :, None, None]).to(x.dtype)
-                    with engine.ledger.hold(yp):
-                        engine.to_host(_part_view(y, part), yp)
-            engine.sync()
+            for part in _bn_parts(engine, x, _bytes_per_value(acc, 1, x.dtype), held.bytes):  # pass 2
+                _bn_normalise_part(engine, x, part, scale, shift, y)
+        engine.sync()
         ctx.layer = layer
-        ctx.save_for_backward(x, weight, mean, invstd)
+        # the statistics wait for the backward on the host: nothing of the engine's stays on the device
+        ctx.save_for_backward(x, weight, engine.host_copy(mean), engine.host_copy(invstd))
         return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        x, weight, mean, invstd = ctx.saved_tensors
+        x, weight, saved_mean, saved_invstd = ctx.saved_tensors
         engine = ctx.layer.engine
         training = ctx.layer.bn.training
         c = x.shape[1]
         count = x.numel() // c
-        acc = mean.dtype
-        with torch.autocast(engine.device.type, enabled=False):
-            sum_g = torch.zeros(c, device=mean.device, dtype=acc)
-            sum_gx = torch.zeros(c, device=mean.device, dtype=acc)
-            for part in _bn_parts(engine, x, 2):  # pass 1: the two reductions over all partitions
-                xp, gp = engine.to_device(_part_view(x, part)), engine.to_device(_part_view(grad_y, part))
-                with engine.ledger.hold(xp, gp):
-                    g = gp.to(acc)
-                    xhat = (xp.to(acc) - mean[None, :, None, None]) * invstd[None, :, None, None]
-                    sum_g += g.sum(dim=(0, 2, 3))
-                    sum_gx += (g * xhat).sum(dim=(0, 2, 3))
-            grad_x = None
-            if ctx.needs_input_grad[1]:
-                grad_x = engine.host_empty(x.shape, grad_y.dtype)
-                k = (weight.to(acc) * invstd)[None, :, None, None]
-                mean_g, mean_gx = (sum_g / count)[None, :, None, None], (sum_gx / count)[None, :, None, None]
-                for part in _bn_parts(engine, x, 2):  # pass 2: dx
-                    gp = engine.to_device(_part_view(grad_y, part)).to(acc)
-                    with engine.ledger.hold(gp):
-                        if training:  # x's change moves the batch statistics too
-                            xp = engine.to_device(_part_view(x, part))
-                            xhat = (xp.to(acc) - mean[None, :, None, None]) * invstd[None, :, None, None]
-                            dx = (gp - mean_g - xhat * mean_gx) * k
-                        else:
-                            xp, dx = None, gp * k
-                        with engine.ledger.hold(xp, dx):
-                            engine.to_host(_part_view(grad_x, part), dx.to(grad_x.dtype))
-                engine.sync()
-        return None, grad_x, sum_gx.to(weight.dtype), sum_g.to(weight.dtype)
+        acc = saved_mean.dtype
+        grad_x = engine.host_empty(x.shape, grad_y.dtype) if ctx.needs_input_grad[1] else None
+        per_value = _bytes_per_value(acc, 2, x.dtype, grad_y.dtype)
+        with torch.autocast(engine.device.type, enabled=False), engine.device_scope() as scope, \
+                engine.ledger.scope() as held:
+            held.add_bytes(_stat_bytes(x))
+            mean, invstd = saved_mean.to(engine.device), saved_invstd.to(engine.device)  # (C,)
+            sum_g = torch.zeros(c, device=engine.device, dtype=acc)
+            sum_gx = torch.zeros(c, device=engine.device, dtype=acc)
+            for part in _bn_parts(engine, x, per_value, held.bytes):  # pass 1: sum(g), sum(g * x_hat)
+                _bn_grad_sums_part(engine, x, grad_y, part, mean, invstd, sum_g, sum_gx)
+            if grad_x is not None:
+                k = weight.to(acc) * invstd  # (C,)
+                mean_g, mean_gx = sum_g / count, sum_gx / count
+                for part in _bn_parts(engine, x, per_value, held.bytes):  # pass 2: dx
+                    _bn_grad_input_part(engine, x, grad_y, part, mean, invstd, k, mean_g, mean_gx, training, grad_x)
+            grad_w, grad_b = sum_gx.to(weight.dtype), sum_g.to(weight.dtype)
+            scope.hand_over(grad_w, grad_b)
+        engine.sync()
+        return None, grad_x, grad_w, grad_b
 
 
 @torch.no_grad()
@@ -613,7 +782,7 @@ def choose_stages(trunk: nn.Module, shape: Sequence[int], budget_bytes: int, tra
 
 
 __all__ = [
-    "DeviceLedger", "OffloadBasicBlock", "OffloadBatchNorm2d", "OffloadConv2d", "OffloadEncoder",
+    "DeviceLedger", "DeviceScope", "Held", "OffloadBasicBlock", "OffloadBatchNorm2d", "OffloadConv2d", "OffloadEncoder",
     "OffloadEngine", "OffloadResNet", "Part", "choose_stages", "estimate_device_bytes", "plan_parts",
     "saved_bytes", "welford_stats",
 ]  # fmt: skip

@@ -28,12 +28,15 @@ from slidetrain.train.tilebag.executors import (
 
 @register_executor("offload")
 class OffloadExecutor(Executor):
-    """`stages`: residual stages offloaded after the stem (0..4); `max_transfer_mb`: one partition's budget."""
+    """`stages`: residual stages offloaded after the stem (0..4); `max_transfer_mb`: the engine's device budget."""
 
-    #: used when the trainer builds the executor by name alone (tests lower it to force partitions)
+    #: used when the trainer builds the executor by name alone (tests lower both to force partitions:
+    #: an offloaded layer's weight-gradient buffers count in the budget, so a tiny one takes few stages)
     default_max_transfer_mb: float = 256.0
+    default_stages: int = len(STAGES)
 
-    def __init__(self, stages: int = len(STAGES), max_transfer_mb: float | None = None):
+    def __init__(self, stages: int | None = None, max_transfer_mb: float | None = None):
+        stages = self.default_stages if stages is None else stages
         max_transfer_mb = self.default_max_transfer_mb if max_transfer_mb is None else max_transfer_mb
         if not 0 <= stages <= len(STAGES):
             raise ConfigError(f"offload executor: stages must be in 0..{len(STAGES)}, got {stages}")
