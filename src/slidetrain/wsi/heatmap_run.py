@@ -22,7 +22,7 @@ from slidetrain.wsi.heatmaps import INDEX_COLUMNS, SlideInputs, slide_heatmap
 log = logging.getLogger(__name__)
 
 
-def _sheet_paths(sheet_csv: Path, slides_dir: Path) -> dict[str, tuple[Path, bool]]:
+def sheet_slide_paths(sheet_csv: Path, slides_dir: Path) -> dict[str, tuple[Path, bool]]:
     """slide_id -> (slide file, drawn by the pipeline): synthetic slides live in `slides_dir`."""
     sep = "\t" if Path(sheet_csv).suffix in (".tsv", ".txt") else ","
     sheet = pd.read_csv(sheet_csv, sep=sep, dtype=str, keep_default_na=False)
@@ -53,7 +53,7 @@ def heatmaps_for_run(
     mpp_fallback: float | None = None,
 ) -> pd.DataFrame:
     """Heatmap PNG + per-tile CSV of every test slide of the run; the index table (also written)."""
-    paths = _sheet_paths(sheet_csv, slides_dir)
+    paths = sheet_slide_paths(sheet_csv, slides_dir)
     pred = pd.read_csv(predictions_csv, dtype={"slide_id": str}).set_index("slide_id") if predictions_csv else None
     rows = []
     for sid in test_slides(split_csv):
