@@ -74,8 +74,9 @@ def heatmaps_for_run(
         out_png, out_csv = Path(out_dir) / f"{sid}.png", Path(out_dir) / f"{sid}.csv"
         row = slide_heatmap(inputs, Path(attention_h5), method, out_png, out_csv, branch=branch,
                             title_extra=extra, max_px=max_px, mpp_fallback=mpp_fallback)
+        multi_branch = row.pop("n_branches") > 1  # the class whose branch is drawn: only then is there a choice
         row.update(png=out_png.name, csv=out_csv.name, label=label, predicted=predicted,
-                   branch="" if branch is None else class_names[branch])
+                   branch=class_names[branch] if branch is not None and multi_branch else "")
         rows.append(row)
         log.info("%s %s: %d tiles, %.2f s", method, sid, row["n_tiles"], row["seconds"])
     index = pd.DataFrame(rows)[list(INDEX_COLUMNS)]

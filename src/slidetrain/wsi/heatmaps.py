@@ -52,10 +52,12 @@ class SlideInputs:
     truth_npz: Path | None  # synthetic slides only
 
 
-def read_tile_scores(attention_h5: Path, slide_id: str, branch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(values (N,), level-0 coords (N, 2)) of one slide from a run's attention.h5.
+def read_tile_scores(attention_h5: Path, slide_id: str, branch: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, int]:
+    """(values (N,), level-0 coords (N, 2), number of branches) of one slide from a run's attention.h5.
 
-    Multi-branch attention (C, N) (CLAM-MB) needs `branch`, the class whose branch is shown.
+    Multi-branch attention (C, N) (CLAM-MB, DSMIL) needs `branch`, the class whose branch is shown;
+    single-branch attention ignores it.
     """
     attention_h5 = Path(attention_h5)
     if not attention_h5.is_file():
@@ -72,6 +74,7 @@ def read_tile_scores(attention_h5: Path, slide_id: str, branch: int | None = Non
                 raise SlideError(slide_id, f"{attention_h5}: group lacks {key!r}; expected 'attention' and 'coords'")
         values = np.asarray(group["attention"][:], np.float64)  # (N,) or (C, N)
         coords = np.asarray(group["coords"][:], np.int64).reshape(-1, 2)  # (N, 2)
+    n_branches = values.shape[0] if values.ndim == 2 else 1
     if values.ndim == 2:
         if branch is None or not 0 <= branch < values.shape[0]:
             raise SlideError(slide_id, f"{attention_h5}: attention has {values.shape[0]} branches; expected a"
@@ -82,7 +85,7 @@ def read_tile_scores(attention_h5: Path, slide_id: str, branch: int | None = Non
                                    " expected one value per tile")
     if len(values) == 0 or not np.isfinite(values).all():
         raise SlideError(slide_id, f"{attention_h5}: attention is empty or not finite; expected finite values")
-    return values, coords
+    return values, coords, n_branches
 
 
 def scale_values(values: np.ndarray) -> np.ndarray:
@@ -164,7 +167,7 @@ def slide_heatmap(inputs: SlideInputs, attention_h5: Path, method: str, out_png:
     """Write one slide's PNG and per-tile CSV; return its index row (without png/csv paths)."""
     t0 = time.perf_counter()
     sid = inputs.slide_id
-    values, coords = read_tile_scores(attention_h5, sid, branch)  # (N,), (N, 2)
+    values, coords, n_branches = read_tile_scores(attention_h5, sid, branch)  # (N,), (N, 2)
     if not inputs.tiles_h5.is_file():
         raise SlideError(sid, f"tile coordinates {inputs.tiles_h5} not found; expected the preprocess output")
     _, tile_attrs = read_tiles_h5(inputs.tiles_h5)
@@ -196,7 +199,7 @@ def slide_heatmap(inputs: SlideInputs, attention_h5: Path, method: str, out_png:
     render_heatmap_png(out_png, thumb, heat, tissue, lesion_px, title)
     has_truth = inputs.truth_npz is not None
     return {
-        "slide_id": sid, "method": method, "n_tiles": len(values),
+        "slide_id": sid, "method": method, "n_tiles": len(values), "n_branches": n_branches,
         "lesion_auroc": lesion_auroc(values, is_lesion) if has_truth else float("nan"),
         "scaled_on_lesion": float(scaled[is_lesion].mean()) if has_truth and is_lesion.any() else float("nan"),
         "scaled_off_lesion": float(scaled[~is_lesion].mean()) if has_truth and (~is_lesion).any() else float("nan"),
