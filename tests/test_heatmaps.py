@@ -17,7 +17,7 @@ from slidetrain.wsi.heatmaps import (
     paint_tiles,
     scale_values,
 )
-from slidetrain.wsi.thumbnail import Thumbnail, read_thumbnail
+from slidetrain.wsi.thumbnail import Thumbnail, read_thumbnail, thumbnail_level
 from slidetrain.wsi.tile import read_tiles_h5
 
 SLIDES = {"hm_high": "high_grade", "hm_normal": "normal"}
@@ -152,6 +152,13 @@ def test_helpers_scale_fraction_auroc():
     np.testing.assert_allclose(box_fraction(grid, 16, np.array([[0, 0], [16, 0], [32, 32]]), 32), [1.0, 0.5, 0.0])
     assert lesion_auroc(np.array([0.9, 0.8, 0.1]), np.array([True, True, False])) == 1.0
     assert lesion_auroc(np.array([0.9, 0.1, 0.5]), np.array([False, True, False])) == 0.0
+
+
+def test_thumbnail_level_is_near_the_wanted_size_and_cheap_to_read():
+    pyramid = [(40960 // 2**i, 30720 // 2**i) for i in range(7)]
+    assert pyramid[thumbnail_level(pyramid, 1024)] == (5120, 3840)  # / 5 = 1024 px, not 1280 / 2 = 640
+    assert thumbnail_level([(100_000, 80_000)], 1024) == 0  # no pyramid: level 0, read in strips
+    assert thumbnail_level([(500, 400), (250, 200)], 1024) == 0  # smaller than wanted: as it is
 
 
 def test_thumbnail_is_read_in_bounded_strips(tiny_dataset, monkeypatch):

@@ -22,8 +22,8 @@ from PIL import Image
 from slidetrain.errors import SlideError
 from slidetrain.wsi.slide import open_slide
 
-#: level pixels read per strip, at most (~48 MB of RGB); bounds the reader's memory
-STRIP_PX = 16 * 1024 * 1024
+#: level pixels read per strip, at most (~12 MB of RGB); bounds the reader's memory
+STRIP_PX = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -35,12 +35,21 @@ class Thumbnail:
 
 
 def thumbnail_level(level_dimensions: tuple[tuple[int, int], ...], max_px: int) -> int:
-    """The coarsest level whose long side is still >= max_px (level 0 when the slide is smaller)."""
-    chosen = 0
+    """The level to reduce by an integer factor: the one giving the largest thumbnail (long side <= max_px)
+    among levels at most 8x the thumbnail's side (read cost), the coarsest on a tie; with no such level the
+    coarsest level still >= max_px (level 0 when the slide is smaller)."""
+    coarsest = 0
     for level, (w, h) in enumerate(level_dimensions):
         if max(w, h) >= max_px:
-            chosen = level
-    return chosen
+            coarsest = level
+    best, best_side = coarsest, -1
+    for level, (w, h) in enumerate(level_dimensions):
+        long_side = max(w, h)
+        if max_px <= long_side <= 8 * max_px:
+            side = math.ceil(long_side / math.ceil(long_side / max_px))
+            if side >= best_side:
+                best, best_side = level, side
+    return best
 
 
 def read_thumbnail(slide_path: str | Path, slide_id: str, max_px: int = 1024, mpp_fallback: float | None = None
