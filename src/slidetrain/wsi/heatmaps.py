@@ -98,8 +98,9 @@ def scale_values(values: np.ndarray) -> np.ndarray:
 
 def box_fraction(grid: np.ndarray, grid_downsample: float, coords: np.ndarray, size_level0: int) -> np.ndarray:
     """Share of each level-0 square (x, y, size) that is True on `grid`: (N,) float, via an integral image."""
-    integral = np.zeros((grid.shape[0] + 1, grid.shape[1] + 1), np.int64)
-    integral[1:, 1:] = grid.astype(np.int64).cumsum(0).cumsum(1)
+    # int32 holds the count of a 46,000 x 46,000 grid; half the memory and time of int64
+    integral = np.zeros((grid.shape[0] + 1, grid.shape[1] + 1), np.int32)
+    integral[1:, 1:] = grid.astype(np.int32).cumsum(0, dtype=np.int32).cumsum(1, dtype=np.int32)
     h, w = grid.shape
     c0 = np.clip(np.floor(coords[:, 0] / grid_downsample).astype(np.int64), 0, w)
     r0 = np.clip(np.floor(coords[:, 1] / grid_downsample).astype(np.int64), 0, h)
@@ -155,9 +156,11 @@ def render_heatmap_png(out_png: Path, thumb: Thumbnail, heat: np.ndarray, tissue
     fig.colorbar(shown, ax=ax, fraction=0.035, pad=0.01, label="per-tile value (min-max in slide)")
     ax.set_title(title, fontsize=9)
     ax.set_axis_off()
-    fig.tight_layout()
+    # fixed margins, not tight_layout (a second full draw); zlib level 3: a third of the encoding time
+    # (0.95 in on the right for the colourbar's ticks and label, 0.35 in on top for the title)
+    fig.subplots_adjust(left=0.01, right=1 - 0.95 / fig.get_figwidth(), bottom=0.01, top=1 - 0.35 / fig.get_figheight())
     with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
+        fig.savefig(tmp, dpi=dpi, format="png", pil_kwargs={"compress_level": 3})
     plt.close(fig)
 
 
