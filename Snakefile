@@ -32,6 +32,7 @@ include: "workflow/rules/distributed.smk"
 include: "workflow/rules/tilebag.smk"
 include: "workflow/rules/offload_tables.smk"
 include: "workflow/rules/docs.smk"
+include: "workflow/rules/heatmaps.smk"
 
 
 rule all:

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from slidetrain.cli_args import json_arg
+from slidetrain.wsi import heatmap_commands
 
 
 def cmd_synthesize(a: argparse.Namespace) -> None:
@@ -212,3 +213,4 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     _add_feature_index_parser(sub)
     _add_qc_table_parser(sub)
     _add_qc_pictures_parser(sub)
+    heatmap_commands.add_parsers(sub)  # heatmaps keep their parsers in their own module
