@@ -38,6 +38,7 @@ from slidetrain.train.common import (
     predictions_table,
     seed_everything,
 )
+from slidetrain.train.fingerprint import input_fingerprint
 from slidetrain.train.harness import Selection, run_epochs, write_run_files
 from slidetrain.train.tilebag.model import build_tilebag_model, selection_metric
 from slidetrain.train.tilebag.trainer import TileBagTrainer, metrics_over_repeats, resolve_device
@@ -133,6 +134,8 @@ def _fit(
             snapshot=snapshot, device=device, logger=log, stop_hook=stop_hook, primary=primary,
             selection=Selection(metric, patience=cfg.early_stopping_patience,
                                 min_epochs=cfg.early_stopping_min_epochs),
+            # slide and tile-coordinate files of train and val; the sampling settings are not in cfg
+            inputs=input_fingerprint([p for r in (*train, *val) for p in (r.slide_path, r.tiles_h5)], sampling),
         )
         if not primary:
             return None

@@ -40,6 +40,7 @@ from slidetrain.train.common import (
     predictions_table,
     seed_everything,
 )
+from slidetrain.train.fingerprint import input_fingerprint
 from slidetrain.train.harness import Selection, run_epochs, write_run_files
 from slidetrain.train.wholeimage.augment import augment_slide, channel_stats, normalise
 from slidetrain.train.wholeimage.interface import WholeImageLearner
@@ -229,6 +230,7 @@ def fit_whole_image(
         stateful={"learner": learner}, snapshot=learner.weights_state_dict,
         selection=Selection(cfg.selection_metric), device=dev, clock=_now, trailing=("cropped",),
         logger=log, stop_hook=None,
+        inputs=input_fingerprint(Path(images_dir) / f"{s}{IMAGE_SUFFIX}" for s in (*train_ids, *val_ids)),
     )
     return write_run_files(
         out_dir, method, cfg, seed, result,
