@@ -382,6 +382,10 @@ def drop_excluded(split: pd.DataFrame, excluded: Collection[str]) -> pd.DataFram
     if emptied:
         detail = "; ".join(f"{p}: {_name_some(split.slide_id[gone & (split.part == p)])}" for p in emptied)
         raise SplitError(f"excluded slides leave split part(s) {emptied} empty ({detail}); every part needs a slide")
+    for part in PARTS:  # a drawn part lost a whole class: allowed (the others stay put), but said
+        lost = sorted(set(split.label[split.part == part]) - set(kept.label[kept.part == part]))
+        if lost:
+            log.warning("split part %s has no %s slide left after the exclusions", part, " or ".join(lost))
     by_part = split.part[gone].value_counts().reindex(list(PARTS), fill_value=0).to_dict()
     log.info("left out %d excluded slide(s) after drawing the split: %s per part (%s)",
              int(gone.sum()), by_part, _name_some(split.slide_id[gone]))

@@ -30,7 +30,13 @@ from slidetrain.evaluate.metrics import classification_metrics, evaluate_predict
 from slidetrain.io import atomic_path, write_json
 from slidetrain.models import build_model, method_config
 from slidetrain.models.base import MILModel
-from slidetrain.train.common import config_hash, part_slides, predictions_table, seed_everything
+from slidetrain.train.common import (
+    config_hash,
+    part_slides,
+    patient_of,
+    predictions_table,
+    seed_everything,
+)
 from slidetrain.train.fingerprint import input_fingerprint
 from slidetrain.train.harness import Selection, run_epochs, write_run_files
 from slidetrain.train.optim import build_optimizer, build_scheduler
@@ -248,6 +254,7 @@ def evaluate_mil(
                         g = f.create_group(bag.slide_id)
                         g.create_dataset("attention", data=att)  # (N,) or (C, N)
                         g.create_dataset("coords", data=bag.coords)
-    result = evaluate_predictions(pred, class_names, ordinal=ordinal, n_bootstrap=n_bootstrap, seed=seed)
+    result = evaluate_predictions(pred, class_names, ordinal=ordinal, n_bootstrap=n_bootstrap, seed=seed,
+                                  patient_of=patient_of(split))
     write_json(metrics_json, result)
     return result

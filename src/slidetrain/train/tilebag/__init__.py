@@ -35,6 +35,7 @@ from slidetrain.train.common import (
     config_hash,
     default_dtype,
     part_slides,
+    patient_of,
     predictions_table,
     seed_everything,
 )
@@ -176,7 +177,8 @@ def evaluate_tilebag(
     device = resolve_device(cfg.device)
     model = build_tilebag_model(cfg, len(class_names), seed)
     model.load_state_dict(saved["state_dict"])
-    test = _refs(read_split(split_csv, allow_external=True), "test", class_names, sheet_csv, slides_dir, tiles_dir)
+    split = read_split(split_csv, allow_external=True)
+    test = _refs(split, "test", class_names, sheet_csv, slides_dir, tiles_dir)
     samp = BagSampling(k=cfg.k, input_px=cfg.input_px, augment=False, **saved["sampling"])
     trainer = TileBagTrainer(model, cfg, samp, test, seed, device)
     pred = trainer.predict(test)
@@ -191,7 +193,8 @@ def evaluate_tilebag(
                     g = f.create_group(ref.slide_id)
                     g.create_dataset("attention", data=att)  # (N,) or (C, N)
                     g.create_dataset("coords", data=xy)  # (N, 2) level-0 x, y of the tiles scored
-    result = evaluate_predictions(table, class_names, ordinal=ordinal, n_bootstrap=n_bootstrap, seed=seed)
+    result = evaluate_predictions(table, class_names, ordinal=ordinal, n_bootstrap=n_bootstrap, seed=seed,
+                                  patient_of=patient_of(split))
     labels = np.array([r.label for r in test])
     result["repeats"] = {"n": int(pred.probs.shape[0]), "mode": cfg.eval_tiles,
                          "metrics_mean": metrics_over_repeats(labels, pred.probs, ordinal),

@@ -37,6 +37,7 @@ from slidetrain.io import atomic_path, write_json
 from slidetrain.train.common import (
     config_hash,
     part_slides,
+    patient_of,
     predictions_table,
     seed_everything,
 )
@@ -279,6 +280,7 @@ def evaluate_whole_image(
     pred = predictions_table(test_ids, test_labels, probs, class_names)
     with atomic_path(predictions_csv) as tmp:
         pred.to_csv(tmp, index=False)
-    result = evaluate_predictions(pred, class_names, ordinal=ordinal, n_bootstrap=n_bootstrap, seed=seed)
+    result = evaluate_predictions(pred, class_names, ordinal=ordinal, n_bootstrap=n_bootstrap, seed=seed,
+                                  patient_of=patient_of(split))
     write_json(metrics_json, result)
     return result
