@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 
 import pandas as pd
 import pytest
 import torch
 from torch import nn
 
+from slidetrain.train.fingerprint import fingerprint_changes, input_fingerprint
 from slidetrain.train.harness import Selection, run_epochs, write_run_files
 
 
@@ -16,7 +19,7 @@ class _Killed(Exception):
     pass
 
 
-def toy_run(out, val_scores, selection, stop_after=None, epochs=None):
+def toy_run(out, val_scores, selection, stop_after=None, epochs=None, inputs=None):
     """A linear model trained on random data; validate returns the scripted `val_scores`."""
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
@@ -38,7 +41,8 @@ def toy_run(out, val_scores, selection, stop_after=None, epochs=None):
             raise _Killed
 
     result = run_epochs(out, "tag", epochs or len(val_scores), train_epoch, validate,
-                        {"model": model, "optimizers": [opt]}, model.state_dict, selection, stop_hook=stop)
+                        {"model": model, "optimizers": [opt]}, model.state_dict, selection, stop_hook=stop,
+                        inputs=inputs if inputs is not None else input_fingerprint([], {}))
     return result, model
 
 
@@ -71,3 +75,70 @@ def test_a_killed_run_resumes_exactly_and_writes_run_files(tmp_path):
     run = json.loads((tmp_path / "killed" / "run.json").read_text())
     assert run["epochs_run"] == 5 and run["note"] == 1 and run["selection"]["best"] == 0.7
     assert torch.equal(torch.load(model_pt)["state"]["weight"], whole.best_state["weight"])
+
+
+def _without_seconds(history):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+
+def test_a_run_killed_after_its_stopping_epoch_does_not_train_further(tmp_path):
+    scores = [0.5, 0.6, 0.55, 0.58, 0.57, 0.9, 0.95]  # patience 3: stops after epoch 5
+    selection = Selection("val_auroc", patience=3)
+    whole, whole_model = toy_run(tmp_path / "whole", scores, selection)
+    assert len(whole.history) == 5
+    with pytest.raises(_Killed):  # killed once the stopping epoch's checkpoint is on disk
+        toy_run(tmp_path / "killed", scores, selection, stop_after=5)
+    resumed, resumed_model = toy_run(tmp_path / "killed", scores, selection)
+    assert _without_seconds(resumed.history) == _without_seconds(whole.history)
+    assert torch.equal(whole_model.weight, resumed_model.weight)  # no sixth epoch trained
+    assert resumed.best == whole.best == 0.6
+
+
+def _touch_later(path):
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+def test_changed_inputs_start_over_and_say_why(tmp_path, caplog):
+    data = tmp_path / "features"
+    data.mkdir()
+    files = [data / "a.h5", data / "b.h5"]
+    for f in files:
+        f.write_bytes(b"0123")
+    scores = [0.5, 0.6, 0.55, 0.7]
+    fp = input_fingerprint(files, {"k": 8})
+    with pytest.raises(_Killed):
+        toy_run(tmp_path / "run", scores, Selection("val_auroc"), stop_after=2, inputs=fp)
+    # same inputs: resumes (only the two remaining epochs run)
+    with pytest.raises(_Killed):
+        toy_run(tmp_path / "run", scores, Selection("val_auroc"), stop_after=3, inputs=input_fingerprint(files, {"k": 8}))
+    assert len(pd.read_csv(tmp_path / "run" / "history.csv")) == 3
+
+    _touch_later(files[1])  # b.h5 regenerated: same size, newer
+    caplog.set_level(logging.INFO)
+    with pytest.raises(_Killed):
+        toy_run(tmp_path / "run", scores, Selection("val_auroc"), stop_after=1,
+                inputs=input_fingerprint(files, {"k": 8}))
+    assert "inputs changed" in caplog.text and "modified since" in caplog.text and "b.h5" in caplog.text
+    assert len(pd.read_csv(tmp_path / "run" / "history.csv")) == 1  # started over
+
+    caplog.clear()
+    whole, _ = toy_run(tmp_path / "whole", scores, Selection("val_auroc"))
+    resumed, _ = toy_run(tmp_path / "run", scores, Selection("val_auroc"), inputs=input_fingerprint(files, {"k": 16}))
+    assert "setting k: 8 -> 16" in caplog.text
+    assert _without_seconds(resumed.history) == _without_seconds(whole.history)  # a whole fresh run
+
+
+def test_fingerprint_changes_name_what_changed(tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    a.write_bytes(b"x")
+    b.write_bytes(b"y")
+    old = input_fingerprint([a], {"tile_px": 256})
+    assert fingerprint_changes(old, input_fingerprint([a], {"tile_px": 256})) == []
+    a.write_bytes(b"xx")
+    changes = fingerprint_changes(old, input_fingerprint([a, b], {"tile_px": 256}))
+    assert any("changed size" in c and "a.h5" in c for c in changes)
+    assert any("not read before" in c and "b.h5" in c for c in changes)
+    assert fingerprint_changes(None, old) == ["the checkpoint carries no input fingerprint"]
+    with pytest.raises(Exception, match="missing.h5"):
+        input_fingerprint([tmp_path / "missing.h5"])

@@ -164,7 +164,8 @@ def test_vectorised_resamples_equal_metrics_of_each_resample():
     idx[0] = 0  # a resample with a single slide: AUROC NaN, QWK NaN
     first_zero = np.flatnonzero(y == 0)[0]
     idx[1] = np.where(y[idx[1]] == 2, first_zero, idx[1])  # class 2 missing: AUROC NaN
-    batch = _metrics_on_resamples(y, probs, idx, ordinal=True)
+    times = np.stack([np.bincount(row, minlength=40) for row in idx])  # (25, 40) slide multiplicities
+    batch = _metrics_on_resamples(y, probs, times, ordinal=True)
     for b in range(len(idx)):
         single = classification_metrics(y[idx[b]], probs[idx[b]], ordinal=True)
         for name, value in single.items():
@@ -177,7 +178,7 @@ def test_vectorised_resamples_equal_metrics_of_each_resample():
 def test_bootstrap_ci_contains_point_estimate(ordinal):
     y, probs = noisy_classifier(200, 3, signal=1.5, seed=1)
     point = classification_metrics(y, probs, ordinal=ordinal)
-    ci = bootstrap_ci(y, probs, ordinal=ordinal, n_bootstrap=500, seed=0)
+    ci = bootstrap_ci(y, probs, ordinal=ordinal, n_bootstrap=500, seed=0, patients=None)
     assert set(ci) == set(point)
     for name, (lo, hi) in ci.items():
         assert lo < point[name] < hi, (name, lo, point[name], hi)
@@ -187,8 +188,8 @@ def test_bootstrap_ci_contains_point_estimate(ordinal):
 def test_bootstrap_ci_narrows_with_more_slides():
     small = noisy_classifier(60, 2, signal=1.0, seed=2)
     large = noisy_classifier(960, 2, signal=1.0, seed=2)
-    ci_small = bootstrap_ci(*small, n_bootstrap=400, seed=0)
-    ci_large = bootstrap_ci(*large, n_bootstrap=400, seed=0)
+    ci_small = bootstrap_ci(*small, n_bootstrap=400, seed=0, patients=None)
+    ci_large = bootstrap_ci(*large, n_bootstrap=400, seed=0, patients=None)
     for name in ci_small:
         width_small = ci_small[name][1] - ci_small[name][0]
         width_large = ci_large[name][1] - ci_large[name][0]
@@ -198,11 +199,11 @@ def test_bootstrap_ci_narrows_with_more_slides():
 
 def test_bootstrap_is_seeded_and_alpha_sets_the_width():
     y, probs = noisy_classifier(100, 3, signal=1.0, seed=3)
-    a = bootstrap_ci(y, probs, n_bootstrap=200, seed=4)
-    assert a == bootstrap_ci(y, probs, n_bootstrap=200, seed=4)
-    assert a != bootstrap_ci(y, probs, n_bootstrap=200, seed=5)
-    wide = bootstrap_ci(y, probs, n_bootstrap=200, seed=4, alpha=0.01)
-    narrow = bootstrap_ci(y, probs, n_bootstrap=200, seed=4, alpha=0.5)
+    a = bootstrap_ci(y, probs, n_bootstrap=200, seed=4, patients=None)
+    assert a == bootstrap_ci(y, probs, n_bootstrap=200, seed=4, patients=None)
+    assert a != bootstrap_ci(y, probs, n_bootstrap=200, seed=5, patients=None)
+    wide = bootstrap_ci(y, probs, n_bootstrap=200, seed=4, alpha=0.01, patients=None)
+    narrow = bootstrap_ci(y, probs, n_bootstrap=200, seed=4, alpha=0.5, patients=None)
     for name in a:
         assert wide[name][0] <= a[name][0] <= narrow[name][0]
         assert narrow[name][1] <= a[name][1] <= wide[name][1]
@@ -212,12 +213,12 @@ def test_bootstrap_skips_undefined_auroc_only():
     # 1 positive in 8 slides: about 1/3 of resamples miss it, AUROC undefined there
     y = np.array([0, 0, 0, 0, 0, 0, 0, 1])
     p1 = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.9])
-    ci = bootstrap_ci(y, np.stack([1 - p1, p1], axis=1), n_bootstrap=300, seed=0)
+    ci = bootstrap_ci(y, np.stack([1 - p1, p1], axis=1), n_bootstrap=300, seed=0, patients=None)
     assert ci["auroc"] == (1.0, 1.0)  # every resample with the positive ranks it first
     for name, (lo, hi) in ci.items():
         assert np.isfinite(lo) and np.isfinite(hi), name
     # AUROC undefined on every resample: (nan, nan), the rest still computed
-    ci = bootstrap_ci(np.zeros(5, int), one_hot_probs([0, 0, 1, 0, 0], 2), n_bootstrap=50)
+    ci = bootstrap_ci(np.zeros(5, int), one_hot_probs([0, 0, 1, 0, 0], 2), n_bootstrap=50, patients=None)
     assert all(math.isnan(v) for v in ci["auroc"])
     assert np.isfinite(ci["accuracy"]).all()
 
@@ -226,9 +227,9 @@ def test_bootstrap_chunks_give_the_same_answer(monkeypatch):
     import slidetrain.evaluate.metrics as metrics
 
     y, probs = noisy_classifier(50, 3, signal=1.0, seed=6)
-    whole = bootstrap_ci(y, probs, ordinal=True, n_bootstrap=100, seed=1)
+    whole = bootstrap_ci(y, probs, ordinal=True, n_bootstrap=100, seed=1, patients=None)
     monkeypatch.setattr(metrics, "_RESAMPLE_ELEMENTS", 50 * 7)  # chunks of 7 resamples
-    assert bootstrap_ci(y, probs, ordinal=True, n_bootstrap=100, seed=1) == whole
+    assert bootstrap_ci(y, probs, ordinal=True, n_bootstrap=100, seed=1, patients=None) == whole
 
 
 # ---------------------------------------------------------------- prediction tables
@@ -247,13 +248,15 @@ def test_evaluate_predictions():
     y, probs = noisy_classifier(90, 3, signal=1.5, seed=7)
     table = prediction_table(y, probs, names)
     table["extra"] = "ignored"
-    out = evaluate_predictions(table, names, ordinal=True, n_bootstrap=200, seed=0)
-    assert set(out) == {"n_slides", "metrics", "ci95", "confusion_matrix", "class_names"}
+    out = evaluate_predictions(table, names, ordinal=True, n_bootstrap=200, seed=0, patient_of=None)
+    assert set(out) == {"n_slides", "n_patients", "bootstrap_unit", "metrics", "ci95", "confusion_matrix",
+                        "class_names"}
+    assert out["bootstrap_unit"] == "slide" and out["n_patients"] == 90
     assert out["n_slides"] == 90
     assert out["class_names"] == names
     assert out["metrics"] == pytest.approx(classification_metrics(y, probs, ordinal=True))
     assert out["ci95"] == {
-        k: list(v) for k, v in bootstrap_ci(y, probs, True, n_bootstrap=200, seed=0).items()
+        k: list(v) for k, v in bootstrap_ci(y, probs, True, n_bootstrap=200, seed=0, patients=None).items()
     }
     cm = np.array(out["confusion_matrix"])
     pred = probs.argmax(axis=1)
@@ -267,15 +270,61 @@ def test_evaluate_predictions_errors():
     y, probs = noisy_classifier(10, 2, signal=1.0, seed=8)
     table = prediction_table(y, probs, names)
     with pytest.raises(SheetError, match="prob_b"):
-        evaluate_predictions(table.drop(columns="prob_b"), names, ordinal=False)
+        evaluate_predictions(table.drop(columns="prob_b"), names, ordinal=False, patient_of=None)
     bad = table.copy()
     bad.loc[3, "label"] = "c"
     with pytest.raises(SheetError, match=r"s3 \(c\)"):
-        evaluate_predictions(bad, names, ordinal=False)
+        evaluate_predictions(bad, names, ordinal=False, patient_of=None)
     bad = table.copy()
     bad.loc[4, "prob_a"] = np.nan
     with pytest.raises(SheetError, match="s4"):
-        evaluate_predictions(bad, names, ordinal=False)
+        evaluate_predictions(bad, names, ordinal=False, patient_of=None)
     bad = pd.concat([table, table.iloc[:1]], ignore_index=True)
     with pytest.raises(SheetError, match="more than once"):
-        evaluate_predictions(bad, names, ordinal=False)
+        evaluate_predictions(bad, names, ordinal=False, patient_of=None)
+
+
+# ---------------------------------------------------------------- patient bootstrap
+
+
+def test_a_patient_bootstrap_of_repeated_slides_is_the_slide_bootstrap_of_one_each():
+    """Each patient's k identical slides: resampling patients must weigh them as one unit (the
+    metrics are ratios, so k copies of a drawn patient count as one); resampling slides would not."""
+    y, probs = noisy_classifier(40, 3, signal=1.0, seed=9)
+    k = 3
+    y_rep, probs_rep = np.repeat(y, k), np.repeat(probs, k, axis=0)
+    patients = np.repeat([f"p{i:02d}" for i in range(40)], k)
+    one_each = bootstrap_ci(y, probs, ordinal=True, n_bootstrap=300, seed=2, patients=None)
+    by_patient = bootstrap_ci(y_rep, probs_rep, ordinal=True, n_bootstrap=300, seed=2, patients=patients)
+    for name in one_each:
+        assert by_patient[name] == pytest.approx(one_each[name], abs=1e-12), name
+    by_slide = bootstrap_ci(y_rep, probs_rep, ordinal=True, n_bootstrap=300, seed=2, patients=None)
+    assert by_slide["accuracy"][1] - by_slide["accuracy"][0] < one_each["accuracy"][1] - one_each["accuracy"][0]
+
+
+def test_patients_whose_slides_agree_widen_the_interval():
+    rng = np.random.default_rng(4)
+    right = rng.random(20) < 0.7  # per patient: all 10 of its slides right, or all wrong
+    y = np.zeros(200, int)
+    probs = one_hot_probs(np.where(np.repeat(right, 10), 0, 1), 2)
+    patients = np.repeat(np.arange(20), 10)
+    by_patient = bootstrap_ci(y, probs, n_bootstrap=400, seed=0, patients=patients)["accuracy"]
+    by_slide = bootstrap_ci(y, probs, n_bootstrap=400, seed=0, patients=None)["accuracy"]
+    assert by_patient[1] - by_patient[0] > 2 * (by_slide[1] - by_slide[0])
+
+
+def test_evaluate_predictions_resamples_the_splits_patients():
+    names = ["a", "b"]
+    y, probs = noisy_classifier(30, 2, signal=1.0, seed=8)
+    table = prediction_table(y, probs, names)
+    patient_of = {f"s{i}": f"p{i // 3}" for i in range(30)}
+    out = evaluate_predictions(table, names, ordinal=False, n_bootstrap=100, seed=0, patient_of=patient_of)
+    assert out["bootstrap_unit"] == "patient" and out["n_patients"] == 10 and out["n_slides"] == 30
+    patients = [patient_of[s] for s in table.slide_id]
+    assert out["ci95"] == {k: list(v) for k, v in
+                           bootstrap_ci(y, probs, n_bootstrap=100, seed=0, patients=patients).items()}
+    del patient_of["s7"]
+    with pytest.raises(SheetError, match="s7.*no patient id"):
+        evaluate_predictions(table, names, ordinal=False, patient_of=patient_of)
+    with pytest.raises(TypeError, match="patients"):  # no silent slide bootstrap: the caller must choose
+        bootstrap_ci(y, probs)

@@ -386,3 +386,53 @@ def test_official_split_names_only_the_first_ten_missing(tmp_path):
     with pytest.raises(SplitError, match=r"27 slide.*c0-p12-s0 \.\.\. \(17 more\)") as err:
         read_official_split(path, sheet)
     assert "c0-p13-s0" not in str(err.value)
+
+
+# ---------------------------------------------------------------- exclusions after the draw
+
+
+def _split_with_status(tmp_path, sheet, excluded, extra=()):
+    """`slidetrain split` (the rule's command) on `sheet` with `excluded` slides in the QC status table."""
+    from slidetrain.cli import main
+
+    sheet_path, status = tmp_path / "sheet.tsv", tmp_path / f"status_{len(excluded)}.csv"
+    sheet.to_csv(sheet_path, sep="\t", index=False)
+    pd.DataFrame({"slide_id": sheet.slide_id,
+                  "status": ["excluded" if s in excluded else "ok" for s in sheet.slide_id],
+                  "reason": ["unreadable" if s in excluded else "" for s in sheet.slide_id]}).to_csv(status, index=False)
+    out = tmp_path / f"split_{len(excluded)}.csv"
+    assert main(["split", "--sheet", str(sheet_path), "--classes", *sorted(sheet.label.unique()), "--seed", "5",
+                 *extra, "--status", str(status), "--out", str(out)]) in (0, None)
+    return read_split(out)
+
+
+@pytest.mark.parametrize("extra", [(), ("--counts", "30", "10", "14")])
+def test_excluding_one_slide_changes_no_other_slides_part(tmp_path, extra):
+    sheet = make_sheet([9, 9], slides_per_patient=(1, 4), seed=2)
+    before = _split_with_status(tmp_path, sheet, set(), extra).set_index("slide_id").part
+    for victim in sheet.slide_id[::2]:  # slides of every part, one at a time
+        after = _split_with_status(tmp_path, sheet, {victim}, extra).set_index("slide_id").part
+        assert victim not in after.index
+        pd.testing.assert_series_equal(after, before.drop(victim))
+
+
+def test_exclusions_that_empty_a_part_name_it():
+    from slidetrain.data.splits import drop_excluded
+
+    split = make_split(make_sheet([3, 3]), seed=0)
+    val = split.slide_id[split.part == "val"].tolist()
+    with pytest.raises(SplitError, match=r"\['val'\] empty.*" + val[0]):
+        drop_excluded(split, set(val))
+    assert drop_excluded(split, {"not-a-slide"}) is split
+
+
+def test_external_one_per_patient_keeps_other_patients_slide_when_one_is_excluded():
+    from slidetrain.data.splits import external_test_split
+
+    sheet = make_sheet([6, 6], slides_per_patient=(2, 3), seed=1)
+    before = external_test_split(sheet, seed=0, one_per_patient=True)
+    victim = before.slide_id.iloc[3]
+    after = external_test_split(sheet, seed=0, one_per_patient=True, excluded={victim})
+    assert len(after) == len(before)  # the patient is kept, with another of its slides
+    others = before.slide_id != victim
+    assert set(before.slide_id[others]) <= set(after.slide_id) and victim not in set(after.slide_id)

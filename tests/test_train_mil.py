@@ -41,12 +41,12 @@ def bag_dataset(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def train(out: Path, split_csv: Path, features_dir: Path, method: str = "abmil", epochs: int = 5,
-          stop_after: int | None = None) -> subprocess.CompletedProcess:
+          stop_after: int | None = None, params: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if stop_after is not None:
         env["SLIDETRAIN_STOP_AFTER_EPOCH"] = str(stop_after)
-    cmd = [sys.executable, ENTRY, "train-mil", "--method", method,
-           "--params", json.dumps({"epochs": epochs, "dropout": 0.25} if method == "abmil" else {"epochs": epochs}),
+    params = {"epochs": epochs, **({"dropout": 0.25} if method == "abmil" else {}), **(params or {})}
+    cmd = [sys.executable, ENTRY, "train-mil", "--method", method, "--params", json.dumps(params),
            "--split", str(split_csv), "--features", str(features_dir), "--classes", *CLASSES,
            "--out", str(out), "--seed", "3"]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -91,7 +91,7 @@ def test_training_learns_and_writes_provenance(bag_dataset, tmp_path):
     assert run["seed"] == 3 and run["method"] == "abmil" and run["config"]["epochs"] == 15
     assert run["git_commit"]
     result = evaluate(out, split_csv, features_dir)
-    assert result["n_slides"] == 6
+    assert result["n_slides"] == 6 and result["bootstrap_unit"] == "patient"  # CIs resample the split's patients
     assert result["metrics"]["accuracy"] > 0.5  # chance is 1/3
     import h5py
 
@@ -181,6 +181,37 @@ def test_feature_stats_match_the_concatenated_statistics():
     z = torch.cat([b.features for b in normalise_bags(bags, (mean, std))])
     assert torch.allclose(z.mean(0), torch.zeros(4), atol=1e-5) and torch.allclose(z.std(0), torch.ones(4), atol=1e-4)
     assert feature_stats(bags, "none") is None
+
+
+def test_a_run_killed_after_its_stopping_epoch_finishes_on_resume(bag_dataset, tmp_path):
+    split_csv, features_dir = bag_dataset
+    patience = {"early_stopping_patience": 2}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert train(whole, split_csv, features_dir, epochs=40, params=patience).returncode == 0
+    n = len(pd.read_csv(whole / "history.csv"))
+    assert n < 40  # it did stop early
+    assert train(killed, split_csv, features_dir, epochs=40, params=patience, stop_after=n).returncode == 137
+    second = train(killed, split_csv, features_dir, epochs=40, params=patience)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "stopped early after epoch" in second.stderr
+    h_whole, h_killed = pd.read_csv(whole / "history.csv"), pd.read_csv(killed / "history.csv")
+    pd.testing.assert_frame_equal(h_whole.drop(columns="seconds"), h_killed.drop(columns="seconds"))
+    a = torch.load(whole / "model.pt", weights_only=False)["state_dict"]
+    b = torch.load(killed / "model.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_changed_feature_files_start_over_and_say_why(bag_dataset, tmp_path):
+    split_csv, features_dir = bag_dataset
+    out = tmp_path / "run"
+    assert train(out, split_csv, features_dir, epochs=4, stop_after=2).returncode == 137
+    regenerated = features_dir / "s05.h5"  # a training slide's features written again
+    st = regenerated.stat()
+    os.utime(regenerated, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    proc = train(out, split_csv, features_dir, epochs=4)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "inputs changed" in proc.stderr and "s05.h5" in proc.stderr and "resuming" not in proc.stderr
+    assert len(pd.read_csv(out / "history.csv")) == 4
 
 
 def _stops_where_patience_says(history: pd.DataFrame, patience: int) -> bool:

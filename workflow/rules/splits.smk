@@ -1,5 +1,6 @@
 # Seeded, stratified, patient-grouped splits (mccv0..N-1), or a dataset's official split.
-# Slides excluded during preprocessing (on_bad_slide: exclude) are left out here, on record.
+# Slides excluded during preprocessing (on_bad_slide: exclude) are left out here, on record, after
+# the draw on the whole sheet: a newly excluded slide moves no other slide to another part.
 
 
 rule make_split:

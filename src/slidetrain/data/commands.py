@@ -80,13 +80,12 @@ def cmd_external_split(a: argparse.Namespace) -> None:
     from slidetrain.wsi.exclusion import excluded_slides
 
     sheet = read_sheet(a.sheet, a.classes, check_files=False)
-    excluded = excluded_slides(a.status) if a.status else {}
-    sheet = sheet[~sheet.slide_id.isin(excluded)].reset_index(drop=True)
+    excluded = excluded_slides(a.status) if a.status else {}  # left out after the draw: the rest stay put
     if a.label_map:  # a derived dataset's external set: the same slides under mapped labels
         from slidetrain.data.sheet import relabel
 
         sheet = relabel(sheet, a.label_map)
-    write_external_split(external_test_split(sheet, a.seed, a.one_per_patient), a.out)
+    write_external_split(external_test_split(sheet, a.seed, a.one_per_patient, excluded=excluded), a.out)
 
 
 def _add_own_parsers(sub) -> None:
@@ -143,12 +142,12 @@ def cmd_make_sheet(a: argparse.Namespace) -> None:
 
 def cmd_split(a: argparse.Namespace) -> None:
     from slidetrain.data.sheet import read_sheet
-    from slidetrain.data.splits import make_split, read_official_split, write_split
+    from slidetrain.data.splits import drop_excluded, make_split, read_official_split, write_split
     from slidetrain.wsi.exclusion import excluded_slides
 
     sheet = read_sheet(a.sheet, a.classes, check_files=False)
+    # Drawn on the whole sheet, excluded slides removed afterwards: a newly excluded slide moves no other slide.
     excluded = excluded_slides(a.status) if a.status else {}
-    sheet = sheet[~sheet.slide_id.isin(excluded)].reset_index(drop=True)
     if a.label_map:  # a derived dataset: same slides, mapped labels (stratified on the new labels)
         from slidetrain.data.sheet import relabel
 
@@ -163,7 +162,7 @@ def cmd_split(a: argparse.Namespace) -> None:
         logging.info("split counts %s (asked %s)", split.part.value_counts().to_dict(), a.counts)
     else:
         split = make_split(sheet, seed=a.seed, fractions=tuple(a.fractions))
-    write_split(split, a.out)
+    write_split(drop_excluded(split, excluded), a.out)
 
 
 def _add_make_sheet_parser(sub: argparse._SubParsersAction) -> None:

@@ -7,14 +7,20 @@ in one part, so no patient is seen in training and tested on.
     split = make_split(sheet, seed=0)                  # one seeded split
     folds = mccv_splits(sheet, n_folds=20, seed=0)     # Monte-Carlo CV: seeds 0..19
     split = read_official_split("splits_0.csv", sheet) # a dataset's published split
+    split = drop_excluded(split, excluded)             # QC exclusions, after the draw
     write_split(split, "results/x/splits/split0.csv"); read_split(...)
+
+Splits are drawn on the whole sheet and slides excluded in preprocessing are
+removed from their part afterwards: a newly excluded slide then moves no other
+slide to another part (drawn on the remaining slides, one exclusion would
+reshuffle every part of every seed).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -361,6 +367,31 @@ def check_split(split: pd.DataFrame) -> None:
         raise SplitError(f"split part(s) {empty} are empty; every part needs a slide")
 
 
+def drop_excluded(split: pd.DataFrame, excluded: Collection[str]) -> pd.DataFrame:
+    """The split without the `excluded` slides (ids; a dict slide -> reason works too); the rest stay put.
+
+    Call it on a split drawn on the whole sheet. Ids absent from the split are ignored (another
+    dataset's, or a slide an official split leaves out). SplitError when the exclusions empty a
+    part, naming the part and the slides excluded from it.
+    """
+    gone = split["slide_id"].isin(set(excluded))
+    if not gone.any():
+        return split
+    kept = split[~gone].reset_index(drop=True)
+    emptied = [p for p in PARTS if (split["part"] == p).any() and not (kept["part"] == p).any()]
+    if emptied:
+        detail = "; ".join(f"{p}: {_name_some(split.slide_id[gone & (split.part == p)])}" for p in emptied)
+        raise SplitError(f"excluded slides leave split part(s) {emptied} empty ({detail}); every part needs a slide")
+    for part in PARTS:  # a drawn part lost a whole class: allowed (the others stay put), but said
+        lost = sorted(set(split.label[split.part == part]) - set(kept.label[kept.part == part]))
+        if lost:
+            log.warning("split part %s has no %s slide left after the exclusions", part, " or ".join(lost))
+    by_part = split.part[gone].value_counts().reindex(list(PARTS), fill_value=0).to_dict()
+    log.info("left out %d excluded slide(s) after drawing the split: %s per part (%s)",
+             int(gone.sum()), by_part, _name_some(split.slide_id[gone]))
+    return kept
+
+
 def write_split(split: pd.DataFrame, path: str | os.PathLike) -> None:
     """Check the split and write it as CSV (atomically)."""
     missing = [c for c in SPLIT_COLUMNS if c not in split.columns]
@@ -498,17 +529,34 @@ def official_from_sheet(sheet: pd.DataFrame, seed: int, n_val_slides: int, part_
     return split[list(SPLIT_COLUMNS)]
 
 
-def external_test_split(sheet: pd.DataFrame, seed: int, one_per_patient: bool) -> pd.DataFrame:
+def external_test_split(sheet: pd.DataFrame, seed: int, one_per_patient: bool,
+                        excluded: Collection[str] = ()) -> pd.DataFrame:
     """An external test set: every slide in part `test`, or (Big-Layers' TCGA-PRAD) one slide per
-    patient drawn with the seed. Written with write_external_split (no train/val parts)."""
+    patient drawn with the seed. Written with write_external_split (no train/val parts).
+
+    `excluded` slides (QC) are left out after the draw, as in drop_excluded: each patient's slides
+    are put in a seeded order drawn on the whole sheet, and the patient is represented by its first
+    slide not excluded, so an exclusion changes no other patient's slide. A patient whose slides
+    are all excluded is left out (logged).
+    """
     seed = _check_seed(seed)
     slides = _check_sheet(sheet)
+    excluded = set(excluded)
     if one_per_patient:
         rng = np.random.default_rng(seed)
-        keep = []
-        for _, rows in slides.groupby("patient_id", sort=True):
-            keep.append(rows.index[rng.integers(len(rows))])
+        keep, lost = [], []
+        for patient, rows in slides.groupby("patient_id", sort=True):
+            usable = [i for i in rows.index[rng.permutation(len(rows))] if slides.slide_id[i] not in excluded]
+            if usable:
+                keep.append(usable[0])
+            else:
+                lost.append(patient)
+        if lost:
+            log.warning("external test set: %d patient(s) have every slide excluded: %s", len(lost), _name_some(lost))
         slides = slides.loc[sorted(keep)]
+    slides = slides[~slides.slide_id.isin(excluded)]
+    if slides.empty:
+        raise SplitError("external test set: every slide is excluded; expected at least one usable slide")
     return slides.assign(part="test")[list(SPLIT_COLUMNS)].reset_index(drop=True)
 
 

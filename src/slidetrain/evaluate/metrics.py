@@ -1,10 +1,15 @@
 """Slide-level classification metrics with bootstrap confidence intervals.
 
-Every metric is computed from a batch of resamples at once: a resample is a
-row of slide indices, the confusion matrices of all rows come from one
-bincount, and AUROC from row-wise ranks (Mann-Whitney U). The point estimate
-is the batch of one resample that is the identity, so point estimates and
-bootstrap replicates share one code path.
+The bootstrap resamples patients, not slides: slides of one patient are not
+independent, and a slide bootstrap would give intervals too narrow whenever
+patients have several slides. A resample draws the test part's patients with
+replacement and takes every slide of each drawn patient; it is held as a row
+of slide multiplicities (B, N) (slide i counted as often as its patient was
+drawn). Every metric is computed from a batch of such rows at once: the
+confusion matrices of all rows come from one weighted bincount, AUROC from
+a weighted Mann-Whitney U over tie groups of the scores. The point estimate
+is the batch of one row of ones, so point estimates and bootstrap replicates
+share one code path. With one slide per patient it is the slide bootstrap.
 
 Definitions (argmax of the probabilities is the predicted class):
 - accuracy: fraction correct.
@@ -21,9 +26,10 @@ Definitions (argmax of the probabilities is the predicted class):
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
 
 from slidetrain.errors import SheetError
 
@@ -52,22 +58,34 @@ def _check_inputs(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np
     return y, p
 
 
-def _confusion_batch(yb: np.ndarray, pb: np.ndarray, n_classes: int) -> np.ndarray:
-    """Confusion matrices (B, C, C), rows true, columns predicted, of (B, N) labels."""
-    n_rows = yb.shape[0]
-    flat = (np.arange(n_rows)[:, None] * n_classes + yb) * n_classes + pb  # (B, N)
-    counts = np.bincount(flat.ravel(), minlength=n_rows * n_classes * n_classes)
-    return counts.reshape(n_rows, n_classes, n_classes)
+def _confusion_batch(y: np.ndarray, pred: np.ndarray, n_classes: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """Confusion matrices (B, C, C), rows true, columns predicted, of (N,) labels and predictions,
+    each slide counted weights[b, i] times in row b (weights (B, N); None: once, B = 1)."""
+    w = np.ones((1, len(y))) if weights is None else weights
+    n_rows = w.shape[0]
+    cell = y * n_classes + pred  # (N,)
+    flat = np.arange(n_rows)[:, None] * (n_classes * n_classes) + cell[None, :]  # (B, N)
+    counts = np.bincount(flat.ravel(), weights=w.ravel(), minlength=n_rows * n_classes * n_classes)
+    counts = counts.reshape(n_rows, n_classes, n_classes)
+    return counts.astype(np.int64) if weights is None else counts
 
 
-def _auroc_batch(yb: np.ndarray, scores: np.ndarray, positive: int) -> np.ndarray:
-    """One-vs-rest AUROC per row of (B, N) labels and scores; NaN where a side is empty."""
-    n = yb.shape[1]
-    pos = yb == positive  # (B, N)
-    n_pos = pos.sum(axis=1)
-    n_neg = n - n_pos
-    ranks = rankdata(scores, axis=1)  # (B, N), ties get their average rank
-    u = (ranks * pos).sum(axis=1) - n_pos * (n_pos + 1) / 2
+def _auroc_batch(positive: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """One-vs-rest AUROC per row of slide multiplicities weights (B, N); NaN where a side is empty.
+
+    positive (N,) bool, scores (N,). Mann-Whitney U with multiplicities: every (positive,
+    negative) pair counts w_pos * w_neg, in full when the positive scores higher, half on a tie.
+    """
+    _, group = np.unique(scores, return_inverse=True)  # (N,) tie group, in increasing score
+    n_groups = int(group.max()) + 1
+    n_rows = weights.shape[0]
+    w_pos = weights * positive  # (B, N)
+    w_neg = weights * ~positive  # (B, N)
+    flat = (np.arange(n_rows)[:, None] * n_groups + group[None, :]).ravel()
+    neg_in = np.bincount(flat, weights=w_neg.ravel(), minlength=n_rows * n_groups).reshape(n_rows, n_groups)
+    neg_below = np.cumsum(neg_in, axis=1) - neg_in  # (B, G) negative weight scoring strictly lower
+    u = (w_pos * (neg_below[:, group] + 0.5 * neg_in[:, group])).sum(axis=1)  # (B,)
+    n_pos, n_neg = w_pos.sum(axis=1), w_neg.sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         auc = u / (n_pos * n_neg)
     return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
@@ -105,17 +123,15 @@ def _metrics_from_confusion(cm: np.ndarray, ordinal: bool) -> dict[str, np.ndarr
 
 
 def _metrics_on_resamples(
-    y: np.ndarray, probs: np.ndarray, idx: np.ndarray, ordinal: bool
+    y: np.ndarray, probs: np.ndarray, weights: np.ndarray, ordinal: bool
 ) -> dict[str, np.ndarray]:
-    """Every metric for each row of slide indices idx (B, N); arrays of shape (B,)."""
+    """Every metric for each row of slide multiplicities weights (B, N); arrays of shape (B,)."""
     n_classes = probs.shape[1]
-    yb = y[idx]  # (B, N)
-    pb = probs.argmax(axis=1)[idx]  # (B, N)
-    out = _metrics_from_confusion(_confusion_batch(yb, pb, n_classes), ordinal)
+    out = _metrics_from_confusion(_confusion_batch(y, probs.argmax(axis=1), n_classes, weights), ordinal)
     if n_classes == 2:
-        auroc = _auroc_batch(yb, probs[idx, 1], positive=1)
+        auroc = _auroc_batch(y == 1, probs[:, 1], weights)
     else:
-        per_class = [_auroc_batch(yb, probs[idx, c], positive=c) for c in range(n_classes)]
+        per_class = [_auroc_batch(y == c, probs[:, c], weights) for c in range(n_classes)]
         auroc = np.mean(per_class, axis=0)  # NaN when any class is missing
     out["auroc"] = auroc
     order = ["accuracy", "balanced_accuracy", "auroc", "f1_macro", "qwk"]
@@ -132,8 +148,22 @@ def classification_metrics(
     when a class is missing from y_true.
     """
     y, p = _check_inputs(y_true, probs)
-    identity = np.arange(len(y))[None, :]  # (1, N)
-    return {k: float(v[0]) for k, v in _metrics_on_resamples(y, p, identity, ordinal).items()}
+    once = np.ones((1, len(y)))  # (1, N): every slide once
+    return {k: float(v[0]) for k, v in _metrics_on_resamples(y, p, once, ordinal).items()}
+
+
+def _patient_index(patients: Sequence | None, n: int) -> np.ndarray:
+    """(N,) index of each slide's patient in 0..P-1; None: every slide its own patient."""
+    if patients is None:
+        return np.arange(n)
+    ids = np.asarray(patients, dtype=object)
+    if ids.shape != (n,):
+        raise ValueError(f"patients has shape {ids.shape}; expected ({n},), one patient id per slide")
+    missing = [i for i, v in enumerate(ids) if v is None or str(v).strip() == ""]
+    if missing:
+        raise ValueError(f"patients: slide position(s) {missing[:10]} have no patient id")
+    _, index = np.unique(ids.astype(str), return_inverse=True)
+    return index
 
 
 def bootstrap_ci(
@@ -143,9 +173,14 @@ def bootstrap_ci(
     n_bootstrap: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
+    *,
+    patients: Sequence | None,
 ) -> dict[str, tuple[float, float]]:
-    """Percentile (1 - alpha) confidence interval per metric, resampling slides with replacement.
+    """Percentile (1 - alpha) confidence interval per metric, resampling patients with replacement.
 
+    `patients` (N,): each slide's patient id; a resample draws as many patients as there are,
+    with replacement, and takes all their slides. Required, so that no caller bootstraps slides
+    by default: `patients=None` resamples slides, a choice for a caller that has no patient ids.
     A resample on which a metric is undefined (AUROC with a class missing,
     QWK on a single class) is left out for that metric only; a metric
     undefined on every resample gets (nan, nan).
@@ -156,12 +191,17 @@ def bootstrap_ci(
     if not 0 < alpha < 1:
         raise ValueError(f"alpha = {alpha}; expected a number between 0 and 1")
     n = len(y)
+    patient = _patient_index(patients, n)  # (N,)
+    n_patients = int(patient.max()) + 1
     rng = np.random.default_rng(seed)
     chunk = max(1, _RESAMPLE_ELEMENTS // n)
     batches: list[dict[str, np.ndarray]] = []
     for start in range(0, n_bootstrap, chunk):
-        idx = rng.integers(0, n, size=(min(chunk, n_bootstrap - start), n))  # (B, N)
-        batches.append(_metrics_on_resamples(y, p, idx, ordinal))
+        rows = min(chunk, n_bootstrap - start)
+        drawn = rng.integers(0, n_patients, size=(rows, n_patients))  # (B, P) patient draws
+        flat = (np.arange(rows)[:, None] * n_patients + drawn).ravel()
+        times = np.bincount(flat, minlength=rows * n_patients).reshape(rows, n_patients)  # (B, P)
+        batches.append(_metrics_on_resamples(y, p, times[:, patient], ordinal))  # (B, N) multiplicities
     ci = {}
     for name in batches[0]:
         values = np.concatenate([b[name] for b in batches])
@@ -180,14 +220,19 @@ def evaluate_predictions(
     ordinal: bool,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    *,
+    patient_of: Mapping[str, str] | None,
 ) -> dict:
     """Metrics, 95% bootstrap CIs and confusion matrix of a predictions table.
 
     pred: one row per slide with columns slide_id, label (a class name) and
     prob_<class> for every class in class_names (whose order defines the class
-    indices). Returns {"n_slides", "metrics", "ci95": {metric: [lo, hi]},
-    "confusion_matrix" (rows true, columns predicted, class_names order),
-    "class_names"}. Undefined metrics are NaN.
+    indices). `patient_of`: slide_id -> patient_id (the split's), so the CIs
+    resample patients; every predicted slide must be in it. Required: None
+    resamples slides, a choice for a caller without patient ids, recorded as
+    bootstrap_unit "slide". Returns {"n_slides", "n_patients", "bootstrap_unit",
+    "metrics", "ci95": {metric: [lo, hi]}, "confusion_matrix" (rows true,
+    columns predicted, class_names order), "class_names"}. Undefined metrics are NaN.
     """
     class_names = [str(c) for c in class_names]
     if len(class_names) < 2 or len(set(class_names)) != len(class_names):
@@ -221,12 +266,21 @@ def evaluate_predictions(
             f" {list(slides[bad_rows])[:10]}"
         )
     y = labels.map(index_of).to_numpy(dtype=np.int64)  # (N,)
+    patients = None
+    if patient_of is not None:
+        unknown = [s for s in slides if s not in patient_of]
+        if unknown:
+            raise SheetError(f"predictions list slide(s) {unknown[:10]} that have no patient id in the split;"
+                             " expected every predicted slide in the split")
+        patients = [str(patient_of[s]) for s in slides]
 
     metrics = classification_metrics(y, probs, ordinal=ordinal)
-    ci = bootstrap_ci(y, probs, ordinal=ordinal, n_bootstrap=n_bootstrap, seed=seed)
-    cm = _confusion_batch(y[None, :], probs.argmax(axis=1)[None, :], len(class_names))[0]
+    ci = bootstrap_ci(y, probs, ordinal=ordinal, n_bootstrap=n_bootstrap, seed=seed, patients=patients)
+    cm = _confusion_batch(y, probs.argmax(axis=1), len(class_names))[0]
     return {
         "n_slides": len(y),
+        "n_patients": len(set(patients)) if patients is not None else len(y),
+        "bootstrap_unit": "patient" if patients is not None else "slide",
         "metrics": metrics,
         "ci95": {k: [lo, hi] for k, (lo, hi) in ci.items()},
         "confusion_matrix": cm.tolist(),

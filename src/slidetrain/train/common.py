@@ -133,6 +133,11 @@ def part_slides(split: pd.DataFrame, part: str, class_names: list[str]) -> tuple
     return rows.slide_id.tolist(), [lookup[x] for x in rows.label]
 
 
+def patient_of(split: pd.DataFrame) -> dict[str, str]:
+    """slide_id -> patient_id of a split: what the bootstrap CIs resample (patients, not slides)."""
+    return dict(zip(split.slide_id.astype(str), split.patient_id.astype(str), strict=True))
+
+
 def predictions_table(
     slide_ids: Sequence[str], labels: Sequence[int], probs: np.ndarray, class_names: list[str]
 ) -> pd.DataFrame:

@@ -20,15 +20,18 @@ train_epoch keys, the validate keys, seconds, selected}, selection (the row's
 only epochs >= `selection.start_epoch` and only while `selectable()` holds),
 then an atomic checkpoint (`stateful` state dicts, the torch / numpy / python
 RNG states and the CUDA one on a CUDA device, history, best, best state,
-epochs without improvement), history.csv, `common.after_epoch_checkpoint` (a no-op extension point
-that the tests replace to kill a run there), and early stopping (`selection.patience`
-epochs without a selection, once `selection.min_epochs` epochs have run).
+epochs without improvement, whether training stops here), history.csv, `common.after_epoch_checkpoint`
+(a no-op extension point that the tests replace to kill a run there), then the stop itself.
+Early stopping (`selection.patience` epochs without a selection, once `selection.min_epochs`
+epochs have run) is decided before the checkpoint is written and recorded in it: a run killed
+right after its stopping epoch's checkpoint finishes on resume without training further.
 
 A rerun with the same `tag` (config_hash of method, config, seed and split)
-resumes after the last finished epoch and ends exactly where an
+and the same `inputs` (fingerprint.input_fingerprint of the files it reads and the settings
+beside the config) resumes after the last finished epoch and ends exactly where an
 uninterrupted run ends, provided the callbacks draw their randomness from the
 global generators or from generators seeded by (seed, epoch, ...). A
-checkpoint of another tag is ignored with a warning. `write_run_files`
+checkpoint of another tag, or of changed inputs, is ignored with a warning that says why. `write_run_files`
 writes run.json (provenance) and model.pt atomically and deletes the
 checkpoint: a finished run has nothing left to resume.
 """
@@ -57,12 +60,13 @@ from slidetrain.train.common import (
     write_history,
     write_provenance,
 )
+from slidetrain.train.fingerprint import fingerprint_changes
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 #: bumped when the checkpoint layout changes, so an old checkpoint is ignored instead of misread
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: input fingerprint and the early-stopping decision
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,8 @@ def run_epochs(
     logger: logging.Logger = log,
     stop_hook: Callable[[int], None] | None = None,
     primary: bool = True,
+    *,
+    inputs: dict,
 ) -> RunResult:
     """Train `epochs` epochs (resuming from out_dir/checkpoint.pt when its tag matches); see the module docstring.
 
@@ -140,13 +146,11 @@ def run_epochs(
     from the checkpoint the primary rank wrote but writes nothing: every rank still calls the
     callbacks, `snapshot` and the stateful objects' state_dict (collectives in a distributed
     trainer), so the callbacks must return the same metrics on every rank (broadcast them).
+    `inputs` (required, so that no trainer forgets it): the run's input fingerprint.
     """
     out_dir = Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT
-    state = load_checkpoint(ckpt_path)
-    if state is not None and (state.get("tag") != tag or state.get("format") != CHECKPOINT_FORMAT):
-        logger.warning("ignoring %s: it was written for another config/seed/split", ckpt_path)
-        state = None
+    state = _resumable(load_checkpoint(ckpt_path), ckpt_path, tag, inputs, logger)
     cuda = device is not None and torch.device(device).type == "cuda"
     if state is None:
         start, history, best, best_state, stale = 0, [], None, None, 0
@@ -158,7 +162,11 @@ def run_epochs(
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         start, history, best = state["epoch"], state["history"], state["best"]
         best_state, stale = state["best_state"], state["stale"]
-        logger.info("resuming %s from epoch %d", out_dir, start)
+        if state["stopped"]:  # killed after the stopping epoch's checkpoint: nothing left to train
+            logger.info("%s stopped early after epoch %d (checkpoint); not training further", out_dir, start)
+            epochs = start
+        else:
+            logger.info("resuming %s from epoch %d", out_dir, start)
 
     for epoch in range(start, epochs):
         t0 = clock()
@@ -178,8 +186,9 @@ def run_epochs(
             row["selected"] = False
         row.update(tail)
         history.append(row)
+        stop = bool(selection.patience) and epoch + 1 >= selection.min_epochs and stale >= selection.patience
         payload = {  # built on every rank: a distributed trainer's state_dict is a collective
-            "format": CHECKPOINT_FORMAT, "tag": tag, "epoch": epoch + 1,
+            "format": CHECKPOINT_FORMAT, "tag": tag, "inputs": inputs, "epoch": epoch + 1, "stopped": stop,
             "state": {name: _state_of(obj) for name, obj in stateful.items()},
             "rng": rng_state(), "cuda_rng": torch.cuda.get_rng_state(device) if cuda else None,
             "history": history, "best": best, "best_state": best_state, "stale": stale,
@@ -189,7 +198,7 @@ def run_epochs(
             save_checkpoint(ckpt_path, payload)
             write_history(out_dir / "history.csv", history)
         (stop_hook or common.after_epoch_checkpoint)(epoch + 1)
-        if selection.patience and epoch + 1 >= selection.min_epochs and stale >= selection.patience:
+        if stop:
             logger.info("early stopping after epoch %d (%d epochs without improvement)", epoch + 1, stale)
             break
 
@@ -197,6 +206,25 @@ def run_epochs(
         logger.warning("no epoch improved %s; keeping the last model", selection.metric)
         best_state = cpu_copy(snapshot())
     return RunResult(history, best, best_state, selection)
+
+
+def _resumable(state: dict | None, ckpt_path: Path, tag: str, inputs: dict, logger: logging.Logger) -> dict | None:
+    """The checkpoint if this run may resume from it, else None with a warning saying why it starts over."""
+    if state is None:
+        return None
+    if state.get("format") != CHECKPOINT_FORMAT:
+        logger.warning("ignoring %s: checkpoint format %s, expected %d; starting over",
+                       ckpt_path, state.get("format"), CHECKPOINT_FORMAT)
+        return None
+    if state.get("tag") != tag:
+        logger.warning("ignoring %s: it was written for another config/seed/split; starting over", ckpt_path)
+        return None
+    changes = fingerprint_changes(state.get("inputs"), inputs)
+    if changes:
+        logger.warning("ignoring %s: the run's inputs changed since it was written (%s); starting over",
+                       ckpt_path, "; ".join(changes))
+        return None
+    return state
 
 
 def write_run_files(

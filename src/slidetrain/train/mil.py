@@ -30,9 +30,17 @@ from slidetrain.evaluate.metrics import classification_metrics, evaluate_predict
 from slidetrain.io import atomic_path, write_json
 from slidetrain.models import build_model, method_config
 from slidetrain.models.base import MILModel
-from slidetrain.train.common import config_hash, part_slides, predictions_table, seed_everything
+from slidetrain.train.common import (
+    config_hash,
+    part_slides,
+    patient_of,
+    predictions_table,
+    seed_everything,
+)
+from slidetrain.train.fingerprint import input_fingerprint
 from slidetrain.train.harness import Selection, run_epochs, write_run_files
 from slidetrain.train.optim import build_optimizer, build_scheduler
+from slidetrain.wsi.external_features import find_feature_file
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +202,8 @@ def fit_mil(
                             patience=cfg.early_stopping_patience, min_epochs=cfg.early_stopping_min_epochs),
         selectable=model.selectable,
         logger=log,
+        # the feature files of train and val, in whichever layout load_bags found them
+        inputs=input_fingerprint(find_feature_file(features_dir, b.slide_id) for b in (*train, *val)),
     )
     return write_run_files(
         out_dir, method, cfg, seed, result,
@@ -244,6 +254,7 @@ def evaluate_mil(
                         g = f.create_group(bag.slide_id)
                         g.create_dataset("attention", data=att)  # (N,) or (C, N)
                         g.create_dataset("coords", data=bag.coords)
-    result = evaluate_predictions(pred, class_names, ordinal=ordinal, n_bootstrap=n_bootstrap, seed=seed)
+    result = evaluate_predictions(pred, class_names, ordinal=ordinal, n_bootstrap=n_bootstrap, seed=seed,
+                                  patient_of=patient_of(split))
     write_json(metrics_json, result)
     return result

@@ -35,9 +35,11 @@ from slidetrain.train.common import (
     config_hash,
     default_dtype,
     part_slides,
+    patient_of,
     predictions_table,
     seed_everything,
 )
+from slidetrain.train.fingerprint import input_fingerprint
 from slidetrain.train.harness import Selection, run_epochs, write_run_files
 from slidetrain.train.tilebag.model import build_tilebag_model, selection_metric
 from slidetrain.train.tilebag.trainer import TileBagTrainer, metrics_over_repeats, resolve_device
@@ -133,6 +135,8 @@ def _fit(
             snapshot=snapshot, device=device, logger=log, stop_hook=stop_hook, primary=primary,
             selection=Selection(metric, patience=cfg.early_stopping_patience,
                                 min_epochs=cfg.early_stopping_min_epochs),
+            # slide and tile-coordinate files of train and val; the sampling settings are not in cfg
+            inputs=input_fingerprint([p for r in (*train, *val) for p in (r.slide_path, r.tiles_h5)], sampling),
         )
         if not primary:
             return None
@@ -173,7 +177,8 @@ def evaluate_tilebag(
     device = resolve_device(cfg.device)
     model = build_tilebag_model(cfg, len(class_names), seed)
     model.load_state_dict(saved["state_dict"])
-    test = _refs(read_split(split_csv, allow_external=True), "test", class_names, sheet_csv, slides_dir, tiles_dir)
+    split = read_split(split_csv, allow_external=True)
+    test = _refs(split, "test", class_names, sheet_csv, slides_dir, tiles_dir)
     samp = BagSampling(k=cfg.k, input_px=cfg.input_px, augment=False, **saved["sampling"])
     trainer = TileBagTrainer(model, cfg, samp, test, seed, device)
     pred = trainer.predict(test)
@@ -188,7 +193,8 @@ def evaluate_tilebag(
                     g = f.create_group(ref.slide_id)
                     g.create_dataset("attention", data=att)  # (N,) or (C, N)
                     g.create_dataset("coords", data=xy)  # (N, 2) level-0 x, y of the tiles scored
-    result = evaluate_predictions(table, class_names, ordinal=ordinal, n_bootstrap=n_bootstrap, seed=seed)
+    result = evaluate_predictions(table, class_names, ordinal=ordinal, n_bootstrap=n_bootstrap, seed=seed,
+                                  patient_of=patient_of(split))
     labels = np.array([r.label for r in test])
     result["repeats"] = {"n": int(pred.probs.shape[0]), "mode": cfg.eval_tiles,
                          "metrics_mean": metrics_over_repeats(labels, pred.probs, ordinal),

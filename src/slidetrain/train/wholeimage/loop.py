@@ -37,9 +37,11 @@ from slidetrain.io import atomic_path, write_json
 from slidetrain.train.common import (
     config_hash,
     part_slides,
+    patient_of,
     predictions_table,
     seed_everything,
 )
+from slidetrain.train.fingerprint import input_fingerprint
 from slidetrain.train.harness import Selection, run_epochs, write_run_files
 from slidetrain.train.wholeimage.augment import augment_slide, channel_stats, normalise
 from slidetrain.train.wholeimage.interface import WholeImageLearner
@@ -229,6 +231,7 @@ def fit_whole_image(
         stateful={"learner": learner}, snapshot=learner.weights_state_dict,
         selection=Selection(cfg.selection_metric), device=dev, clock=_now, trailing=("cropped",),
         logger=log, stop_hook=None,
+        inputs=input_fingerprint(Path(images_dir) / f"{s}{IMAGE_SUFFIX}" for s in (*train_ids, *val_ids)),
     )
     return write_run_files(
         out_dir, method, cfg, seed, result,
@@ -277,6 +280,7 @@ def evaluate_whole_image(
     pred = predictions_table(test_ids, test_labels, probs, class_names)
     with atomic_path(predictions_csv) as tmp:
         pred.to_csv(tmp, index=False)
-    result = evaluate_predictions(pred, class_names, ordinal=ordinal, n_bootstrap=n_bootstrap, seed=seed)
+    result = evaluate_predictions(pred, class_names, ordinal=ordinal, n_bootstrap=n_bootstrap, seed=seed,
+                                  patient_of=patient_of(split))
     write_json(metrics_json, result)
     return result
