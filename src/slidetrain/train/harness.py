@@ -141,6 +141,8 @@ def run_epochs(
     callbacks, `snapshot` and the stateful objects' state_dict (collectives in a distributed
     trainer), so the callbacks must return the same metrics on every rank (broadcast them).
     """
+    # one piece: resume, the epoch loop and the checkpoint share one state (epoch, history, best,
+    # best_state, stale) whose save -> stop hook -> early-stop order is what resuming relies on.
     out_dir = Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT
     state = load_checkpoint(ckpt_path)
