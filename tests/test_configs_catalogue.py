@@ -49,10 +49,11 @@ def test_bad_blocks_are_errors_naming_the_key():
 
 
 def test_the_tile_bag_block_is_checked_without_torch_and_knows_the_encoders():
-    from slidetrain.configs.tilebag import ENCODER_NAMES, tilebag_config
+    from slidetrain.configs.tilebag import FOUNDATION_ENCODERS, RESNET_ENCODERS, tilebag_config
     from slidetrain.models.encoders import ENCODER_NAMES as BUILT
+    from slidetrain.models.foundation import FOUNDATION_NAMES
 
-    assert ENCODER_NAMES == BUILT
+    assert RESNET_ENCODERS == BUILT and FOUNDATION_ENCODERS == FOUNDATION_NAMES
     assert tilebag_config({"k": 8, "backbone": "resnet18"}).k == 8
     with pytest.raises(ConfigError, match=r"methods\.tilebag: unknown key\(s\) \['kk'\]"):
         tilebag_config({"kk": 8})

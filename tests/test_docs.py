@@ -114,3 +114,14 @@ def test_docs_benchmarks_command_writes_the_page(tmp_path):
     assert main(["docs-benchmarks", "--root", str(tmp_path), "--out", str(out)]) == 0
     page = out.read_text()
     assert "## Preprocessing seconds per slide" in page and "| mask | 0.054 |" in page
+
+
+def test_encoder_page_lists_every_registered_encoder():
+    from slidetrain.models.encoders import ENCODER_NAMES
+    from slidetrain.models.foundation import FOUNDATION_SPECS
+
+    page = (REPO / "docs" / "encoders.md").read_text()
+    missing = [n for n in (*ENCODER_NAMES, *FOUNDATION_SPECS) if f"`{n}`" not in page]
+    assert not missing, f"docs/encoders.md does not list {missing}"
+    for s in FOUNDATION_SPECS.values():
+        assert s.card_url in page or s.name == "vit_tiny_test", s.name

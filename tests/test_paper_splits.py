@@ -10,7 +10,6 @@ import pytest
 from slidetrain.cli import main
 from slidetrain.data.sheet import read_sheet
 from slidetrain.data.splits import (
-    PAPER_SPLIT_COUNTS,
     check_split,
     external_test_split,
     make_split_counts,
@@ -18,6 +17,7 @@ from slidetrain.data.splits import (
     read_official_split,
 )
 from slidetrain.errors import SheetError, SplitError
+from slidetrain.paper.reference import paper_split_counts
 
 
 def _sheet(n_patients: int, labels: list[str], seed: int = 0, two_slide_every: int = 0) -> pd.DataFrame:
@@ -32,7 +32,7 @@ def _sheet(n_patients: int, labels: list[str], seed: int = 0, two_slide_every: i
 
 @pytest.mark.parametrize("dataset,labels", [("TCGA-NSCLC", ["LUAD", "LUSC"]), ("TCGA-RCC", ["KICH", "KIRC", "KIRP"])])
 def test_local_learning_counts_one_slide_per_patient_are_met(dataset, labels):
-    counts = PAPER_SPLIT_COUNTS[dataset]
+    counts = paper_split_counts(dataset)
     sheet = _sheet(sum(counts), labels)
     split = make_split_counts(sheet, seed=3, counts=counts)
     got = tuple(int((split.part == p).sum()) for p in ("train", "val", "test"))
@@ -46,24 +46,25 @@ def test_local_learning_counts_one_slide_per_patient_are_met(dataset, labels):
 
 def test_counts_keep_patients_whole():
     sheet = _sheet(900, ["LUAD", "LUSC"], two_slide_every=7)
-    split = make_split_counts(sheet, seed=0, counts=(663, 166, 214))
+    counts = paper_split_counts("TCGA-NSCLC")
+    split = make_split_counts(sheet, seed=0, counts=counts)
     check_split(split)  # no patient in two parts
     got = [int((split.part == p).sum()) for p in ("train", "val", "test")]
-    assert all(abs(g - c) / c < 0.05 for g, c in zip(got, [663 * len(sheet) / 1043, 166 * len(sheet) / 1043, 214 * len(sheet) / 1043], strict=True))
+    assert all(abs(g - c) / c < 0.05 for g, c in zip(got, [c * len(sheet) / sum(counts) for c in counts], strict=True))
 
 
 def test_lks_fixed_test_set_and_counts_for_the_rest(tmp_path):
-    counts = PAPER_SPLIT_COUNTS["LKS"]
+    counts = paper_split_counts("LKS")
     sheet = _sheet(sum(counts), ["negative", "AMA", "SMA-V", "SMA-T"])
-    sheet["official_part"] = ["test" if i < 205 else "train" for i in range(len(sheet))]
+    sheet["official_part"] = ["test" if i < counts[2] else "train" for i in range(len(sheet))]
     path = tmp_path / "lks.tsv"
     sheet.assign(source="synthetic").to_csv(path, sep="\t", index=False)
     out = tmp_path / "split.csv"
     assert main(["split", "--sheet", str(path), "--classes", "negative", "AMA", "SMA-V", "SMA-T", "--seed", "0",
                  "--counts", *map(str, counts), "--fixed-test", "--out", str(out)]) == 0
     split = pd.read_csv(out)
-    assert set(split.slide_id[split.part == "test"]) == set(sheet.slide_id[:205])
-    assert abs((split.part == "train").sum() - 383) <= 2 and abs((split.part == "val").sum() - 96) <= 2
+    assert set(split.slide_id[split.part == "test"]) == set(sheet.slide_id[: counts[2]])
+    assert abs((split.part == "train").sum() - counts[0]) <= 2 and abs((split.part == "val").sum() - counts[1]) <= 2
 
 
 def test_camelyon_official_split_draws_whole_patients_for_validation():

@@ -45,6 +45,9 @@ def test_tilebag_table1_rows_and_paper_values(tmp_path):
     assert out[out.k == 16].iloc[0].paper_auc_mean == 77.5  # K=700 single
     gma = out[out.algorithm == "GMA"].iloc[0]
     assert (gma.paper_auc_mean, gma.strategy) == (64.9, "")  # ImageNet ResNet50 embedding row
+    maxpool = out[out.algorithm == "Max-pool MIL"].iloc[0]
+    # the paper's embedding for this row is the string "NA", which pandas' default reading made NaN (no match)
+    assert (maxpool.paper_auc_mean, maxpool.paper_auc_std) == (68.0, 2.6)
     assert np.isnan(out[out.algorithm == "Max-pool MIL"].iloc[0].auc_std)  # one split: no std
     assert pd.read_csv(tmp_path / "t.csv").shape == out.shape
 
@@ -61,11 +64,26 @@ def test_bootstrap_band_brackets_the_mean():
     assert (lo <= curves.mean(0)).all() and (hi >= curves.mean(0)).all() and (hi > lo).all()
 
 
-def test_tilebag_figure4_and_figure1_are_written(tmp_path):
+def series_points(data: pd.DataFrame, panel: str) -> dict[str, int]:
+    """Number of plotted points per series of one panel of a figure's data CSV."""
+    return data[data.panel == panel].groupby("series").size().to_dict()
+
+
+def test_tilebag_figure4_and_figure1_write_the_data_they_plot(tmp_path):
     runs = [write_run(tmp_path, f"tilebag_k{k}", s, 0.6 + 0.01 * k, [0.7, 0.6 - 0.01 * k, 0.5])
             for k in (2, 4) for s in ("mccv0", "mccv1")]
     tilebag_figure4([r / "history.csv" for r in runs], tmp_path / "f4.png")
     assert (tmp_path / "f4.png").stat().st_size > 10_000
+    f4 = pd.read_csv(tmp_path / "f4.csv")  # beside the PNG
+    assert series_points(f4, "a") == {"K=2": 3, "K=4": 3}  # 3 epochs per K
+    assert series_points(f4, "b") == {"mean": 2, "run": 4} == series_points(f4, "c")  # 2 K x 2 splits
+    assert series_points(f4, "d") == {"single": 2}  # only `single` ran: its 2 splits at the largest K
+    assert np.isfinite(f4.y).all()
+    a2 = f4[(f4.panel == "a") & (f4.series == "K=2")].sort_values("x")
+    assert a2.y.tolist() == pytest.approx([0.7, 0.58, 0.5])  # the mean loss over splits per epoch
+    assert (a2.y_low <= a2.y).all() and (a2.y <= a2.y_high).all()
+    b = f4[(f4.panel == "b") & (f4.series == "mean")].set_index("x").y
+    assert b.to_dict() == pytest.approx({2: 0.5, 4: 0.5})  # final training loss
     parts = []
     for enc in ("resnet50", "vit_b_16"):
         p = tmp_path / f"{enc}.csv"
@@ -74,6 +92,14 @@ def test_tilebag_figure4_and_figure1_are_written(tmp_path):
         parts.append(p)
     merged = tilebag_figure1(parts, tmp_path / "m.csv", tmp_path / "f1.png")
     assert len(merged) == 4 and (tmp_path / "f1.png").stat().st_size > 10_000
+    f1 = pd.read_csv(tmp_path / "f1.csv")
+    assert series_points(f1, "a") == {"here": 4}
+    assert series_points(f1, "b") == {"here": 4, "paper": 4}  # both encoders are in the paper's Fig. 1
+    assert np.isfinite(f1.y).all() and (f1.y > 0).all()
+    here = f1[(f1.panel == "b") & (f1.series == "here")].set_index("x").y
+    assert here["resnet50 amp"] == pytest.approx(20 / 2.0)  # max tiles per GB of the 2 GB budget
+    paper = f1[(f1.panel == "b") & (f1.series == "paper")].set_index("x").y
+    assert paper["resnet50 amp"] > paper["resnet50 fp32"]  # AMP fits more tiles, as the paper found
 
 
 @pytest.mark.parametrize("true_max", [0, 1, 5, 16, 17, 1000])
@@ -125,4 +151,6 @@ def test_tilebag_table1_and_figure4_take_the_parallel_and_half_strategies(tmp_pa
     assert rows[(16, "parallel")].auc_mean == 85.0 and rows[(16, "parallel")].paper_auc_mean == 76.9
     assert rows[(16, "half")].auc_mean == 80.0 and rows[(16, "half")].paper_auc_mean == 77.3  # parallel-half
     tilebag_figure4([r / "history.csv" for r in runs], tmp_path / "f4.png")
-    assert (tmp_path / "f4.png").stat().st_size > 10_000
+    f4 = pd.read_csv(tmp_path / "f4.csv")
+    assert series_points(f4, "d") == {"single": 2, "parallel": 2, "half": 2}  # the three strategies at K=16
+    assert set(f4[f4.panel == "d"].x) == {16} and np.isfinite(f4.y).all()

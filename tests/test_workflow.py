@@ -178,3 +178,29 @@ def test_the_report_renders_the_tables_and_the_excluded_slides_pictures(tiny_run
     assert "broken_01" in qc and "data:image/jpeg;base64," in qc
     proc = snakemake(work, "-n", "results/tables/table1.csv")
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_a_paper_name_the_paper_lacks_stops_table1_with_a_message_naming_it(tiny_run, tmp_path):
+    """A typo in a dataset's paper_name fails the table rule (its log names the key and the value) instead
+    of writing a table with a blank paper column; the good config then rebuilds the table."""
+    work, _ = tiny_run
+    good = work / "config" / "config.yaml"
+    text = good.read_text()
+    assert text.count("paper_name: null") == 1
+    bad = work / "config" / "bad_paper_name.yaml"
+    bad.write_text(text.replace("paper_name: null", "paper_name: TCGA-NSCLX"))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work), "--configfile",
+             str(bad), "--cores", "1", "results/tables/table1.csv"], capture_output=True, text=True, timeout=600,
+            env={**os.environ, "OMP_NUM_THREADS": "1",
+                 "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")},
+        )
+        assert proc.returncode != 0, proc.stdout[-2000:]
+        assert "table1" in proc.stdout + proc.stderr  # the failing rule
+        log = (work / "logs" / "tables" / "table1.log").read_text()
+        assert "datasets.synthetic.paper_name = 'TCGA-NSCLX'" in log and "TCGA-NSCLC" in log  # the names expected
+        assert not (work / "results" / "tables" / "table1.csv").exists()
+    finally:  # later tests (and reruns) find the table of the good config
+        snakemake(work, "results/tables/table1.csv")
+    assert "TCGA-NSCLX" not in (work / "logs" / "tables" / "table1.log").read_text()

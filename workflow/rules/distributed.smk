@@ -84,6 +84,7 @@ rule distributed_equivalence:
                    category="Distributed end-to-end"),
         figure=report("results/figures/distributed_figure3.png", caption="../report/distributed_figure3.rst",
                       category="Distributed end-to-end"),
+        figure_data="results/figures/distributed_figure3.csv",  # the plotted points per model and panel
     params:
         pairs=" ".join(f"--pair {c} results/bench/distributed/{c}_single.pt results/bench/distributed/{c}_parallel.pt"
                        for c in DISTRIBUTED_CASES),
@@ -95,7 +96,8 @@ rule distributed_equivalence:
     benchmark:
         "benchmarks/bench/distributed_equivalence.tsv"
     shell:
-        "slidetrain distributed-equivalence {params.pairs} {params.references} --csv {output.csv} --figure {output.figure} > {log} 2>&1"
+        "slidetrain distributed-equivalence {params.pairs} {params.references} --csv {output.csv} --figure {output.figure}"
+        " --figure-data {output.figure_data} > {log} 2>&1"
 
 
 rule distributed_scaling_parallel:

@@ -50,7 +50,8 @@ rule offload_figure2:
     input:
         "results/bench/offload_sweep.csv",
     output:
-        report("results/figures/offload_figure2.png", caption="../report/offload_figure2.rst", category="Big-Layers"),
+        figure=report("results/figures/offload_figure2.png", caption="../report/offload_figure2.rst", category="Big-Layers"),
+        data="results/figures/offload_figure2.csv",  # the plotted points, one series per kind
     conda:
         "../../envs/slidetrain.yaml"
     log:
@@ -58,4 +59,4 @@ rule offload_figure2:
     benchmark:
         "benchmarks/figures/offload_figure2.tsv"
     shell:
-        "slidetrain offload-figure --sweep {input} --out {output} > {log} 2>&1"
+        "slidetrain offload-figure --sweep {input} --out {output.figure} --out-data {output.data} > {log} 2>&1"

@@ -47,11 +47,13 @@ rule attention_figure:
         preprocess=lambda w: manifests(w.dataset, "preprocess"),
         truth=lambda w: manifests(w.dataset, "synthesize") if is_synthetic(w.dataset) else [],
     output:
-        report(
+        figure=report(
             "results/figures/attention_{dataset}.png",
             caption="../report/attention.rst",
             category="Figures",
         ),
+        # the drawn attention per tile of each shown slide (what the figure plots)
+        data="results/figures/attention_{dataset}.csv",
     params:
         classes=lambda w: " ".join(dataset_cfg(w.dataset)["classes"]),
         methods=lambda w: " ".join(attention_methods(w.dataset)),
@@ -68,7 +70,8 @@ rule attention_figure:
         "slidetrain attention-figure --dataset {wildcards.dataset} --table1 {input.table1}"
         " --runs-dir results/{wildcards.dataset}/runs --images-dir results/{wildcards.dataset}/images"
         " --tiles-dir results/{wildcards.dataset}/tiles {params.truth} --classes {params.classes}"
-        " --methods {params.methods} --split {params.split} --seed {params.seed} --out {output} > {log} 2>&1"
+        " --methods {params.methods} --split {params.split} --seed {params.seed} --out {output.figure}"
+        " --out-data {output.data} > {log} 2>&1"
 
 
 rule table4:

@@ -140,7 +140,8 @@ rule tilebag_figure4:
     input:
         _tilebag_runs("history"),
     output:
-        report("results/figures/tilebag_figure4.png", caption="../report/tilebag_figure4.rst", category="Figures"),
+        figure=report("results/figures/tilebag_figure4.png", caption="../report/tilebag_figure4.rst", category="Figures"),
+        data="results/figures/tilebag_figure4.csv",  # the plotted points, panels a-d
     conda:
         "../../envs/slidetrain.yaml"
     log:
@@ -148,7 +149,7 @@ rule tilebag_figure4:
     benchmark:
         "benchmarks/figures/tilebag_figure4.tsv"
     shell:
-        "slidetrain tilebag-figure4 --histories {input} --out {output} > {log} 2>&1"
+        "slidetrain tilebag-figure4 --histories {input} --out {output.figure} --out-data {output.data} > {log} 2>&1"
 
 
 rule bench_max_tiles:
@@ -187,6 +188,7 @@ rule tilebag_figure1:
     output:
         table="results/bench/tilebag_max_tiles.csv",
         figure=report("results/figures/tilebag_figure1.png", caption="../report/tilebag_figure1.rst", category="Figures"),
+        data="results/figures/tilebag_figure1.csv",  # the plotted bars, panels a and b
     conda:
         "../../envs/slidetrain.yaml"
     log:
@@ -194,7 +196,8 @@ rule tilebag_figure1:
     benchmark:
         "benchmarks/figures/tilebag_figure1.tsv"
     shell:
-        "slidetrain tilebag-figure1 --tables {input} --out-table {output.table} --out {output.figure} > {log} 2>&1"
+        "slidetrain tilebag-figure1 --tables {input} --out-table {output.table} --out {output.figure}"
+        " --out-data {output.data} > {log} 2>&1"
 
 
 rule bench_tilebag_step:

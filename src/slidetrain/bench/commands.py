@@ -135,7 +135,8 @@ def cmd_distributed_equivalence(a: argparse.Namespace) -> None:
     from slidetrain.bench.distributed_equivalence import write_equivalence
 
     pairs = [(m, Path(s), Path(p)) for m, s, p in a.pair]
-    write_equivalence(pairs, Path(a.csv), Path(a.figure), {m: Path(r) for m, r in a.reference or []})
+    write_equivalence(pairs, Path(a.csv), Path(a.figure), {m: Path(r) for m, r in a.reference or []},
+                      figure_data=Path(a.figure_data) if a.figure_data else None)
 
 
 def cmd_distributed_scaling(a: argparse.Namespace) -> None:
@@ -310,6 +311,7 @@ def _add_distributed_equivalence_parser(sub: argparse._SubParsersAction) -> None
                    help="a float32 case's single run in float64: adds the fp32_noise column")
     s.add_argument("--csv", required=True)
     s.add_argument("--figure", required=True)
+    s.add_argument("--figure-data", help="CSV of the figure's plotted points (default: the PNG's path with .csv)")
     s.set_defaults(func=cmd_distributed_equivalence)
 
 

@@ -362,14 +362,18 @@ def compare(model: str, single: dict, parallel: dict, reference: dict | None = N
     return rows
 
 
-def equivalence_figure(rows: list[dict], path: Path) -> None:
-    """Figure 3's three panels (parameters, loss, gradients) per model."""
+def equivalence_figure(rows: list[dict], path: Path, out_data: Path | None = None) -> None:
+    """Figure 3's three panels (parameters, loss, gradients) per model; the plotted points (after the
+    floor) go to `out_data` (default: the PNG's path with .csv), panel "{model}: {param|loss|grad}"."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import pandas as pd
 
+    from slidetrain.paper.figure_data import FigureData, data_path_for
+
+    data = FigureData()
     floor = 1e-17  # exact zeros are drawn on the floor of the log axis
     df = pd.DataFrame(rows)
     models = list(dict.fromkeys(df["model"]))
@@ -383,15 +387,19 @@ def equivalence_figure(rows: list[dict], path: Path) -> None:
             if kind == "loss":
                 sel = d[d["tensor"] == "loss"]
                 ax.plot(sel["step"], sel["abs_difference"].astype(float).clip(lower=floor), marker="o", color="k")
+                data.add(f"{model}: loss", "loss", sel["step"], sel["abs_difference"].astype(float).clip(lower=floor))
             else:
                 sel = d[d["tensor"].str.endswith(f" {kind}")]
                 for name, g in sel.groupby("tensor", sort=False):
                     ax.plot(g["step"], g["normalized_l1"].astype(float).clip(lower=floor), marker="o",
                             label=name.removesuffix(f" {kind}"))
+                    data.add(f"{model}: {kind}", name.removesuffix(f" {kind}"), g["step"],
+                             g["normalized_l1"].astype(float).clip(lower=floor))
                 if "fp32_noise" in sel and sel["fp32_noise"].notna().any():  # the reference's own rounding
                     noise = sel.groupby("step")["fp32_noise"].max().clip(lower=floor)
                     ax.plot(noise.index, noise.to_numpy(), ls="--", color="grey",
                             label="plain fp32 vs float64 (largest)")
+                    data.add(f"{model}: {kind}", "plain fp32 vs float64 (largest)", noise.index, noise.to_numpy())
                 ax.legend(fontsize=7)
             ax.set_yscale("log")
             ax.set_ylim(bottom=floor / 3)
@@ -401,10 +409,11 @@ def equivalence_figure(rows: list[dict], path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+    data.write(out_data or data_path_for(path))
 
 
 def write_equivalence(pairs: list[tuple[str, Path, Path]], csv_path: Path, figure: Path,
-                      references: dict[str, Path] | None = None) -> list[dict]:
+                      references: dict[str, Path] | None = None, figure_data: Path | None = None) -> list[dict]:
     """The equivalence table and Figure 3; `references` maps a float32 case to its single run in float64."""
     import pandas as pd
 
@@ -415,7 +424,7 @@ def write_equivalence(pairs: list[tuple[str, Path, Path]], csv_path: Path, figur
                         torch.load(ref, weights_only=False) if ref is not None else None)
     with atomic_path(csv_path) as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
-    equivalence_figure(rows, figure)
+    equivalence_figure(rows, figure, figure_data)
     return rows
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import tempfile
 import time
@@ -123,20 +122,18 @@ def distributed_equivalence_section(ctx: GpuContext) -> Iterable[dict]:
 
 def paper_tiles_per_gb() -> dict[str, float]:
     """Campanella et al.'s ResNet50 maximum tiles per GB of their GPU, by our precision names
-    (paper/data/tilebag_memory.csv: the memory is in the column's name, max_tiles_h100_80gb)."""
-    from slidetrain.errors import ConfigError
-    from slidetrain.paper.tables import paper_table
+    (paper/data/tilebag_memory.csv, the one source of those counts)."""
+    from slidetrain.paper.reference import paper_tiles_per_gb as per_gb
 
-    table = paper_table("tilebag_memory")
-    column = next(c for c in table.columns if re.fullmatch(r"max_tiles_\w+?_(\d+)gb", c))
-    gb = float(re.fullmatch(r"max_tiles_\w+?_(\d+)gb", column).group(1))
-    out = {}
-    for ours, theirs in {"fp32": "fp32", "amp": "amp-fp16"}.items():
-        match = table[(table.encoder == "ResNet50") & (table.precision == theirs)]
-        if len(match) != 1:
-            raise ConfigError(f"paper/data/tilebag_memory.csv: expected one ResNet50 {theirs} row, found {len(match)}")
-        out[ours] = float(match[column].iloc[0]) / gb
-    return out
+    return {precision: per_gb("resnet50", precision) for precision in ("fp32", "amp")}
+
+
+def paper_image_size() -> tuple[int, int]:
+    """(width, height) of the smallest image of Zhang et al.'s Table 2 (paper/data/local_table2.csv)."""
+    from slidetrain.bench.local_memory import parse_size
+    from slidetrain.paper.reference import paper_table
+
+    return min((parse_size(s) for s in paper_table("local_table2").image_size), key=lambda wh: wh[0] * wh[1])
 
 
 def tilebag_section(ctx: GpuContext) -> Iterator[dict]:
@@ -211,8 +208,8 @@ def tilebag_section(ctx: GpuContext) -> Iterator[dict]:
 
 
 def local_learning_section(ctx: GpuContext) -> Iterator[dict]:
-    """Zhang et al.'s Tables 2 and 3 on the device: training memory of one slide at the paper's 8698x7496
-    (5x) for image_e2e, local_k4, local_k8 and local_k8 with `checkpointing: tiles`, as max_memory_allocated
+    """Zhang et al.'s Tables 2 and 3 on the device: training memory of one slide at the paper's smallest
+    Table 2 image (5x) for image_e2e, local_k4, local_k8 and local_k8 with `checkpointing: tiles`, as max_memory_allocated
     increments (slidetrain.bench.local_memory, the rule bench_train_memory's measurement), then whole-image
     inference seconds of local_k4 on that image beside ResNet34 tile embedding at 224 px per megapixel
     (Table 3's model part; reading slides needs OpenSlide, which this machine lacks).
@@ -223,7 +220,7 @@ def local_learning_section(ctx: GpuContext) -> Iterator[dict]:
     from slidetrain.models.encoders import build_encoder
     from slidetrain.train.wholeimage.registry import build_learner
 
-    width, height = (8698, 7496) if not ctx.tiny else (384, 320)
+    width, height = paper_image_size() if not ctx.tiny else (384, 320)
     cases = [("image_e2e", {}), ("local_k4", {}), ("local_k8", {}),
              ("local_k8", {"checkpointing": "tiles"})]  # the default checkpoint_tile_px (64)
     if ctx.tiny:  # a fresh process per CPU measurement: rehearse both kinds of learner, not all four
@@ -239,7 +236,7 @@ def local_learning_section(ctx: GpuContext) -> Iterator[dict]:
                                       threads=None if ctx.device.type == "cuda" else 1)
         gib = round(report.increment_bytes / 2**30, 3)
         image_e2e = gib if method == "image_e2e" else image_e2e  # measured first: the denominator of the shares
-        # the paper at 8698x7496 (V100): K=4 29.9%, K=8 20.7% of E2E
+        # the paper's shares of E2E at this size: local_table2.csv (V100)
         yield {"kind": "train_memory", "method": method, "params": json.dumps(params),
                "image_size": f"{width}x{height}", "increment_gib": gib, "seconds": round(report.wall_s, 2),
                "probe": report.method, "status": "ok", "share_of_image_e2e": round(gib / image_e2e, 4) if image_e2e else None}
@@ -304,7 +301,7 @@ SECTIONS: list[Section] = [
             ("slidetrain.bench.distributed_equivalence", "slidetrain.train.tilebag.distributed_executor", "slidetrain.cli",
              "torch.distributed.run")),
     Section("tilebag", tilebag_section, 0.24,
-            ("slidetrain.bench.max_tiles", "slidetrain.train.tilebag.executors", "slidetrain.paper.tables")),
+            ("slidetrain.bench.max_tiles", "slidetrain.train.tilebag.executors", "slidetrain.paper.reference")),
     Section("features_throughput", features_throughput_section, 0.12,
             ("PIL", "slidetrain.bench.features_gpu", "slidetrain.wsi.encode")),
     Section("local_learning", local_learning_section, 0.14,

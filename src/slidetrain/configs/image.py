@@ -117,7 +117,7 @@ class ImageE2EConfig(WholeImageConfig):
     """Plain end-to-end training of the same network (the memory reference of Table 2)."""
 
     # trained: the entire network, conv1 included (the paper's E2E: "the entire network";
-    # its 17.89 GB at 8698x7496 needs the stem's activations) | frozen: the stem frozen as
+    # its Table 2 memory, paper/data/local_table2.csv, needs the stem's activations) | frozen: the stem frozen as
     # local learning freezes it, so that only the gradient isolation differs.
     stem: str = "trained"
 

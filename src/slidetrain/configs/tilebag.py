@@ -12,16 +12,24 @@ from dataclasses import dataclass, field
 
 from slidetrain.configs.mil import TrainConfig, config_from_dict
 
-#: the tile encoders of slidetrain.models.encoders (tests/test_configs_catalogue.py pins the two)
-ENCODER_NAMES = ("resnet18", "resnet34", "resnet50_trunc", "resnet50")
+#: the tile encoders of slidetrain.models.encoders and .foundation (tests/test_configs_catalogue.py pins them)
+RESNET_ENCODERS = ("resnet18", "resnet34", "resnet50_trunc", "resnet50")
+FOUNDATION_ENCODERS = ("uni", "uni2_h", "virchow2", "hoptimus0", "hoptimus1", "gigapath", "phikon_v2", "conch_v15",
+                       "vit_tiny_test")
+ENCODER_NAMES = RESNET_ENCODERS + FOUNDATION_ENCODERS
 ENCODER_MODES = ("trained", "frozen")
 EVAL_MODES = ("all", "sampled")
 
 
 @dataclass
 class TileBagConfig(TrainConfig):
-    backbone: str = "resnet50"  # tile encoder: a name of models.encoders (resnet18/34 full, resnet50[_trunc])
-    weights: str = "none"  # none | imagenet | path to a state dict
+    backbone: str = "resnet50"  # tile encoder: a ResNet of models.encoders or a foundation model (docs/encoders.md)
+    weights: str = "none"  # none | imagenet (ResNets) | path to a state dict / the model card's weights file
+    weights_sha256: str = ""  # checked before a weights file loads ("" = not checked)
+    # first blocks kept frozen while the rest trains (input stage + N blocks; 0 = none): ViT fine-tuning
+    freeze_blocks: int = 0
+    # layer-wise lr decay: stage s of S trains at lr_encoder * layer_decay ** (S - 1 - s) (1 = off)
+    layer_decay: float = 1.0
     encoder: str = "trained"  # trained | frozen (Big-Layers' baseline: embeddings on the fly, no backward)
     aggregator: str = "gma"  # any registered MIL aggregator
     aggregator_params: dict = field(default_factory=dict)  # its architecture keys (dropout, size, ...)
@@ -75,6 +83,11 @@ class TileBagConfig(TrainConfig):
             raise ValueError(f"dtype: expected float32 or float64, got {self.dtype!r}")
         if self.dtype == "float64" and self.amp:
             raise ValueError("dtype: float64 with amp: true (half-precision autocast) contradicts itself")
+        if self.freeze_blocks < 0 or not 0 < self.layer_decay <= 1:
+            raise ValueError(f"freeze_blocks >= 0 and 0 < layer_decay <= 1 expected, got {self.freeze_blocks}, "
+                             f"{self.layer_decay}")
+        if self.encoder == "frozen" and (self.freeze_blocks or self.layer_decay != 1):
+            raise ValueError("freeze_blocks / layer_decay apply to a trained encoder; encoder is frozen")
         if self.eval_bn not in ("running", "bag"):
             raise ValueError(f"eval_bn: expected running or bag, got {self.eval_bn!r}")
         if self.k < 1 or self.eval_k < 0 or self.eval_repeats < 1 or self.eval_chunk < 1:

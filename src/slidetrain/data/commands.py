@@ -155,7 +155,7 @@ def cmd_split(a: argparse.Namespace) -> None:
         sheet = relabel(sheet, a.label_map)
     if a.official:
         split = read_official_split(a.official, sheet, allow_subset=a.official_subset)
-    elif a.counts:  # the local-learning paper's slide counts (slidetrain.data.splits.PAPER_SPLIT_COUNTS)
+    elif a.counts:  # e.g. the local-learning paper's slide counts (paper/data/local_splits.csv)
         from slidetrain.data.splits import make_split_counts
 
         test = sheet.slide_id[sheet["official_part"].str.lower() == "test"] if a.fixed_test else None

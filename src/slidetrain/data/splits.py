@@ -399,13 +399,7 @@ def read_split(path: str | os.PathLike, allow_external: bool = False) -> pd.Data
 
 # ------------------------------------------------------------------------ the papers' splits
 
-# Local-learning paper (Zhang et al. 2022), slides per part (train, val, test). LKS's 205 test slides
-# are the dataset's own test set (sheet column official_part = test); train/val are drawn from the rest.
-PAPER_SPLIT_COUNTS = {
-    "TCGA-NSCLC": (663, 166, 214),
-    "TCGA-RCC": (603, 150, 186),
-    "LKS": (383, 96, 205),
-}
+# The local-learning paper's slide counts per part are data: slidetrain.paper.reference.paper_split_counts.
 
 
 def make_split_counts(

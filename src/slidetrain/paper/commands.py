@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+DATA_HELP = "CSV of the plotted points (default: the PNG's path with .csv)"
+
 
 def cmd_table2(a: argparse.Namespace) -> None:
     from slidetrain.bench.local_memory import write_table2
@@ -19,7 +21,7 @@ def cmd_table2(a: argparse.Namespace) -> None:
 def cmd_offload_figure(a: argparse.Namespace) -> None:
     from slidetrain.paper.offload_figure import offload_figure
 
-    offload_figure(Path(a.sweep), Path(a.out))
+    offload_figure(Path(a.sweep), Path(a.out), Path(a.out_data) if a.out_data else None)
 
 
 def cmd_tilebag_table1(a: argparse.Namespace) -> None:
@@ -32,13 +34,13 @@ def cmd_tilebag_table1(a: argparse.Namespace) -> None:
 def cmd_tilebag_figure4(a: argparse.Namespace) -> None:
     from slidetrain.paper.tilebag_tables import tilebag_figure4
 
-    tilebag_figure4(a.histories, a.out)
+    tilebag_figure4(a.histories, a.out, a.out_data)
 
 
 def cmd_tilebag_figure1(a: argparse.Namespace) -> None:
     from slidetrain.paper.tilebag_tables import tilebag_figure1
 
-    tilebag_figure1(a.tables, a.out_table, a.out)
+    tilebag_figure1(a.tables, a.out_table, a.out, a.out_data)
 
 
 def cmd_table1(a: argparse.Namespace) -> None:
@@ -61,6 +63,7 @@ def cmd_attention_figure(a: argparse.Namespace) -> None:
     attention_figure(
         a.dataset, Path(a.table1), Path(a.runs_dir), Path(a.images_dir), Path(a.tiles_dir),
         Path(a.truth_dir) if a.truth_dir else None, a.classes, a.methods, Path(a.out), a.split, a.seed,
+        Path(a.out_data) if a.out_data else None,
     )
 
 
@@ -99,6 +102,7 @@ def _add_offload_figure_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("offload-figure", help="Big-Layers Figure 2 from the sweep CSV")
     s.add_argument("--sweep", required=True)
     s.add_argument("--out", required=True, help="PNG")
+    s.add_argument("--out-data", help=DATA_HELP)
     s.set_defaults(func=cmd_offload_figure)
 
 
@@ -115,6 +119,7 @@ def _add_tilebag_figure4_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("tilebag-figure4", help="Campanella et al. Figure 4: loss and AUC against K")
     s.add_argument("--histories", nargs="+", required=True, help="history.csv of every tile-bag run")
     s.add_argument("--out", required=True)
+    s.add_argument("--out-data", help=DATA_HELP)
     s.set_defaults(func=cmd_tilebag_figure4)
 
 
@@ -123,6 +128,7 @@ def _add_tilebag_figure1_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--tables", nargs="+", required=True, help="bench-max-tiles CSVs (one per encoder)")
     s.add_argument("--out-table", required=True, help="the merged CSV")
     s.add_argument("--out", required=True, help="the figure (PNG)")
+    s.add_argument("--out-data", help=DATA_HELP)
     s.set_defaults(func=cmd_tilebag_figure1)
 
 
@@ -161,6 +167,7 @@ def _add_attention_figure_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--split", default="mccv0")
     s.add_argument("--seed", default="0")
     s.add_argument("--out", required=True)
+    s.add_argument("--out-data", help=DATA_HELP)
     s.set_defaults(func=cmd_attention_figure)
 
 

@@ -3,7 +3,8 @@
 `attention_figure`: for one test slide per class, the 5x slide image, the
 per-tile attention of the best attention method (highest mean test AUROC in
 Table 1) drawn over it, and the ground-truth lesions where the dataset has
-them (synthetic slides do; real slides show the image only).
+them (synthetic slides do; real slides show the image only). The drawn attention, one row per
+tile of each shown slide (ATTENTION_DATA_COLUMNS), goes to a CSV beside the PNG.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from slidetrain.io import atomic_path  # noqa: E402
+from slidetrain.paper.figure_data import data_path_for  # noqa: E402
+
+#: the attention figure's data: per shown slide and tile, its level-0 corner and the attention drawn (/ max)
+ATTENTION_DATA_COLUMNS = ["method", "slide_id", "truth", "predicted", "tile_x_level0", "tile_y_level0", "attention"]
 
 
 def best_attention_method(table1_csv: Path, dataset: str, attention_methods: list[str]) -> str:
@@ -56,8 +61,10 @@ def attention_figure(
     out_png: Path,
     split: str = "mccv0",
     seed: str = "0",
+    out_data: Path | None = None,
 ) -> str:
     method = best_attention_method(table1_csv, dataset, attention_methods)
+    drawn = []  # one frame of ATTENTION_DATA_COLUMNS per shown slide
     run = Path(runs_dir) / method / split / seed
     pred = pd.read_csv(run / "predictions.csv")
     picks = []
@@ -77,8 +84,13 @@ def attention_figure(
             coords = att[slide_id]["coords"][:]
             with h5py.File(Path(tiles_dir) / f"{slide_id}.h5", "r") as t:
                 tile_level0 = int(t["coords"].attrs["patch_size_level0"])
-            heat = tile_heatmap(scores / max(scores.max(), 1e-12), coords, tile_level0, meta, image.shape[:2])
+            shown_scores = scores / max(scores.max(), 1e-12)  # (N,)
+            heat = tile_heatmap(shown_scores, coords, tile_level0, meta, image.shape[:2])
             p = pred[pred.slide_id == slide_id].iloc[0]
+            drawn.append(pd.DataFrame({"method": method, "slide_id": slide_id, "truth": label,
+                                       "predicted": p.predicted, "tile_x_level0": coords[:, 0],
+                                       "tile_y_level0": coords[:, 1], "attention": shown_scores},
+                                      columns=ATTENTION_DATA_COLUMNS))
             axes[row, 0].imshow(image)
             axes[row, 0].set_title(f"{slide_id}  truth: {label}", fontsize=9)
             axes[row, 1].imshow(image)
@@ -102,4 +114,7 @@ def attention_figure(
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+    data = pd.concat(drawn, ignore_index=True) if drawn else pd.DataFrame(columns=ATTENTION_DATA_COLUMNS)
+    with atomic_path(out_data or data_path_for(out_png)) as tmp:
+        data.to_csv(tmp, index=False)
     return method

@@ -12,15 +12,19 @@ import pandas as pd  # noqa: E402
 
 from slidetrain.errors import SlidetrainError  # noqa: E402
 from slidetrain.io import atomic_path  # noqa: E402
+from slidetrain.paper.figure_data import FigureData, data_path_for  # noqa: E402
 
 SWEEP_COLUMNS = ("image_side", "config", "seconds_mean", "seconds_std", "peak_device_gb", "device")
 
 
-def offload_figure(sweep_csv: Path, out: Path) -> None:
+def offload_figure(sweep_csv: Path, out: Path, out_data: Path | None = None) -> pd.DataFrame:
+    """One line per kind (plain, save_on_cpu, offload) with a +-1 std band; the plotted points go to
+    `out_data` (default: the PNG's path with .csv), panel "a", one series per kind."""
     frame = pd.read_csv(sweep_csv)
     missing = [c for c in SWEEP_COLUMNS if c not in frame.columns]
     if missing or frame.empty:
         raise SlidetrainError(f"{sweep_csv}: expected a non-empty sweep with columns {SWEEP_COLUMNS}, missing {missing}")
+    data = FigureData()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     frame = frame.sort_values("image_side")
     # one line per kind; the offload line is labelled with the stages each side needed
@@ -32,6 +36,7 @@ def offload_figure(sweep_csv: Path, out: Path) -> None:
         x, y, s = part.image_side, part.seconds_mean, part.seconds_std
         ax.plot(x, y, marker="o", label=label)
         ax.fill_between(x, y - s, y + s, alpha=0.25)
+        data.add("a", label, x, y, y - s, y + s)
         if label.startswith("offload"):
             for _, row in part.iterrows():
                 ax.annotate(row.config.split("_")[1], (row.image_side, row.seconds_mean), fontsize=7,
@@ -47,3 +52,4 @@ def offload_figure(sweep_csv: Path, out: Path) -> None:
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+    return data.write(out_data or data_path_for(out))

@@ -3,20 +3,24 @@
 Run metrics live at results/{dataset}/runs/{method}/{split}/{seed}/metrics.json;
 the method and dataset are read from that path. The papers' numbers are kept
 as data (paper/data/*.csv, transcribed from the papers) and joined by the
-names in PAPER_METHOD_NAMES and the config's `paper_name` per dataset.
+names in PAPER_METHOD_NAMES and the config's `paper_name` per dataset. The join is strict: a
+configured paper name that the paper's table lacks, or a paper method with no row for it, stops the
+table with an error naming it; only a method the paper never reports gets a blank paper column.
 """
 
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from slidetrain.io import atomic_path
+from slidetrain.paper.reference import paper_row, paper_table, require_value
 from slidetrain.report_html import write_table_html
+
+__all__ = ["paper_table", "table1", "table4", "write_table"]  # paper_table: re-exported for older callers
 
 #: pipeline method key -> the name the local-learning paper's Table 1 uses
 PAPER_METHOD_NAMES = {
@@ -35,11 +39,6 @@ PAPER_METHOD_NAMES = {
 TABLE1_COLUMNS = [
     "method", "dataset", "accuracy", "auroc", "accuracy_std", "auroc_std", "n_seeds", "paper_accuracy", "paper_auroc",
 ]
-
-
-def paper_table(name: str) -> pd.DataFrame:
-    with resources.files("slidetrain.paper").joinpath("data", f"{name}.csv").open() as f:
-        return pd.read_csv(f)
 
 
 def run_key(metrics_path: str | Path) -> dict:
@@ -74,9 +73,13 @@ def table1(
     runs = collect_runs(metrics_paths)
     paper = paper_table("local_table1")
     paper_names = paper_names or {}
+    check_paper_names(paper, "local_table1", paper_names)
     rows = []
     for (dataset, method), group in runs.groupby(["dataset", "method"], sort=False):
-        ref = paper[(paper.method == PAPER_METHOD_NAMES.get(method)) & (paper.dataset == paper_names.get(dataset))]
+        ref = {}
+        if method in PAPER_METHOD_NAMES and dataset in paper_names:  # otherwise the paper reports no such value
+            ref = paper_row(paper, "local_table1", f"table1: method {method!r} on dataset {dataset!r}",
+                            method=PAPER_METHOD_NAMES[method], dataset=paper_names[dataset])
         rows.append(
             {
                 "method": method,
@@ -86,8 +89,8 @@ def table1(
                 "accuracy_std": group.accuracy.std(ddof=1) if len(group) > 1 else np.nan,
                 "auroc_std": group.auroc.std(ddof=1) if len(group) > 1 else np.nan,
                 "n_seeds": len(group),
-                "paper_accuracy": ref.accuracy.iloc[0] if len(ref) else np.nan,
-                "paper_auroc": ref.auroc.iloc[0] if len(ref) else np.nan,
+                "paper_accuracy": ref.get("accuracy", np.nan),
+                "paper_auroc": ref.get("auroc", np.nan),
             }
         )
     for method, dataset in not_applicable:
@@ -124,16 +127,20 @@ def table4(
         raise ValueError(f"table4: methods {unknown} are not settings of the RFR ablation {sorted(TABLE4_SETTINGS)}")
     paper = paper_table("local_table4")
     paper_names = paper_names or {}
+    check_paper_names(paper, "local_table4", paper_names)
     rows = []
     for method, setting in TABLE4_SETTINGS.items():
         for dataset, group in runs[runs.method == method].groupby("dataset", sort=True):
-            ref = paper[(paper.setting == setting) & (paper.dataset == paper_names.get(dataset))]
+            ref = {}
+            if dataset in paper_names:
+                ref = paper_row(paper, "local_table4", f"table4: method {method!r} on dataset {dataset!r}",
+                                setting=setting, dataset=paper_names[dataset])
             rows.append(
                 {
                     "setting": setting,
                     "dataset": dataset,
                     "accuracy": group.accuracy.mean(),
-                    "paper_accuracy": ref.accuracy.iloc[0] if len(ref) else np.nan,
+                    "paper_accuracy": ref.get("accuracy", np.nan),
                     "accuracy_std": group.accuracy.std(ddof=1) if len(group) > 1 else np.nan,
                     "n_runs": len(group),
                 }
@@ -141,6 +148,12 @@ def table4(
     table = pd.DataFrame(rows, columns=TABLE4_COLUMNS)
     write_table(table, out_csv, out_md, out_html, "Table 4: the RFR ablation, test accuracy (paper values beside)", float_format="%.4f")
     return table
+
+
+def check_paper_names(paper: pd.DataFrame, table_name: str, paper_names: dict[str, str]) -> None:
+    """Every configured `paper_name` must be a dataset of the paper's table (a typo stops the table)."""
+    for dataset, name in paper_names.items():
+        require_value(paper, table_name, "dataset", name, f"datasets.{dataset}.paper_name")
 
 
 def write_table(table: pd.DataFrame, out_csv: str | Path, out_md: str | Path | None = None,

@@ -21,7 +21,9 @@ import pandas as pd  # noqa: E402
 
 from slidetrain.errors import ConfigError  # noqa: E402
 from slidetrain.io import atomic_path  # noqa: E402
-from slidetrain.paper.tables import collect_runs, paper_table, run_key, write_table  # noqa: E402
+from slidetrain.paper.figure_data import FigureData, data_path_for  # noqa: E402
+from slidetrain.paper.reference import paper_row, paper_table, paper_tiles_per_gb, require_value  # noqa: E402
+from slidetrain.paper.tables import collect_runs, run_key, write_table  # noqa: E402
 
 TILEBAG_TABLE1_COLUMNS = ["algorithm", "k", "strategy", "auc_mean", "auc_std", "n_splits", "paper_auc_mean", "paper_auc_std"]
 TILEBAG_RUN = re.compile(r"^tilebag(?:_(?P<strategy>parallel|half))?_k(?P<k>\d+)$")
@@ -61,17 +63,21 @@ def tilebag_table1(metrics_paths: list[str | Path], out_csv: str | Path, paper_k
                               f"{sorted(FROZEN_ROWS)}")
         algorithm, k, strategy = kind
         auc = 100 * group.auroc.astype(float)
-        if algorithm == "Proposed":
-            ref = paper[(paper.algorithm == "Proposed") & (paper.gpu_strategy == STRATEGY_PAPER[strategy])
-                        & (paper.k == paper_k.get(k, -1))]
-        else:
-            ref = paper[(paper.algorithm == algorithm) & (paper.embedding == FROZEN_ROWS[method][1])]
+        ref = {}
+        if algorithm != "Proposed":
+            ref = paper_row(paper, "tilebag_table1", f"tilebag-table1: run {method!r}", algorithm=algorithm,
+                            embedding=FROZEN_ROWS[method][1])
+        elif k in paper_k:  # a K the config maps to the paper's K; an unmapped K has no paper value
+            require_value(paper, "tilebag_table1", "k", paper_k[k], f"tilebag.paper_k (for K={k})")
+            ref = paper_row(paper, "tilebag_table1", f"tilebag-table1: run {method!r} (K={k} -> paper K="
+                            f"{paper_k[k]}, strategy {strategy!r})", algorithm="Proposed",
+                            gpu_strategy=STRATEGY_PAPER[strategy], k=paper_k[k])
         rows.append({
             "algorithm": algorithm, "k": k, "strategy": strategy,
             "auc_mean": round(float(auc.mean()), 1), "auc_std": round(float(auc.std(ddof=1)), 1) if len(auc) > 1
             else float("nan"), "n_splits": int(group.split.nunique()),
-            "paper_auc_mean": float(ref.auc_mean.iloc[0]) if len(ref) else float("nan"),
-            "paper_auc_std": float(ref.auc_std.iloc[0]) if len(ref) else float("nan"),
+            "paper_auc_mean": float(ref.get("auc_mean", float("nan"))),
+            "paper_auc_std": float(ref.get("auc_std", float("nan"))),
         })
     table = pd.DataFrame(rows, columns=TILEBAG_TABLE1_COLUMNS)
     # the paper's order: frozen-feature baselines first, then the K sweep by strategy and K
@@ -102,10 +108,14 @@ def _histories(paths: list[str | Path]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def tilebag_figure4(history_paths: list[str | Path], out_png: str | Path) -> None:
+def tilebag_figure4(history_paths: list[str | Path], out_png: str | Path, out_data: str | Path | None = None
+                    ) -> pd.DataFrame:
     """(a) training loss per epoch by K with a bootstrap 95% band over splits, (b) final training loss
-    against K, (c) final validation AUC against K, (d) final validation AUC per strategy."""
+    against K, (c) final validation AUC against K, (d) final validation AUC per strategy.
+
+    The plotted points go to `out_data` (default: the PNG's path with .csv), panels a-d."""
     h = _histories(history_paths)
+    data = FigureData()
     final = h.sort_values("epoch").groupby(["strategy", "k", "split", "seed"], as_index=False).last()
     ks = sorted(h.k.unique())
     colours = plt.cm.viridis(np.linspace(0, 0.9, len(ks)))
@@ -120,6 +130,7 @@ def tilebag_figure4(history_paths: list[str | Path], out_png: str | Path) -> Non
         epochs = runs.columns.to_numpy()
         axes[0].plot(epochs, np.nanmean(curves, 0), color=colour, label=f"K={k}")
         axes[0].fill_between(epochs, lo, hi, color=colour, alpha=0.2)
+        data.add("a", f"K={k}", epochs, np.nanmean(curves, 0), lo, hi)
     axes[0].set(xlabel="epoch", ylabel="training loss", title="(a) training loss (95% bootstrap band)")
     axes[0].legend(fontsize=8)
     fs = final[final.strategy == "single"]
@@ -127,6 +138,10 @@ def tilebag_figure4(history_paths: list[str | Path], out_png: str | Path) -> Non
                                      (axes[2], "val_auroc", "validation AUC", "(c) validation AUC")):
         stats = fs.groupby("k")[column].agg(["mean", "std"]).reindex(ks)
         ax.errorbar(ks, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3)
+        panel = title[1]
+        data.add(panel, "mean", ks, stats["mean"], stats["mean"] - stats["std"].fillna(0),
+                 stats["mean"] + stats["std"].fillna(0))
+        data.add(panel, "run", fs.k, fs[column])
         ax.scatter(fs.k, fs[column], color="grey", s=10, alpha=0.6)
         ax.set(xscale="log", xlabel="K (tiles per slide)", ylabel=label, title=title)
         ax.set_xticks(ks, [str(k) for k in ks])
@@ -139,21 +154,25 @@ def tilebag_figure4(history_paths: list[str | Path], out_png: str | Path) -> Non
     for j, s in enumerate(strategies, 1):  # the splits' points over the boxes
         values = top[top.strategy == s].val_auroc.dropna()
         axes[3].scatter(np.full(len(values), j), values, color="grey", s=10, alpha=0.6, zorder=3)
+        data.add("d", s, np.full(len(values), k_top), values)
     axes[3].set(ylabel="validation AUC", title=f"(d) validation AUC per strategy (K={k_top})")
     fig.tight_layout()
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+    return data.write(out_data or data_path_for(out_png))
 
 
-def tilebag_figure1(tables: list[str | Path], out_table: str | Path, out_png: str | Path) -> pd.DataFrame:
-    """Merge per-encoder max-tiles CSVs; bars of ours beside the paper's (80 GB H100), and per GB."""
+def tilebag_figure1(tables: list[str | Path], out_table: str | Path, out_png: str | Path,
+                    out_data: str | Path | None = None) -> pd.DataFrame:
+    """Merge per-encoder max-tiles CSVs; bars of ours beside the paper's (80 GB H100), and per GB.
+
+    The plotted bars go to `out_data` (default: the PNG's path with .csv), panels a and b."""
     table = pd.concat([pd.read_csv(t) for t in tables], ignore_index=True)
     with atomic_path(out_table) as tmp:
         table.to_csv(tmp, index=False)
     paper = paper_table("tilebag_memory")
-    paper_name = {"resnet50": "ResNet50", "vit_b_16": "ViT-base"}
-    paper_prec = {"fp32": "fp32", "amp": "amp-fp16"}
+    data = FigureData()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     labels = [f"{e}\n{p}" for e, p in zip(table.encoder, table.precision, strict=True)]
     x = np.arange(len(table))
@@ -163,9 +182,12 @@ def tilebag_figure1(tables: list[str | Path], out_table: str | Path, out_png: st
     axes[0].set(ylabel="max tiles per forward + backward",
                 title=f"(a) here: {table.device.iloc[0]}, {table.memory_budget_gb.iloc[0]:g} GB, "
                       f"{table.tile_px.iloc[0]} px")
-    ref = [paper[(paper.encoder == paper_name.get(e)) & (paper.precision == paper_prec[p])]
-           for e, p in zip(table.encoder, table.precision, strict=True)]
-    ref_per_gb = [float(r.max_tiles_h100_80gb.iloc[0]) / 80 if len(r) else np.nan for r in ref]
+    ref_per_gb = np.array([paper_tiles_per_gb(e, p, paper) for e, p in zip(table.encoder, table.precision, strict=True)])
+    names = [label.replace("\n", " ") for label in labels]
+    data.add("a", "here", names, table.max_tiles)
+    data.add("b", "here", names, per_gb)
+    drawn = ~np.isnan(ref_per_gb)  # no bar where the paper did not measure the encoder
+    data.add("b", "paper", [n for n, d in zip(names, drawn, strict=True) if d], ref_per_gb[drawn])
     axes[1].bar(x - 0.2, per_gb, width=0.4, label="here")
     axes[1].bar(x + 0.2, ref_per_gb, width=0.4, label="paper (H100 80 GB, 224 px)")
     axes[1].set_xticks(x, labels, fontsize=8)
@@ -175,4 +197,5 @@ def tilebag_figure1(tables: list[str | Path], out_table: str | Path, out_png: st
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+    data.write(out_data or data_path_for(out_png))
     return table

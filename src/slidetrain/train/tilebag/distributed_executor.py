@@ -45,6 +45,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from slidetrain.errors import ConfigError, DistributedError
 from slidetrain.io import atomic_path
+from slidetrain.train.tilebag.encoder_stages import keep_frozen_norms_in_eval
 from slidetrain.train.tilebag.executors import full_precision
 
 log = logging.getLogger(__name__)
@@ -380,6 +381,7 @@ class DistributedEngine:
         """
         self.comm.step = step
         self.model.train()
+        keep_frozen_norms_in_eval(self.model)  # freeze_blocks: frozen BatchNorm statistics never move
         if self.topo.is_aggregator:
             return self._aggregator_side(label, loss_scale)
         self._encoder_side(tiles)

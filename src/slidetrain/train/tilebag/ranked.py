@@ -48,8 +48,14 @@ from slidetrain.models.encoders import build_encoder
 from slidetrain.train import common
 from slidetrain.train.optim import build_optimizer, build_scheduler
 from slidetrain.train.tilebag.distributed_executor import DistributedEngine, Topology, split_bag
+from slidetrain.train.tilebag.encoder_stages import encoder_groups
 from slidetrain.train.tilebag.executors import full_precision
-from slidetrain.train.tilebag.model import TileBagConfig, TileBagModel, bag_statistics_copy
+from slidetrain.train.tilebag.model import (
+    TileBagConfig,
+    TileBagModel,
+    bag_statistics_copy,
+    logged_rates,
+)
 from slidetrain.train.tilebag.trainer import Prediction, PredictionCollector
 
 
@@ -96,6 +102,8 @@ class RankedTileBagTrainer:
         def make_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
             # this side's parameter group of param_groups(model, cfg), over the engine's module (SyncBN
             # conversion replaces BatchNorm parameters)
+            if part == "encoder":
+                return build_optimizer(encoder_groups(module, lr, cfg.layer_decay), cfg)
             return build_optimizer([{"params": list(module.parameters()), "lr": lr, "part": part}], cfg)
 
         self.engine = DistributedEngine(topo, model.encoder, model.aggregator, self.loss_fn, make_optimizer,
@@ -173,14 +181,14 @@ class RankedTileBagTrainer:
         row = None
         if self.primary:
             row = {"train_loss": float(np.mean(losses)), "train_seconds": seconds, "loader_wait_seconds": wait,
-                   "tiles_per_second": n * cfg.k / max(seconds, 1e-9), "lr": self.optimizer.param_groups[0]["lr"],
-                   "weight_decay": self.optimizer.param_groups[0]["weight_decay"]}
+                   "tiles_per_second": n * cfg.k / max(seconds, 1e-9),
+                   **logged_rates(self.optimizer)}
         return self.broadcast(row)
 
     # ---------------------------------------------------------------- evaluation on the same ranks
     def _eval_encoder(self) -> torch.nn.Module:
         """A plain eval-mode copy of this rank's encoder (no SyncBN, no DDP: ranks encode different chunk counts)."""
-        encoder = build_encoder(self.cfg.backbone, "none", seed=self.seed)
+        encoder = build_encoder(self.cfg.backbone, "none", seed=self.seed)  # weights come from the trained state below
         encoder.load_state_dict(self.engine.model.state_dict())
         encoder = encoder.to(self.device).eval()
         return bag_statistics_copy(encoder) if self.cfg.eval_bn == "bag" else encoder

@@ -36,6 +36,7 @@ from slidetrain.train.tilebag.model import (
     TileBagConfig,
     TileBagModel,
     bag_statistics_copy,
+    logged_rates,
     param_groups,
     set_train_mode,
 )
@@ -195,8 +196,8 @@ class TileBagTrainer:
             t_wait = time.perf_counter()
         seconds = time.perf_counter() - t0
         return {"train_loss": float(np.mean(losses)), "train_seconds": seconds, "loader_wait_seconds": wait,
-                "tiles_per_second": n_tiles / max(seconds, 1e-9), "lr": self.optimizer.param_groups[0]["lr"],
-                "weight_decay": self.optimizer.param_groups[0]["weight_decay"]}
+                "tiles_per_second": n_tiles / max(seconds, 1e-9),
+                **logged_rates(self.optimizer)}
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
