@@ -5,7 +5,8 @@ tests drive the bookkeeping that does not need CUDA (caps, rows written as they 
 the output folder's limits, the device index, allocation failures as misses) here.
 
 Test-only hook: SLIDETRAIN_GPU_BENCH_FAULT="SECTION:fail|hang[:ROWS],..." makes a section fail, or
-hang until its cap stops it, after ROWS rows (slidetrain.bench.gpu reads it; it is no user option).
+hang until its cap stops it, after ROWS rows. tests/_entry.py reads it (`python tests/_entry.py
+gpu-bench ARGS` is the script's command line with the hook installed); no production module does.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pandas as pd
 import pytest
 import torch
 
+from _entry import ENTRY, GPU_BENCH, GPU_BENCH_FAULT_ENV, section_faults
 from slidetrain.bench import gpu
 from slidetrain.bench.section_runner import MAX_FILE_BYTES, MAX_FILES, check_output
 
@@ -35,6 +37,13 @@ def _env(**extra) -> dict:
 
 def _run_script(out: Path, *args: str, timeout: float = 900, **env) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), str(out), "--tiny", *args],
+                          capture_output=True, text=True, env=_env(**env), timeout=timeout)
+
+
+def _run_entry(out: Path, *args: str, timeout: float, **env) -> subprocess.CompletedProcess:
+    """The GPU script's Python command line (`python -m slidetrain.bench.gpu`, as bench/gpu.sh runs it)
+    through the tests' entry point, which installs the hooks set in `env`."""
+    return subprocess.run([sys.executable, ENTRY, GPU_BENCH, "--out", str(out), "--tiny", *args],
                           capture_output=True, text=True, env=_env(**env), timeout=timeout)
 
 
@@ -78,12 +87,12 @@ def test_sections_fit_the_output_limit():
 
 
 def test_forced_failure_and_overrun_keep_the_other_sections(tmp_path):
-    """Through the real command line: a section failing after one row keeps that row and records its
+    """Through the script's command line: a section failing after one row keeps that row and records its
     error; a section hanging is stopped at its cap; the section between them is untouched."""
     fault = "offload_sweep:fail:1,local_learning:hang:0"
     t0 = time.perf_counter()
-    proc = _run_script(tmp_path, "--only", "offload_sweep", "features_throughput", "local_learning",
-                       "--budget-s", "60", timeout=300, SLIDETRAIN_GPU_BENCH_FAULT=fault)
+    proc = _run_entry(tmp_path, "--only", "offload_sweep", "features_throughput", "local_learning",
+                      "--budget-s", "60", timeout=300, **{GPU_BENCH_FAULT_ENV: fault})
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # a section failed
     assert time.perf_counter() - t0 < 200
     sections = _sections(tmp_path)
@@ -102,7 +111,7 @@ def test_forced_failure_and_overrun_keep_the_other_sections(tmp_path):
 def test_every_section_forced_to_fail_is_recorded(tmp_path, monkeypatch):
     """Each real section, forced to fail at its start: every one has its own failed entry with the
     error, the run goes on to the end and the output check still runs."""
-    monkeypatch.setenv(gpu.FAULT_ENV, ",".join(f"{s.name}:fail" for s in gpu.SECTIONS))
+    monkeypatch.setattr(gpu, "section_rows", section_faults(",".join(f"{s.name}:fail" for s in gpu.SECTIONS)))
     summary = gpu.run_all(tmp_path, tiny=True)
     assert [e["section"] for e in summary["sections"]] == [s.name for s in gpu.SECTIONS]
     for entry in summary["sections"]:

@@ -50,7 +50,8 @@ def test_the_import_scan_sees_a_bench_import(tmp_path):
     assert {"slidetrain.bench.gpu", "slidetrain.bench.memory"} <= _imported_modules(bad)
 
 
-@pytest.mark.parametrize("env", ["SLIDETRAIN_STOP_AFTER_EPOCH", "SLIDETRAIN_RANK_FAULT", "SLIDETRAIN_PSEUDO_LOSS_FACTOR"])
+@pytest.mark.parametrize("env", ["SLIDETRAIN_STOP_AFTER_EPOCH", "SLIDETRAIN_RANK_FAULT", "SLIDETRAIN_PSEUDO_LOSS_FACTOR",
+                                 "SLIDETRAIN_GPU_BENCH_FAULT"])
 def test_no_production_module_reads_a_test_hook(env):
     assert not [str(p) for p in SRC.rglob("*.py") if env in p.read_text()]
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -309,40 +308,12 @@ SECTIONS: list[Section] = [
             ("slidetrain.bench.local_memory", "slidetrain.train.wholeimage.registry")),
 ]
 
-#: test-only: tests/test_gpu_script.py sets it to force a failure or an overrun through the real
-#: command line (documented there, not in --help: it is no user's option)
-FAULT_ENV = "SLIDETRAIN_GPU_BENCH_FAULT"
+def section_rows(name: str, rows: Iterable[dict]) -> Iterable[dict]:
+    """The rows of section `name` as `run_all` records them: unchanged.
 
-
-def _fault(name: str) -> tuple[str, int] | None:
-    """(kind, after how many rows) for section `name` from FAULT_ENV="SECTION:fail|hang[:ROWS],..."."""
-    for item in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
-        section, kind, *after = item.split(":")
-        if section == name:
-            return kind, int(after[0]) if after else 0
-    return None
-
-
-def _with_fault(name: str, rows: Iterable[dict]) -> Iterable[dict]:
-    fault = _fault(name)
-    return rows if fault is None else _faulty(rows, *fault)
-
-
-def _faulty(rows: Iterable[dict], kind: str, after: int) -> Iterator[dict]:
-    """`rows`, then after `after` of them a failure (kind "fail") or a sleep past any cap ("hang")."""
-    rows = iter(rows)
-    try:
-        for _ in range(after):
-            row = next(rows, None)
-            if row is None:
-                return
-            yield row
-        if kind == "hang":
-            time.sleep(3600)  # until the cap stops it
-        raise RuntimeError(f"injected failure after {after} rows ({FAULT_ENV})")
-    finally:
-        if hasattr(rows, "close"):
-            rows.close()
+    An extension point, looked up at call time: the tests replace it (tests/_entry.py) to make a
+    section fail or overrun its cap after some rows, through the real command line."""
+    return rows
 
 
 def _run_preflight(summary: Summary, device: torch.device, tmp_dir: Path) -> None:
@@ -377,7 +348,7 @@ def run_all(out_dir: Path, tiny: bool, budget_s: float | None = None, only: list
 
             def rows_of(section=section, ctx=ctx) -> Iterator[dict]:
                 ctx.started = time.perf_counter()
-                return _with_fault(section.name, section.run(ctx))
+                return section_rows(section.name, section.run(ctx))
 
             entry = run_section(section.name, rows_of, cap, RowTable(out_dir / f"{section.name}.csv"),
                                 summary, device)

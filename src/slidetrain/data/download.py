@@ -292,6 +292,23 @@ def _mismatch(path: Path, md5: str | None, size: int | None) -> str | None:
     return None
 
 
+def _append_reply(reply: Reply, part: Path, offset: int, total: int | None, slide_id: str, progress: bool) -> None:
+    """Write the reply's bytes to the partial file (after its first `offset` bytes), with a progress
+    bar; closes the reply. A dropped connection raises Transient (the bytes written so far stay)."""
+    from tqdm import tqdm
+
+    try:
+        with open(part, "ab" if offset else "wb") as f, tqdm(
+            total=total, initial=offset, unit="B", unit_scale=True, desc=slide_id,
+            disable=not progress, mininterval=2.0, file=sys.stderr,
+        ) as bar:
+            for chunk in reply.chunks:
+                f.write(chunk)
+                bar.update(len(chunk))
+    finally:
+        reply.close()
+
+
 def download(
     source: str | Fetcher,
     dest: str | os.PathLike,
@@ -310,8 +327,6 @@ def download(
     wait before retry i is backoff_s * 2**(i-1). Raises DownloadError naming the slide when the
     attempts run out or the server refuses for good (4xx).
     """
-    from tqdm import tqdm
-
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = partial_path(dest)
@@ -358,18 +373,10 @@ def download(
                 offset = 0
             total = reply.total if reply.total is not None else size
             try:
-                with open(part, "ab" if offset else "wb") as f, tqdm(
-                    total=total, initial=offset, unit="B", unit_scale=True, desc=slide_id,
-                    disable=not progress, mininterval=2.0, file=sys.stderr,
-                ) as bar:
-                    for chunk in reply.chunks:
-                        f.write(chunk)
-                        bar.update(len(chunk))
+                _append_reply(reply, part, offset, total, slide_id, progress)
             except Transient as err:
                 fail(str(err))
                 continue
-            finally:
-                reply.close()
             got = part.stat().st_size
             if total is not None and got < total:
                 fail(f"connection closed at byte {got} of {total}")

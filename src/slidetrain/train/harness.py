@@ -148,6 +148,8 @@ def run_epochs(
     trainer), so the callbacks must return the same metrics on every rank (broadcast them).
     `inputs` (required, so that no trainer forgets it): the run's input fingerprint.
     """
+    # one piece: resume, the epoch loop and the checkpoint share one state (epoch, history, best,
+    # best_state, stale) whose save -> stop hook -> early-stop order is what resuming relies on.
     out_dir = Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT
     state = _resumable(load_checkpoint(ckpt_path), ckpt_path, tag, inputs, logger)

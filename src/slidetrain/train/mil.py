@@ -121,6 +121,8 @@ def fit_mil(
     threads: int = 1,
 ) -> Path:
     """Train `method`; writes model.pt, history.csv and run.json in `out_dir`; returns model.pt."""
+    # one piece: train_epoch and validate are closures over the bags, model, optimisers and schedulers
+    # that run_epochs checkpoints; split apart, that state would travel as one more mutable bundle.
     torch.set_num_threads(max(1, threads))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -164,6 +164,42 @@ def read_features(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         return f["features"][:], f["coords"][:]
 
 
+def _pending_jobs(
+    jobs: list[FeatureJob], encoder_name: str, weights: str, mpp_fallback: float | None
+) -> tuple[dict[str, tuple[str, str]], list[tuple[FeatureJob, SlideTiles]]]:
+    """({slide_id: (status, reason)} of every job from its tiles file, the jobs whose features are not
+    current with their tiles to read)."""
+    statuses: dict[str, tuple[str, str]] = {}
+    todo: list[tuple[FeatureJob, SlideTiles]] = []
+    for job in jobs:
+        coords, attrs = read_tiles_h5(job.tiles_h5)
+        if "excluded" in attrs:
+            statuses[job.slide_id] = ("excluded", str(attrs["excluded"]))
+        else:
+            statuses[job.slide_id] = ("ok", "")
+        if is_current(job, coords, encoder_name, weights):
+            continue
+        todo.append((job, SlideTiles(
+            job.slide_id, job.slide_path, coords,
+            float(attrs.get("target_magnification", 0.0)), int(attrs.get("patch_size", 0)), mpp_fallback,
+        )))
+    return statuses, todo
+
+
+def _write_features_manifest(
+    manifest: str | Path, jobs: list[FeatureJob], statuses: dict[str, tuple[str, str]]
+) -> None:
+    """The shard's manifest: every job's status, reason and features file."""
+    from slidetrain.data.shards import write_manifest
+
+    write_manifest(
+        manifest,
+        [{"slide_id": j.slide_id, "status": statuses[j.slide_id][0], "reason": statuses[j.slide_id][1],
+          "features": str(j.out_h5)} for j in jobs],
+        ["features"],
+    )
+
+
 def extract_features(
     jobs: list[FeatureJob],
     encoder_name: str,
@@ -189,20 +225,7 @@ def extract_features(
     """
     torch.set_num_threads(max(1, threads))
     dev = torch.device(device)
-    statuses: dict[str, tuple[str, str]] = {}
-    todo: list[tuple[FeatureJob, SlideTiles]] = []
-    for job in jobs:
-        coords, attrs = read_tiles_h5(job.tiles_h5)
-        if "excluded" in attrs:
-            statuses[job.slide_id] = ("excluded", str(attrs["excluded"]))
-        else:
-            statuses[job.slide_id] = ("ok", "")
-        if is_current(job, coords, encoder_name, weights):
-            continue
-        todo.append((job, SlideTiles(
-            job.slide_id, job.slide_path, coords,
-            float(attrs.get("target_magnification", 0.0)), int(attrs.get("patch_size", 0)), mpp_fallback,
-        )))
+    statuses, todo = _pending_jobs(jobs, encoder_name, weights, mpp_fallback)
     log.info("features %s %s: %d slides, %d already done", encoder_name, shard, len(jobs), len(jobs) - len(todo))
     rows: list[dict] = []
     if todo:
@@ -245,14 +268,7 @@ def extract_features(
                 if len(parts[k]) == n_batches[k]:
                     finish(k, parts.pop(k))
     if manifest is not None:
-        from slidetrain.data.shards import write_manifest
-
-        write_manifest(
-            manifest,
-            [{"slide_id": j.slide_id, "status": statuses[j.slide_id][0], "reason": statuses[j.slide_id][1],
-              "features": str(j.out_h5)} for j in jobs],
-            ["features"],
-        )
+        _write_features_manifest(manifest, jobs, statuses)
     return rows
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from slidetrain.errors import ConfigError
@@ -17,16 +18,49 @@ from slidetrain.io import atomic_path, write_json
 from slidetrain.wsi.image import extract_slide_image
 from slidetrain.wsi.mask import (
     GREY_RANGE_DEFAULT,
+    TissueMask,
     greyscale_foreground,
     mask_params,
     segment_tissue,
     write_mask_png,
 )
 from slidetrain.wsi.qc import qc_picture
-from slidetrain.wsi.slide import open_slide
+from slidetrain.wsi.slide import Slide, open_slide
 from slidetrain.wsi.tile import patch_size_level0, tile_coordinates, write_tiles_h5
 
 TILE_FOREGROUNDS = ("mask", "greyscale")
+
+
+def _kept_tile_coordinates(
+    slide: Slide, tissue: TissueMask, target_magnification: float, tile_px: int, overlap_px: int, min_tissue_fraction: float,
+    tile_foreground: str, foreground_grey_range: tuple[int, int],
+) -> np.ndarray:
+    """Tile positions (N, 2) kept by `tile_foreground`: the tissue mask (with the centre in tissue), or
+    the share of greyscale foreground pixels alone (Big-Layers)."""
+    if tile_foreground == "greyscale":
+        size0 = patch_size_level0(slide, target_magnification, tile_px)
+        foreground = greyscale_foreground(slide, size0, tuple(foreground_grey_range))
+        return tile_coordinates(slide, foreground, target_magnification, tile_px, overlap_px,
+                                min_tissue_fraction, centre_in_tissue=False)
+    return tile_coordinates(slide, tissue, target_magnification, tile_px, overlap_px, min_tissue_fraction)
+
+
+def _slide_summary(slide: Slide, tissue: TissueMask, coords: np.ndarray, size0: int, meta: dict) -> dict:
+    """What preprocessing found on a slide (size, MPP, mask, tiles, image), beside its timings."""
+    w0, h0 = slide.dimensions
+    return {
+        "n_tiles": int(len(coords)),
+        "slide_w": int(w0),
+        "slide_h": int(h0),
+        "mpp": float(slide.mpp),
+        "mpp_source": slide.mpp_source,
+        "mask_level": int(tissue.level),
+        "mask_downsample": float(tissue.downsample),
+        "tissue_fraction": tissue.tissue_fraction,
+        "patch_size_level0": int(size0),
+        "image_w": int(meta["size"][0]),
+        "image_h": int(meta["size"][1]),
+    }
 
 
 def preprocess_slide(
@@ -65,15 +99,8 @@ def preprocess_slide(
         t_open = time.perf_counter()
         tissue = segment_tissue(slide, params)
         t_mask = time.perf_counter()
-        if tile_foreground == "greyscale":
-            size0 = patch_size_level0(slide, target_magnification, tile_px)
-            foreground = greyscale_foreground(slide, size0, tuple(foreground_grey_range))
-            coords = tile_coordinates(slide, foreground, target_magnification, tile_px, overlap_px,
-                                      min_tissue_fraction, centre_in_tissue=False)
-        else:
-            coords = tile_coordinates(
-                slide, tissue, target_magnification, tile_px, overlap_px, min_tissue_fraction
-            )
+        coords = _kept_tile_coordinates(slide, tissue, target_magnification, tile_px, overlap_px, min_tissue_fraction,
+                                   tile_foreground, foreground_grey_range)
         t_tile = time.perf_counter()
         image, meta = extract_slide_image(slide, tissue, image_magnification)  # (H, W, 3)
         t_image = time.perf_counter()
@@ -102,7 +129,6 @@ def preprocess_slide(
         t_write = time.perf_counter()
         qc_picture(qc_path, slide, tissue, coords, size0, title=f"{mask_preset} mask")
         t_qc = time.perf_counter()
-        w0, h0 = slide.dimensions
         timings = {
             "slide_id": slide.slide_id,
             "open_s": t_open - t0,
@@ -112,17 +138,7 @@ def preprocess_slide(
             "write_s": t_write - t_image,
             "qc_s": t_qc - t_write,
             "total_s": t_qc - t0,
-            "n_tiles": int(len(coords)),
-            "slide_w": int(w0),
-            "slide_h": int(h0),
-            "mpp": float(slide.mpp),
-            "mpp_source": slide.mpp_source,
-            "mask_level": int(tissue.level),
-            "mask_downsample": float(tissue.downsample),
-            "tissue_fraction": tissue.tissue_fraction,
-            "patch_size_level0": int(size0),
-            "image_w": int(meta["size"][0]),
-            "image_h": int(meta["size"][1]),
+            **_slide_summary(slide, tissue, coords, size0, meta),
         }
     write_json(timings_json, timings)
     return timings

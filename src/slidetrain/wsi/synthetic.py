@@ -556,32 +556,24 @@ _FIBRE_SIGMA = 2.2  # 5x px along a fibre; across it the noise stays white
 _FIBRE_GAIN = math.sqrt(2.0 * math.sqrt(np.pi) * _FIBRE_SIGMA)
 
 
-def _render_strip(spec: SyntheticSpec, layout: _Layout, rows: tuple[int, int]) -> np.ndarray:
-    """RGB uint8 (rows, W5, 3) of the 5x canvas: stroma, nuclei, lesions, ink and dust.
-
-    Filters run on the rows plus a halo, whose random numbers come from the
-    same fixed row blocks as the neighbouring strip's, so strips join seamlessly.
-    """
-    h5, w5 = _canvas_shape(spec)
-    r0, r1 = rows
-    e0, e1 = max(0, r0 - _HALO_ROWS), min(h5, r1 + _HALO_ROWS)  # extended rows for the filters
-    uni, nrm = _block_noise(spec.seed, (e0, e1), w5)  # (he, W5) each
-    tis_f, low_f, high_f = _upsample_planes(layout.fields_a, (e0, e1), w5)  # (he, W5) float32 each
-    gaps, pen_f, stain_f = _upsample_planes(layout.fields_b, (e0, e1), w5)
-    dens_f, orient, _ = _upsample_planes(layout.fields_c, (e0, e1), w5)
-    tissue = _ramp(tis_f, 4.0)  # (he, W5) crisp but anti-aliased edge
-    low_m = _ramp(low_f, 3.0)  # lesion membership, inside tissue or not
-    high_m = _ramp(high_f, 3.0)
-
-    # Stroma fibres: noise smoothed along x or along y, the direction switching between regions.
+def _stroma_fibres(nrm: np.ndarray, orient: np.ndarray) -> np.ndarray:
+    """Stroma fibres (he, W5), unit variance: noise smoothed along x or along y, the direction
+    switching between regions (`orient` 1 = along x, 0 = along y)."""
     fib_y = _gauss1d(nrm, _FIBRE_SIGMA, axis=0)
     fib = _gauss1d(nrm, _FIBRE_SIGMA, axis=1)
     fib -= fib_y
     fib *= orient
     fib += fib_y
-    fib *= _FIBRE_GAIN  # (he, W5), unit variance
+    fib *= _FIBRE_GAIN
+    return fib
 
-    # Nuclei: sparse impulses blurred into round blobs of the population's size.
+
+def _nuclei_density(
+    tissue: np.ndarray, low_m: np.ndarray, high_m: np.ndarray, gaps: np.ndarray, dens_f: np.ndarray,
+    uni: np.ndarray, nrm: np.ndarray,
+) -> np.ndarray:
+    """Hematoxylin optical density (he, W5) of the nuclei: sparse impulses blurred into round blobs of
+    each population's size (normal tissue, low- and high-grade lesions)."""
     density = dens_f * 1.2 + 0.4  # ~1 +- 35% in normal tissue
     normal_w = tissue * np.clip(1.0 - low_m - high_m, 0.0, 1.0) * density * (1.0 - gaps)
     hema = np.zeros_like(tissue)
@@ -602,6 +594,28 @@ def _render_strip(spec: SyntheticSpec, layout: _Layout, rows: tuple[int, int]) -
         np.clip(blob, 0.0, 1.0, out=blob)
         blob *= od
         np.maximum(hema, blob, out=hema)
+    return hema
+
+
+def _render_strip(spec: SyntheticSpec, layout: _Layout, rows: tuple[int, int]) -> np.ndarray:
+    """RGB uint8 (rows, W5, 3) of the 5x canvas: stroma, nuclei, lesions, ink and dust.
+
+    Filters run on the rows plus a halo, whose random numbers come from the
+    same fixed row blocks as the neighbouring strip's, so strips join seamlessly.
+    """
+    h5, w5 = _canvas_shape(spec)
+    r0, r1 = rows
+    e0, e1 = max(0, r0 - _HALO_ROWS), min(h5, r1 + _HALO_ROWS)  # extended rows for the filters
+    uni, nrm = _block_noise(spec.seed, (e0, e1), w5)  # (he, W5) each
+    tis_f, low_f, high_f = _upsample_planes(layout.fields_a, (e0, e1), w5)  # (he, W5) float32 each
+    gaps, pen_f, stain_f = _upsample_planes(layout.fields_b, (e0, e1), w5)
+    dens_f, orient, _ = _upsample_planes(layout.fields_c, (e0, e1), w5)
+    tissue = _ramp(tis_f, 4.0)  # (he, W5) crisp but anti-aliased edge
+    low_m = _ramp(low_f, 3.0)  # lesion membership, inside tissue or not
+    high_m = _ramp(high_f, 3.0)
+
+    fib = _stroma_fibres(nrm, orient)  # (he, W5), unit variance
+    hema = _nuclei_density(tissue, low_m, high_m, gaps, dens_f, uni, nrm)  # (he, W5) optical density
 
     # Halo no longer needed: crop everything to the strip's own rows.
     keep = slice(r0 - e0, r1 - e0)

@@ -159,6 +159,8 @@ def fit_whole_image(
     device: str = "cpu",
 ) -> Path:
     """Train `method`; writes model.pt, history.csv and run.json in `out_dir`; returns model.pt."""
+    # one piece: train_epoch and validate are closures over the images, normalisation and learner that
+    # run_epochs checkpoints; split apart, that state would travel as one more mutable bundle.
     if not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed: expected an integer >= 0, got {seed!r}")
     torch.set_num_threads(max(1, threads))
