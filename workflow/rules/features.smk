@@ -12,7 +12,7 @@ rule extract_features_shard:
         slides=shard_slides_arg,
         weights=config["features"]["weights"],
         # passed only when set: an empty value would be a missing argument
-        sha256=("--weights-sha256 " + config["features"]["sha256"]) if config["features"].get("sha256") else "",
+        sha256=f"--weights-sha256 {config['features']['sha256']}" if config["features"].get("sha256") else "",
         batch_size=config["features"]["batch_size"],
         device=config["features"]["device"],
         workers=config["features"].get("workers", 0),
