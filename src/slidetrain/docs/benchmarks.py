@@ -67,7 +67,8 @@ CATALOGUE: tuple[Result, ...] = (
            "K=4/8 with and without Random Feature Reconstruction.",
            cost="four whole-image trainings"),
     Result("results/tables/table2.csv", "Table 2: training memory (local-learning paper)",
-           "Peak memory of one training slide and step, image_e2e against local_k4/local_k8 per image size.",
+           "Peak memory of one training slide and step, image_e2e against local_k4/local_k8 per image size; "
+           "variant rows (activation checkpointing) are divided by image_e2e under the same variant.",
            cost="a fresh process per measurement; the rule asks for 21,000 MB of RAM"),
     Result("results/bench/mil_throughput.csv", "MIL training throughput",
            "One training epoch per MIL method over synthetic feature bags (`bench.mil_*`); MIL-RNN's epoch is "
