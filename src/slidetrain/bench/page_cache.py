@@ -76,11 +76,18 @@ def cached_fraction(path: str | Path) -> float:
             vec = (ctypes.c_ubyte * pages)()
             if _libc.mincore(addr, size, vec) != 0:
                 return math.nan
-            return sum(b & 1 for b in vec) / pages  # bit 0: the page is resident
+            return (pages - bytes(vec).count(0)) / pages  # a non-zero byte (bit 0): resident
         finally:
             _libc.munmap(addr, size)
     finally:
         os.close(fd)
+
+
+def largest_left(fractions: list[float]) -> float:
+    """The largest cached share; NaN if any is unknown (unknown for one file is unknown, not cold)."""
+    if any(math.isnan(x) for x in fractions):
+        return math.nan
+    return max(fractions, default=0.0)
 
 
 def drop_and_measure(paths: list[str | Path]) -> float:
@@ -89,9 +96,7 @@ def drop_and_measure(paths: list[str | Path]) -> float:
     for path in dict.fromkeys(map(str, paths)):  # each file once, in order
         drop_page_cache(path)
         left.append(cached_fraction(path))
-    if any(math.isnan(x) for x in left):  # unknown for one file: unknown, not "cold"
-        return math.nan
-    return max(left, default=0.0)
+    return largest_left(left)
 
 
-__all__ = ["cached_fraction", "drop_and_measure", "drop_page_cache"]
+__all__ = ["cached_fraction", "drop_and_measure", "drop_page_cache", "largest_left"]
