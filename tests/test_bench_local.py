@@ -96,20 +96,64 @@ def test_table2_ratios_and_paper_join(tmp_path):
         table2([*files, tmp_path / "dup.json"])
 
 
-def test_table2_shows_variants_beside_the_plain_rows(tmp_path):
+def as_variant(path, variant, **extra):
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "variant": variant, **extra}))
+    return path
+
+
+def test_table2_divides_each_variant_by_image_e2e_under_the_same_variant(tmp_path):
     files = [
         write_measurement(tmp_path / "a.json", "image_e2e", "8698x7496", 16.0),
         write_measurement(tmp_path / "b.json", "local_k4", "8698x7496", 4.0),
-        write_measurement(tmp_path / "c.json", "local_k4", "8698x7496", 2.0),
+        as_variant(write_measurement(tmp_path / "c.json", "local_k4", "8698x7496", 2.0),
+                   "checkpoint_tiles", wall_s=3.5),
+        as_variant(write_measurement(tmp_path / "d.json", "image_e2e", "8698x7496", 8.0), "checkpoint_tiles"),
+        as_variant(write_measurement(tmp_path / "e.json", "local_k8", "8698x7496", 1.0), "checkpoint_blocks"),
     ]
-    record = json.loads(files[2].read_text())
-    files[2].write_text(json.dumps({**record, "variant": "checkpoint_tiles", "wall_s": 3.5}))
     t = table2(files)
     row = {(r.method, r.variant): r for r in t.itertuples()}
-    assert row["local_k4", "checkpoint_tiles"].ratio_to_image_e2e == pytest.approx(2 / 16)  # vs plain e2e
-    assert row["local_k4", "checkpoint_tiles"].seconds_per_slide == pytest.approx(3.5)
-    assert math.isnan(row["local_k4", "checkpoint_tiles"].paper_memory_gb)
-    assert row["local_k4", ""].paper_memory_gb == pytest.approx(5.35)
+    ck = row["local_k4", "checkpoint_tiles"]
+    assert ck.ratio_to_image_e2e == pytest.approx(2 / 8)  # checkpointed E2E, not plain E2E's 16
+    assert ck.ratio_denominator == "image_e2e.checkpoint_tiles"
+    assert ck.variant_ratio_to_plain_image_e2e == pytest.approx(2 / 16)  # the mixed figure, named so
+    assert ck.seconds_per_slide == pytest.approx(3.5)
+    assert math.isnan(ck.paper_memory_gb) and math.isnan(ck.paper_ratio_to_image_e2e)
+    assert row["image_e2e", "checkpoint_tiles"].ratio_to_image_e2e == pytest.approx(1.0)
+    # no checkpointed E2E under checkpoint_blocks: no like-for-like ratio rather than a mixed one
+    assert math.isnan(row["local_k8", "checkpoint_blocks"].ratio_to_image_e2e)
+    plain = row["local_k4", ""]
+    assert plain.ratio_to_image_e2e == pytest.approx(4 / 16) and plain.ratio_denominator == "image_e2e"
+    assert math.isnan(plain.variant_ratio_to_plain_image_e2e)
+    assert plain.paper_memory_gb == pytest.approx(5.35)
+    assert plain.paper_ratio_to_image_e2e == pytest.approx(5.35 / 17.89)
+    # the paper's profile (no variant) heads the table, the variants follow
+    assert list(t.variant) == ["", "", "checkpoint_blocks", "checkpoint_tiles", "checkpoint_tiles"]
+
+
+def test_tiny_real_table2_denominator_has_the_rows_variant(tmp_path):
+    """Real measurements at a tiny size: every ratio's denominator is image_e2e under the row's variant.
+
+    A plain image_e2e row with a far larger (made-up) increment sits beside them, so dividing a
+    checkpointed row by plain E2E would give a visibly different ratio.
+    """
+    variant = '{"checkpointing": "blocks"}'
+    files = []
+    for method in ("image_e2e", "local_k4"):
+        out = tmp_path / f"{method}.checkpoint_blocks.json"
+        args = ["bench-train-memory", "--method", method, "--size", "96x64", "--device", "cpu",
+                "--threads", "1", "--params", variant, "--variant", "checkpoint_blocks", "--out", str(out)]
+        assert main(args) == 0
+        files.append(out)
+    files.append(write_measurement(tmp_path / "plain_e2e.json", "image_e2e", "96x64", 64.0))
+    t = table2(files).set_index(["method", "variant"], drop=False)
+    measured = {(r.method, r.variant): r.peak_memory_gb for r in t.itertuples()}
+    for r in t.itertuples():
+        denominator = t.loc[tuple(r.ratio_denominator.partition(".")[::2])]
+        assert denominator.method == "image_e2e" and denominator.variant == r.variant
+        assert r.ratio_to_image_e2e == pytest.approx(measured[r.method, r.variant] / denominator.peak_memory_gb)
+    ck = t.loc["local_k4", "checkpoint_blocks"]
+    assert ck.ratio_to_image_e2e > 4 * ck.variant_ratio_to_plain_image_e2e  # 64 GiB decoy is not used
 
 
 def test_a_tiny_real_measurement_writes_a_sane_json(tmp_path):

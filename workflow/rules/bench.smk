@@ -188,14 +188,15 @@ rule bench_train_memory:
 
 
 # A named variant (bench.train_memory.variants: name -> params, e.g. activation checkpointing) of
-# local_k4 and local_k8, measured the same way; Table 2 shows it beside the plain rows.
+# every Table 2 method, image_e2e included, measured the same way: each variant row is divided by
+# image_e2e under the same variant, so the ratio compares like with like.
 rule bench_train_memory_variant:
     output:
         "results/bench/train_memory/{device}/{size}/{method}.{variant}.json",
     wildcard_constraints:
         size=r"\d+x\d+",
         device=r"cpu|cuda(:\d+)?",
-        method=r"local_k4|local_k8",
+        method=r"image_e2e|local_k4|local_k8",
         variant=r"[A-Za-z0-9_]+",
     params:
         method_params=lambda w: json.dumps(_bench_cfg("train_memory", {}).get("variants", {})[w.variant]),
@@ -229,7 +230,7 @@ rule table2:
             "results/bench/train_memory/{device}/{size}/{method}.{variant}.json",
             device=_bench_cfg("device", "cpu"),
             size=_bench_cfg("train_memory", {}).get("sizes", []),
-            method=["local_k4", "local_k8"],
+            method=["image_e2e", "local_k4", "local_k8"],
             variant=list(_bench_cfg("train_memory", {}).get("variants", {})),
         ),
     output:

@@ -153,7 +153,8 @@ def cmd_distributed_scaling(a: argparse.Namespace) -> None:
 def _add_bench_read_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("bench-read", help="5x tissue-box reading speed: OpenSlide vs tifffile, side by side")
     s.add_argument("--slides", nargs="+", required=True, help="slide files")
-    s.add_argument("--threads", type=int, default=2, help="tifffile decoding threads")
+    s.add_argument("--threads", type=int, default=2,
+                   help="tifffile decoding threads, and the threads of the openslide_threads reader")
     s.add_argument("--repeats", type=int, default=3, help="timed reads per slide and reader")
     s.add_argument("--mpp-fallback", type=float)
     s.add_argument("--out", required=True, help="CSV")

@@ -209,24 +209,27 @@ def tilebag_section(ctx: GpuContext) -> Iterator[dict]:
 
 def local_learning_section(ctx: GpuContext) -> Iterator[dict]:
     """Zhang et al.'s Tables 2 and 3 on the device: training memory of one slide at the paper's smallest
-    Table 2 image (5x) for image_e2e, local_k4, local_k8 and local_k8 with `checkpointing: tiles`, as max_memory_allocated
+    Table 2 image (5x) for image_e2e, local_k4, local_k8, and image_e2e and local_k8 with `checkpointing: tiles`
+    (each share divides by image_e2e under the same params: like for like), as max_memory_allocated
     increments (slidetrain.bench.local_memory, the rule bench_train_memory's measurement), then whole-image
     inference seconds of local_k4 on that image beside ResNet34 tile embedding at 224 px per megapixel
     (Table 3's model part; reading slides needs OpenSlide, which this machine lacks).
 
-    --tiny: 384x320 on the CPU (peak RSS of a fresh process per measurement; image_e2e and the checkpointed K=8).
+    --tiny: 384x320 on the CPU (peak RSS of a fresh process per measurement; image_e2e, plain and checkpointed,
+    and the checkpointed K=8).
     """
     from slidetrain.bench.local_memory import measure_train_memory
     from slidetrain.models.encoders import build_encoder
     from slidetrain.train.wholeimage.registry import build_learner
 
     width, height = paper_image_size() if not ctx.tiny else (384, 320)
+    checkpointed = {"checkpointing": "tiles"}  # the default checkpoint_tile_px (64)
     cases = [("image_e2e", {}), ("local_k4", {}), ("local_k8", {}),
-             ("local_k8", {"checkpointing": "tiles"})]  # the default checkpoint_tile_px (64)
-    if ctx.tiny:  # a fresh process per CPU measurement: rehearse both kinds of learner, not all four
-        cases = [cases[0], cases[-1]]
+             ("image_e2e", checkpointed), ("local_k8", checkpointed)]
+    if ctx.tiny:  # a fresh process per CPU measurement: rehearse both kinds of learner, not all five
+        cases = [cases[0], cases[-2], cases[-1]]
     deadline = time.perf_counter() + 0.7 * ctx.cap_s  # leave the inference part its time
-    image_e2e = None
+    image_e2e: dict[str, float] = {}  # json.dumps(params) -> image_e2e's GiB under those params
     for method, params in cases:
         if time.perf_counter() > deadline:
             yield {"kind": "train_memory", "method": method, "params": json.dumps(params),
@@ -235,11 +238,17 @@ def local_learning_section(ctx: GpuContext) -> Iterator[dict]:
         report = measure_train_memory(method, height, width, str(ctx.device), {"weights": "none", **params},
                                       threads=None if ctx.device.type == "cuda" else 1)
         gib = round(report.increment_bytes / 2**30, 3)
-        image_e2e = gib if method == "image_e2e" else image_e2e  # measured first: the denominator of the shares
-        # the paper's shares of E2E at this size: local_table2.csv (V100)
-        yield {"kind": "train_memory", "method": method, "params": json.dumps(params),
+        key = json.dumps(params)
+        if method == "image_e2e":  # measured before the local rows of the same params: their denominator
+            image_e2e[key] = gib
+        # the paper's shares of E2E at this size: local_table2.csv (V100; neither checkpointed)
+        same, plain = image_e2e.get(key), image_e2e.get(json.dumps({}))
+        yield {"kind": "train_memory", "method": method, "params": key,
                "image_size": f"{width}x{height}", "increment_gib": gib, "seconds": round(report.wall_s, 2),
-               "probe": report.method, "status": "ok", "share_of_image_e2e": round(gib / image_e2e, 4) if image_e2e else None}
+               "probe": report.method, "status": "ok",
+               "share_of_image_e2e": round(gib / same, 4) if same else None,  # image_e2e, same params
+               # checkpointed rows over plain image_e2e: not like for like, named so
+               "share_of_plain_image_e2e": round(gib / plain, 4) if plain and params else None}
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
     # Table 3's model part: whole-image prediction vs tile embedding, seconds per megapixel

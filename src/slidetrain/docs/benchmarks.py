@@ -47,9 +47,11 @@ CATALOGUE: tuple[Result, ...] = (
            "masking and tiling."),
     Result("results/bench/features_throughput.csv", "Feature extraction throughput",
            "Tiles/s of one shard end to end (read, decode, encode, write) against the encoder alone on the "
-           "same tiles in memory, per reader-process count."),
+           "same tiles in memory, per reader-process count, with the slide files cold (evicted from the page "
+           "cache) and warm."),
     Result("results/bench/read_speed.csv", "Slide reading: OpenSlide against the tifffile reader",
-           "Mpx/s reading the 5x tissue box, both readers side by side in one process."),
+           "Mpx/s reading the 5x tissue box, both readers side by side in one process, each with its thread "
+           "count; OpenSlide also on tifffile's number of threads."),
     Result("results/tables/table3.csv", "Table 3: inference seconds (local-learning paper)",
            "Seconds per slide, tile pipeline (tiling, features, gated ABMIL) against whole-slide inference "
            "(reading, local_k4)."),
@@ -62,12 +64,14 @@ CATALOGUE: tuple[Result, ...] = (
     Result("results/bench/distributed_scaling.csv", "Distributed executor: seconds per step against encoder ranks",
            "N encoder ranks at a fixed k per rank, `plain` at N x k tiles timed in the same job."),
     Result("results/bench/tilebag_step.csv", "Tile-bag step: on-the-fly reading against bags in memory",
-           "Seconds per training step, tiles read/s beside tiles encoded/s."),
+           "Seconds per training step, on-the-fly reading cold (slide files evicted from the page cache) and "
+           "warm; tiles read/s beside tiles encoded/s."),
     Result("results/tables/table4.csv", "Table 4: RFR ablation (local-learning paper)",
            "K=4/8 with and without Random Feature Reconstruction.",
            cost="four whole-image trainings"),
     Result("results/tables/table2.csv", "Table 2: training memory (local-learning paper)",
-           "Peak memory of one training slide and step, image_e2e against local_k4/local_k8 per image size.",
+           "Peak memory of one training slide and step, image_e2e against local_k4/local_k8 per image size; "
+           "variant rows (activation checkpointing) are divided by image_e2e under the same variant.",
            cost="a fresh process per measurement; the rule asks for 21,000 MB of RAM"),
     Result("results/bench/mil_throughput.csv", "MIL training throughput",
            "One training epoch per MIL method over synthetic feature bags (`bench.mil_*`); MIL-RNN's epoch is "
