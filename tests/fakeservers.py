@@ -53,8 +53,12 @@ class FakeServer:
             def do_GET(self):
                 url = urlparse(self.path)
                 server.requests.append(
-                    {"path": url.path, "query": parse_qs(url.query), "range": self.headers.get("Range"),
-                     "auth": self.headers.get("Authorization")}
+                    {
+                        "path": url.path,
+                        "query": parse_qs(url.query),
+                        "range": self.headers.get("Range"),
+                        "auth": self.headers.get("Authorization"),
+                    }
                 )
                 if url.path.startswith("/competitions/"):
                     if server.auth_required and self.headers.get("Authorization") != server.auth_required:

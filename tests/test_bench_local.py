@@ -82,12 +82,7 @@ def test_table2_ratios_and_paper_join(tmp_path):
     assert list(t[t.image_size == "8698x7496"].method) == ["image_e2e", "local_k4", "local_k8"]
 
     csv, md = tmp_path / "table2.csv", tmp_path / "table2.md"
-    assert (
-        main(
-            ["table2", "--measurements", *map(str, files), "--out", str(csv), "--markdown", str(md)]
-        )
-        == 0
-    )
+    assert main(["table2", "--measurements", *map(str, files), "--out", str(csv), "--markdown", str(md)]) == 0
     assert list(pd.read_csv(csv).columns) == TABLE2_COLUMNS
     assert md.read_text().startswith("| image_size | method |")
 
@@ -106,8 +101,9 @@ def test_table2_divides_each_variant_by_image_e2e_under_the_same_variant(tmp_pat
     files = [
         write_measurement(tmp_path / "a.json", "image_e2e", "8698x7496", 16.0),
         write_measurement(tmp_path / "b.json", "local_k4", "8698x7496", 4.0),
-        as_variant(write_measurement(tmp_path / "c.json", "local_k4", "8698x7496", 2.0),
-                   "checkpoint_tiles", wall_s=3.5),
+        as_variant(
+            write_measurement(tmp_path / "c.json", "local_k4", "8698x7496", 2.0), "checkpoint_tiles", wall_s=3.5
+        ),
         as_variant(write_measurement(tmp_path / "d.json", "image_e2e", "8698x7496", 8.0), "checkpoint_tiles"),
         as_variant(write_measurement(tmp_path / "e.json", "local_k8", "8698x7496", 1.0), "checkpoint_blocks"),
     ]
@@ -141,8 +137,23 @@ def test_tiny_real_table2_denominator_has_the_rows_variant(tmp_path):
     files = []
     for method in ("image_e2e", "local_k4"):
         out = tmp_path / f"{method}.checkpoint_blocks.json"
-        args = ["bench-train-memory", "--method", method, "--size", "96x64", "--device", "cpu",
-                "--threads", "1", "--params", variant, "--variant", "checkpoint_blocks", "--out", str(out)]
+        args = [
+            "bench-train-memory",
+            "--method",
+            method,
+            "--size",
+            "96x64",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--params",
+            variant,
+            "--variant",
+            "checkpoint_blocks",
+            "--out",
+            str(out),
+        ]
         assert main(args) == 0
         files.append(out)
     files.append(write_measurement(tmp_path / "plain_e2e.json", "image_e2e", "96x64", 64.0))

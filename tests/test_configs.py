@@ -21,9 +21,23 @@ REPO = Path(__file__).resolve().parents[1]
 def dry_run(configfile: Path, *targets: str) -> list[dict]:
     """The jobs `snakemake -n` plans: one dict per job with its rule and wildcards."""
     out = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "-d", str(REPO),
-         *(targets or ["results/tables/table1.csv"]), "--configfile", str(configfile)],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-n",
+            "-s",
+            str(REPO / "Snakefile"),
+            "-d",
+            str(REPO),
+            *(targets or ["results/tables/table1.csv"]),
+            "--configfile",
+            str(configfile),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     jobs = []
@@ -83,8 +97,12 @@ def test_user_blocks_replace_the_defaults_instead_of_merging():
         "table4": {"datasets": ["synthetic"], "methods": ["local_k4"]},
         "bench": {"device": "cpu", "threads": 2},
     }
-    user = {"datasets": {"mine": {"sheet": "m.tsv", "classes": ["a", "b"]}}, "methods": {"abmil": {"epochs": 5}},
-            "splits": {"official": {}}, "bench": {"device": "cuda"}}
+    user = {
+        "datasets": {"mine": {"sheet": "m.tsv", "classes": ["a", "b"]}},
+        "methods": {"abmil": {"epochs": 5}},
+        "splits": {"official": {}},
+        "bench": {"device": "cuda"},
+    }
     merged = {**default, "bench": {"device": "cuda", "threads": 2}}  # what Snakemake's deep merge left
     merged["datasets"] = {**default["datasets"], **user["datasets"]}
     merged["methods"] = {**default["methods"], "abmil": {"feature_norm": "standardize", "epochs": 5}}
@@ -112,7 +130,9 @@ def test_workflow_downloads_with_the_concurrency_limit_and_excludes_a_bad_slide(
         rows = []
         for i, (slide, data) in enumerate(blobs.items()):
             server.files[f"/slides/{slide}.tif"] = FakeFile(data, delay_s=0.3, corrupt=100 if i == 2 else 0)
-            rows.append(f"{slide}\tp{i}\tLUAD\t{server.url}/slides/{slide}.tif\t{hashlib.md5(data).hexdigest()}\t{len(data)}")
+            rows.append(
+                f"{slide}\tp{i}\tLUAD\t{server.url}/slides/{slide}.tif\t{hashlib.md5(data).hexdigest()}\t{len(data)}"
+            )
         sheet = tmp_path / "mine.tsv"
         sheet.write_text("slide_id\tpatient_id\tlabel\tsource\tmd5\tsize\n" + "\n".join(rows) + "\n")
         config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -124,9 +144,26 @@ def test_workflow_downloads_with_the_concurrency_limit_and_excludes_a_bad_slide(
         path.write_text(yaml.safe_dump(config))
         targets = [f"resources/mine/slides/{s}.tif" for s in blobs]
         out = subprocess.run(
-            [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--cores", "3",
-             *targets, "--resources", "downloads=1", "--configfile", str(path)],
-            capture_output=True, text=True, timeout=600, cwd=REPO,
+            [
+                sys.executable,
+                "-m",
+                "snakemake",
+                "-s",
+                str(REPO / "Snakefile"),
+                "-d",
+                str(tmp_path),
+                "--cores",
+                "3",
+                *targets,
+                "--resources",
+                "downloads=1",
+                "--configfile",
+                str(path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=REPO,
         )
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         assert server.max_active == 1, server.max_active  # unlimited, the 3 cores fetch all 3 at once

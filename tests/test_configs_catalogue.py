@@ -21,7 +21,10 @@ def test_every_registered_method_has_its_line_with_the_same_facts():
     for name, entry in REGISTRY.items():
         info = METHODS[name]
         assert (info.trainer, info.config_cls, info.binary_only, info.has_attention) == (
-            "mil", entry.config_cls, entry.binary_only, entry.model_cls.has_attention
+            "mil",
+            entry.config_cls,
+            entry.binary_only,
+            entry.model_cls.has_attention,
         ), name
     for name in learners:
         info, spec = METHODS[name], LEARNERS[name]

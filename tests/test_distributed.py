@@ -26,15 +26,31 @@ TOY = {"case": "toy", "dim": 32, "tiles": 21, "steps": 3, "momentum": 0.9, "trac
 TOL = 1e-5
 
 
-def torchrun(tmp: Path, spec: dict, *extra: str, nproc: int = 3, timeout_s: float = 30,
-             out: str = "parallel.pt", **hooks: str) -> subprocess.CompletedProcess:
+def torchrun(
+    tmp: Path, spec: dict, *extra: str, nproc: int = 3, timeout_s: float = 30, out: str = "parallel.pt", **hooks: str
+) -> subprocess.CompletedProcess:
     """`slidetrain distributed-parallel` under torchrun; `hooks`: tests/_entry.py's environment variables."""
     import json
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"), **hooks}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           ENTRY, "distributed-parallel", "--spec", json.dumps(spec), "--out", str(tmp / out),
-           "--backend", "gloo", "--timeout-s", str(timeout_s), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        ENTRY,
+        "distributed-parallel",
+        "--spec",
+        json.dumps(spec),
+        "--out",
+        str(tmp / out),
+        "--backend",
+        "gloo",
+        "--timeout-s",
+        str(timeout_s),
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp)
 
 
@@ -52,7 +68,9 @@ def side_l1(single: dict, parallel: dict, kind: str, side: str) -> list[float]:
 def equivalent(single: dict, parallel: dict, tol: float = TOL) -> bool:
     return len(single["records"]) == len(parallel["records"]) and all(
         max(side_l1(single, parallel, kind, side)) < tol
-        for kind in ("grads", "params") for side in ("encoder", "aggregator"))
+        for kind in ("grads", "params")
+        for side in ("encoder", "aggregator")
+    )
 
 
 def seconds_since_fault(proc: subprocess.CompletedProcess, finished: float) -> float:
@@ -104,8 +122,12 @@ def test_wrong_pseudo_loss_scale_is_detected(tmp_path):
 
 def records_by_name(result: dict) -> dict:
     """Every tracked tensor of every step (parameters after it, gradients before it) by one name."""
-    return {f"step{r['step']}.{kind}.{name}": t for r in result["records"] for kind in ("params", "grads")
-            for name, t in r[kind].items()}
+    return {
+        f"step{r['step']}.{kind}.{name}": t
+        for r in result["records"]
+        for kind in ("params", "grads")
+        for name, t in r[kind].items()
+    }
 
 
 def test_resnet_gma_syncbn_three_processes_match_single_process(tmp_path):
@@ -117,21 +139,24 @@ def test_resnet_gma_syncbn_three_processes_match_single_process(tmp_path):
     """
     from slidetrain.bench.fidelity import JUMP, assert_exact, fidelity
 
-    spec = {"case": "resnet", "tile_px": 32, "tiles": 8, "steps": 2, "lr": 1e-3, "momentum": 0.9,
-            "track_all": True}
+    spec = {"case": "resnet", "tile_px": 32, "tiles": 8, "steps": 2, "lr": 1e-3, "momentum": 0.9, "track_all": True}
     spec64 = {**spec, "dtype": "float64"}
     proc = torchrun(tmp_path, spec64, out="parallel64.pt")
     assert proc.returncode == 0, proc.stderr[-3000:]
     reference = run_single(spec_from_dict(spec64))
     assert torch.get_default_dtype() == torch.float32  # run_single restores it
-    assert_exact(records_by_name(load(tmp_path / "parallel64.pt")), records_by_name(reference),
-                 what="parallel float64")
+    assert_exact(records_by_name(load(tmp_path / "parallel64.pt")), records_by_name(reference), what="parallel float64")
 
     proc = torchrun(tmp_path, spec)
     assert proc.returncode == 0, proc.stderr[-3000:]
     single, parallel = run_single(spec_from_dict(spec)), load(tmp_path / "parallel.pt")
-    fidelity(records_by_name(parallel), records_by_name(single), records_by_name(reference), jump=JUMP,
-             jump_on=lambda name: True).check("parallel float32")
+    fidelity(
+        records_by_name(parallel),
+        records_by_name(single),
+        records_by_name(reference),
+        jump=JUMP,
+        jump_on=lambda name: True,
+    ).check("parallel float32")
 
 
 def test_a_gradient_on_one_side_only_fails_the_comparison():
@@ -166,8 +191,9 @@ def test_hung_rank_times_out_with_an_error_naming_it(tmp_path):
     proc = torchrun(tmp_path, {**TOY, "predict_tiles": 0}, timeout_s=4, SLIDETRAIN_RANK_FAULT="hang:2:2")
     assert proc.returncode != 0
     assert "size exchange (all_gather) at step 2 failed" in proc.stderr, proc.stderr[-3000:]
-    report = re.search(r"\[rank0\]:\[E\d{4} (\d+):(\d+):(\d+\.\d+) .*Ranks? 2 failed to pass monitoredBarrier",
-                       proc.stderr)
+    report = re.search(
+        r"\[rank0\]:\[E\d{4} (\d+):(\d+):(\d+\.\d+) .*Ranks? 2 failed to pass monitoredBarrier", proc.stderr
+    )
     assert report, proc.stderr[-3000:]
     fault = re.search(r"^\S+ (\d+):(\d+):(\d+),(\d+) ERROR .*injected fault", proc.stderr, re.M)
     to_s = lambda h, m, sec: 3600 * int(h) + 60 * int(m) + float(sec)  # noqa: E731
@@ -194,8 +220,14 @@ def test_slurm_profile_gives_a_torchrun_rule_one_task_with_n_gpus():
     profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
     rule = {"gpu": 5, "nproc": 5, "mem_mb": 10000, "runtime": 30}  # the rule's resources with device: cuda
     job = Job({**profile["default-resources"], **profile["set-resources"]["distributed_parallel"], **rule})
-    params = {"run_uuid": "u", "slurm_logfile": "log", "comment_str": "c", "account": "", "partition": "-p gpu",
-              "workdir": "/w"}
+    params = {
+        "run_uuid": "u",
+        "slurm_logfile": "log",
+        "comment_str": "c",
+        "account": "",
+        "partition": "-p gpu",
+        "workdir": "/w",
+    }
     sbatch = get_submit_command(job, params) + set_gres_string(job)
     assert "--gpus=5" in sbatch and "ntasks" not in sbatch  # one task (SLURM's default), five GPUs
     assert (get_gpu_setting(job), get_node_setting(job)) == ("--gpus=5", "--nodes=1")  # srun -n1 inside

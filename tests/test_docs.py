@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_configuration_page_is_what_the_generator_writes():
     page = (REPO / "docs" / "configuration.md").read_text()
     assert page == configuration.render(), (
-        "docs/configuration.md is stale: run `python -m slidetrain.docs.configuration > docs/configuration.md`")
+        "docs/configuration.md is stale: run `python -m slidetrain.docs.configuration > docs/configuration.md`"
+    )
 
 
 def test_every_schema_key_has_a_description():
@@ -37,17 +38,27 @@ def test_a_key_without_description_is_caught():
     del schema["properties"]["preprocess"]["properties"]["tile_px"]["description"]
     assert configuration.undescribed(schema) == ["preprocess.tile_px"]
     assert configuration.config_keys_without_description({"preprocess": {"tile_px": 1}}, schema) == [
-        "preprocess.tile_px"]
+        "preprocess.tile_px"
+    ]
     assert configuration.config_keys_without_description({"preprocess": {"tile_size": 1}}, schema) == [
-        "preprocess.tile_size (not in the schema)"]
+        "preprocess.tile_size (not in the schema)"
+    ]
     with pytest.raises(ValueError, match="preprocess.tile_px"):
         configuration.render(schema=schema)
 
 
 def test_configuration_page_lists_method_and_tilebag_keys():
     page = configuration.render()
-    for text in ("`preprocess.tile_px`", "`datasets.<name>.sheet`", "`docs.build`", "`clam_sb`",
-                 "`local_k4`", "| `K` | `4` (fixed by the name)", "`executor`", "`checkpointing`"):
+    for text in (
+        "`preprocess.tile_px`",
+        "`datasets.<name>.sheet`",
+        "`docs.build`",
+        "`clam_sb`",
+        "`local_k4`",
+        "| `K` | `4` (fixed by the name)",
+        "`executor`",
+        "`checkpointing`",
+    ):
         assert text in page, text
 
 
@@ -64,8 +75,11 @@ def test_benchmarks_page_renders_each_table_with_its_stamp(tmp_path):
     stamp = benchmarks.Stamp(commit="0123abc", cpu="Test CPU 9000", threads=2, gpu="none")
     page = benchmarks.render(tmp_path, stamp)
 
-    for title, path in (("Table 1", "results/tables/table1.csv"), ("Slide reading", "results/bench/read_speed.csv"),
-                        ("results/bench/unknown_probe.csv", "results/bench/unknown_probe.csv")):
+    for title, path in (
+        ("Table 1", "results/tables/table1.csv"),
+        ("Slide reading", "results/bench/read_speed.csv"),
+        ("results/bench/unknown_probe.csv", "results/bench/unknown_probe.csv"),
+    ):
         section = page.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
         assert f"Command: `snakemake --cores all {path}`" in section
         assert "commit `0123abc`" in section and "CPU: Test CPU 9000" in section
@@ -90,7 +104,9 @@ def test_docs_inputs_build_the_configured_results_and_add_existing_ones(tmp_path
     _write(tmp_path / "results/tables/tilebag_table1.csv", "a\n1\n")
     assert benchmarks.docs_inputs(None, tmp_path) == [*benchmarks.DEFAULT_BUILD, "results/tables/tilebag_table1.csv"]
     assert benchmarks.docs_inputs(["results/tables/table1.csv"], tmp_path) == [
-        "results/tables/table1.csv", "results/tables/tilebag_table1.csv"]
+        "results/tables/table1.csv",
+        "results/tables/tilebag_table1.csv",
+    ]
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     assert tuple(config["docs"]["build"]) == benchmarks.DEFAULT_BUILD
     full = yaml.safe_load((REPO / "config" / "docs_full.yaml").read_text())

@@ -27,8 +27,16 @@ def _get(server, tmp_path, **kw):
     kw.setdefault("md5", MD5)
     kw.setdefault("size", len(DATA))
     dest = tmp_path / "slides" / "TCGA-AA-0001-01Z-00-DX1.svs"
-    out = download(f"gdc:{FILE_ID}", dest, slide_id="TCGA-AA-0001-01Z-00-DX1", retries=kw.pop("retries", 4),
-                   backoff_s=0.01, progress=False, endpoints=Endpoints(gdc_api=server.url), **kw)
+    out = download(
+        f"gdc:{FILE_ID}",
+        dest,
+        slide_id="TCGA-AA-0001-01Z-00-DX1",
+        retries=kw.pop("retries", 4),
+        backoff_s=0.01,
+        progress=False,
+        endpoints=Endpoints(gdc_api=server.url),
+        **kw,
+    )
     return dest, out
 
 
@@ -115,9 +123,27 @@ def test_partial_file_from_an_earlier_attempt_is_resumed(tmp_path):
 
 
 def _cli_download(server_url: str, dest: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "slidetrain.cli", "download", "--source", f"gdc:{FILE_ID}", "--out", str(dest),
-           "--slide-id", "slide1", "--md5", MD5, "--size", str(len(DATA)), "--backoff-s", "0.01",
-           "--gdc-api", server_url, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "slidetrain.cli",
+        "download",
+        "--source",
+        f"gdc:{FILE_ID}",
+        "--out",
+        str(dest),
+        "--slide-id",
+        "slide1",
+        "--md5",
+        MD5,
+        "--size",
+        str(len(DATA)),
+        "--backoff-s",
+        "0.01",
+        "--gdc-api",
+        server_url,
+        *extra,
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy())
 
 
@@ -167,8 +193,8 @@ def test_preprocessing_turns_a_download_marker_into_an_excluded_slide(tmp_path):
 
     slide = tmp_path / "s.svs"
     write_exclusion_marker(slide, "s", "md5 0123, expected abcd")
-    outputs = {k: tmp_path / f"out_{k}{'.png' if k in ('mask_png', 'qc_path') else '.h5' if k == 'tiles_h5' else '.jpg' if k == 'image_path' else '.json'}"
-               for k in OUTPUT_KEYS}
+    suffix = {"mask_png": ".png", "qc_path": ".png", "tiles_h5": ".h5", "image_path": ".jpg"}
+    outputs = {k: tmp_path / f"out_{k}{suffix.get(k, '.json')}" for k in OUTPUT_KEYS}
     with pytest.raises(SlideError, match="s: not downloaded: s: md5 0123"):
         preprocess_or_exclude(slide, "s", outputs, {}, "error", tmp_path / "status.json")
     preprocess_or_exclude(slide, "s", outputs, {}, "exclude", tmp_path / "status.json")

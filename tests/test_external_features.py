@@ -39,8 +39,14 @@ def write_trident(folder, slide_id, features, coords):
         f.create_dataset("features", data=features)
         f["features"].attrs["name"] = slide_id
         c = f.create_dataset("coords", data=coords)
-        for k, v in {"patch_size": 256, "patch_size_level0": 512, "level0_magnification": 40,
-                     "target_magnification": 20, "overlap": 0, "name": slide_id}.items():
+        for k, v in {
+            "patch_size": 256,
+            "patch_size_level0": 512,
+            "level0_magnification": 40,
+            "target_magnification": 20,
+            "overlap": 0,
+            "name": slide_id,
+        }.items():
             c.attrs[k] = v
 
 
@@ -105,15 +111,38 @@ def test_mil_trains_on_trident_features(tmp_path):
     rows = []
     for i in range(12):
         write_trident(folder, f"s{i:02d}", *_bag(i))
-        rows.append({"slide_id": f"s{i:02d}", "patient_id": f"p{i:02d}", "label": CLASSES[i % 2],
-                     "part": "train" if i < 8 else ("val" if i < 10 else "test")})
+        rows.append(
+            {
+                "slide_id": f"s{i:02d}",
+                "patient_id": f"p{i:02d}",
+                "label": CLASSES[i % 2],
+                "part": "train" if i < 8 else ("val" if i < 10 else "test"),
+            }
+        )
     split_csv = tmp_path / "split.csv"
     write_split(pd.DataFrame(rows), split_csv)
     index = external_feature_index(folder, [r["slide_id"] for r in rows], tmp_path / "index.csv")
     assert (index["dim"] == 24).all()
-    cmd = [sys.executable, "-m", "slidetrain.cli", "train-mil", "--method", "abmil", "--params",
-           json.dumps({"epochs": 2}), "--split", str(split_csv), "--features", str(folder), "--classes", *CLASSES,
-           "--out", str(tmp_path / "run"), "--seed", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "slidetrain.cli",
+        "train-mil",
+        "--method",
+        "abmil",
+        "--params",
+        json.dumps({"epochs": 2}),
+        "--split",
+        str(split_csv),
+        "--features",
+        str(folder),
+        "--classes",
+        *CLASSES,
+        "--out",
+        str(tmp_path / "run"),
+        "--seed",
+        "0",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "run" / "model.pt").exists()

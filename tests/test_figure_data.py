@@ -28,11 +28,29 @@ def test_offload_figure_writes_one_series_per_kind(tmp_path):
     from slidetrain.paper.offload_figure import offload_figure
 
     sides = [1024, 2048, 4096]
-    rows = [{"image_side": s, "config": c, "seconds_mean": 0.1 * i + s / 1e4, "seconds_std": 0.01,
-             "peak_device_gb": 1.0, "device": "cpu"}
-            for i, c in enumerate(("plain", "save_on_cpu")) for s in sides[:2]]
-    rows += [{"image_side": s, "config": f"offload_{n}", "seconds_mean": s / 1e3, "seconds_std": 0.02,
-              "peak_device_gb": 1.0, "device": "cpu"} for n, s in enumerate(sides, 1)]
+    rows = [
+        {
+            "image_side": s,
+            "config": c,
+            "seconds_mean": 0.1 * i + s / 1e4,
+            "seconds_std": 0.01,
+            "peak_device_gb": 1.0,
+            "device": "cpu",
+        }
+        for i, c in enumerate(("plain", "save_on_cpu"))
+        for s in sides[:2]
+    ]
+    rows += [
+        {
+            "image_side": s,
+            "config": f"offload_{n}",
+            "seconds_mean": s / 1e3,
+            "seconds_std": 0.02,
+            "peak_device_gb": 1.0,
+            "device": "cpu",
+        }
+        for n, s in enumerate(sides, 1)
+    ]
     pd.DataFrame(rows).to_csv(tmp_path / "sweep.csv", index=False)
     offload_figure(tmp_path / "sweep.csv", tmp_path / "figure2.png")
     data = pd.read_csv(tmp_path / "figure2.csv")
@@ -51,12 +69,36 @@ def test_distributed_figure3_writes_each_panel_per_model(tmp_path):
     for model in ("toy", "resnet"):
         for step in (1, 2, 3):
             for tensor in ("conv1", "fc"):
-                rows.append({"model": model, "step": step, "tensor": f"{tensor} param", "normalized_l1": 1e-7 * step,
-                             "abs_difference": "", "fp32_noise": 1e-8})
-                rows.append({"model": model, "step": step, "tensor": f"{tensor} grad", "normalized_l1": 0.0,
-                             "abs_difference": "", "fp32_noise": 1e-8})
-            rows.append({"model": model, "step": step, "tensor": "loss", "normalized_l1": 0.0, "abs_difference": 1e-9,
-                         "fp32_noise": 1e-9})
+                rows.append(
+                    {
+                        "model": model,
+                        "step": step,
+                        "tensor": f"{tensor} param",
+                        "normalized_l1": 1e-7 * step,
+                        "abs_difference": "",
+                        "fp32_noise": 1e-8,
+                    }
+                )
+                rows.append(
+                    {
+                        "model": model,
+                        "step": step,
+                        "tensor": f"{tensor} grad",
+                        "normalized_l1": 0.0,
+                        "abs_difference": "",
+                        "fp32_noise": 1e-8,
+                    }
+                )
+            rows.append(
+                {
+                    "model": model,
+                    "step": step,
+                    "tensor": "loss",
+                    "normalized_l1": 0.0,
+                    "abs_difference": 1e-9,
+                    "fp32_noise": 1e-9,
+                }
+            )
     equivalence_figure(rows, tmp_path / "figure3.png")
     data = pd.read_csv(tmp_path / "figure3.csv")
     assert set(data.panel) == {f"{m}: {k}" for m in ("toy", "resnet") for k in ("param", "loss", "grad")}
@@ -73,12 +115,22 @@ def _attention_run(tmp_path, n_tiles: int = 6):
     run.mkdir(parents=True)
     (tmp_path / "images").mkdir()
     (tmp_path / "tiles").mkdir()
-    pd.DataFrame([{"method": "abmil", "dataset": "syn", "auroc": 0.9},
-                  {"method": "clam_sb", "dataset": "syn", "auroc": 0.8}]).to_csv(tmp_path / "table1.csv", index=False)
+    pd.DataFrame(
+        [{"method": "abmil", "dataset": "syn", "auroc": 0.9}, {"method": "clam_sb", "dataset": "syn", "auroc": 0.8}]
+    ).to_csv(tmp_path / "table1.csv", index=False)
     slides = {"s_a": "a", "s_b": "b"}
-    pd.DataFrame([{"slide_id": s, "label": c, "predicted": c, "prob_a": 0.9 if c == "a" else 0.1,
-                   "prob_b": 0.1 if c == "a" else 0.9} for s, c in slides.items()]).to_csv(run / "predictions.csv",
-                                                                                           index=False)
+    pd.DataFrame(
+        [
+            {
+                "slide_id": s,
+                "label": c,
+                "predicted": c,
+                "prob_a": 0.9 if c == "a" else 0.1,
+                "prob_b": 0.1 if c == "a" else 0.9,
+            }
+            for s, c in slides.items()
+        ]
+    ).to_csv(run / "predictions.csv", index=False)
     rng = np.random.default_rng(0)
     coords = np.array([[64 * (i % 3), 64 * (i // 3)] for i in range(n_tiles)])  # level-0 corners (N, 2)
     with h5py.File(run / "attention.h5", "w") as att:
@@ -97,8 +149,17 @@ def test_attention_figure_writes_the_drawn_attention_per_tile(tmp_path):
     from slidetrain.paper.figures import ATTENTION_DATA_COLUMNS, attention_figure
 
     slides, coords = _attention_run(tmp_path)
-    method = attention_figure("syn", tmp_path / "table1.csv", tmp_path / "runs", tmp_path / "images",
-                              tmp_path / "tiles", None, ["a", "b"], ["abmil", "clam_sb"], tmp_path / "attention.png")
+    method = attention_figure(
+        "syn",
+        tmp_path / "table1.csv",
+        tmp_path / "runs",
+        tmp_path / "images",
+        tmp_path / "tiles",
+        None,
+        ["a", "b"],
+        ["abmil", "clam_sb"],
+        tmp_path / "attention.png",
+    )
     assert method == "abmil"  # the best attention method of Table 1
     data = pd.read_csv(tmp_path / "attention.csv")
     assert list(data.columns) == ATTENTION_DATA_COLUMNS

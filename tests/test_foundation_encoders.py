@@ -67,12 +67,23 @@ def test_full_size_matches_the_card_on_meta(name):
 def _to_hf_dinov2(state: dict) -> dict:
     """timm ViT keys -> HF transformers Dinov2Model keys (what Phikon-v2's model.safetensors holds)."""
     out = {"embeddings.mask_token": torch.zeros(1, state["cls_token"].shape[-1])}
-    top = {"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
-           "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
-           "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
-           "norm.weight": "layernorm.weight", "norm.bias": "layernorm.bias"}
-    blk = {"norm1": "norm1", "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
-           "attn.proj": "attention.output.dense", "ls1.gamma": "layer_scale1.lambda1", "ls2.gamma": "layer_scale2.lambda1"}
+    top = {
+        "cls_token": "embeddings.cls_token",
+        "pos_embed": "embeddings.position_embeddings",
+        "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+        "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+        "norm.weight": "layernorm.weight",
+        "norm.bias": "layernorm.bias",
+    }
+    blk = {
+        "norm1": "norm1",
+        "norm2": "norm2",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+        "attn.proj": "attention.output.dense",
+        "ls1.gamma": "layer_scale1.lambda1",
+        "ls2.gamma": "layer_scale2.lambda1",
+    }
     for k, v in state.items():
         if k in top:
             out[top[k]] = v
@@ -85,7 +96,7 @@ def _to_hf_dinov2(state: dict) -> dict:
             continue
         for a, b in blk.items():
             if rest == a or rest.startswith(a + "."):
-                out[f"encoder.layer.{i}.{b}{rest[len(a):]}"] = v
+                out[f"encoder.layer.{i}.{b}{rest[len(a) :]}"] = v
                 break
         else:
             raise AssertionError(k)
@@ -101,10 +112,13 @@ def _published(name: str, state: dict) -> list[tuple[str, dict]]:
         extra = {"text.token_embedding.weight": torch.zeros(3, 4), "logit_scale": torch.ones(())}
         return [("vision", state), ("coca_visual", {**{f"visual.{k}": v for k, v in state.items()}, **extra})]
     extra = {"visual.attn_pool.query": torch.zeros(2, 2), "text.proj": torch.zeros(2)}
-    return [("timm", state), ("module.", {f"module.{k}": v for k, v in state.items()}),
-            ("model.", {f"model.{k}": v for k, v in state.items()}),
-            ("backbone.", {f"backbone.{k}": v for k, v in state.items()}),
-            ("visual.trunk.", {**{f"visual.trunk.{k}": v for k, v in state.items()}, **extra})]
+    return [
+        ("timm", state),
+        ("module.", {f"module.{k}": v for k, v in state.items()}),
+        ("model.", {f"model.{k}": v for k, v in state.items()}),
+        ("backbone.", {f"backbone.{k}": v for k, v in state.items()}),
+        ("visual.trunk.", {**{f"visual.trunk.{k}": v for k, v in state.items()}, **extra}),
+    ]
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -135,7 +149,9 @@ def test_a_checkpoint_of_another_grid_is_resampled(tmp_path):
     state = dict(source.model.state_dict())
     pe = state["trunk.pos_embed"]  # (1, 1 + 28 * 28, D) at 448 px; the checkpoint may carry a 14 x 14 grid
     cls, grid = pe[:, :1], pe[:, 1:].reshape(1, 28, 28, -1).permute(0, 3, 1, 2)
-    small = torch.nn.functional.interpolate(grid, size=(14, 14), mode="bilinear").permute(0, 2, 3, 1).reshape(1, 196, -1)
+    small = (
+        torch.nn.functional.interpolate(grid, size=(14, 14), mode="bilinear").permute(0, 2, 3, 1).reshape(1, 196, -1)
+    )
     state["trunk.pos_embed"] = torch.cat([cls, small], 1)
     torch.save(state, tmp_path / s.weights_file)
     loaded = build_foundation("conch_v15", str(tmp_path / s.weights_file), tiny=True)
@@ -177,7 +193,9 @@ def test_transform_resizes_and_renormalises_to_the_card():
     enc = build_foundation("hoptimus0", tiny=True)
     # an ImageNet-normalised tile of one RGB colour c -> (c - card mean) / card std at the card's size
     c = torch.tensor([0.8, 0.5, 0.7]).view(1, 3, 1, 1)
-    x = ((c - torch.tensor(IMAGENET[0]).view(1, 3, 1, 1)) / torch.tensor(IMAGENET[1]).view(1, 3, 1, 1)).expand(1, 3, 64, 64)
+    x = ((c - torch.tensor(IMAGENET[0]).view(1, 3, 1, 1)) / torch.tensor(IMAGENET[1]).view(1, 3, 1, 1)).expand(
+        1, 3, 64, 64
+    )
     y = enc.transform(x)
     assert y.shape == (1, 3, 224, 224)
     want = (c - torch.tensor(HOPTIMUS[0]).view(1, 3, 1, 1)) / torch.tensor(HOPTIMUS[1]).view(1, 3, 1, 1)

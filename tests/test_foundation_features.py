@@ -27,8 +27,9 @@ def tiny_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "vit_tiny_test.safetensors"
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in build_foundation("vit_tiny_test", seed=5).model.state_dict().items()},
-              str(path))
+    save_file(
+        {k: v.contiguous() for k, v in build_foundation("vit_tiny_test", seed=5).model.state_dict().items()}, str(path)
+    )
     return path, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -59,23 +60,47 @@ def test_tiny_vit_features_then_mil_training(tiled_synthetic, tiny_weights, tmp_
 
     coords, attrs = read_tiles_h5(refs[0].tiles_h5)
     with open_slide(refs[0].slide_path, refs[0].slide_id) as slide:
-        tiles = np.stack(list(read_tiles(slide, coords[:4], float(attrs["target_magnification"]),
-                                         int(attrs["patch_size"]))))
+        tiles = np.stack(
+            list(read_tiles(slide, coords[:4], float(attrs["target_magnification"]), int(attrs["patch_size"])))
+        )
     want = TileEncoder(ref, torch.device("cpu"))(torch.from_numpy(tiles)).numpy()
     np.testing.assert_allclose(read_features(jobs[0].out_h5)[0][:4], want, rtol=1e-4, atol=1e-5)
 
     # MIL training and evaluation on them
     classes = ["normal", "graded"]
-    split_rows = [{"slide_id": r.slide_id, "patient_id": f"p_{r.slide_id}", "label": classes[r.label],
-                   "part": "train" if i < 4 else ("val" if i == 4 else "test")} for i, r in enumerate(refs)]
+    split_rows = [
+        {
+            "slide_id": r.slide_id,
+            "patient_id": f"p_{r.slide_id}",
+            "label": classes[r.label],
+            "part": "train" if i < 4 else ("val" if i == 4 else "test"),
+        }
+        for i, r in enumerate(refs)
+    ]
     split_rows[5]["part"], split_rows[3]["part"] = "test", "train"
     split_csv = tmp_path / "split.csv"
     write_split(pd.DataFrame(split_rows), split_csv)
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "slidetrain.cli", "train-mil", "--method", "abmil",
-           "--params", json.dumps({"epochs": 2}), "--split", str(split_csv), "--features", str(out_dir),
-           "--classes", *classes, "--out", str(run), "--seed", "0"]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "slidetrain.cli",
+        "train-mil",
+        "--method",
+        "abmil",
+        "--params",
+        json.dumps({"epochs": 2}),
+        "--split",
+        str(split_csv),
+        "--features",
+        str(out_dir),
+        "--classes",
+        *classes,
+        "--out",
+        str(run),
+        "--seed",
+        "0",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (run / "model.pt").exists()

@@ -31,20 +31,34 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _env(**extra) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", **extra,
-            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        **extra,
+        "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+    }
 
 
 def _run_script(out: Path, *args: str, timeout: float = 900, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), str(out), "--tiny", *args],
-                          capture_output=True, text=True, env=_env(**env), timeout=timeout)
+    return subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu.sh"), str(out), "--tiny", *args],
+        capture_output=True,
+        text=True,
+        env=_env(**env),
+        timeout=timeout,
+    )
 
 
 def _run_entry(out: Path, *args: str, timeout: float, **env) -> subprocess.CompletedProcess:
     """The GPU script's Python command line (`python -m slidetrain.bench.gpu`, as bench/gpu.sh runs it)
     through the tests' entry point, which installs the hooks set in `env`."""
-    return subprocess.run([sys.executable, ENTRY, GPU_BENCH, "--out", str(out), "--tiny", *args],
-                          capture_output=True, text=True, env=_env(**env), timeout=timeout)
+    return subprocess.run(
+        [sys.executable, ENTRY, GPU_BENCH, "--out", str(out), "--tiny", *args],
+        capture_output=True,
+        text=True,
+        env=_env(**env),
+        timeout=timeout,
+    )
 
 
 def _sections(out: Path) -> dict[str, dict]:
@@ -91,8 +105,17 @@ def test_forced_failure_and_overrun_keep_the_other_sections(tmp_path):
     error; a section hanging is stopped at its cap; the section between them is untouched."""
     fault = "offload_sweep:fail:1,local_learning:hang:0"
     t0 = time.perf_counter()
-    proc = _run_entry(tmp_path, "--only", "offload_sweep", "features_throughput", "local_learning",
-                      "--budget-s", "60", timeout=300, **{GPU_BENCH_FAULT_ENV: fault})
+    proc = _run_entry(
+        tmp_path,
+        "--only",
+        "offload_sweep",
+        "features_throughput",
+        "local_learning",
+        "--budget-s",
+        "60",
+        timeout=300,
+        **{GPU_BENCH_FAULT_ENV: fault},
+    )
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # a section failed
     assert time.perf_counter() - t0 < 200
     sections = _sections(tmp_path)
@@ -248,8 +271,11 @@ def test_allocation_failures_are_misses_and_other_errors_are_raised(monkeypatch)
     from slidetrain.bench import max_tiles
     from slidetrain.bench.memory import is_alloc_failure
 
-    for text in ("CUDA out of memory. Tried to allocate 2.00 GiB", "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
-                 "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"):
+    for text in (
+        "CUDA out of memory. Tried to allocate 2.00 GiB",
+        "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+        "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+    ):
         assert is_alloc_failure(RuntimeError(text)), text
     assert is_alloc_failure(torch.cuda.OutOfMemoryError("x"))
     assert not is_alloc_failure(RuntimeError("CUDNN_STATUS_BAD_PARAM"))
@@ -257,8 +283,13 @@ def test_allocation_failures_are_misses_and_other_errors_are_raised(monkeypatch)
 
     for name in ("empty_cache", "reset_peak_memory_stats", "current_device"):
         monkeypatch.setattr(torch.cuda, name, lambda *a: 0)
-    errors = iter([RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
-                   RuntimeError("CUBLAS_STATUS_ALLOC_FAILED"), RuntimeError("CUDNN_STATUS_BAD_PARAM")])
+    errors = iter(
+        [
+            RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+            RuntimeError("CUBLAS_STATUS_ALLOC_FAILED"),
+            RuntimeError("CUDNN_STATUS_BAD_PARAM"),
+        ]
+    )
 
     def forward_backward(*args, **kwargs):
         raise next(errors)
@@ -310,14 +341,15 @@ def test_a_launch_is_stopped_with_the_processes_it_started(tmp_path):
     SIGTERM: stopping the launch still leaves neither running."""
     from slidetrain.bench.section_runner import stop_process_tree
 
-    script = ("import signal, subprocess, sys, time\n"
-              "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'],"
-              " start_new_session=True)\n"
-              "print(child.pid, flush=True)\n"
-              "time.sleep(300)\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    script = (
+        "import signal, subprocess, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'],"
+        " start_new_session=True)\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True)
     child = int(proc.stdout.readline())
     stop_process_tree(proc, grace_s=0.5)
     assert proc.poll() is not None
@@ -337,8 +369,10 @@ def test_a_launch_is_stopped_with_the_processes_it_started(tmp_path):
 def test_the_gpu_path_imports_without_the_packages_the_gpu_machine_lacks():
     blocked = ["snakemake", "openslide", "imagecodecs", "boto3"]
     modules = sorted({m for s in gpu.SECTIONS for m in s.modules} | {"slidetrain.bench.gpu"})
-    code = ("import sys\n"
-            f"for name in {blocked!r}: sys.modules[name] = None  # import fails, as on the GPU machine\n"
-            f"import importlib\nfor m in {modules!r}: importlib.import_module(m)\n")
+    code = (
+        "import sys\n"
+        f"for name in {blocked!r}: sys.modules[name] = None  # import fails, as on the GPU machine\n"
+        f"import importlib\nfor m in {modules!r}: importlib.import_module(m)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

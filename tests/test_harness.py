@@ -40,9 +40,18 @@ def toy_run(out, val_scores, selection, stop_after=None, epochs=None, inputs=Non
         if done == stop_after:
             raise _Killed
 
-    result = run_epochs(out, "tag", epochs or len(val_scores), train_epoch, validate,
-                        {"model": model, "optimizers": [opt]}, model.state_dict, selection, stop_hook=stop,
-                        inputs=inputs if inputs is not None else input_fingerprint([], {}))
+    result = run_epochs(
+        out,
+        "tag",
+        epochs or len(val_scores),
+        train_epoch,
+        validate,
+        {"model": model, "optimizers": [opt]},
+        model.state_dict,
+        selection,
+        stop_hook=stop,
+        inputs=inputs if inputs is not None else input_fingerprint([], {}),
+    )
     return result, model
 
 
@@ -69,8 +78,9 @@ def test_a_killed_run_resumes_exactly_and_writes_run_files(tmp_path):
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in resumed.history]
     assert all(torch.equal(whole.best_state[k], resumed.best_state[k]) for k in whole.best_state)
     assert torch.equal(whole_model.weight, resumed_model.weight)
-    model_pt = write_run_files(tmp_path / "killed", "toy", {"lr": 0.1}, 0, resumed, {"note": 1},
-                               lambda best: {"state": best})
+    model_pt = write_run_files(
+        tmp_path / "killed", "toy", {"lr": 0.1}, 0, resumed, {"note": 1}, lambda best: {"state": best}
+    )
     assert not (tmp_path / "killed" / "checkpoint.pt").exists()
     run = json.loads((tmp_path / "killed" / "run.json").read_text())
     assert run["epochs_run"] == 5 and run["note"] == 1 and run["selection"]["best"] == 0.7
@@ -111,14 +121,17 @@ def test_changed_inputs_start_over_and_say_why(tmp_path, caplog):
         toy_run(tmp_path / "run", scores, Selection("val_auroc"), stop_after=2, inputs=fp)
     # same inputs: resumes (only the two remaining epochs run)
     with pytest.raises(_Killed):
-        toy_run(tmp_path / "run", scores, Selection("val_auroc"), stop_after=3, inputs=input_fingerprint(files, {"k": 8}))
+        toy_run(
+            tmp_path / "run", scores, Selection("val_auroc"), stop_after=3, inputs=input_fingerprint(files, {"k": 8})
+        )
     assert len(pd.read_csv(tmp_path / "run" / "history.csv")) == 3
 
     _touch_later(files[1])  # b.h5 regenerated: same size, newer
     caplog.set_level(logging.INFO)
     with pytest.raises(_Killed):
-        toy_run(tmp_path / "run", scores, Selection("val_auroc"), stop_after=1,
-                inputs=input_fingerprint(files, {"k": 8}))
+        toy_run(
+            tmp_path / "run", scores, Selection("val_auroc"), stop_after=1, inputs=input_fingerprint(files, {"k": 8})
+        )
     assert "inputs changed" in caplog.text and "modified since" in caplog.text and "b.h5" in caplog.text
     assert len(pd.read_csv(tmp_path / "run" / "history.csv")) == 1  # started over
 

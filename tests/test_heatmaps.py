@@ -37,10 +37,16 @@ def tiny_dataset(tmp_path_factory):
         spec = synthetic_spec(sid, label, seed=5, size_range_px=(1800, 1800))
         write_synthetic_slide(slides / f"{sid}.tiff", spec, truth_path=slides / f"{sid}.truth.npz")
         preprocess_slide(
-            slides / f"{sid}.tiff", sid, mask_png=results / "masks" / f"{sid}.mask.png",
-            qc_path=results / "masks" / f"{sid}.qc.jpg", tiles_h5=results / "tiles" / f"{sid}.h5",
-            image_path=results / "images" / f"{sid}.jpg", image_meta_json=results / "images" / f"{sid}.json",
-            timings_json=results / "timings" / f"{sid}.json", target_magnification=5.0, tile_px=32,
+            slides / f"{sid}.tiff",
+            sid,
+            mask_png=results / "masks" / f"{sid}.mask.png",
+            qc_path=results / "masks" / f"{sid}.qc.jpg",
+            tiles_h5=results / "tiles" / f"{sid}.h5",
+            image_path=results / "images" / f"{sid}.jpg",
+            image_meta_json=results / "images" / f"{sid}.json",
+            timings_json=results / "timings" / f"{sid}.json",
+            target_magnification=5.0,
+            tile_px=32,
             image_magnification=1.25,
         )
         rows.append({"slide_id": sid, "patient_id": f"p_{sid}", "label": label, "source": "synthetic"})
@@ -57,8 +63,12 @@ def lesion_share(root, sid: str) -> tuple[np.ndarray, np.ndarray]:
     size = int(attrs["patch_size_level0"])
     with np.load(root / "slides" / f"{sid}.truth.npz") as z:
         lesion, ds = z["lesion"], float(z["downsample"])
-    share = np.array([lesion[int(y // ds) : int(np.ceil((y + size) / ds)), int(x // ds) : int(np.ceil((x + size) / ds))].mean()
-                      for x, y in coords])
+    share = np.array(
+        [
+            lesion[int(y // ds) : int(np.ceil((y + size) / ds)), int(x // ds) : int(np.ceil((x + size) / ds))].mean()
+            for x, y in coords
+        ]
+    )
     return coords, share
 
 
@@ -78,8 +88,18 @@ def write_attention(path, root, values_of) -> dict[str, np.ndarray]:
 
 def run_heatmaps(root, sheet, split, attention, out_dir, **kw):
     return heatmaps_for_run(
-        attention, "abmil", split, sheet, root / "slides", root / "results" / "tiles", root / "results" / "masks",
-        out_dir, out_dir / "index.csv", truth_dir=root / "slides", max_px=256, **kw,
+        attention,
+        "abmil",
+        split,
+        sheet,
+        root / "slides",
+        root / "results" / "tiles",
+        root / "results" / "masks",
+        out_dir,
+        out_dir / "index.csv",
+        truth_dir=root / "slides",
+        max_px=256,
+        **kw,
     )
 
 
@@ -123,13 +143,30 @@ def test_test_slide_absent_from_attention_is_an_error(tiny_dataset, tmp_path):
 def test_multi_branch_attention_shows_the_predicted_class(tiny_dataset, tmp_path):
     root, sheet, split = tiny_dataset
     # branch 0 counts up, branch 1 counts down: the CSV must hold the predicted class's branch
-    write_attention(tmp_path / "attention.h5", root,
-                    lambda c, share: np.stack([np.arange(len(share)), -np.arange(len(share))]).astype(float))
-    pred = pd.DataFrame({"slide_id": list(SLIDES), "label": ["b", "a"], "predicted": ["b", "a"],
-                         "prob_a": [0.2, 0.9], "prob_b": [0.8, 0.1]})
+    write_attention(
+        tmp_path / "attention.h5",
+        root,
+        lambda c, share: np.stack([np.arange(len(share)), -np.arange(len(share))]).astype(float),
+    )
+    pred = pd.DataFrame(
+        {
+            "slide_id": list(SLIDES),
+            "label": ["b", "a"],
+            "predicted": ["b", "a"],
+            "prob_a": [0.2, 0.9],
+            "prob_b": [0.8, 0.1],
+        }
+    )
     pred.to_csv(tmp_path / "predictions.csv", index=False)
-    index = run_heatmaps(root, sheet, split, tmp_path / "attention.h5", tmp_path / "out",
-                         predictions_csv=tmp_path / "predictions.csv", class_names=["a", "b"])
+    index = run_heatmaps(
+        root,
+        sheet,
+        split,
+        tmp_path / "attention.h5",
+        tmp_path / "out",
+        predictions_csv=tmp_path / "predictions.csv",
+        class_names=["a", "b"],
+    )
     assert index.branch.tolist() == ["b", "a"]
     high = pd.read_csv(tmp_path / "out" / "hm_high.csv").value.to_numpy()
     normal = pd.read_csv(tmp_path / "out" / "hm_normal.csv").value.to_numpy()

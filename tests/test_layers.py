@@ -21,7 +21,9 @@ import pytest
 from slidetrain.cli import build_parser
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "slidetrain"
-HOOK_WORDS = re.compile(r"\bfaults?\b|\binject|stop[-_ ]after|pseudo[-_ ]loss|test[-_ ]hook|for the tests|tests:", re.IGNORECASE)
+HOOK_WORDS = re.compile(
+    r"\bfaults?\b|\binject|stop[-_ ]after|pseudo[-_ ]loss|test[-_ ]hook|for the tests|tests:", re.IGNORECASE
+)
 
 
 def _imported_modules(path: Path) -> set[str]:
@@ -50,8 +52,15 @@ def test_the_import_scan_sees_a_bench_import(tmp_path):
     assert {"slidetrain.bench.gpu", "slidetrain.bench.memory"} <= _imported_modules(bad)
 
 
-@pytest.mark.parametrize("env", ["SLIDETRAIN_STOP_AFTER_EPOCH", "SLIDETRAIN_RANK_FAULT", "SLIDETRAIN_PSEUDO_LOSS_FACTOR",
-                                 "SLIDETRAIN_GPU_BENCH_FAULT"])
+@pytest.mark.parametrize(
+    "env",
+    [
+        "SLIDETRAIN_STOP_AFTER_EPOCH",
+        "SLIDETRAIN_RANK_FAULT",
+        "SLIDETRAIN_PSEUDO_LOSS_FACTOR",
+        "SLIDETRAIN_GPU_BENCH_FAULT",
+    ],
+)
 def test_no_production_module_reads_a_test_hook(env):
     assert not [str(p) for p in SRC.rglob("*.py") if env in p.read_text()]
 
@@ -82,7 +91,8 @@ def test_subcommand_help_shows_no_test_hook(name):
 
 
 def test_top_level_help_shows_no_test_hook():
-    proc = subprocess.run([sys.executable, "-m", "slidetrain.cli", "--help"], capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "slidetrain.cli", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     assert "train-tilebag" in proc.stdout and not HOOK_WORDS.search(proc.stdout)

@@ -48,9 +48,7 @@ def colour_image(label: int, size: int = 128, seed: int = 0) -> torch.Tensor:
     """RGB (3, size, size) in [0, 1]: pinkish (class 0) or bluish (class 1) tissue-like noise."""
     g = torch.Generator().manual_seed(seed)
     base = torch.tensor([0.85, 0.45, 0.6]) if label == 0 else torch.tensor([0.45, 0.4, 0.85])
-    blobs = torch.nn.functional.interpolate(
-        torch.rand(1, 1, 8, 8, generator=g), size=size, mode="bilinear"
-    )[0]
+    blobs = torch.nn.functional.interpolate(torch.rand(1, 1, 8, 8, generator=g), size=size, mode="bilinear")[0]
     noise = 0.08 * torch.randn(3, size, size, generator=g)
     return (base.view(3, 1, 1) * (0.7 + 0.3 * blobs) + noise).clamp(0, 1)
 
@@ -127,16 +125,9 @@ def test_module_cut_matches_reference(K):
     backbone = LocalBackbone(entries_from_resnet(net), K)
     assert backbone.n_modules == K
     for k, expected in enumerate(reference_blocks(net, K), start=1):
-        got = [
-            m
-            for block in backbone.module_blocks(k)
-            for m in block.modules()
-            if isinstance(m, BasicBlock)
-        ]
+        got = [m for block in backbone.module_blocks(k) for m in block.modules() if isinstance(m, BasicBlock)]
         assert [id(m) for m in got] == [id(m) for m in expected], f"module {k}"
-        assert {id(p) for p in backbone.module_parameters(k)} == {
-            id(p) for m in expected for p in m.parameters()
-        }
+        assert {id(p) for p in backbone.module_parameters(k)} == {id(p) for m in expected for p in m.parameters()}
     stem = list(backbone.entries[0])
     assert [id(m) for m in stem] == [id(net.conv1), id(net.bn1), id(net.relu), id(net.maxpool)]
     assert net.conv1.stride == (3, 3)
@@ -182,8 +173,7 @@ def test_each_module_gets_gradient_only_from_its_own_loss(K, weights):
     net = learner.net
     # parameter set k: module k of the backbone + its aux net (k < K) or the head (k = K)
     sets = [
-        list(net.backbone.module_parameters(k))
-        + list((net.aux[k - 1] if k < K else net.head).parameters())
+        list(net.backbone.module_parameters(k)) + list((net.aux[k - 1] if k < K else net.head).parameters())
         for k in range(1, K + 1)
     ]
     changed_per_call: list[set[int]] = []
@@ -206,9 +196,7 @@ def test_each_module_gets_gradient_only_from_its_own_loss(K, weights):
     losses = learner.train_slide(slide(1, 96), 1)
     assert len(changed_per_call) == K
     for k, changed in enumerate(changed_per_call, start=1):
-        assert changed == {k}, (
-            f"loss of module {k} changed the gradients of modules {sorted(changed)}"
-        )
+        assert changed == {k}, f"loss of module {k} changed the gradients of modules {sorted(changed)}"
     # every module's backbone part did receive gradient from its own loss
     for k in range(1, K + 1):
         assert has_grad(net.backbone.module_parameters(k)), f"module {k}"
@@ -236,11 +224,7 @@ def test_norfr_has_no_decoder_and_no_rfr_loss(weights):
 def test_backbone_bn_stays_in_eval_and_stats_unchanged(weights):
     learner = build_learner("local_k4", 2, {"weights": weights, "accumulation": 1})
     backbone = learner.net.backbone
-    stats = {
-        k: v.clone()
-        for k, v in backbone.state_dict().items()
-        if "running" in k or "num_batches" in k
-    }
+    stats = {k: v.clone() for k, v in backbone.state_dict().items() if "running" in k or "num_batches" in k}
     assert stats
     learner.train_slide(slide(0), 0)
     learner.step()
@@ -262,9 +246,7 @@ def test_image_e2e_every_parameter_gets_gradient_stem_only_when_trained(weights,
     # A 64 x 480 strip (fewer pixels than 256 x 256) gives a 2 x 10 layer4 map, so
     # the head's conv output has 2 positions and its norm and attention get a
     # gradient (on a single position both are constant).
-    image = normalise(
-        torch.nn.functional.interpolate(colour_image(1, 128)[None], size=(64, 480))[0]
-    )
+    image = normalise(torch.nn.functional.interpolate(colour_image(1, 128)[None], size=(64, 480))[0])
     losses = learner.train_slide(image, 1)
     assert set(losses) >= {"final_ce", "loss"}
     net = learner.net
@@ -329,9 +311,7 @@ def test_rfr_crops_cover_the_same_region(K):
         assert (x_in.shape[1], x_out.shape[1]) == (spec.in_channels, spec.out_channels)
         for d in (2, 3):
             assert x_out.shape[d] == math.ceil(x_in.shape[d] / spec.upscale), (k, d)
-        pairs = sample_rfr_boxes(
-            x_out.shape[-2:], x_in.shape[-2:], spec.patch_sz, spec.upscale, 10, g
-        )
+        pairs = sample_rfr_boxes(x_out.shape[-2:], x_in.shape[-2:], spec.patch_sz, spec.upscale, 10, g)
         assert len(pairs) == 10
         u = spec.upscale
         for (t, c, h, w), in_box in pairs:
@@ -473,9 +453,7 @@ def _oom_above(learner, entry: int, max_side: int):
 
     def hook(module, args):
         if args[0].shape[-1] > max_side:
-            raise torch.OutOfMemoryError(
-                "CUDA out of memory. Tried to allocate 1.00 GiB (simulated)"
-            )
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (simulated)")
 
     return learner.net.backbone.entries[entry].register_forward_pre_hook(hook)
 
@@ -646,8 +624,11 @@ def test_checkpointing_keeps_the_gradients(weights, method):
     # 160 px: module 1's map is 27 x 27 and the aux classifier's GroupNorm sees 3 x 3 positions
     # (at 2 x 2 it normalises near-equal values, and float noise of 1e-6 moves its gradient by %)
     image = slide(1, 160, seed=3)
-    runs = {(mode, dtype): _checkpointing_run(method, weights, mode, image, dtype)
-            for mode in ("none", "blocks", "tiles") for dtype in (torch.float32, torch.float64)}
+    runs = {
+        (mode, dtype): _checkpointing_run(method, weights, mode, image, dtype)
+        for mode in ("none", "blocks", "tiles")
+        for dtype in (torch.float32, torch.float64)
+    }
     if method != "image_e2e":  # tiles really tile module 1 (a 27 x 27 map in tiles of 16)
         assert len(runs["tiles", torch.float32][0].net.backbone._engines[0].plan((27, 27)).tiles) > 1
     reference, ref_losses = runs["none", torch.float64]
@@ -659,7 +640,8 @@ def test_checkpointing_keeps_the_gradients(weights, method):
         learner, losses = runs[mode, torch.float32]
         assert abs(losses["loss"] - ref_losses["loss"]) <= 4 * abs(plain_losses["loss"] - ref_losses["loss"]) + 1e-5
         fidelity(_named_grads(learner), _named_grads(plain), _named_grads(reference), jump=JUMP).check(
-            f"{method} {mode} float32")
+            f"{method} {mode} float32"
+        )
     with pytest.raises(ConfigError, match="checkpointing"):
         build_learner(method, 2, {"checkpointing": "all"})
 

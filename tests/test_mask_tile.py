@@ -101,9 +101,7 @@ def blob_image(w: int, h: int, blobs, seed: int = 0) -> np.ndarray:
     for cx, cy, r in blobs:
         tissue |= (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
     img = np.full((h, w, 3), 245, np.uint8)
-    pink = np.array([215, 140, 190], np.int16) + rng.integers(
-        -25, 25, size=(256, 256, 1), dtype=np.int16
-    )
+    pink = np.array([215, 140, 190], np.int16) + rng.integers(-25, 25, size=(256, 256, 1), dtype=np.int16)
     pink = np.tile(pink.clip(0, 255).astype(np.uint8), (-(-h // 256), -(-w // 256), 1))[:h, :w]
     img[tissue] = pink[tissue]
     return img
@@ -120,9 +118,7 @@ try:
     from slidetrain.wsi import synthetic as _synthetic
 except ImportError:  # written by another stage; tests using it skip until it exists
     _synthetic = None
-needs_synthetic = pytest.mark.skipif(
-    _synthetic is None, reason="slidetrain.wsi.synthetic is not available"
-)
+needs_synthetic = pytest.mark.skipif(_synthetic is None, reason="slidetrain.wsi.synthetic is not available")
 
 SYNTH_CASES = [
     ("normal", None),
@@ -139,9 +135,7 @@ def synth_slides(tmp_path_factory):
     out = []
     for i, (label, pen) in enumerate(SYNTH_CASES):
         spec = _synthetic.synthetic_spec(f"syn{i}", label, seed=11, size_range_px=(2048, 3072))
-        spec = dataclasses.replace(
-            spec, has_pen=pen is not None, pen_color=pen or "green", has_debris=True
-        )
+        spec = dataclasses.replace(spec, has_pen=pen is not None, pen_color=pen or "green", has_debris=True)
         path, truth = root / f"syn{i}.tif", root / f"syn{i}.npz"
         _synthetic.write_synthetic_slide(path, spec, truth_path=truth)
         out.append((path, truth, spec))
@@ -199,10 +193,9 @@ def test_bad_mask_config_names_the_key(preset, overrides, needle):
 
 def test_majority_equals_median_blur_then_threshold():
     rng = np.random.default_rng(0)
-    img = (
-        ndi.uniform_filter(rng.integers(0, 256, (90, 70)).astype(float), 3)
-        + rng.normal(0, 8, (90, 70))
-    ).clip(0, 255)
+    img = (ndi.uniform_filter(rng.integers(0, 256, (90, 70)).astype(float), 3) + rng.normal(0, 8, (90, 70))).clip(
+        0, 255
+    )
     img = img.astype(np.uint8)
     for k in (1, 3, 7, 11):
         for t in (60, 128, 190):
@@ -285,17 +278,13 @@ def test_mask_reads_the_level_nearest_the_seg_downsample(tmp_path, monkeypatch):
         assert set(levels) == {3} and tissue.level == 3 and tissue.downsample == pytest.approx(64)
         assert tissue.mask.shape == (48, 64)
         levels.clear()
-        tissue = segment_tissue(
-            slide, mask_params("default")
-        )  # 4096 px long side -> 8x, from level 1
+        tissue = segment_tissue(slide, mask_params("default"))  # 4096 px long side -> 8x, from level 1
         assert set(levels) == {1} and tissue.downsample == pytest.approx(8)
 
 
 @needs_synthetic
 @pytest.mark.parametrize(("overrides", "min_recall"), [({}, 0.9), ({"use_otsu": True}, 0.85)])
-def test_mask_matches_synthetic_truth_and_ignores_pen_and_debris(
-    synth_slides, overrides, min_recall
-):
+def test_mask_matches_synthetic_truth_and_ignores_pen_and_debris(synth_slides, overrides, min_recall):
     for path, truth_path, spec in synth_slides:
         truth = _synthetic.read_truth(truth_path)
         with open_slide(path) as slide:
@@ -319,9 +308,7 @@ def test_mask_matches_synthetic_truth_and_ignores_pen_and_debris(
 @needs_synthetic
 def test_pens_would_be_tissue_without_the_pen_filter(synth_slides):
     """Saturation alone takes green/blue ink for tissue: the filter is what removes it."""
-    path, truth_path, spec = next(
-        s for s in synth_slides if s[2].has_pen and s[2].pen_color == "green"
-    )
+    path, truth_path, spec = next(s for s in synth_slides if s[2].has_pen and s[2].pen_color == "green")
     truth = _synthetic.read_truth(truth_path)
     h, w = truth["tissue"].shape
     ds = truth["downsample"]
@@ -335,9 +322,7 @@ def test_pens_would_be_tissue_without_the_pen_filter(synth_slides):
 def test_blank_slide_raises_no_tissue_naming_the_slide(tmp_path):
     path = write_pyramid_tiff(tmp_path / "blank.tif", np.full((768, 1024, 3), 243, np.uint8))
     with open_slide(path, slide_id="blank7") as slide:
-        with pytest.raises(
-            NoTissueError, match=r"slide blank7: no tissue found: no pixel has blurred saturation"
-        ):
+        with pytest.raises(NoTissueError, match=r"slide blank7: no tissue found: no pixel has blurred saturation"):
             segment_tissue(slide, mask_params("default"))
 
 
@@ -363,11 +348,7 @@ def test_tile_properties(blob_slide, target, tile_px, overlap_px, min_frac):
         size0 = patch_size_level0(slide, target, tile_px)
     assert size0 == round(tile_px * 20.0 / target)
     assert coords.dtype == np.int64 and coords.shape[1] == 2 and len(coords) > 0
-    assert (
-        (coords >= 0).all()
-        and (coords[:, 0] + size0 <= w0).all()
-        and (coords[:, 1] + size0 <= h0).all()
-    )
+    assert (coords >= 0).all() and (coords[:, 0] + size0 <= w0).all() and (coords[:, 1] + size0 <= h0).all()
     # Centres in tissue.
     cx = ((coords[:, 0] + size0 / 2) // 8).astype(int)
     cy = ((coords[:, 1] + size0 / 2) // 8).astype(int)
@@ -375,12 +356,7 @@ def test_tile_properties(blob_slide, target, tile_px, overlap_px, min_frac):
     # Tissue fraction, brute force where tile edges fall on mask pixel edges (size0 % 8 == 0 here
     # except for 100 px tiles, checked by the exact area formula instead).
     if size0 % 8 == 0:
-        frac = np.array(
-            [
-                tissue.mask[y // 8 : (y + size0) // 8, x // 8 : (x + size0) // 8].mean()
-                for x, y in coords
-            ]
-        )
+        frac = np.array([tissue.mask[y // 8 : (y + size0) // 8, x // 8 : (x + size0) // 8].mean() for x, y in coords])
         assert (frac >= min_frac - 1e-9).all()
     # Overlap: on a grid of stride (tile_px - overlap_px) target px.
     stride0 = round((tile_px - overlap_px) * size0 / tile_px)
@@ -392,9 +368,7 @@ def test_tile_properties(blob_slide, target, tile_px, overlap_px, min_frac):
     kept = {tuple(c) for c in coords.tolist()}
     rest = np.array([g for g in grid.tolist() if tuple(g) not in kept])
     boxes = np.concatenate([rest, rest + size0], 1)
-    centre_in = tissue.mask[
-        ((rest[:, 1] + size0 / 2) // 8).astype(int), ((rest[:, 0] + size0 / 2) // 8).astype(int)
-    ]
+    centre_in = tissue.mask[((rest[:, 1] + size0 / 2) // 8).astype(int), ((rest[:, 0] + size0 / 2) // 8).astype(int)]
     assert (~centre_in | (mask_area_fraction(tissue, boxes) < min_frac)).all()
     # Row-major order, no duplicates.
     assert len(kept) == len(coords)
@@ -445,16 +419,9 @@ def test_tiles_h5_round_trip_with_clam_trident_attributes(blob_slide, tmp_path):
         )  # fmt: skip
     back, attrs = read_tiles_h5(tmp_path / "t.h5")
     np.testing.assert_array_equal(back, coords)
-    assert (
-        attrs["patch_size"] == 64 and attrs["patch_size_level0"] == 256 and attrs["overlap"] == 16
-    )
-    assert (
-        attrs["level0_magnification"] == pytest.approx(20.0)
-        and attrs["target_magnification"] == 5.0
-    )
-    assert (
-        attrs["name"] == "blob" and attrs["patch_level"] == 1 and attrs["downsample"] == [4.0, 4.0]
-    )
+    assert attrs["patch_size"] == 64 and attrs["patch_size_level0"] == 256 and attrs["overlap"] == 16
+    assert attrs["level0_magnification"] == pytest.approx(20.0) and attrs["target_magnification"] == 5.0
+    assert attrs["name"] == "blob" and attrs["patch_level"] == 1 and attrs["downsample"] == [4.0, 4.0]
     assert attrs["level_dim"] == [512, 384] and json.loads(attrs["params"]) == {"a": 1}
     with h5py.File(tmp_path / "t.h5") as f:
         assert f["coords"].shape == (len(coords), 2)
@@ -473,9 +440,7 @@ def test_read_tiles_equals_region_reads(blob_slide, target, tile_px):
         for (x, y), tile, one in zip(coords, tiles, single, strict=True):
             assert tile.shape == (tile_px, tile_px, 3) and tile.dtype == np.uint8
             np.testing.assert_array_equal(tile, one)  # batched row reads == one read per tile
-            ref, _ = read_scaled(
-                slide, size0 / tile_px, (x, y, x + size0, y + size0), (tile_px, tile_px)
-            )
+            ref, _ = read_scaled(slide, size0 / tile_px, (x, y, x + size0, y + size0), (tile_px, tile_px))
             assert np.abs(tile.astype(int) - ref.astype(int)).max() <= 1
 
 
@@ -491,9 +456,7 @@ def test_extract_slide_image_is_tissue_box_on_white(blob_slide):
         padded, meta_pad = extract_slide_image(slide, tissue, magnification=5.0, margin_px=10)
     x0, y0, x1, y1 = meta["level0_bbox"]
     assert meta["downsample"] == 4.0 and meta["magnification"] == 5.0
-    assert (
-        meta["size"] == [img.shape[1], img.shape[0]] == [round((x1 - x0) / 4), round((y1 - y0) / 4)]
-    )
+    assert meta["size"] == [img.shape[1], img.shape[0]] == [round((x1 - x0) / 4), round((y1 - y0) / 4)]
     # Discs span x 180..1850, y 280..1120 at level 0; the box hugs them (mask pixels are 4 px).
     assert abs(x0 - 180) <= 8 and abs(y0 - 280) <= 8 and abs(x1 - 1850) <= 8 and abs(y1 - 1120) <= 8
     assert (img[0, 0] == 255).all() and (img[-1, -1] == 255).all()  # corners of the box: glass
@@ -528,9 +491,7 @@ def _outputs(tmp_path: Path) -> dict[str, Path]:
 
 def test_preprocess_slide_writes_every_output(blob_slide, tmp_path):
     out = _outputs(tmp_path)
-    timings = preprocess_slide(
-        blob_slide, "s", **out, target_magnification=10.0, tile_px=64, image_magnification=5.0
-    )
+    timings = preprocess_slide(blob_slide, "s", **out, target_magnification=10.0, tile_px=64, image_magnification=5.0)
     for key in ("mask_s", "tile_s", "image_s", "n_tiles", "slide_w", "slide_h"):
         assert key in timings
     assert json.loads(out["timings_json"].read_text())["n_tiles"] == timings["n_tiles"] > 0
@@ -538,11 +499,7 @@ def test_preprocess_slide_writes_every_output(blob_slide, tmp_path):
     assert set(np.unique(mask)) == {0, 255}
     assert mask.shape == read_mask_png(out["mask_png"]).mask.shape
     coords, attrs = read_tiles_h5(out["tiles_h5"])
-    assert (
-        len(coords) == timings["n_tiles"]
-        and attrs["name"] == "s"
-        and attrs["patch_size_level0"] == 128
-    )
+    assert len(coords) == timings["n_tiles"] and attrs["name"] == "s" and attrs["patch_size_level0"] == 128
     meta = json.loads(out["image_meta_json"].read_text())
     with Image.open(out["image_path"]) as img:
         assert img.format == "JPEG" and list(img.size) == meta["size"]
@@ -554,9 +511,7 @@ def test_preprocess_slide_writes_every_output(blob_slide, tmp_path):
 @needs_synthetic
 def test_preprocess_synthetic_slide(synth_slides, tmp_path):
     path, _, spec = synth_slides[2]
-    timings = preprocess_slide(
-        path, spec.slide_id, **_outputs(tmp_path), target_magnification=5.0, tile_px=64
-    )
+    timings = preprocess_slide(path, spec.slide_id, **_outputs(tmp_path), target_magnification=5.0, tile_px=64)
     assert timings["n_tiles"] > 20 and timings["slide_w"] == spec.width_px
 
 
@@ -586,9 +541,7 @@ def test_preprocess_blank_slide_fails_and_writes_nothing(tmp_path):
     out = _outputs(tmp_path / "out")
     with pytest.raises(NoTissueError, match="slide b1"):
         preprocess_slide(path, "b1", **out)
-    assert not (tmp_path / "out").exists() or not any(
-        p.is_file() for p in (tmp_path / "out").rglob("*")
-    )
+    assert not (tmp_path / "out").exists() or not any(p.is_file() for p in (tmp_path / "out").rglob("*"))
 
 
 def test_params_dataclass_defaults_match_default_preset():
@@ -605,8 +558,15 @@ def _grey_slide(tmp_path: Path) -> Path:
     img[:, 1024:] = 120
     img[:256, 1024:] = 0
     path = tmp_path / "grey.tiff"
-    tifffile.imwrite(path, img, tile=(256, 256), resolution=(2e4, 2e4), resolutionunit="CENTIMETER",
-                     photometric="rgb", compression="jpeg")
+    tifffile.imwrite(
+        path,
+        img,
+        tile=(256, 256),
+        resolution=(2e4, 2e4),
+        resolutionunit="CENTIMETER",
+        photometric="rgb",
+        compression="jpeg",
+    )
     return path
 
 
@@ -619,7 +579,9 @@ def test_greyscale_tiling_keeps_tiles_of_at_least_60_percent_foreground(tmp_path
         coords = tile_coordinates(slide, fg, 20.0, 256, 0, 0.6, centre_in_tissue=False)
         # only grey tissue counts: not the glass (> 230) and not the black band (< 3)
         assert fg.mask[:, : fg.mask.shape[1] // 2 - 1].sum() == 0
-        assert set(map(tuple, coords.tolist())) == {(x, y) for x in range(1024, 2048, 256) for y in range(256, 1024, 256)}
+        assert set(map(tuple, coords.tolist())) == {
+            (x, y) for x in range(1024, 2048, 256) for y in range(256, 1024, 256)
+        }
         # non-overlapping 256 px tiles on one grid
         assert (coords % 256 == 0).all()
         # a tile straddling the band with 75% grey is kept at 60% and dropped at 80%
@@ -632,7 +594,14 @@ def test_greyscale_tiling_keeps_tiles_of_at_least_60_percent_foreground(tmp_path
 
 def test_preprocess_rejects_an_unknown_tile_foreground(tmp_path):
     with pytest.raises(ConfigError, match="tile_foreground"):
-        preprocess_slide(_grey_slide(tmp_path), "grey", mask_png=tmp_path / "m.png", qc_path=tmp_path / "q.jpg",
-                         tiles_h5=tmp_path / "t.h5", image_path=tmp_path / "i.jpg",
-                         image_meta_json=tmp_path / "i.json", timings_json=tmp_path / "t.json",
-                         tile_foreground="otsu")
+        preprocess_slide(
+            _grey_slide(tmp_path),
+            "grey",
+            mask_png=tmp_path / "m.png",
+            qc_path=tmp_path / "q.jpg",
+            tiles_h5=tmp_path / "t.h5",
+            image_path=tmp_path / "i.jpg",
+            image_meta_json=tmp_path / "i.json",
+            timings_json=tmp_path / "t.json",
+            tile_foreground="otsu",
+        )

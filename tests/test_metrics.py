@@ -51,9 +51,7 @@ def test_binary_example_by_hand():
     y = np.array([0, 0, 1, 1])
     p1 = np.array([0.1, 0.6, 0.4, 0.8])
     m = classification_metrics(y, np.stack([1 - p1, p1], axis=1))
-    assert m == pytest.approx(
-        {"accuracy": 0.5, "balanced_accuracy": 0.5, "auroc": 0.75, "f1_macro": 0.5}
-    )
+    assert m == pytest.approx({"accuracy": 0.5, "balanced_accuracy": 0.5, "auroc": 0.75, "f1_macro": 0.5})
     assert "qwk" not in m
 
 
@@ -66,9 +64,7 @@ def test_tied_scores_count_half():
 
 def test_qwk_perfect_reversed_and_by_hand():
     y = np.array([0, 1, 2, 3])
-    assert classification_metrics(y, one_hot_probs([0, 1, 2, 3], 4), ordinal=True)[
-        "qwk"
-    ] == pytest.approx(1.0)
+    assert classification_metrics(y, one_hot_probs([0, 1, 2, 3], 4), ordinal=True)["qwk"] == pytest.approx(1.0)
     # fully reversed: sum w*O = 9+1+1+9 = 20, sum w*E = sum_ij (i-j)^2 / 4 = 40/4 = 10,
     # kappa = 1 - 20/10 = -1
     reversed_ = classification_metrics(y, one_hot_probs([3, 2, 1, 0], 4), ordinal=True)
@@ -249,8 +245,15 @@ def test_evaluate_predictions():
     table = prediction_table(y, probs, names)
     table["extra"] = "ignored"
     out = evaluate_predictions(table, names, ordinal=True, n_bootstrap=200, seed=0, patient_of=None)
-    assert set(out) == {"n_slides", "n_patients", "bootstrap_unit", "metrics", "ci95", "confusion_matrix",
-                        "class_names"}
+    assert set(out) == {
+        "n_slides",
+        "n_patients",
+        "bootstrap_unit",
+        "metrics",
+        "ci95",
+        "confusion_matrix",
+        "class_names",
+    }
     assert out["bootstrap_unit"] == "slide" and out["n_patients"] == 90
     assert out["n_slides"] == 90
     assert out["class_names"] == names
@@ -321,8 +324,9 @@ def test_evaluate_predictions_resamples_the_splits_patients():
     out = evaluate_predictions(table, names, ordinal=False, n_bootstrap=100, seed=0, patient_of=patient_of)
     assert out["bootstrap_unit"] == "patient" and out["n_patients"] == 10 and out["n_slides"] == 30
     patients = [patient_of[s] for s in table.slide_id]
-    assert out["ci95"] == {k: list(v) for k, v in
-                           bootstrap_ci(y, probs, n_bootstrap=100, seed=0, patients=patients).items()}
+    assert out["ci95"] == {
+        k: list(v) for k, v in bootstrap_ci(y, probs, n_bootstrap=100, seed=0, patients=patients).items()
+    }
     del patient_of["s7"]
     with pytest.raises(SheetError, match="s7.*no patient id"):
         evaluate_predictions(table, names, ordinal=False, patient_of=patient_of)

@@ -217,13 +217,7 @@ EXPECTED = {
         + 2 * 512  # final LayerNorm
         + lin(512, c)
     ),
-    "dtfd": lambda d, c: (
-        lin(d, 512, bias=False)
-        + gated(512, 128, 1)
-        + lin(512, c)
-        + gated(512, 128, 1)
-        + lin(512, c)
-    ),
+    "dtfd": lambda d, c: lin(d, 512, bias=False) + gated(512, 128, 1) + lin(512, c) + gated(512, 128, 1) + lin(512, c),
     "milrnn": lambda d, c: lin(d, 2) + lin(d, 128) + lin(128, 128) + lin(128, 2),
     # the authors' modules.GMA: a two-layer embedding (REFERENCE_NOTES "Multi-GPU end-to-end")
     "gma": lambda d, c: lin(d, 512) + lin(512, 512) + gated(512, 384, 1) + lin(512, c),
@@ -394,7 +388,12 @@ def test_milrnn_rnn_stage_optimiser_and_top_tiles() -> None:
     mil_cfg, rnn_cfg = model.group_configs(cfg)
     assert (mil_cfg.optimizer, mil_cfg.lr) == ("adam", 1e-4)
     assert (rnn_cfg.optimizer, rnn_cfg.lr, rnn_cfg.momentum, rnn_cfg.nesterov, rnn_cfg.weight_decay) == (
-        "sgd", 0.1, 0.9, True, 1e-4)
+        "sgd",
+        0.1,
+        0.9,
+        True,
+        1e-4,
+    )
     model.on_epoch_start(0, 10)
     assert model.accumulation(1) == 1
     bags = [torch.randn(n, IN_DIM) for n in (5, 12)]

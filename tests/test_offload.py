@@ -94,7 +94,8 @@ def _metered_step(trunk: nn.Module, x: torch.Tensor, stages: int, budget: int):
 
 def check_ledger(meter: DeviceMeter, peaks: dict[str, tuple[int, int]], budget: int) -> None:
     assert meter.max_unaccounted == 0, (
-        f"{meter.max_unaccounted} bytes alive on the device beyond the ledger, before {meter.max_unaccounted_at}")
+        f"{meter.max_unaccounted} bytes alive on the device beyond the ledger, before {meter.max_unaccounted_at}"
+    )
     for phase, (ledger, measured) in peaks.items():
         assert ledger >= measured, f"{phase}: the ledger's peak {ledger} is below the measured {measured}"
         assert 0 < measured <= budget, f"{phase}: measured {measured} bytes on the device, budget {budget}"
@@ -186,8 +187,7 @@ def test_a_halo_one_pixel_short_would_fail(monkeypatch):
         parts = real(*args, **kwargs)
         if args[0] is None:  # pointwise layers need no halo
             return parts
-        return [off.Part(p.batch, p.out, ((p.inp[0][0] + (p.inp[0][0] > 0), p.inp[0][1]), p.inp[1]))
-                for p in parts]
+        return [off.Part(p.batch, p.out, ((p.inp[0][0] + (p.inp[0][0] > 0), p.inp[0][1]), p.inp[1])) for p in parts]
 
     monkeypatch.setattr(off, "plan_parts", short_halo)
     _, _, report = run_case("conv3x3_s1_spatial_odd", torch.float32)

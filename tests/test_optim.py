@@ -15,8 +15,17 @@ from slidetrain.models.base import TrainConfig
 from slidetrain.train.optim import Lookahead, build_optimizer, build_scheduler
 
 GMA_RECIPE = TrainConfig(
-    epochs=40, optimizer="sgd", lr=5e-4, momentum=0.9, nesterov=True, scheduler="warmup_cosine",
-    warmup_epochs=10, min_lr=1e-8, weight_decay=0.04, weight_decay_end=0.4, no_decay_1d=True,
+    epochs=40,
+    optimizer="sgd",
+    lr=5e-4,
+    momentum=0.9,
+    nesterov=True,
+    scheduler="warmup_cosine",
+    warmup_epochs=10,
+    min_lr=1e-8,
+    weight_decay=0.04,
+    weight_decay_end=0.4,
+    no_decay_1d=True,
 )
 ITERS = 7  # optimiser steps per epoch
 
@@ -51,9 +60,11 @@ def test_warmup_cosine_values_at_known_iterations():
     assert lrs[warm - 1] == pytest.approx(5e-4)  # reached at the last warm-up iteration
     rest = total - warm
     assert lrs[warm] == pytest.approx(5e-4)  # cosine starts at the peak
-    assert lrs[warm + rest // 2] == pytest.approx(1e-8 + 0.5 * (5e-4 - 1e-8) * (1 + math.cos(math.pi * (rest // 2) / rest)))
+    assert lrs[warm + rest // 2] == pytest.approx(
+        1e-8 + 0.5 * (5e-4 - 1e-8) * (1 + math.cos(math.pi * (rest // 2) / rest))
+    )
     assert lrs[-1] == pytest.approx(1e-8 + 0.5 * (5e-4 - 1e-8) * (1 + math.cos(math.pi * (rest - 1) / rest)))
-    assert lrs[-1] < 1e-6 and all(b <= a for a, b in zip(lrs[warm:], lrs[warm + 1:], strict=False))
+    assert lrs[-1] < 1e-6 and all(b <= a for a, b in zip(lrs[warm:], lrs[warm + 1 :], strict=False))
 
 
 def test_weight_decay_ramps_on_weights_only():
@@ -140,8 +151,9 @@ def test_resume_gives_identical_weights():
 
 
 def test_decoupled_radam_decays_weights_not_biases():
-    cfg = TrainConfig(optimizer="radam_lookahead", lr=2e-4, weight_decay=1e-5, no_decay_1d=True,
-                      decoupled_weight_decay=True)
+    cfg = TrainConfig(
+        optimizer="radam_lookahead", lr=2e-4, weight_decay=1e-5, no_decay_1d=True, decoupled_weight_decay=True
+    )
     opt = build_optimizer(list(small_net().parameters()), cfg)
     assert [g["weight_decay"] for g in opt.param_groups] == [1e-5, 0.0]
     assert all(g["decoupled_weight_decay"] for g in opt.param_groups)
@@ -187,8 +199,9 @@ def test_demon_decays_adam_beta1_per_iteration_and_resumes():
 
     from slidetrain.train.optim import demon
 
-    cfg = SimpleNamespace(**{**TrainConfig(optimizer="adam", lr=1e-3, epochs=3, scheduler="cosine").__dict__,
-                             "momentum_decay": "demon"})
+    cfg = SimpleNamespace(
+        **{**TrainConfig(optimizer="adam", lr=1e-3, epochs=3, scheduler="cosine").__dict__, "momentum_decay": "demon"}
+    )
     net = small_net()
     opt = build_optimizer(list(net.parameters()), cfg)
     sch = build_scheduler(opt, cfg, iters_per_epoch=ITERS)

@@ -45,8 +45,19 @@ def test_table1_stops_on_a_paper_name_the_paper_lacks_and_names_it(tmp_path):
 
 def test_table1_command_exits_with_the_message(tmp_path, capsys):
     paths = [write_run(tmp_path, "nsclc", "clam_mb")]
-    code = main(["table1", "--metrics", *map(str, paths), "--out-csv", str(tmp_path / "t.csv"), "--out-md",
-                 str(tmp_path / "t.md"), "--paper-names", "nsclc=TCGA-NSLC"])
+    code = main(
+        [
+            "table1",
+            "--metrics",
+            *map(str, paths),
+            "--out-csv",
+            str(tmp_path / "t.csv"),
+            "--out-md",
+            str(tmp_path / "t.md"),
+            "--paper-names",
+            "nsclc=TCGA-NSLC",
+        ]
+    )
     assert code not in (0, None)
     assert "TCGA-NSLC" in capsys.readouterr().err
     assert not (tmp_path / "t.csv").exists()
@@ -99,8 +110,10 @@ def test_offload_table_a_paper_column_the_paper_lacks_is_named(tmp_path):
 
 
 def test_offload_table_table2_without_unaugmented_rows_leaves_them_blank(tmp_path):
-    paths = [_offload_metrics(tmp_path, "biglayers_abmil_frozen_noaug", "external", "sampled"),
-             _offload_metrics(tmp_path, "biglayers_abmil_frozen_aug", "external", "sampled")]
+    paths = [
+        _offload_metrics(tmp_path, "biglayers_abmil_frozen_noaug", "external", "sampled"),
+        _offload_metrics(tmp_path, "biglayers_abmil_frozen_aug", "external", "sampled"),
+    ]
     for p in paths:
         p.write_text(json.dumps({"metrics": {"accuracy": 0.8}, "n_slides": 4}))
     out = offload_table(paths, "acc", "offload_table2", {}, "s", {"external_sampled": "camelyon16"}, tmp_path / "t.csv")
@@ -121,5 +134,6 @@ def test_the_gpu_script_takes_its_paper_numbers_from_the_csvs():
     sizes = {tuple(map(int, s.split("x"))) for s in paper_table("local_table2").image_size}
     assert paper_image_size() == min(sizes, key=lambda wh: wh[0] * wh[1])
     memory = paper_table("tilebag_memory").set_index(["encoder", "precision"]).max_tiles_h100_80gb
-    assert paper_tiles_per_gb() == pytest.approx({"fp32": memory["ResNet50", "fp32"] / 80,
-                                                  "amp": memory["ResNet50", "amp-fp16"] / 80})
+    assert paper_tiles_per_gb() == pytest.approx(
+        {"fp32": memory["ResNet50", "fp32"] / 80, "amp": memory["ResNet50", "amp-fp16"] / 80}
+    )

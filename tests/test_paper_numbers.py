@@ -77,11 +77,14 @@ def test_the_known_paper_numbers_are_in_the_csvs():
 
 def test_no_paper_number_is_typed_in_src_outside_the_paper_csvs():
     hits = typed_numbers(REPO / "src", paper_numbers())
-    assert not hits, "paper numbers typed outside src/slidetrain/paper/data/ (read them from the CSV):\n" + "\n".join(hits)
+    assert not hits, "paper numbers typed outside src/slidetrain/paper/data/ (read them from the CSV):\n" + "\n".join(
+        hits
+    )
 
 
-@pytest.mark.parametrize("written", ["limit = 1848", "tiles = 1_848  # fp16", "'1,848 tiles'", "(663, 166, 214)",
-                                     "acc = 0.8785"])
+@pytest.mark.parametrize(
+    "written", ["limit = 1848", "tiles = 1_848  # fp16", "'1,848 tiles'", "(663, 166, 214)", "acc = 0.8785"]
+)
 def test_the_scan_finds_a_typed_number(tmp_path, written):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "m.py").write_text(f"x = 1\n{written}\n")

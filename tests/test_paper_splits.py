@@ -60,17 +60,45 @@ def test_lks_fixed_test_set_and_counts_for_the_rest(tmp_path):
     path = tmp_path / "lks.tsv"
     sheet.assign(source="synthetic").to_csv(path, sep="\t", index=False)
     out = tmp_path / "split.csv"
-    assert main(["split", "--sheet", str(path), "--classes", "negative", "AMA", "SMA-V", "SMA-T", "--seed", "0",
-                 "--counts", *map(str, counts), "--fixed-test", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "split",
+                "--sheet",
+                str(path),
+                "--classes",
+                "negative",
+                "AMA",
+                "SMA-V",
+                "SMA-T",
+                "--seed",
+                "0",
+                "--counts",
+                *map(str, counts),
+                "--fixed-test",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     split = pd.read_csv(out)
     assert set(split.slide_id[split.part == "test"]) == set(sheet.slide_id[: counts[2]])
     assert abs((split.part == "train").sum() - counts[0]) <= 2 and abs((split.part == "val").sum() - counts[1]) <= 2
 
 
 def test_camelyon_official_split_draws_whole_patients_for_validation():
-    rows = [{"slide_id": f"patient_{p:03d}_node_{n}", "patient_id": f"patient_{p:03d}",
-             "label": "tumor" if (p + n) % 3 == 0 else "normal", "source": "s3://b/k",
-             "official_part": "train" if p < 100 else "test"} for p in range(200) for n in range(5)]
+    rows = [
+        {
+            "slide_id": f"patient_{p:03d}_node_{n}",
+            "patient_id": f"patient_{p:03d}",
+            "label": "tumor" if (p + n) % 3 == 0 else "normal",
+            "source": "s3://b/k",
+            "official_part": "train" if p < 100 else "test",
+        }
+        for p in range(200)
+        for n in range(5)
+    ]
     sheet = pd.DataFrame(rows)
     split = official_from_sheet(sheet, seed=0, n_val_slides=50)
     assert (split.part == "val").sum() == 50 and split[split.part == "val"].patient_id.nunique() == 10
@@ -86,8 +114,22 @@ def test_external_test_set_one_slide_per_patient(tmp_path):
     path = tmp_path / "prad.tsv"
     sheet.assign(source="synthetic").to_csv(path, sep="\t", index=False)
     out = tmp_path / "external.csv"
-    assert main(["external-split", "--sheet", str(path), "--classes", "isup1", "isup3", "--one-per-patient",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "external-split",
+                "--sheet",
+                str(path),
+                "--classes",
+                "isup1",
+                "isup3",
+                "--one-per-patient",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     written = pd.read_csv(out, dtype=str)
     assert written.slide_id.tolist() == split.slide_id.tolist() and (written.part == "test").all()
 

@@ -74,7 +74,7 @@ def commands(tool: str, pages: list[Path] = PAGES) -> list[list[str]]:
             if tool in tokens:
                 i = tokens.index(tool)
                 if i == 0 or tokens[i - 1] == "--no-python" or "=" in tokens[i - 1]:
-                    argv = tokens[i + 1:]
+                    argv = tokens[i + 1 :]
                     if argv not in found:
                         found.append(argv)
     return found
@@ -124,8 +124,14 @@ def _dry_run_args(argv: list[str]) -> list[str]:
 @pytest.mark.parametrize("argv", commands("snakemake"), ids=lambda a: " ".join(a)[:80])
 def test_snakemake_command_plans(argv, workdir):
     env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "snakemake", *_dry_run_args(argv)], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", *_dry_run_args(argv)],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, f"snakemake {' '.join(argv)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 
@@ -145,7 +151,9 @@ def test_readme_links_point_to_files():
 
 
 def test_extraction_joins_continuations_and_finds_torchrun_payloads():
-    text = "x\n```bash\n# c\nsrun torchrun --nnodes 2 \\\n    --no-python slidetrain train-tilebag --out o  # end\n```\n"
+    text = (
+        "x\n```bash\n# c\nsrun torchrun --nnodes 2 \\\n    --no-python slidetrain train-tilebag --out o  # end\n```\n"
+    )
     lines = fenced_lines(text)
     assert lines == ["srun torchrun --nnodes 2 --no-python slidetrain train-tilebag --out o  # end"]
     assert shlex.split(lines[0], comments=True)[-3:] == ["train-tilebag", "--out", "o"]

@@ -33,8 +33,11 @@ def test_the_qc_page_embeds_the_pictures_of_excluded_slides_only(tmp_path):
     masks = tmp_path / "masks"
     masks.mkdir()
     outputs = {
-        "mask_png": masks / "s1.mask.png", "qc_path": masks / "s1.qc.jpg", "tiles_h5": tmp_path / "s1.h5",
-        "image_path": tmp_path / "s1.jpg", "image_meta_json": tmp_path / "s1.json",
+        "mask_png": masks / "s1.mask.png",
+        "qc_path": masks / "s1.qc.jpg",
+        "tiles_h5": tmp_path / "s1.h5",
+        "image_path": tmp_path / "s1.jpg",
+        "image_meta_json": tmp_path / "s1.json",
         "timings_json": tmp_path / "s1.t.json",
     }
     write_placeholders("s1", outputs, "no tissue found")

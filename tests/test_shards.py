@@ -19,8 +19,14 @@ from slidetrain.errors import ConfigError, ShardError
 from slidetrain.wsi.features import FeatureJob, extract_features, read_features
 from slidetrain.wsi.shard import PREPROCESS_OUTPUTS, preprocess_shard, synthesize_shard
 
-PARAMS = {"mask_preset": "default", "target_magnification": 5.0, "tile_px": 64, "overlap_px": 0,
-          "min_tissue_fraction": 0.5, "image_magnification": 1.25}
+PARAMS = {
+    "mask_preset": "default",
+    "target_magnification": 5.0,
+    "tile_px": 64,
+    "overlap_px": 0,
+    "min_tissue_fraction": 0.5,
+    "image_magnification": 1.25,
+}
 
 
 # --- membership ------------------------------------------------------------------------------------
@@ -73,9 +79,22 @@ def _mtimes(root: Path, slide_id: str) -> dict[str, int]:
 
 def test_killed_preprocess_shard_resumes_with_only_the_rest(slide_pairs, tmp_path):
     root, manifest = tmp_path / "results" / "synthetic", tmp_path / "m.tsv"
-    cmd = [sys.executable, "-m", "slidetrain.cli", "preprocess-shard", "--shard", "h0", "--out-root", str(root),
-           "--params", json.dumps(PARAMS), "--manifest", str(manifest),
-           "--slides", *[f"{s}={p}" for s, p in slide_pairs]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "slidetrain.cli",
+        "preprocess-shard",
+        "--shard",
+        "h0",
+        "--out-root",
+        str(root),
+        "--params",
+        json.dumps(PARAMS),
+        "--manifest",
+        str(manifest),
+        "--slides",
+        *[f"{s}={p}" for s, p in slide_pairs],
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = root / "qc" / "status" / f"{slide_pairs[0][0]}.json"

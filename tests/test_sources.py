@@ -26,10 +26,16 @@ def _gdc_hit(i: int, project: str, gleason=None) -> dict:
     barcode = f"TCGA-{10 + i:02d}-{1000 + i:04d}-01Z-00-DX1"
     case = {"submitter_id": barcode[:12], "project": {"project_id": project}}
     if gleason:
-        case["diagnoses"] = [{"primary_gleason_grade": f"Pattern {gleason[0]}",
-                              "secondary_gleason_grade": f"Pattern {gleason[1]}"}]
-    return {"file_id": f"00000000-0000-4000-8000-{i:012d}", "file_name": f"{barcode}.abcdef{i:02d}.svs",
-            "md5sum": hashlib.md5(str(i).encode()).hexdigest(), "file_size": 1000 + i, "cases": [case]}
+        case["diagnoses"] = [
+            {"primary_gleason_grade": f"Pattern {gleason[0]}", "secondary_gleason_grade": f"Pattern {gleason[1]}"}
+        ]
+    return {
+        "file_id": f"00000000-0000-4000-8000-{i:012d}",
+        "file_name": f"{barcode}.abcdef{i:02d}.svs",
+        "md5sum": hashlib.md5(str(i).encode()).hexdigest(),
+        "file_size": 1000 + i,
+        "cases": [case],
+    }
 
 
 def _gdc_route(hits):
@@ -52,12 +58,27 @@ def test_gdc_sheet_queries_diagnostic_open_svs_and_pages(tmp_path):
     assert len(queries) == 3 and [q["from"][0] for q in queries] == ["0", "3", "6"]
     filters = json.loads(queries[0]["filters"][0])
     content = {c["content"]["field"]: c["content"]["value"] for c in filters["content"]}
-    assert content == {"cases.project.project_id": ["TCGA-LUAD", "TCGA-LUSC"], "data_format": "SVS",
-                       "data_type": "Slide Image", "experimental_strategy": "Diagnostic Slide", "access": "open"}
-    assert set(queries[0]["fields"][0].split(",")) >= {"file_id", "file_name", "md5sum", "file_size", "cases.submitter_id"}
+    assert content == {
+        "cases.project.project_id": ["TCGA-LUAD", "TCGA-LUSC"],
+        "data_format": "SVS",
+        "data_type": "Slide Image",
+        "experimental_strategy": "Diagnostic Slide",
+        "access": "open",
+    }
+    assert set(queries[0]["fields"][0].split(",")) >= {
+        "file_id",
+        "file_name",
+        "md5sum",
+        "file_size",
+        "cases.submitter_id",
+    }
     assert len(sheet) == 7
     row = sheet[sheet.slide_id == "TCGA-11-1001-01Z-00-DX1.abcdef01"].iloc[0]
-    assert (row.patient_id, row.label, row.source) == ("TCGA-11-1001", "LUAD", "gdc:00000000-0000-4000-8000-000000000001")
+    assert (row.patient_id, row.label, row.source) == (
+        "TCGA-11-1001",
+        "LUAD",
+        "gdc:00000000-0000-4000-8000-000000000001",
+    )
     assert row.md5 == hashlib.md5(b"1").hexdigest() and row["size"] == "1001"
 
 
@@ -75,8 +96,12 @@ def _with_page_size(gdc, url, page_size):
 
 
 def test_sheet_command_for_tcga_prad_derives_isup_and_lists_slides_without_grades(tmp_path):
-    hits = [_gdc_hit(0, "TCGA-PRAD", (3, 4)), _gdc_hit(1, "TCGA-PRAD", (4, 3)), _gdc_hit(2, "TCGA-PRAD", (5, 5)),
-            _gdc_hit(3, "TCGA-PRAD")]
+    hits = [
+        _gdc_hit(0, "TCGA-PRAD", (3, 4)),
+        _gdc_hit(1, "TCGA-PRAD", (4, 3)),
+        _gdc_hit(2, "TCGA-PRAD", (5, 5)),
+        _gdc_hit(3, "TCGA-PRAD"),
+    ]
     out = tmp_path / "tcga_prad.tsv"
     with FakeServer() as server:
         server.json_routes["/files"] = _gdc_route(hits)
@@ -91,8 +116,16 @@ def test_gdc_slide_downloads_from_the_data_endpoint(tmp_path):
     data = os.urandom(200_000)
     with FakeServer() as server:
         server.files["/data/abc-123"] = FakeFile(data, drop_after=[70_000])
-        download("gdc:abc-123", tmp_path / "s.svs", slide_id="s", md5=hashlib.md5(data).hexdigest(),
-                 size=len(data), backoff_s=0.01, progress=False, endpoints=Endpoints(gdc_api=server.url))
+        download(
+            "gdc:abc-123",
+            tmp_path / "s.svs",
+            slide_id="s",
+            md5=hashlib.md5(data).hexdigest(),
+            size=len(data),
+            backoff_s=0.01,
+            progress=False,
+            endpoints=Endpoints(gdc_api=server.url),
+        )
     assert (tmp_path / "s.svs").read_bytes() == data
 
 
@@ -109,12 +142,26 @@ def s3():
     server.start()
     host, port = server.get_host_and_port()
     url = f"http://{host}:{port}"
-    owner = boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+    owner = boto3.client(
+        "s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+    )
     owner.create_bucket(Bucket="camelyon-dataset")
-    owner.put_bucket_policy(Bucket="camelyon-dataset", Policy=json.dumps({
-        "Version": "2012-10-17",
-        "Statement": [{"Effect": "Allow", "Principal": "*", "Action": ["s3:GetObject", "s3:ListBucket"],
-                       "Resource": ["arn:aws:s3:::camelyon-dataset", "arn:aws:s3:::camelyon-dataset/*"]}]}))
+    owner.put_bucket_policy(
+        Bucket="camelyon-dataset",
+        Policy=json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [
+                    {
+                        "Effect": "Allow",
+                        "Principal": "*",
+                        "Action": ["s3:GetObject", "s3:ListBucket"],
+                        "Resource": ["arn:aws:s3:::camelyon-dataset", "arn:aws:s3:::camelyon-dataset/*"],
+                    }
+                ],
+            }
+        ),
+    )
     blobs = {}
     for name in ["normal_001", "normal_002", "tumor_001", "test_001", "test_002"]:
         blobs[f"CAMELYON16/images/{name}.tif"] = os.urandom(50_000)
@@ -140,7 +187,12 @@ def test_camelyon16_sheet_from_s3_unsigned(s3, tmp_path):
     assert main(["sheet", "camelyon16", "--s3-endpoint", url, "--out", str(out)]) == 0
     sheet = read_sheet(out, ["normal", "tumor"], check_files=False)
     assert dict(zip(sheet.slide_id, sheet.label, strict=True)) == {
-        "normal_001": "normal", "normal_002": "normal", "tumor_001": "tumor", "test_001": "tumor", "test_002": "normal"}
+        "normal_001": "normal",
+        "normal_002": "normal",
+        "tumor_001": "tumor",
+        "test_001": "tumor",
+        "test_002": "normal",
+    }
     assert sheet.set_index("slide_id").official_part.to_dict()["test_001"] == "test"
     row = sheet.set_index("slide_id").loc["tumor_001"]
     assert row.source == "s3://camelyon-dataset/CAMELYON16/images/tumor_001.tif"
@@ -151,8 +203,10 @@ def test_camelyon16_sheet_from_s3_unsigned(s3, tmp_path):
 def test_camelyon17_sheet_maps_stages_to_binary_and_writes_the_official_split(s3, tmp_path, itc_label):
     url, _ = s3
     out = tmp_path / "camelyon17.tsv"
-    assert main(["sheet", "camelyon17", "--s3-endpoint", url, "--out", str(out), "--itc-label", itc_label,
-                 "--n-val", "5"]) == 0
+    assert (
+        main(["sheet", "camelyon17", "--s3-endpoint", url, "--out", str(out), "--itc-label", itc_label, "--n-val", "5"])
+        == 0
+    )
     sheet = read_sheet(out, ["normal", "tumor"], check_files=False).set_index("slide_id")
     assert sheet.loc["patient_000_node_1", "label"] == itc_label  # itc
     assert sheet.loc["patient_000_node_2", "label"] == "tumor" and sheet.loc["patient_000_node_0", "label"] == "normal"
@@ -171,14 +225,28 @@ def test_s3_download_unsigned_resumes_and_verifies(s3, tmp_path, caplog):
     data = blobs[key]
     dest = tmp_path / "normal_002.tif"
     partial_path(dest).write_bytes(data[:12_345])
-    download(f"s3://camelyon-dataset/{key}", dest, slide_id="normal_002", md5=hashlib.md5(data).hexdigest(),
-             size=len(data), progress=False, endpoints=Endpoints(s3_endpoint=url))
+    download(
+        f"s3://camelyon-dataset/{key}",
+        dest,
+        slide_id="normal_002",
+        md5=hashlib.md5(data).hexdigest(),
+        size=len(data),
+        progress=False,
+        endpoints=Endpoints(s3_endpoint=url),
+    )
     assert dest.read_bytes() == data
     assert "restarting" not in caplog.text  # S3 answered the range with 206: resumed, not restarted
     with pytest.raises(DownloadError, match=r"normal_001.*md5.*expected 0{32}"):
-        download("s3://camelyon-dataset/CAMELYON16/images/normal_001.tif", tmp_path / "normal_001.tif",
-                 slide_id="normal_001", md5="0" * 32, retries=1, backoff_s=0.01, progress=False,
-                 endpoints=Endpoints(s3_endpoint=url))
+        download(
+            "s3://camelyon-dataset/CAMELYON16/images/normal_001.tif",
+            tmp_path / "normal_001.tif",
+            slide_id="normal_001",
+            md5="0" * 32,
+            retries=1,
+            backoff_s=0.01,
+            progress=False,
+            endpoints=Endpoints(s3_endpoint=url),
+        )
     assert not (tmp_path / "normal_001.tif").exists()
 
 
@@ -223,8 +291,13 @@ def test_kaggle_403_says_to_accept_the_rules(kaggle, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "403" in err and f"https://www.kaggle.com/competitions/{COMP}/rules" in err and "Accept" in err
     with pytest.raises(DownloadError, match="403.*accept the rules"):
-        download(f"kaggle:{COMP}/train_images/x.tiff", tmp_path / "x.tiff", slide_id="x", progress=False,
-                 endpoints=Endpoints(kaggle_api=kaggle.url))
+        download(
+            f"kaggle:{COMP}/train_images/x.tiff",
+            tmp_path / "x.tiff",
+            slide_id="x",
+            progress=False,
+            endpoints=Endpoints(kaggle_api=kaggle.url),
+        )
 
 
 def test_kaggle_without_credentials_says_where_to_put_them(kaggle, tmp_path, monkeypatch, capsys):
@@ -244,7 +317,13 @@ def test_kaggle_without_credentials_says_where_to_put_them(kaggle, tmp_path, mon
 def test_kaggle_slide_download_with_auth_and_resume(kaggle, tmp_path):
     data = os.urandom(300_000)
     kaggle.files[f"/competitions/data/download/{COMP}/train_images/abc.tiff"] = FakeFile(data, drop_after=[100_000])
-    download(f"kaggle:{COMP}/train_images/abc.tiff", tmp_path / "abc.tiff", slide_id="abc", backoff_s=0.01,
-             progress=False, endpoints=Endpoints(kaggle_api=kaggle.url))
+    download(
+        f"kaggle:{COMP}/train_images/abc.tiff",
+        tmp_path / "abc.tiff",
+        slide_id="abc",
+        backoff_s=0.01,
+        progress=False,
+        endpoints=Endpoints(kaggle_api=kaggle.url),
+    )
     assert (tmp_path / "abc.tiff").read_bytes() == data
     assert kaggle.ranges(f"/competitions/data/download/{COMP}/train_images/abc.tiff")[1].startswith("bytes=")

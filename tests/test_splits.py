@@ -157,9 +157,7 @@ def test_integer_ids_become_strings():
     assert set(split["label"]) == {"0", "1"}
 
 
-@pytest.mark.parametrize(
-    "fractions", [(0.6, 0.4, 0.0), (0.5, 0.5, 0.5), (0.7, 0.3), (-0.1, 0.6, 0.5)]
-)
+@pytest.mark.parametrize("fractions", [(0.6, 0.4, 0.0), (0.5, 0.5, 0.5), (0.7, 0.3), (-0.1, 0.6, 0.5)])
 def test_bad_fractions(fractions):
     with pytest.raises(ConfigError, match="fractions"):
         make_split(make_sheet([5, 5]), seed=0, fractions=fractions)
@@ -300,9 +298,7 @@ EXPECTED_PARTS = {
 
 def test_official_long_layout_with_aliases(tmp_path):
     path = tmp_path / "official.csv"
-    path.write_text(
-        "slide_id,part\ns1,Training\ns2,train\ns3, TRAIN \ns4,Validation\ns5,testing\ns6,Test\n"
-    )
+    path.write_text("slide_id,part\ns1,Training\ns2,train\ns3, TRAIN \ns4,Validation\ns5,testing\ns6,Test\n")
     split = read_official_split(path, official_sheet())
     assert list(split.columns) == ["slide_id", "patient_id", "label", "part"]
     assert split.set_index("slide_id")["part"].to_dict() == EXPECTED_PARTS
@@ -397,12 +393,30 @@ def _split_with_status(tmp_path, sheet, excluded, extra=()):
 
     sheet_path, status = tmp_path / "sheet.tsv", tmp_path / f"status_{len(excluded)}.csv"
     sheet.to_csv(sheet_path, sep="\t", index=False)
-    pd.DataFrame({"slide_id": sheet.slide_id,
-                  "status": ["excluded" if s in excluded else "ok" for s in sheet.slide_id],
-                  "reason": ["unreadable" if s in excluded else "" for s in sheet.slide_id]}).to_csv(status, index=False)
+    pd.DataFrame(
+        {
+            "slide_id": sheet.slide_id,
+            "status": ["excluded" if s in excluded else "ok" for s in sheet.slide_id],
+            "reason": ["unreadable" if s in excluded else "" for s in sheet.slide_id],
+        }
+    ).to_csv(status, index=False)
     out = tmp_path / f"split_{len(excluded)}.csv"
-    assert main(["split", "--sheet", str(sheet_path), "--classes", *sorted(sheet.label.unique()), "--seed", "5",
-                 *extra, "--status", str(status), "--out", str(out)]) in (0, None)
+    assert main(
+        [
+            "split",
+            "--sheet",
+            str(sheet_path),
+            "--classes",
+            *sorted(sheet.label.unique()),
+            "--seed",
+            "5",
+            *extra,
+            "--status",
+            str(status),
+            "--out",
+            str(out),
+        ]
+    ) in (0, None)
     return read_split(out)
 
 

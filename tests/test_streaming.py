@@ -24,9 +24,7 @@ def assert_grads_match(params, reference, tol=1e-4):
     assert len(reference) > 0
     for i, (p, ref) in enumerate(zip(params, reference, strict=True)):
         assert p.grad is not None, f"parameter {i} got no gradient"
-        assert rel_err(p.grad, ref) < tol, (
-            f"parameter {i} {tuple(p.shape)}: rel err {rel_err(p.grad, ref):.2e}"
-        )
+        assert rel_err(p.grad, ref) < tol, f"parameter {i} {tuple(p.shape)}: rel err {rel_err(p.grad, ref):.2e}"
 
 
 def assert_real_tiling(engine: StreamingEngine, in_size):
@@ -90,8 +88,9 @@ def test_resnet34_streamed_param_grads_equal_backprop(resnet_case):
     trunk, x, engine, _, grad_out = resnet_case
     names = [f"grad.{n}" for n, _ in trunk.named_parameters()]
     plain = dict(zip(names, full_backward(trunk, x, grad_out), strict=True))
-    reference = dict(zip(names, full_backward(copy.deepcopy(trunk).double(), x.double(), grad_out.double()),
-                         strict=True))
+    reference = dict(
+        zip(names, full_backward(copy.deepcopy(trunk).double(), x.double(), grad_out.double()), strict=True)
+    )
     engine.accumulate_grad(x, grad_out)
     streamed = {f"grad.{n}": p.grad for n, p in trunk.named_parameters()}
     fidelity(streamed, plain, reference, jump=JUMP).check("streamed ResNet34")
@@ -140,11 +139,7 @@ def test_tiny_stack_output_and_grads(tile_px, mode, ceil_mode):
     engine = StreamingEngine(net, tile_px, tile_mode=mode)
     assert_real_tiling(engine, (301, 267))
     if mode == "total":
-        assert all(
-            t.inp[a][1] - t.inp[a][0] <= tile_px
-            for t in engine.plan((301, 267)).tiles
-            for a in range(2)
-        )
+        assert all(t.inp[a][1] - t.inp[a][0] <= tile_px for t in engine.plan((301, 267)).tiles for a in range(2))
     full = net(x).detach()
     streamed = engine.forward(x)
     assert streamed.shape == full.shape
@@ -182,10 +177,7 @@ def test_total_tile_smaller_than_receptive_field_is_refused():
     assert field == (547, 547)  # conv1 7/2, maxpool 3/2, 6 + 8 + 12 3x3 convs at strides 4, 8, 16
     with pytest.raises(PartitionError, match="receptive field"):
         engine.plan((1024, 1024))
-    assert (
-        len(StreamingEngine(resnet34_to_layer3(), 600, tile_mode="total").plan((1024, 1024)).tiles)
-        > 1
-    )
+    assert len(StreamingEngine(resnet34_to_layer3(), 600, tile_mode="total").plan((1024, 1024)).tiles) > 1
 
 
 def test_unknown_layer_is_refused():
@@ -198,9 +190,7 @@ def test_unknown_layer_is_refused():
 
 def small_cfg(**kw) -> StreamingConfig:
     """Every layer trained, so that the streamed backward is exercised (the default trains layer4 + fc)."""
-    return StreamingConfig(
-        **{"tile_px": 128, "tile_mode": "core", "accumulation": 2, "train_all_layers": True, **kw}
-    )
+    return StreamingConfig(**{"tile_px": 128, "tile_mode": "core", "accumulation": 2, "train_all_layers": True, **kw})
 
 
 @pytest.mark.equivalence
@@ -315,9 +305,7 @@ def test_learner_resume_is_exact():
     for i in (1, 2):
         b.train_slide(images[i], i % 2)
         b.step()
-    for (name, pa), pb in zip(
-        a.model.state_dict().items(), b.model.state_dict().values(), strict=True
-    ):
+    for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
 
 
@@ -326,7 +314,5 @@ def test_in_place_first_layer_leaves_the_input_alone():
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(12))
     x_before = x.clone()
     streamed = StreamingEngine(net, 8, tile_mode="core").forward(x)
-    assert torch.equal(
-        x, x_before
-    )  # overlapping crops would otherwise see an already-rectified input
+    assert torch.equal(x, x_before)  # overlapping crops would otherwise see an already-rectified input
     assert torch.allclose(streamed, net(x_before.clone()), atol=1e-6)

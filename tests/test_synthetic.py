@@ -50,10 +50,7 @@ def slides(tmp_path_factory) -> dict[str, list[tuple[SyntheticSpec, Path, Path]]
     """Small slides on disk: SLIDES_PER_CLASS per grade plus one with pen marks and debris."""
     root = tmp_path_factory.mktemp("synthetic")
     specs: dict[str, list[SyntheticSpec]] = {
-        label: [
-            synthetic_spec(f"t_{label}_{k}", label, seed=0, size_range_px=SMALL)
-            for k in range(SLIDES_PER_CLASS)
-        ]
+        label: [synthetic_spec(f"t_{label}_{k}", label, seed=0, size_range_px=SMALL) for k in range(SLIDES_PER_CLASS)]
         for label in GRADE_NAMES.values()
     }
     specs["pen"] = [_find_spec("pen", "low_grade", lambda s: s.has_pen and s.has_debris)]
@@ -83,9 +80,7 @@ def test_sheet_is_deterministic_balanced_and_patient_grouped():
     assert set(counts.index) == set(GRADE_NAMES.values())
     assert counts.max() - counts.min() <= 3
 
-    per_patient = sheet.groupby("patient_id").agg(
-        n=("slide_id", "size"), labels=("label", "nunique")
-    )
+    per_patient = sheet.groupby("patient_id").agg(n=("slide_id", "size"), labels=("label", "nunique"))
     assert set(per_patient.n) == {1, 2}
     assert (per_patient.labels == 1).all(), "both slides of a patient must share the label"
     share_two = (per_patient.n == 2).mean()
@@ -234,16 +229,12 @@ def test_pen_marks_are_in_truth_and_in_pixels(slides):
     pen = truth["pen"]
     assert pen.any() and truth["debris"].any()
     assert (truth["artifact"] >= pen).all() and (truth["artifact"] >= truth["debris"]).all()
-    assert (pen & truth["tissue"]).any() and (pen & ~truth["tissue"]).any(), (
-        "pen crosses tissue and glass"
-    )
+    assert (pen & truth["tissue"]).any() and (pen & ~truth["tissue"]).any(), "pen crosses tissue and glass"
     with open_slide(tif) as slide:
         image = slide.read_level(2)[2::4, 2::4]  # (h, w, 3): 5x pixels at the truth cells' centres
     h, w = image.shape[:2]
     inked = ndimage.binary_erosion(pen[:h, :w], iterations=1)
-    glass = ndimage.binary_erosion(
-        ~truth["tissue"][:h, :w] & ~truth["artifact"][:h, :w], iterations=3
-    )
+    glass = ndimage.binary_erosion(~truth["tissue"][:h, :w] & ~truth["artifact"][:h, :w], iterations=3)
     assert image[inked].mean() < image[glass].mean() - 60, "ink is much darker than glass"
 
 
@@ -254,9 +245,7 @@ def _tile_features(tile: np.ndarray) -> np.ndarray:
     """Mean and std of RGB plus the share of dark pixels of one tile (128, 128, 3)."""
     pixels = tile.reshape(-1, 3).astype(np.float32)  # (N, 3)
     grey = pixels.mean(axis=1)
-    return np.concatenate(
-        [pixels.mean(0), pixels.std(0), [(grey < 120).mean(), (grey < 80).mean()]]
-    )
+    return np.concatenate([pixels.mean(0), pixels.std(0), [(grey < 120).mean(), (grey < 80).mean()]])
 
 
 def _sample_tiles(spec, tif, npz, rng, per_kind: int = 25) -> list[tuple[np.ndarray, str]]:

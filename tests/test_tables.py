@@ -23,8 +23,14 @@ def test_table1_means_stds_and_paper_values(tmp_path):
         write_run(tmp_path, "nsclc", "clam_mb", "mccv1", 0, 0.9, 0.95),
         write_run(tmp_path, "nsclc", "transmil", "mccv0", 0, 0.7, 0.8),
     ]
-    out = table1(paths, tmp_path / "t.csv", tmp_path / "t.md", paper_names={"nsclc": "TCGA-NSCLC"},
-                 not_applicable=[("milrnn", "rcc")], method_order=["clam_mb", "transmil", "milrnn"])
+    out = table1(
+        paths,
+        tmp_path / "t.csv",
+        tmp_path / "t.md",
+        paper_names={"nsclc": "TCGA-NSCLC"},
+        not_applicable=[("milrnn", "rcc")],
+        method_order=["clam_mb", "transmil", "milrnn"],
+    )
     clam = out[out.method == "clam_mb"].iloc[0]
     assert clam.accuracy == pytest.approx(0.85) and clam.n_seeds == 2
     assert clam.accuracy_std == pytest.approx(pd.Series([0.8, 0.9]).std())

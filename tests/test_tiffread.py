@@ -27,9 +27,10 @@ def boxes(width: int, height: int) -> list[tuple[int, int, int, int]]:
 
 
 def assert_same_reads(path, mpp_fallback=None) -> None:
-    with open_slide(path, mpp_fallback=mpp_fallback) as a, open_slide(
-        path, mpp_fallback=mpp_fallback, reader="auto", threads=2
-    ) as b:
+    with (
+        open_slide(path, mpp_fallback=mpp_fallback) as a,
+        open_slide(path, mpp_fallback=mpp_fallback, reader="auto", threads=2) as b,
+    ):
         assert a.tiff is None and b.tiff is not None  # the fast path is taken, not silently skipped
         for level in range(a.level_count):
             ds = a.level_downsamples[level]

@@ -25,9 +25,14 @@ class SmallCNN(nn.Module):
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 12, 3, stride=2, padding=1),
+            nn.BatchNorm2d(12),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
 
     def forward(self, x):
@@ -54,8 +59,9 @@ def _run(executor: Executor, encoder, aggregator, tiles, accumulation=1, n_slide
     losses = []
     for s in range(n_slides):
         torch.manual_seed(100 + s)  # the aggregator's dropout masks: the same draw for every executor
-        result = executor.step(tiles * (1 + s), enc, agg, torch.tensor(s % 2),
-                               lambda out, y, a=agg: a.loss(out, y), ctx)
+        result = executor.step(
+            tiles * (1 + s), enc, agg, torch.tensor(s % 2), lambda out, y, a=agg: a.loss(out, y), ctx
+        )
         losses.append(result.loss)
     return losses, _grads(enc, agg)
 
@@ -98,8 +104,9 @@ def test_frozen_encoder_has_no_backward_and_keeps_bn_stats():
         m.register_full_backward_hook(lambda *a: backward_calls.append(1))
     for executor in (PlainExecutor(), TwoStageExecutor()):
         agg = copy.deepcopy(aggregator).train()
-        executor.step(tiles, encoder, agg, torch.tensor(1), lambda o, y, a=agg: a.loss(o, y),
-                      StepContext(train_encoder=False))
+        executor.step(
+            tiles, encoder, agg, torch.tensor(1), lambda o, y, a=agg: a.loss(o, y), StepContext(train_encoder=False)
+        )
         assert all(p.grad is not None for p in agg.parameters())
     assert backward_calls == []
     assert all(p.grad is None for p in encoder.parameters())

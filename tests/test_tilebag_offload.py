@@ -20,8 +20,10 @@ def _step(executor, encoder, aggregator, tiles, n_slides=2):
     enc, agg = copy.deepcopy(encoder), copy.deepcopy(aggregator)
     enc.train(), agg.train()
     ctx = StepContext(loss_scale=0.5)
-    losses = [executor.step(tiles * (1 + s), enc, agg, torch.tensor(s % 2), lambda o, y, a=agg: a.loss(o, y), ctx).loss
-              for s in range(n_slides)]
+    losses = [
+        executor.step(tiles * (1 + s), enc, agg, torch.tensor(s % 2), lambda o, y, a=agg: a.loss(o, y), ctx).loss
+        for s in range(n_slides)
+    ]
     grads = {f"{i}.{n}": p.grad for i, m in enumerate((enc, agg)) for n, p in m.named_parameters()}
     return losses, grads, enc
 
@@ -64,9 +66,20 @@ def test_registry_builds_offload_and_rejects_bad_settings():
 RECIPES = {
     "gma_sgd": {"aggregator_params": {"dropout": 0.0}, "warmup_epochs": 1},
     "abmil_demon_cosine_augment": {
-        "aggregator": "abmil", "optimizer": "sgd", "lr": 1e-2, "momentum": 0.9, "nesterov": False,
-        "weight_decay": 1e-4, "weight_decay_end": None, "no_decay_1d": False, "scheduler": "cosine",
-        "warmup_epochs": 0, "min_lr": 0.0, "momentum_decay": "demon", "augment": True},
+        "aggregator": "abmil",
+        "optimizer": "sgd",
+        "lr": 1e-2,
+        "momentum": 0.9,
+        "nesterov": False,
+        "weight_decay": 1e-4,
+        "weight_decay_end": None,
+        "no_decay_1d": False,
+        "scheduler": "cosine",
+        "warmup_epochs": 0,
+        "min_lr": 0.0,
+        "momentum_decay": "demon",
+        "augment": True,
+    },
 }
 
 
@@ -77,21 +90,42 @@ def test_one_epoch_offload_gives_the_weights_of_plain(recipe, tiled_synthetic, t
     from slidetrain.train.tilebag import fit_tilebag
 
     root, sheet, refs = tiled_synthetic
-    frame = pd.DataFrame({"slide_id": [r.slide_id for r in refs], "patient_id": [f"p{i}" for i in range(6)],
-                          "label": ["negative" if r.label == 0 else "positive" for r in refs],
-                          "part": ["train", "train", "train", "train", "val", "test"]})
+    frame = pd.DataFrame(
+        {
+            "slide_id": [r.slide_id for r in refs],
+            "patient_id": [f"p{i}" for i in range(6)],
+            "label": ["negative" if r.label == 0 else "positive" for r in refs],
+            "part": ["train", "train", "train", "train", "val", "test"],
+        }
+    )
     frame.to_csv(tmp_path / "split.csv", index=False)
-    data = {"split_csv": tmp_path / "split.csv", "sheet_csv": sheet, "slides_dir": root, "tiles_dir": root,
-            "class_names": ["negative", "positive"]}
-    params = {"backbone": "resnet18", "k": 6, "input_px": 32, "epochs": 1, "workers": 0,
-              "slides_per_epoch": 0.75, "accumulation": 2, "selection_metric": "val_loss", "eval_tiles": "all",
-              "eval_chunk": 16, **RECIPES[recipe]}
+    data = {
+        "split_csv": tmp_path / "split.csv",
+        "sheet_csv": sheet,
+        "slides_dir": root,
+        "tiles_dir": root,
+        "class_names": ["negative", "positive"],
+    }
+    params = {
+        "backbone": "resnet18",
+        "k": 6,
+        "input_px": 32,
+        "epochs": 1,
+        "workers": 0,
+        "slides_per_epoch": 0.75,
+        "accumulation": 2,
+        "selection_metric": "val_loss",
+        "eval_tiles": "all",
+        "eval_chunk": 16,
+        **RECIPES[recipe],
+    }
     monkeypatch.setattr(OffloadExecutor, "default_max_transfer_mb", 0.7)  # partitions even at 32 px,
     monkeypatch.setattr(OffloadExecutor, "default_stages", 1)  # with room for layer1's weight gradients
     sampling = {"tile_px": 32, "target_magnification": 5.0}
     for name in ("plain", "offload"):  # float64: equal to rounding over the epoch, on any CPU
-        fit_tilebag({**params, "executor": name, "dtype": "float64"}, sampling=sampling, out_dir=tmp_path / name,
-                    seed=0, **data)
+        fit_tilebag(
+            {**params, "executor": name, "dtype": "float64"}, sampling=sampling, out_dir=tmp_path / name, seed=0, **data
+        )
     a = torch.load(tmp_path / "plain" / "model.pt", weights_only=False)["state_dict"]
     b = torch.load(tmp_path / "offload" / "model.pt", weights_only=False)["state_dict"]
     assert set(a) == set(b)

@@ -1,4 +1,4 @@
-"""Campanella et al.'s outputs: tile-bag Table 1 rows and paper values, Figure 4 and 1, max-tiles search, derived splits."""
+"""Campanella et al.'s outputs: tile-bag Table 1 rows and paper values, Figures 4 and 1, max tiles, derived splits."""
 
 from __future__ import annotations
 
@@ -24,18 +24,32 @@ def write_run(root, method, split, auroc, losses=None):
     d.mkdir(parents=True)
     (d / "metrics.json").write_text(json.dumps({"n_slides": 10, "metrics": {"auroc": auroc}}))
     if losses is not None:
-        pd.DataFrame({"epoch": range(1, len(losses) + 1), "train_loss": losses,
-                      "val_auroc": np.linspace(0.5, auroc, len(losses))}).to_csv(d / "history.csv", index=False)
+        pd.DataFrame(
+            {
+                "epoch": range(1, len(losses) + 1),
+                "train_loss": losses,
+                "val_auroc": np.linspace(0.5, auroc, len(losses)),
+            }
+        ).to_csv(d / "history.csv", index=False)
     return d
 
 
 def test_tilebag_table1_rows_and_paper_values(tmp_path):
-    runs = [write_run(tmp_path, m, s, a) for m, s, a in [
-        ("tilebag_k2", "mccv0", 0.70), ("tilebag_k2", "mccv1", 0.80), ("tilebag_k16", "mccv0", 0.9),
-        ("tilebag_k16", "mccv1", 0.95), ("gma", "mccv0", 0.6), ("gma", "mccv1", 0.7), ("maxpool", "mccv0", 0.5),
-    ]]
-    out = tilebag_table1([r / "metrics.json" for r in runs], tmp_path / "t.csv", paper_k={2: 50, 16: 700},
-                     markdown=tmp_path / "t.md")
+    runs = [
+        write_run(tmp_path, m, s, a)
+        for m, s, a in [
+            ("tilebag_k2", "mccv0", 0.70),
+            ("tilebag_k2", "mccv1", 0.80),
+            ("tilebag_k16", "mccv0", 0.9),
+            ("tilebag_k16", "mccv1", 0.95),
+            ("gma", "mccv0", 0.6),
+            ("gma", "mccv1", 0.7),
+            ("maxpool", "mccv0", 0.5),
+        ]
+    ]
+    out = tilebag_table1(
+        [r / "metrics.json" for r in runs], tmp_path / "t.csv", paper_k={2: 50, 16: 700}, markdown=tmp_path / "t.md"
+    )
     assert list(out.columns) == TILEBAG_TABLE1_COLUMNS
     assert out.algorithm.tolist() == ["GMA", "Max-pool MIL", "Proposed", "Proposed"]
     k2 = out[out.k == 2].iloc[0]
@@ -70,8 +84,11 @@ def series_points(data: pd.DataFrame, panel: str) -> dict[str, int]:
 
 
 def test_tilebag_figure4_and_figure1_write_the_data_they_plot(tmp_path):
-    runs = [write_run(tmp_path, f"tilebag_k{k}", s, 0.6 + 0.01 * k, [0.7, 0.6 - 0.01 * k, 0.5])
-            for k in (2, 4) for s in ("mccv0", "mccv1")]
+    runs = [
+        write_run(tmp_path, f"tilebag_k{k}", s, 0.6 + 0.01 * k, [0.7, 0.6 - 0.01 * k, 0.5])
+        for k in (2, 4)
+        for s in ("mccv0", "mccv1")
+    ]
     tilebag_figure4([r / "history.csv" for r in runs], tmp_path / "f4.png")
     assert (tmp_path / "f4.png").stat().st_size > 10_000
     f4 = pd.read_csv(tmp_path / "f4.csv")  # beside the PNG
@@ -87,8 +104,16 @@ def test_tilebag_figure4_and_figure1_write_the_data_they_plot(tmp_path):
     parts = []
     for enc in ("resnet50", "vit_b_16"):
         p = tmp_path / f"{enc}.csv"
-        pd.DataFrame({"encoder": enc, "precision": ["fp32", "amp"], "tile_px": 224, "max_tiles": [10, 20],
-                      "device": "cpu", "memory_budget_gb": 2.0}).to_csv(p, index=False)
+        pd.DataFrame(
+            {
+                "encoder": enc,
+                "precision": ["fp32", "amp"],
+                "tile_px": 224,
+                "max_tiles": [10, 20],
+                "device": "cpu",
+                "memory_budget_gb": 2.0,
+            }
+        ).to_csv(p, index=False)
         parts.append(p)
     merged = tilebag_figure1(parts, tmp_path / "m.csv", tmp_path / "f1.png")
     assert len(merged) == 4 and (tmp_path / "f1.png").stat().st_size > 10_000
@@ -124,16 +149,39 @@ def test_derived_split_relabels_and_stratifies(tmp_path):
 
     sheet = tmp_path / "s.tsv"
     labels = ["normal", "low_grade", "high_grade"] * 10
-    pd.DataFrame({"slide_id": [f"s{i}" for i in range(30)], "patient_id": [f"p{i}" for i in range(30)],
-                  "label": labels, "source": "synthetic"}).to_csv(sheet, sep="\t", index=False)
+    pd.DataFrame(
+        {
+            "slide_id": [f"s{i}" for i in range(30)],
+            "patient_id": [f"p{i}" for i in range(30)],
+            "label": labels,
+            "source": "synthetic",
+        }
+    ).to_csv(sheet, sep="\t", index=False)
     label_map = {"normal": "negative", "low_grade": "positive", "high_grade": "positive"}
     out = tmp_path / "split.csv"
-    assert main(["split", "--sheet", str(sheet), "--classes", "normal", "low_grade", "high_grade",
-                 "--label-map", json.dumps(label_map), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "split",
+                "--sheet",
+                str(sheet),
+                "--classes",
+                "normal",
+                "low_grade",
+                "high_grade",
+                "--label-map",
+                json.dumps(label_map),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     split = pd.read_csv(out)
     assert set(split.label) == {"negative", "positive"}
-    assert (split.set_index("slide_id").label == pd.Series(labels, index=[f"s{i}" for i in range(30)])
-            .map(label_map)).all()
+    assert (
+        split.set_index("slide_id").label == pd.Series(labels, index=[f"s{i}" for i in range(30)]).map(label_map)
+    ).all()
     for part in ("train", "val", "test"):
         assert set(split[split.part == part].label) == {"negative", "positive"}
     from slidetrain.data.sheet import relabel
@@ -143,9 +191,16 @@ def test_derived_split_relabels_and_stratifies(tmp_path):
 
 
 def test_tilebag_table1_and_figure4_take_the_parallel_and_half_strategies(tmp_path):
-    runs = [write_run(tmp_path, m, s, a, [0.7, 0.6, 0.5]) for m, a in
-            [("tilebag_k2", 0.7), ("tilebag_k16", 0.9), ("tilebag_parallel_k16", 0.85), ("tilebag_half_k16", 0.8)]
-            for s in ("mccv0", "mccv1")]
+    runs = [
+        write_run(tmp_path, m, s, a, [0.7, 0.6, 0.5])
+        for m, a in [
+            ("tilebag_k2", 0.7),
+            ("tilebag_k16", 0.9),
+            ("tilebag_parallel_k16", 0.85),
+            ("tilebag_half_k16", 0.8),
+        ]
+        for s in ("mccv0", "mccv1")
+    ]
     out = tilebag_table1([r / "metrics.json" for r in runs], tmp_path / "t.csv", paper_k={2: 50, 16: 700})
     rows = {(r.k, r.strategy): r for r in out.itertuples()}
     assert rows[(16, "parallel")].auc_mean == 85.0 and rows[(16, "parallel")].paper_auc_mean == 76.9

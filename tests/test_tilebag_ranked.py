@@ -26,9 +26,22 @@ pytestmark = pytest.mark.equivalence
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["negative", "positive"]
 SAMPLING = {"tile_px": 32, "target_magnification": 5.0}
-PARAMS = {"backbone": "resnet18", "k": 8, "input_px": 64, "epochs": 2, "warmup_epochs": 1, "workers": 0,
-          "slides_per_epoch": 0.75, "accumulation": 2, "selection_metric": "val_loss", "eval_tiles": "all",
-          "eval_chunk": 4, "lr": 1e-3, "aggregator_params": {"dropout": 0.0}, "dtype": "float64"}
+PARAMS = {
+    "backbone": "resnet18",
+    "k": 8,
+    "input_px": 64,
+    "epochs": 2,
+    "warmup_epochs": 1,
+    "workers": 0,
+    "slides_per_epoch": 0.75,
+    "accumulation": 2,
+    "selection_metric": "val_loss",
+    "eval_tiles": "all",
+    "eval_chunk": 4,
+    "lr": 1e-3,
+    "aggregator_params": {"dropout": 0.0},
+    "dtype": "float64",
+}
 # float64, no dropout (as the paper's equivalence run): two exact computations of the same training
 # agree to rounding over every step, on any CPU. In float32 they would drift apart by the CPU's
 # rounding and by ReLU branches flipped near their kinks (a random ResNet18 on few tiny tiles is
@@ -40,9 +53,14 @@ RANKED = {**PARAMS, "executor": "distributed", "sync_bn": True}
 @pytest.fixture(scope="module")
 def split(tiled_synthetic, tmp_path_factory):
     _, _, refs = tiled_synthetic
-    frame = pd.DataFrame({"slide_id": [r.slide_id for r in refs], "patient_id": [f"p{i}" for i in range(6)],
-                          "label": ["negative" if r.label == 0 else "positive" for r in refs],
-                          "part": ["train", "train", "train", "train", "val", "test"]})
+    frame = pd.DataFrame(
+        {
+            "slide_id": [r.slide_id for r in refs],
+            "patient_id": [f"p{i}" for i in range(6)],
+            "label": ["negative" if r.label == 0 else "positive" for r in refs],
+            "part": ["train", "train", "train", "train", "val", "test"],
+        }
+    )
     path = tmp_path_factory.mktemp("ranked_split") / "split.csv"
     frame.to_csv(path, index=False)
     return path
@@ -52,20 +70,58 @@ def split(tiled_synthetic, tmp_path_factory):
 def plain_run(tiled_synthetic, split, tmp_path_factory):
     root, sheet, _ = tiled_synthetic
     out = tmp_path_factory.mktemp("ranked_plain") / "run"
-    fit_tilebag(PARAMS, split_csv=split, sheet_csv=sheet, slides_dir=root, tiles_dir=root, class_names=CLASSES,
-                sampling=SAMPLING, out_dir=out, seed=0)
+    fit_tilebag(
+        PARAMS,
+        split_csv=split,
+        sheet_csv=sheet,
+        slides_dir=root,
+        tiles_dir=root,
+        class_names=CLASSES,
+        sampling=SAMPLING,
+        out_dir=out,
+        seed=0,
+    )
     return out
 
 
-def torchrun_train(out: Path, tiled_synthetic, split, params: dict, env_extra: dict | None = None,
-                   timeout_s: float = 30) -> subprocess.CompletedProcess:
+def torchrun_train(
+    out: Path, tiled_synthetic, split, params: dict, env_extra: dict | None = None, timeout_s: float = 30
+) -> subprocess.CompletedProcess:
     root, sheet, _ = tiled_synthetic
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"), **(env_extra or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3",
-           ENTRY, "train-tilebag", "--params", json.dumps(params), "--split", str(split),
-           "--sheet", str(sheet), "--slides-dir", str(root), "--tiles-dir", str(root), "--tile-px", "32",
-           "--target-magnification", "5", "--classes", *CLASSES, "--out", str(out), "--seed", "0",
-           "--backend", "gloo", "--timeout-s", str(timeout_s)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=3",
+        ENTRY,
+        "train-tilebag",
+        "--params",
+        json.dumps(params),
+        "--split",
+        str(split),
+        "--sheet",
+        str(sheet),
+        "--slides-dir",
+        str(root),
+        "--tiles-dir",
+        str(root),
+        "--tile-px",
+        "32",
+        "--target-magnification",
+        "5",
+        "--classes",
+        *CLASSES,
+        "--out",
+        str(out),
+        "--seed",
+        "0",
+        "--backend",
+        "gloo",
+        "--timeout-s",
+        str(timeout_s),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import test_train_tilebag
 from slidetrain.errors import ConfigError
 from slidetrain.models.encoders import build_encoder
 from slidetrain.models.foundation import build_foundation, sha256_of
@@ -16,10 +17,20 @@ from slidetrain.train.tilebag.encoder_stages import (
     parameter_stages,
 )
 from slidetrain.train.tilebag.model import build_tilebag_model, param_groups, set_train_mode
-from test_train_tilebag import PARAMS, SAMPLING, data_args, split  # noqa: F401  (split: fixture)
+from test_train_tilebag import PARAMS, SAMPLING, data_args
 
-VIT = {**PARAMS, "backbone": "vit_tiny_test", "epochs": 2, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0,
-       "weight_decay_end": None, "aggregator_params": {"dropout": 0.0}}
+split = test_train_tilebag.split  # the same module-scoped split fixture
+
+VIT = {
+    **PARAMS,
+    "backbone": "vit_tiny_test",
+    "epochs": 2,
+    "optimizer": "adamw",
+    "lr": 1e-3,
+    "weight_decay": 0.0,
+    "weight_decay_end": None,
+    "aggregator_params": {"dropout": 0.0},
+}
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +61,9 @@ def test_stages_follow_depth_for_resnets_and_vits():
 def test_layer_decay_scales_each_stage_and_the_schedule_keeps_the_ratios():
     from slidetrain.train.optim import build_optimizer, build_scheduler
 
-    cfg = tilebag_config({**VIT, "layer_decay": 0.5, "lr_encoder": 0.8, "scheduler": "warmup_cosine",
-                          "warmup_epochs": 1, "epochs": 3})
+    cfg = tilebag_config(
+        {**VIT, "layer_decay": 0.5, "lr_encoder": 0.8, "scheduler": "warmup_cosine", "warmup_epochs": 1, "epochs": 3}
+    )
     model = build_tilebag_model(cfg, 2, seed=0)
     groups = param_groups(model, cfg)
     enc = [g for g in groups if g["part"] == "encoder"]
@@ -73,13 +85,16 @@ def test_freezing_every_block_is_refused_and_frozen_encoders_take_no_block_keys(
         tilebag_config({**VIT, "encoder": "frozen", "freeze_blocks": 1})
 
 
-def test_frozen_resnet_blocks_keep_weights_and_batchnorm_statistics(tiled_synthetic, split, tmp_path):  # noqa: F811
+def test_frozen_resnet_blocks_keep_weights_and_batchnorm_statistics(tiled_synthetic, split, tmp_path):
     params = {**PARAMS, "epochs": 1, "freeze_blocks": 2}
     fit_tilebag(params, sampling=SAMPLING, out_dir=tmp_path / "r", seed=0, **data_args(tiled_synthetic, split))
     saved = torch.load(tmp_path / "r" / "model.pt", weights_only=False)["state_dict"]
     initial = build_tilebag_model(tilebag_config(params), 2, seed=0).state_dict()
-    frozen = [k for k in initial if k.startswith(("encoder.trunk.0.", "encoder.trunk.1.", "encoder.trunk.4.",
-                                                  "encoder.trunk.5."))]
+    frozen = [
+        k
+        for k in initial
+        if k.startswith(("encoder.trunk.0.", "encoder.trunk.1.", "encoder.trunk.4.", "encoder.trunk.5."))
+    ]
     assert any("running_mean" in k for k in frozen)
     changed = [k for k in frozen if not torch.equal(initial[k], saved[k])]
     assert not changed, f"frozen stem/layer1/layer2 moved: {changed[:5]}"
@@ -96,15 +111,25 @@ def test_train_mode_keeps_frozen_batchnorm_in_eval():
 
 
 def test_vit_from_a_local_weights_file_trains_with_amp_frozen_blocks_and_layer_decay(
-        tiled_synthetic, split, vit_weights, tmp_path):  # noqa: F811
-    params = {**VIT, "weights": str(vit_weights), "weights_sha256": sha256_of(vit_weights), "amp": True,
-              "freeze_blocks": 1, "layer_decay": 0.75}
+    tiled_synthetic, split, vit_weights, tmp_path
+):
+    params = {
+        **VIT,
+        "weights": str(vit_weights),
+        "weights_sha256": sha256_of(vit_weights),
+        "amp": True,
+        "freeze_blocks": 1,
+        "layer_decay": 0.75,
+    }
     out = tmp_path / "vit"
     fit_tilebag(params, sampling=SAMPLING, out_dir=out, seed=0, **data_args(tiled_synthetic, split))
     saved = torch.load(out / "model.pt", weights_only=False)["state_dict"]
     start = build_foundation("vit_tiny_test", str(vit_weights)).state_dict()
-    assert all(torch.equal(start[k], saved["encoder." + k]) for k in start
-               if k.startswith(("model.patch_embed.", "model.cls_token", "model.pos_embed", "model.blocks.0.")))
+    assert all(
+        torch.equal(start[k], saved["encoder." + k])
+        for k in start
+        if k.startswith(("model.patch_embed.", "model.cls_token", "model.pos_embed", "model.blocks.0."))
+    )
     assert not torch.equal(start["model.blocks.1.attn.qkv.weight"], saved["encoder.model.blocks.1.attn.qkv.weight"])
     import pandas as pd
 
@@ -112,7 +137,7 @@ def test_vit_from_a_local_weights_file_trains_with_amp_frozen_blocks_and_layer_d
     assert h.train_loss.notna().all() and len(h) == 2
 
 
-def test_a_wrong_checksum_stops_the_run_naming_the_model(tiled_synthetic, split, vit_weights, tmp_path):  # noqa: F811
+def test_a_wrong_checksum_stops_the_run_naming_the_model(tiled_synthetic, split, vit_weights, tmp_path):
     from slidetrain.models.foundation import WeightsError
 
     params = {**VIT, "weights": str(vit_weights), "weights_sha256": "0" * 64}
@@ -129,7 +154,7 @@ def test_encoder_groups_hold_only_trainable_parameters():
 
 
 @pytest.mark.equivalence
-def test_ranked_vit_with_frozen_blocks_and_layer_decay_equals_one_process(tiled_synthetic, split, tmp_path):  # noqa: F811
+def test_ranked_vit_with_frozen_blocks_and_layer_decay_equals_one_process(tiled_synthetic, split, tmp_path):
     """The distributed executor builds the same per-stage groups and keeps frozen blocks frozen (float64: exact)."""
     from test_tilebag_ranked import PARAMS as RANKED_PARAMS
     from test_tilebag_ranked import assert_same_run, torchrun_train

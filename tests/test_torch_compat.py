@@ -26,10 +26,14 @@ SIGNATURES = json.loads((REPO / "tests" / "data" / "torch211_signatures.json").r
 #: calls that spread a dict (`**kwargs`) into a recorded API, which the AST cannot read: each has a
 #: test or a reason
 SPREAD_OK = {
-    ("slidetrain/train/tilebag/distributed_executor.py", "torch.nn.parallel.DistributedDataParallel"):
-        "ddp_buffer_kwargs: test_ddp_buffer_keyword_is_one_torch_211_knows",
-    ("slidetrain/data/tilebag.py", "torch.utils.data.DataLoader"):
-        "bag_loader: num_workers, collate_fn, sampler, shuffle, prefetch_factor, persistent_workers",
+    (
+        "slidetrain/train/tilebag/distributed_executor.py",
+        "torch.nn.parallel.DistributedDataParallel",
+    ): "ddp_buffer_kwargs: test_ddp_buffer_keyword_is_one_torch_211_knows",
+    (
+        "slidetrain/data/tilebag.py",
+        "torch.utils.data.DataLoader",
+    ): "bag_loader: num_workers, collate_fn, sampler, shuffle, prefetch_factor, persistent_workers",
 }
 #: slidetrain.cli imports every command's module lazily; the GPU script uses only `distributed-parallel`,
 #: whose module (slidetrain.bench.distributed_equivalence) is a root already
@@ -116,8 +120,10 @@ def test_calls_on_the_gpu_path_fit_torch_211():
         for line, name, call in torch_calls(path):
             if name not in SIGNATURES:
                 if call.keywords:  # any keyword passed to torch must be checked against 2.11
-                    problems.append(f"{where}:{line}: {name} takes keywords; record its torch 2.11 "
-                                    "signature in tests/data/torch211_signatures.json")
+                    problems.append(
+                        f"{where}:{line}: {name} takes keywords; record its torch 2.11 "
+                        "signature in tests/data/torch211_signatures.json"
+                    )
                 continue
             checked.add(name)
             params = _parameters(SIGNATURES[name])
@@ -127,16 +133,24 @@ def test_calls_on_the_gpu_path_fit_torch_211():
                     if (where, name) not in SPREAD_OK:
                         problems.append(f"{where}:{line}: **kwargs into {name}: check them (SPREAD_OK)")
                 elif kw.arg not in names and params.kwarg is None:
-                    problems.append(f"{where}:{line}: {name}(..., {kw.arg}=...): torch 2.11 has no such "
-                                    f"parameter {SIGNATURES[name]}")
+                    problems.append(
+                        f"{where}:{line}: {name}(..., {kw.arg}=...): torch 2.11 has no such "
+                        f"parameter {SIGNATURES[name]}"
+                    )
             positional = [a for a in call.args if not isinstance(a, ast.Starred)]
             if params.vararg is None and len(positional) > len(params.posonlyargs + params.args):
-                problems.append(f"{where}:{line}: {name} given {len(positional)} positional arguments; "
-                                f"torch 2.11 takes {SIGNATURES[name]}")
+                problems.append(
+                    f"{where}:{line}: {name} given {len(positional)} positional arguments; "
+                    f"torch 2.11 takes {SIGNATURES[name]}"
+                )
     assert not problems, "\n".join(problems)
     # not vacuous: the calls that broke before, and the walk found the distributed executor
-    assert {"torch.nn.parallel.DistributedDataParallel", "torch.distributed.init_process_group",
-            "torch.cuda.set_per_process_memory_fraction", "torch.autocast"} <= checked
+    assert {
+        "torch.nn.parallel.DistributedDataParallel",
+        "torch.distributed.init_process_group",
+        "torch.cuda.set_per_process_memory_fraction",
+        "torch.autocast",
+    } <= checked
 
 
 def test_a_keyword_newer_than_torch_211_fails_the_check():
@@ -231,5 +245,4 @@ def test_syncbn_gradients_under_each_differentiable_all_reduce(syncbn_grads, imp
     ranks = [torch.load(syncbn_grads / f"{impl}_{r}.pt") for r in range(2)]
     torch.testing.assert_close(torch.cat([r["x_grad"] for r in ranks]), x_all.grad, rtol=1e-4, atol=1e-5)
     # DDP sums the ranks' parameter gradients (then averages); their sum is the whole batch's
-    torch.testing.assert_close(ranks[0]["weight_grad"] + ranks[1]["weight_grad"], bn.weight.grad,
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ranks[0]["weight_grad"] + ranks[1]["weight_grad"], bn.weight.grad, rtol=1e-4, atol=1e-5)

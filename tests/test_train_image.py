@@ -75,20 +75,38 @@ def own_images(dataset, tmp_path) -> Path:
     return Path(shutil.copytree(dataset[1], tmp_path / "images"))
 
 
-def train_cli(out: Path, split_csv: Path, images: Path, method: str, params: dict, seed: int = 3,
-              stop_after: int | None = None) -> subprocess.CompletedProcess:
+def train_cli(
+    out: Path, split_csv: Path, images: Path, method: str, params: dict, seed: int = 3, stop_after: int | None = None
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if stop_after is not None:
         env["SLIDETRAIN_STOP_AFTER_EPOCH"] = str(stop_after)
-    cmd = [sys.executable, ENTRY, "train-image", "--method", method, "--params", json.dumps(params),
-           "--split", str(split_csv), "--images", str(images), "--classes", *CLASSES, "--out", str(out),
-           "--seed", str(seed)]
+    cmd = [
+        sys.executable,
+        ENTRY,
+        "train-image",
+        "--method",
+        method,
+        "--params",
+        json.dumps(params),
+        "--split",
+        str(split_csv),
+        "--images",
+        str(images),
+        "--classes",
+        *CLASSES,
+        "--out",
+        str(out),
+        "--seed",
+        str(seed),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
 def evaluate(out: Path, split_csv: Path, images: Path) -> dict:
-    return evaluate_whole_image(out / "model.pt", split_csv, images, CLASSES, out / "pred.csv", out / "metrics.json",
-                                n_bootstrap=10)
+    return evaluate_whole_image(
+        out / "model.pt", split_csv, images, CLASSES, out / "pred.csv", out / "metrics.json", n_bootstrap=10
+    )
 
 
 def history_without_time(out: Path) -> pd.DataFrame:
@@ -109,12 +127,23 @@ def assert_same_state(a: dict, b: dict) -> None:
 def test_a_run_writes_every_file_and_scores_the_test_part(dataset, tmp_path):
     split_csv, images = dataset
     out = tmp_path / "image_e2e"
-    model_path = fit_whole_image("image_e2e", {**IMAGE_E2E, "class_weights": [1.0, 2.0]}, split_csv, images, CLASSES, out, seed=0)
+    model_path = fit_whole_image(
+        "image_e2e", {**IMAGE_E2E, "class_weights": [1.0, 2.0]}, split_csv, images, CLASSES, out, seed=0
+    )
     assert model_path == out / "model.pt"
     assert {p.name for p in out.iterdir()} == {"model.pt", "history.csv", "run.json"}  # checkpoint removed
     history = pd.read_csv(out / "history.csv")
-    assert list(history.columns) == ["epoch", "train_loss", "val_loss", "val_accuracy", "val_auroc", "lr",
-                                     "seconds", "selected", "cropped"]
+    assert list(history.columns) == [
+        "epoch",
+        "train_loss",
+        "val_loss",
+        "val_accuracy",
+        "val_auroc",
+        "lr",
+        "seconds",
+        "selected",
+        "cropped",
+    ]
     assert history.epoch.tolist() == [1, 2] and history.selected.iloc[0]
     assert history.cropped.isna().all()  # nothing ran out of memory
     run = json.loads((out / "run.json").read_text())
@@ -199,8 +228,10 @@ def test_a_checkpoint_of_another_seed_is_ignored(dataset, tmp_path, monkeypatch,
     assert "ignoring" in caplog.text and "resuming" not in caplog.text
     fit_whole_image("image_e2e", IMAGE_E2E, split_csv, images, CLASSES, fresh, seed=4)
     pd.testing.assert_frame_equal(history_without_time(out), history_without_time(fresh))
-    assert_same_state(torch.load(out / "model.pt", weights_only=False)["state"],
-                      torch.load(fresh / "model.pt", weights_only=False)["state"])
+    assert_same_state(
+        torch.load(out / "model.pt", weights_only=False)["state"],
+        torch.load(fresh / "model.pt", weights_only=False)["state"],
+    )
 
 
 def test_normalisation_statistics_come_from_the_train_part_only(dataset, own_images, tmp_path):
@@ -222,8 +253,19 @@ def test_a_missing_or_broken_image_names_the_slide(dataset, own_images, tmp_path
         fit_whole_image("image_e2e", IMAGE_E2E, split_csv, own_images, CLASSES, tmp_path / "run", seed=0)
     from slidetrain.cli import main
 
-    argv = ["train-image", "--method", "image_e2e", "--split", str(split_csv), "--images", str(own_images),
-            "--classes", *CLASSES, "--out", str(tmp_path / "cli")]
+    argv = [
+        "train-image",
+        "--method",
+        "image_e2e",
+        "--split",
+        str(split_csv),
+        "--images",
+        str(own_images),
+        "--classes",
+        *CLASSES,
+        "--out",
+        str(tmp_path / "cli"),
+    ]
     assert main(argv) == 2
     assert "slide s03" in capsys.readouterr().err
     (own_images / "s05.jpg").write_bytes(b"not a jpeg")
@@ -243,8 +285,12 @@ class _CroppingLearner(WholeImageLearner):
         image = crop_edges(image)
         loss = F.cross_entropy(self.linear(image.mean((1, 2)))[None], torch.tensor([label]))
         (loss / self.cfg.accumulation).backward()
-        return {"loss": loss.item(), "image_h": float(image.shape[1]), "image_w": float(image.shape[2]),
-                "oom_crops": 1.0}
+        return {
+            "loss": loss.item(),
+            "image_h": float(image.shape[1]),
+            "image_w": float(image.shape[2]),
+            "oom_crops": 1.0,
+        }
 
     def step(self):
         self.optimizer.step()

@@ -40,23 +40,54 @@ def bag_dataset(tmp_path: Path) -> tuple[Path, Path]:
     return split_csv, features_dir
 
 
-def train(out: Path, split_csv: Path, features_dir: Path, method: str = "abmil", epochs: int = 5,
-          stop_after: int | None = None, params: dict | None = None) -> subprocess.CompletedProcess:
+def train(
+    out: Path,
+    split_csv: Path,
+    features_dir: Path,
+    method: str = "abmil",
+    epochs: int = 5,
+    stop_after: int | None = None,
+    params: dict | None = None,
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if stop_after is not None:
         env["SLIDETRAIN_STOP_AFTER_EPOCH"] = str(stop_after)
     params = {"epochs": epochs, **({"dropout": 0.25} if method == "abmil" else {}), **(params or {})}
-    cmd = [sys.executable, ENTRY, "train-mil", "--method", method, "--params", json.dumps(params),
-           "--split", str(split_csv), "--features", str(features_dir), "--classes", *CLASSES,
-           "--out", str(out), "--seed", "3"]
+    cmd = [
+        sys.executable,
+        ENTRY,
+        "train-mil",
+        "--method",
+        method,
+        "--params",
+        json.dumps(params),
+        "--split",
+        str(split_csv),
+        "--features",
+        str(features_dir),
+        "--classes",
+        *CLASSES,
+        "--out",
+        str(out),
+        "--seed",
+        "3",
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
 def evaluate(out: Path, split_csv: Path, features_dir: Path) -> dict:
     from slidetrain.train.mil import evaluate_mil
 
-    return evaluate_mil(out / "model.pt", split_csv, features_dir, CLASSES, out / "pred.csv", out / "metrics.json",
-                        attention_h5=out / "attention.h5", n_bootstrap=10)
+    return evaluate_mil(
+        out / "model.pt",
+        split_csv,
+        features_dir,
+        CLASSES,
+        out / "pred.csv",
+        out / "metrics.json",
+        attention_h5=out / "attention.h5",
+        n_bootstrap=10,
+    )
 
 
 def test_killed_run_resumes_to_the_same_result(bag_dataset, tmp_path):
@@ -142,13 +173,17 @@ def test_binary_task_trains_milrnn_and_gma(tmp_path, method):
 
     # MIL-RNN: the reference's RNN batch of 128 slides is one step per epoch on 20 slides; 4 gives the
     # 4 RNN epochs here 20 steps (the size scaled, the algorithm unchanged)
-    params = ({"epochs": 8, "lr": 1e-3, "rnn_batch": 4} if method == "milrnn"
-              else {"epochs": 8, "optimizer": "adam", "lr": 1e-3})
+    params = (
+        {"epochs": 8, "lr": 1e-3, "rnn_batch": 4}
+        if method == "milrnn"
+        else {"epochs": 8, "optimizer": "adam", "lr": 1e-3}
+    )
     out = tmp_path / method
     fit_mil(method, params, split_csv, features_dir, ["neg", "pos"], out, seed=0)
     history = pd.read_csv(out / "history.csv")
-    result = evaluate_mil(out / "model.pt", split_csv, features_dir, ["neg", "pos"], out / "p.csv", out / "m.json",
-                          n_bootstrap=10)
+    result = evaluate_mil(
+        out / "model.pt", split_csv, features_dir, ["neg", "pos"], out / "p.csv", out / "m.json", n_bootstrap=10
+    )
     if method == "milrnn":  # selection only in the RNN stage (epochs 5-8)
         assert not history.selected.iloc[:4].any() and history.selected.iloc[4:].any()
         # each stage lowers its training loss; the reference's RNN recipe (SGD lr 0.1) fits 20 training
@@ -173,8 +208,10 @@ def test_feature_stats_match_the_concatenated_statistics():
     from slidetrain.train.mil import feature_stats, normalise_bags
 
     rng = np.random.default_rng(0)
-    bags = [Bag(f"s{i}", 0, torch.from_numpy(rng.normal(5, 3, size=(n, 4)).astype(np.float32)), np.zeros((n, 2)))
-            for i, n in enumerate([3, 10, 7])]
+    bags = [
+        Bag(f"s{i}", 0, torch.from_numpy(rng.normal(5, 3, size=(n, 4)).astype(np.float32)), np.zeros((n, 2)))
+        for i, n in enumerate([3, 10, 7])
+    ]
     x = torch.cat([b.features for b in bags])
     mean, std = feature_stats(bags, "standardize")
     assert torch.allclose(mean, x.mean(0), atol=1e-5) and torch.allclose(std, x.std(0), atol=1e-5)
@@ -229,8 +266,9 @@ def test_dsmil_selects_on_accuracy_plus_auc_and_stops_early(bag_dataset, tmp_pat
 
     split_csv, features_dir = bag_dataset
     out = tmp_path / "dsmil"
-    fit_mil("dsmil", {"epochs": 40, "early_stopping_patience": 3, "lr": 1e-3}, split_csv, features_dir,
-            CLASSES, out, seed=0)
+    fit_mil(
+        "dsmil", {"epochs": 40, "early_stopping_patience": 3, "lr": 1e-3}, split_csv, features_dir, CLASSES, out, seed=0
+    )
     history = pd.read_csv(out / "history.csv")
     assert np.allclose(history.val_acc_auroc, (history.val_accuracy + history.val_auroc) / 2)
     assert len(history) < 40 and _stops_where_patience_says(history, 3)
@@ -260,6 +298,13 @@ def test_weighted_sample_balances_classes(bag_dataset, tmp_path):
     assert np.allclose(p, [1 / 6, 1 / 6, 1 / 6, 1 / 2])  # each class drawn half the time
     split_csv, features_dir = bag_dataset
     out = tmp_path / "clam"
-    fit_mil("clam_sb", {"epochs": 2, "weighted_sample": True, "inst_loss": "svm"}, split_csv, features_dir,
-            CLASSES, out, seed=0)
+    fit_mil(
+        "clam_sb",
+        {"epochs": 2, "weighted_sample": True, "inst_loss": "svm"},
+        split_csv,
+        features_dir,
+        CLASSES,
+        out,
+        seed=0,
+    )
     assert len(pd.read_csv(out / "history.csv")) == 2

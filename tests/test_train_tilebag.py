@@ -17,9 +17,19 @@ from slidetrain.train.tilebag import evaluate_tilebag, fit_tilebag
 
 CLASSES = ["negative", "positive"]
 SAMPLING = {"tile_px": 32, "target_magnification": 5.0}
-PARAMS = {"backbone": "resnet18", "k": 6, "input_px": 32, "epochs": 2, "warmup_epochs": 1, "workers": 0,
-          "slides_per_epoch": 0.75, "accumulation": 2, "selection_metric": "val_loss", "eval_tiles": "all",
-          "eval_chunk": 16}
+PARAMS = {
+    "backbone": "resnet18",
+    "k": 6,
+    "input_px": 32,
+    "epochs": 2,
+    "warmup_epochs": 1,
+    "workers": 0,
+    "slides_per_epoch": 0.75,
+    "accumulation": 2,
+    "selection_metric": "val_loss",
+    "eval_tiles": "all",
+    "eval_chunk": 16,
+}
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +37,14 @@ def split(tiled_synthetic, tmp_path_factory):
     root, sheet, refs = tiled_synthetic
     labels = ["negative" if r.label == 0 else "positive" for r in refs]
     parts = ["train", "train", "train", "train", "val", "test"]
-    frame = pd.DataFrame({"slide_id": [r.slide_id for r in refs], "patient_id": [f"p{i}" for i in range(6)],
-                          "label": labels, "part": parts})
+    frame = pd.DataFrame(
+        {
+            "slide_id": [r.slide_id for r in refs],
+            "patient_id": [f"p{i}" for i in range(6)],
+            "label": labels,
+            "part": parts,
+        }
+    )
     path = tmp_path_factory.mktemp("tilebag_split") / "split.csv"
     frame.to_csv(path, index=False)
     return path
@@ -44,10 +60,31 @@ def train_cli(out, tiled_synthetic, split, params, stop_after=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if stop_after is not None:
         env["SLIDETRAIN_STOP_AFTER_EPOCH"] = str(stop_after)
-    cmd = [sys.executable, ENTRY, "train-tilebag", "--params", json.dumps(params),
-           "--split", str(split), "--sheet", str(sheet), "--slides-dir", str(root), "--tiles-dir", str(root),
-           "--tile-px", "32", "--target-magnification", "5", "--classes", *CLASSES, "--out", str(out),
-           "--seed", "2"]
+    cmd = [
+        sys.executable,
+        ENTRY,
+        "train-tilebag",
+        "--params",
+        json.dumps(params),
+        "--split",
+        str(split),
+        "--sheet",
+        str(sheet),
+        "--slides-dir",
+        str(root),
+        "--tiles-dir",
+        str(root),
+        "--tile-px",
+        "32",
+        "--target-magnification",
+        "5",
+        "--classes",
+        *CLASSES,
+        "--out",
+        str(out),
+        "--seed",
+        "2",
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -64,8 +101,14 @@ def test_run_files_and_evaluation(tiled_synthetic, split, tmp_path):
     assert h.epoch.tolist() == [1, 2] and h.train_loss.notna().all() and h.selected.any()
     run = json.loads((out / "run.json").read_text())
     assert run["method"] == "tilebag" and run["config"]["k"] == 6 and run["git_commit"]
-    result = evaluate_tilebag(out / "model.pt", predictions_csv=out / "pred.csv", metrics_json=out / "m.json",
-                              attention_h5=out / "att.h5", n_bootstrap=10, **data_args(tiled_synthetic, split))
+    result = evaluate_tilebag(
+        out / "model.pt",
+        predictions_csv=out / "pred.csv",
+        metrics_json=out / "m.json",
+        attention_h5=out / "att.h5",
+        n_bootstrap=10,
+        **data_args(tiled_synthetic, split),
+    )
     assert result["n_slides"] == 1
     import h5py
 
@@ -89,8 +132,16 @@ def test_a_killed_run_resumes_to_the_same_result(tiled_synthetic, split, tmp_pat
     a = torch.load(whole / "model.pt", weights_only=False)["state_dict"]
     b = torch.load(killed / "model.pt", weights_only=False)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    ea, eb = (evaluate_tilebag(o / "model.pt", predictions_csv=o / "p.csv", metrics_json=o / "m.json",
-                               n_bootstrap=10, **data_args(tiled_synthetic, split)) for o in (whole, killed))
+    ea, eb = (
+        evaluate_tilebag(
+            o / "model.pt",
+            predictions_csv=o / "p.csv",
+            metrics_json=o / "m.json",
+            n_bootstrap=10,
+            **data_args(tiled_synthetic, split),
+        )
+        for o in (whole, killed)
+    )
     assert json.dumps(ea["metrics"]) == json.dumps(eb["metrics"])
 
 
@@ -113,8 +164,13 @@ def test_frozen_encoder_trains_the_aggregator_only(tiled_synthetic, split, tmp_p
 def test_two_stage_executor_trains_like_plain(tiled_synthetic, split, tmp_path):
     params = {**PARAMS, "epochs": 1, "aggregator_params": {"dropout": 0.0}}
     for name in ("plain", "two_stage"):
-        fit_tilebag({**params, "executor": name}, sampling=SAMPLING, out_dir=tmp_path / name, seed=0,
-                    **data_args(tiled_synthetic, split))
+        fit_tilebag(
+            {**params, "executor": name},
+            sampling=SAMPLING,
+            out_dir=tmp_path / name,
+            seed=0,
+            **data_args(tiled_synthetic, split),
+        )
     a = torch.load(tmp_path / "plain" / "model.pt", weights_only=False)["state_dict"]
     b = torch.load(tmp_path / "two_stage" / "model.pt", weights_only=False)["state_dict"]
     for k in a:
@@ -126,8 +182,13 @@ def test_sampled_evaluation_repeats_are_reproducible(tiled_synthetic, split, tmp
     params = {**PARAMS, "epochs": 1, "eval_tiles": "sampled", "eval_repeats": 3, "eval_k": 4}
     fit_tilebag(params, sampling=SAMPLING, out_dir=out, seed=0, **data_args(tiled_synthetic, split))
     for name in ("a", "b"):
-        evaluate_tilebag(out / "model.pt", predictions_csv=out / f"{name}.csv", metrics_json=out / f"{name}.json",
-                         n_bootstrap=10, **data_args(tiled_synthetic, split))
+        evaluate_tilebag(
+            out / "model.pt",
+            predictions_csv=out / f"{name}.csv",
+            metrics_json=out / f"{name}.json",
+            n_bootstrap=10,
+            **data_args(tiled_synthetic, split),
+        )
     pd.testing.assert_frame_equal(pd.read_csv(out / "a.csv"), pd.read_csv(out / "b.csv"))
     m = json.loads((out / "a.json").read_text())
     assert m["repeats"]["n"] == 3 and m["repeats"]["mode"] == "sampled"
@@ -145,8 +206,14 @@ def test_a_slide_without_tiles_stops_training_naming_it(tiled_synthetic, split, 
     tiles = tmp_path / "tiles"
     shutil.copytree(root, tiles, ignore=shutil.ignore_patterns("*.tsv"))
     with open_slide(refs[1].slide_path) as slide:
-        write_tiles_h5(tiles / f"{refs[1].slide_id}.h5", np.zeros((0, 2)), slide=slide, target_magnification=5.0,
-                       tile_px=32, overlap_px=0)
+        write_tiles_h5(
+            tiles / f"{refs[1].slide_id}.h5",
+            np.zeros((0, 2)),
+            slide=slide,
+            target_magnification=5.0,
+            tile_px=32,
+            overlap_px=0,
+        )
     args = {**data_args(tiled_synthetic, split), "tiles_dir": tiles}
     with pytest.raises(SlideError, match=refs[1].slide_id):
         fit_tilebag({**PARAMS, "slides_per_epoch": 1.0}, sampling=SAMPLING, out_dir=tmp_path / "o", seed=0, **args)

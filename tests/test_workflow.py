@@ -19,8 +19,20 @@ pytestmark = pytest.mark.workflow
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-           "--configfile", str(workdir / "config" / "config.yaml"), "--cores", "2", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config" / "config.yaml"),
+        "--cores",
+        "2",
+        *args,
+    ]
     # Rules call the `slidetrain` command: take it from this interpreter's environment, activated or not.
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
@@ -38,19 +50,34 @@ def tiny_run(tmp_path_factory):
     sheet = synthetic_sheet(15, seed=3)
     # One file that is not a slide: with on_bad_slide: exclude it must be listed, with its reason, not skipped.
     (work / "not_a_slide.svs").write_text("this is not a slide\n")
-    bad = pd.DataFrame([{"slide_id": "broken_01", "patient_id": "pat_bad", "label": "normal",
-                         "source": str(work / "not_a_slide.svs")}])
+    bad = pd.DataFrame(
+        [{"slide_id": "broken_01", "patient_id": "pat_bad", "label": "normal", "source": str(work / "not_a_slide.svs")}]
+    )
     pd.concat([sheet, bad]).to_csv(work / "config" / "sheets" / "synthetic.tsv", sep="\t", index=False)
-    proc = snakemake(work, "results/tables/table1.csv", "results/tables/table4.csv", "results/bench/preprocess.csv",
-                     "results/qc/excluded.csv")
+    proc = snakemake(
+        work,
+        "results/tables/table1.csv",
+        "results/tables/table4.csv",
+        "results/bench/preprocess.csv",
+        "results/qc/excluded.csv",
+    )
     return work, proc
 
 
 def test_tiny_config_runs_the_whole_dag(tiny_run):
     work, _ = tiny_run
     table = pd.read_csv(work / "results" / "tables" / "table1.csv")
-    assert list(table.columns) == ["method", "dataset", "accuracy", "auroc", "accuracy_std", "auroc_std",
-                                   "n_seeds", "paper_accuracy", "paper_auroc"]
+    assert list(table.columns) == [
+        "method",
+        "dataset",
+        "accuracy",
+        "auroc",
+        "accuracy_std",
+        "auroc_std",
+        "n_seeds",
+        "paper_accuracy",
+        "paper_auroc",
+    ]
     assert sorted(table.method) == ["abmil", "local_k4", "maxpool"]
     assert (table.n_seeds == 1).all()
     assert table.accuracy.between(0, 1).all()
@@ -69,8 +96,9 @@ def test_table4_reads_the_ablation_runs(tiny_run):
     table = pd.read_csv(work / "results" / "tables" / "table4.csv")
     assert list(table.columns) == ["setting", "dataset", "accuracy", "paper_accuracy", "accuracy_std", "n_runs"]
     assert table.setting.tolist() == ["K=4 with RFR"] and table.n_runs.tolist() == [1]
-    metrics = pd.read_json(work / "results" / "synthetic" / "runs" / "local_k4" / "mccv0" / "0" / "metrics.json",
-                           typ="series")
+    metrics = pd.read_json(
+        work / "results" / "synthetic" / "runs" / "local_k4" / "mccv0" / "0" / "metrics.json", typ="series"
+    )
     assert table.accuracy.iloc[0] == pytest.approx(metrics["metrics"]["accuracy"], abs=1e-4)
 
 
@@ -102,12 +130,30 @@ def test_rerun_has_nothing_to_do(tiny_run):
 
 def test_unknown_method_is_a_parse_time_error(tiny_run, tmp_path):
     work, _ = tiny_run
-    cfg = (work / "config" / "config.yaml").read_text().replace("methods: [maxpool, abmil, local_k4]", "methods: [maxpool, nosuchmil]")
+    cfg = (
+        (work / "config" / "config.yaml")
+        .read_text()
+        .replace("methods: [maxpool, abmil, local_k4]", "methods: [maxpool, nosuchmil]")
+    )
     bad = tmp_path / "bad.yaml"
     bad.write_text(cfg)
     proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work), "--configfile", str(bad),
-         "-n", "results/tables/table1.csv"], capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(REPO / "Snakefile"),
+            "-d",
+            str(work),
+            "--configfile",
+            str(bad),
+            "-n",
+            "results/tables/table1.csv",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode != 0
     assert "nosuchmil" in proc.stdout + proc.stderr
@@ -191,10 +237,28 @@ def test_a_paper_name_the_paper_lacks_stops_table1_with_a_message_naming_it(tiny
     bad.write_text(text.replace("paper_name: null", "paper_name: TCGA-NSCLX"))
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work), "--configfile",
-             str(bad), "--cores", "1", "results/tables/table1.csv"], capture_output=True, text=True, timeout=600,
-            env={**os.environ, "OMP_NUM_THREADS": "1",
-                 "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")},
+            [
+                sys.executable,
+                "-m",
+                "snakemake",
+                "-s",
+                str(REPO / "Snakefile"),
+                "-d",
+                str(work),
+                "--configfile",
+                str(bad),
+                "--cores",
+                "1",
+                "results/tables/table1.csv",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={
+                **os.environ,
+                "OMP_NUM_THREADS": "1",
+                "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+            },
         )
         assert proc.returncode != 0, proc.stdout[-2000:]
         assert "table1" in proc.stdout + proc.stderr  # the failing rule

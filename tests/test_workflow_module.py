@@ -52,27 +52,56 @@ def config(tmp_path) -> dict:
     binary dataset derived from `graded`, one MIL, one binary-only and one whole-image method."""
     (tmp_path / "slides").mkdir()
     (tmp_path / "slides" / "local 1.svs").write_bytes(b"")
-    graded = _write_sheet(tmp_path / "graded.tsv", [
-        ("syn_0", "p0", "normal", "synthetic"), ("syn_1", "p1", "low_grade", "synthetic"),
-        ("syn_2", "p2", "high_grade", "synthetic"), ("loc_3", "p3", "normal", "slides/local 1.svs"),
-        ("rem_4", "p4", "high_grade", "gdc:0000-aaaa"),
-    ])
-    ext = _write_sheet(tmp_path / "ext.tsv", [("ext_0", "q0", "normal", "synthetic"),
-                                              ("ext_1", "q1", "high_grade", "synthetic")])
+    graded = _write_sheet(
+        tmp_path / "graded.tsv",
+        [
+            ("syn_0", "p0", "normal", "synthetic"),
+            ("syn_1", "p1", "low_grade", "synthetic"),
+            ("syn_2", "p2", "high_grade", "synthetic"),
+            ("loc_3", "p3", "normal", "slides/local 1.svs"),
+            ("rem_4", "p4", "high_grade", "gdc:0000-aaaa"),
+        ],
+    )
+    ext = _write_sheet(
+        tmp_path / "ext.tsv", [("ext_0", "q0", "normal", "synthetic"), ("ext_1", "q1", "high_grade", "synthetic")]
+    )
     return {
         "datasets": {
-            "graded": {"sheet": str(graded), "classes": GRADES, "ordinal": True, "mpp_fallback": 0.5,
-                       "synthetic_seed": 3, "synthetic_size_range_px": [100, 200],
-                       "split": {"counts": [3, 1, 1], "fixed_test": True}},
-            "ext": {"sheet": str(ext), "classes": GRADES, "synthetic_seed": 4, "synthetic_size_range_px": [100, 200],
-                    "synthetic_stain_scale": [1.25, 0.8], "test_only": True, "split": {"mccv": False}},
+            "graded": {
+                "sheet": str(graded),
+                "classes": GRADES,
+                "ordinal": True,
+                "mpp_fallback": 0.5,
+                "synthetic_seed": 3,
+                "synthetic_size_range_px": [100, 200],
+                "split": {"counts": [3, 1, 1], "fixed_test": True},
+            },
+            "ext": {
+                "sheet": str(ext),
+                "classes": GRADES,
+                "synthetic_seed": 4,
+                "synthetic_size_range_px": [100, 200],
+                "synthetic_stain_scale": [1.25, 0.8],
+                "test_only": True,
+                "split": {"mccv": False},
+            },
         },
         "derived_datasets": {
-            "binary": {"from": "graded", "classes": ["benign", "tumour"],
-                       "label_map": {"normal": "benign", "low_grade": "tumour", "high_grade": "tumour"}},
+            "binary": {
+                "from": "graded",
+                "classes": ["benign", "tumour"],
+                "label_map": {"normal": "benign", "low_grade": "tumour", "high_grade": "tumour"},
+            },
         },
-        "preprocess": {"mask_preset": "default", "target_magnification": 5.0, "tile_px": 128, "overlap_px": 0,
-                       "min_tissue_fraction": 0.5, "image_magnification": 1.25, "on_bad_slide": "exclude"},
+        "preprocess": {
+            "mask_preset": "default",
+            "target_magnification": 5.0,
+            "tile_px": 128,
+            "overlap_px": 0,
+            "min_tissue_fraction": 0.5,
+            "image_magnification": 1.25,
+            "on_bad_slide": "exclude",
+        },
         "features": {"encoder": "resnet34"},
         "splits": {"mccv_folds": 3, "official": {"graded": {}}},
         "seeds": [0, 1],
@@ -141,17 +170,26 @@ def test_a_missing_sheet_names_its_dataset_key(config):
         build_plan(config, SCHEMA, _no_row_validation)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda c: c["derived_datasets"]["binary"].update({"from": "nope"}), r"derived_datasets\.binary\.from: 'nope'"),
-    (lambda c: c["derived_datasets"]["binary"]["label_map"].pop("low_grade"),
-     r"derived_datasets\.binary\.label_map: no target for class\(es\) \['low_grade'\]"),
-    (lambda c: c["derived_datasets"]["binary"]["label_map"].update({"normal": "healthy"}),
-     r"target\(s\) \['healthy'\] are not among its classes"),
-    (lambda c: c["derived_datasets"].update({"ext": {"from": "graded", "classes": [], "label_map": {}}}),
-     r"derived_datasets\.ext: the name is already a dataset"),
-    (lambda c: c["table1"]["methods"].append("nosuchmil"), r"table1\.methods names 'nosuchmil'"),
-    (lambda c: c["methods"]["abmil"].update({"no_such_key": 1}), r"config: .*no_such_key"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c["derived_datasets"]["binary"].update({"from": "nope"}), r"derived_datasets\.binary\.from: 'nope'"),
+        (
+            lambda c: c["derived_datasets"]["binary"]["label_map"].pop("low_grade"),
+            r"derived_datasets\.binary\.label_map: no target for class\(es\) \['low_grade'\]",
+        ),
+        (
+            lambda c: c["derived_datasets"]["binary"]["label_map"].update({"normal": "healthy"}),
+            r"target\(s\) \['healthy'\] are not among its classes",
+        ),
+        (
+            lambda c: c["derived_datasets"].update({"ext": {"from": "graded", "classes": [], "label_map": {}}}),
+            r"derived_datasets\.ext: the name is already a dataset",
+        ),
+        (lambda c: c["table1"]["methods"].append("nosuchmil"), r"table1\.methods names 'nosuchmil'"),
+        (lambda c: c["methods"]["abmil"].update({"no_such_key": 1}), r"config: .*no_such_key"),
+    ],
+)
 def test_a_bad_config_block_names_its_key(config, change, message):
     change(config)
     with pytest.raises(ConfigError, match=message):
@@ -211,14 +249,16 @@ def test_slides_ready_takes_drawn_slides_through_their_synthesis_manifests(plan)
     ready = slide_files.slides_ready(plan, "graded", ["syn_0", "syn_1", "loc_3"])
     expected_shards = sorted({shard_of["syn_0"], shard_of["syn_1"]})
     assert ready == [slide_files.slide_file(plan, "graded", "loc_3")] + [
-        f"results/graded/shards/synthesize/{sh}.tsv" for sh in expected_shards]
+        f"results/graded/shards/synthesize/{sh}.tsv" for sh in expected_shards
+    ]
     assert len(slide_files.slides_ready(plan, "ext")) == len(plan.shards["ext"])
 
 
 def test_shard_jobs_inputs_and_arguments(plan):
     shard_of = {m: sh for sh, members in plan.shards["graded"].items() for m in members}
     assert shard_jobs.manifests(plan, "graded", "preprocess") == [
-        f"results/graded/shards/preprocess/{sh}.tsv" for sh in plan.shards["graded"]]
+        f"results/graded/shards/preprocess/{sh}.tsv" for sh in plan.shards["graded"]
+    ]
     local = shard_of["loc_3"]
     members = shard_jobs.shard_members(plan, "graded", local)
     inputs = shard_jobs.shard_slide_inputs(plan, "graded", local)
@@ -228,7 +268,10 @@ def test_shard_jobs_inputs_and_arguments(plan):
     # the local file's name has a space: one shell word per slide
     words = shlex.split(shard_jobs.shard_slides_arg(plan, "graded", local))
     assert words == [f"{s}={slide_files.slide_file(plan, 'graded', s)}" for s in members]
-    assert shard_jobs.features_step(plan) == "features/resnet34" and shard_jobs.features_step(plan, "uni") == "features/uni"
+    assert (
+        shard_jobs.features_step(plan) == "features/resnet34"
+        and shard_jobs.features_step(plan, "uni") == "features/uni"
+    )
     assert shard_jobs.bench_shard(plan) == ("graded", next(iter(plan.shards["graded"])))
 
 
@@ -261,7 +304,9 @@ def test_expand_matches_snakemake():
 def test_runs_cover_splits_and_seeds_and_whole_image_methods_their_first_splits(plan):
     assert len(runs.runs_of(plan, "graded", "abmil")) == 4 * 2
     assert runs.runs_of(plan, "graded", "local_k4") == [
-        "results/graded/runs/local_k4/mccv0/0/metrics.json", "results/graded/runs/local_k4/mccv0/1/metrics.json"]
+        "results/graded/runs/local_k4/mccv0/0/metrics.json",
+        "results/graded/runs/local_k4/mccv0/1/metrics.json",
+    ]
 
 
 def test_table1_leaves_binary_only_methods_off_multiclass_datasets(plan):
@@ -273,8 +318,14 @@ def test_table1_leaves_binary_only_methods_off_multiclass_datasets(plan):
 
 
 def test_tilebag_runs(plan, config):
-    config["tilebag"] = {"datasets": ["graded"], "splits": 1, "k_sweep": [8, 16], "strategies": {"half": {}},
-                         "strategy_k": [16], "frozen_methods": ["abmil"]}
+    config["tilebag"] = {
+        "datasets": ["graded"],
+        "splits": 1,
+        "k_sweep": [8, 16],
+        "strategies": {"half": {}},
+        "strategy_k": [16],
+        "frozen_methods": ["abmil"],
+    }
     runs_dirs = {f.split("/")[3] for f in runs.tilebag_runs(plan, "metrics")}
     assert runs_dirs == {"tilebag_k8", "tilebag_k16", "tilebag_half_k16", "abmil"}
     history = runs.tilebag_runs(plan, "history")
@@ -298,7 +349,10 @@ def test_preprocess_args_add_optional_keys_only_when_set(plan, config):
     assert p["mpp_fallback"] == 0.5 and "tile_foreground" not in p
     assert args["graded"].endswith("--on-bad-slide exclude")
     config["preprocess"]["tile_foreground"] = "grey"
-    assert json.loads(shlex.split(params.preprocess_args(config["preprocess"], {}, "error"))[1])["tile_foreground"] == "grey"
+    assert (
+        json.loads(shlex.split(params.preprocess_args(config["preprocess"], {}, "error"))[1])["tile_foreground"]
+        == "grey"
+    )
 
 
 def test_dataset_arguments(plan):
@@ -315,8 +369,12 @@ def test_tilebag_run_names_and_params(plan, config):
     assert tilebag_params.tilebag_strategy("tilebag_parallel_k4") == ("parallel", 4)
     with pytest.raises(ConfigError, match="tile-bag run 'tilebag_full_k4'"):
         tilebag_params.tilebag_strategy("tilebag_full_k4")
-    config["tilebag"] = {"params": {"lr": 0.1, "k": 1}, "strategies": {"half": {"lr": 0.2}}, "datasets": ["binary"],
-                         "step": {"slides": 2}}
+    config["tilebag"] = {
+        "params": {"lr": 0.1, "k": 1},
+        "strategies": {"half": {"lr": 0.2}},
+        "datasets": ["binary"],
+        "step": {"slides": 2},
+    }
     assert json.loads(tilebag_params.tilebag_run_params(plan, "tilebag_half_k8")) == {"lr": 0.2, "k": 8}
     assert tilebag_params.tilebag_data_args(plan, "graded").endswith("--classes normal low_grade high_grade --ordinal")
     assert "--sheet " + config["datasets"]["graded"]["sheet"] in tilebag_params.tilebag_data_args(plan, "binary")
@@ -325,8 +383,11 @@ def test_tilebag_run_names_and_params(plan, config):
 
 def test_distributed_benchmark_params(plan, config):
     config["distributed_benchmark"] = {
-        "device": "cpu", "ranks": {"toy": 2}, "equivalence": {"toy": {"tiles": 4}, "wide": {"dtype": "float64"}},
-        "scaling": {"k_per_rank": 3, "spec": {"arch": "toy"}}}
+        "device": "cpu",
+        "ranks": {"toy": 2},
+        "equivalence": {"toy": {"tiles": 4}, "wide": {"dtype": "float64"}},
+        "scaling": {"k_per_rank": 3, "spec": {"arch": "toy"}},
+    }
     assert tilebag_params.distributed_float32_cases(plan) == ["toy"]
     assert tilebag_params.distributed_spec(plan, "toy") == {"tiles": 4, "device": "cpu"}
     assert tilebag_params.distributed_nproc(plan, "toy") == 3
@@ -340,10 +401,22 @@ def test_distributed_benchmark_params(plan, config):
 @pytest.fixture
 def offload_plan(config):
     config["offload_tables"] = {
-        "splits": 2, "params": {"epochs": 1}, "encoders": {"frozen": {"encoder": "frozen"}, "trained": {}},
-        "aggregators": ["abmil"], "aggregator_params": {"abmil": {"dim": 8}},
-        "tables": {"offload_table1": {"dataset": "graded", "external": "ext", "metric": "auc", "eval_k": 4,
-                                      "eval_repeats": 2, "params": {"epochs": 2}, "paper": {"abmil": 0.9}}},
+        "splits": 2,
+        "params": {"epochs": 1},
+        "encoders": {"frozen": {"encoder": "frozen"}, "trained": {}},
+        "aggregators": ["abmil"],
+        "aggregator_params": {"abmil": {"dim": 8}},
+        "tables": {
+            "offload_table1": {
+                "dataset": "graded",
+                "external": "ext",
+                "metric": "auc",
+                "eval_k": 4,
+                "eval_repeats": 2,
+                "params": {"epochs": 2},
+                "paper": {"abmil": 0.9},
+            }
+        },
     }
     return build_plan(config, SCHEMA, _no_row_validation)
 
@@ -351,28 +424,49 @@ def offload_plan(config):
 def test_offload_table_jobs(offload_plan):
     offload_jobs.check_offload_tables(offload_plan)
     p = json.loads(offload_jobs.biglayers_params(offload_plan, "graded", "frozen", "abmil", "noaug"))
-    assert p == {"epochs": 2, "encoder": "frozen", "aggregator": "abmil", "aggregator_params": {"dim": 8},
-                 "augment": False}
+    assert p == {
+        "epochs": 2,
+        "encoder": "frozen",
+        "aggregator": "abmil",
+        "aggregator_params": {"dim": 8},
+        "augment": False,
+    }
     tests = json.loads(offload_jobs.biglayers_tests(offload_plan, "graded", "mccv1"))
     assert [(t["name"], t["split"]) for t in tests] == [
-        ("internal", "results/graded/splits/mccv1.csv"), ("external", "results/ext/splits/external.csv")]
+        ("internal", "results/graded/splits/mccv1.csv"),
+        ("external", "results/ext/splits/external.csv"),
+    ]
     assert json.loads(offload_jobs.biglayers_modes(offload_plan, "graded"))["sampled"]["eval_k"] == 4
     metrics = offload_jobs.offload_table_metrics(offload_plan, "offload_table1")
     # 2 encoder modes x 2 splits x 2 seeds x 2 test sets x 2 tile modes
     assert len(metrics) == 32 and {f.split("/")[4] for f in metrics} == {"mccv0", "mccv1"}
     assert offload_jobs.offload_table_args(offload_plan, "offload_table1") == (
         "--metric auc --paper-table offload_table1 --test-datasets internal=graded external=ext"
-        " --sampled-label 2x4 --paper abmil=0.9")
+        " --sampled-label 2x4 --paper abmil=0.9"
+    )
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda t: t["tables"]["offload_table1"].update({"external": "binary"}),
-     r"offload_tables\.tables\.offload_table1\.external: 'binary' has classes \['benign', 'tumour'\]"),
-    (lambda t: t["tables"]["offload_table1"].update({"dataset": "nope"}),
-     r"offload_tables\.tables\.offload_table1\.dataset: 'nope' is not a dataset"),
-    (lambda t: t["encoders"].update({"half": {}}), r"offload_tables\.encoders: 'half'; expected frozen and/or trained"),
-    (lambda t: t["params"].update({"no_such_key": 1}), r"offload_tables \(offload_table1, frozen, abmil\): .*no_such_key"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda t: t["tables"]["offload_table1"].update({"external": "binary"}),
+            r"offload_tables\.tables\.offload_table1\.external: 'binary' has classes \['benign', 'tumour'\]",
+        ),
+        (
+            lambda t: t["tables"]["offload_table1"].update({"dataset": "nope"}),
+            r"offload_tables\.tables\.offload_table1\.dataset: 'nope' is not a dataset",
+        ),
+        (
+            lambda t: t["encoders"].update({"half": {}}),
+            r"offload_tables\.encoders: 'half'; expected frozen and/or trained",
+        ),
+        (
+            lambda t: t["params"].update({"no_such_key": 1}),
+            r"offload_tables \(offload_table1, frozen, abmil\): .*no_such_key",
+        ),
+    ],
+)
 def test_a_bad_offload_table_block_names_its_key(offload_plan, change, message):
     change(offload_plan.config["offload_tables"])
     with pytest.raises(ConfigError, match=message):

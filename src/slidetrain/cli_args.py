@@ -18,4 +18,3 @@ def torch_threads(n: int | None) -> None:
         import torch
 
         torch.set_num_threads(n)
-

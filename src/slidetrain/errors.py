@@ -49,6 +49,8 @@ class ShardError(SlidetrainError):
     def __init__(self, shard: str, slide: str, message: str):
         self.shard, self.slide = str(shard), str(slide)
         super().__init__(f"shard {self.shard}: slide {self.slide}: {message}")
+
+
 class DownloadError(SlidetrainError):
     """A slide or sheet could not be fetched or verified (HTTP error, md5 mismatch, credentials)."""
 

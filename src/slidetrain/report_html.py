@@ -44,8 +44,7 @@ def table_body(table: pd.DataFrame) -> str:
 
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
     rows = "".join(
-        "<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>\n"
-        for row in table.itertuples(index=False)
+        "<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>\n" for row in table.itertuples(index=False)
     )
     return f"<table><thead><tr>{head}</tr></thead>\n<tbody>\n{rows}</tbody></table>"
 
@@ -62,7 +61,10 @@ def embedded_image(path: str | Path, alt: str) -> str:
 
 
 def write_excluded_pictures(
-    status_csv: str | Path, pictures_dir: str | Path, out_html: str | Path, dataset: str,
+    status_csv: str | Path,
+    pictures_dir: str | Path,
+    out_html: str | Path,
+    dataset: str,
     suffix: str = ".qc.jpg",
 ) -> int:
     """One page with the QC picture ({pictures_dir}/{slide}{suffix}) and reason of every slide that
@@ -83,9 +85,7 @@ def write_excluded_pictures(
             f"<figure>{embedded_image(picture, slide_id)}<figcaption><b>{html.escape(slide_id)}</b>: "
             f"{html.escape(reason)}</figcaption></figure>"
         )
-    summary = (
-        f"<p>{len(excluded)} of {len(table)} slides excluded; {len(table) - len(excluded)} passed QC.</p>"
-    )
+    summary = f"<p>{len(excluded)} of {len(table)} slides excluded; {len(table) - len(excluded)} passed QC.</p>"
     body = summary + ("\n".join(figures) if figures else "<p>No slide was excluded.</p>")
     with atomic_path(out_html) as tmp:
         tmp.write_text(page(f"{dataset}: QC pictures of the excluded slides", body))

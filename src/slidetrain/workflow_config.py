@@ -36,13 +36,19 @@ def replace_named_blocks(config: dict, user: Mapping) -> dict:
         unknown = sorted(set(table4.get("datasets", [])) - set(config["datasets"])) if table4 else []
         if unknown:  # e.g. a config copied from config.yaml keeps table4: [synthetic]
             table4["datasets"] = list(config.get("table1", {}).get("datasets", []))
-            print(f"config: table4.datasets named {unknown}, which the config does not define;"
-                  f" Table 4 follows table1.datasets {table4['datasets']}", file=sys.stderr)
+            print(
+                f"config: table4.datasets named {unknown}, which the config does not define;"
+                f" Table 4 follows table1.datasets {table4['datasets']}",
+                file=sys.stderr,
+            )
         derived = copy.deepcopy(dict(user.get("derived_datasets") or {}))
         orphans = sorted(n for n, block in derived.items() if block.get("from") not in config["datasets"])
         if orphans:  # e.g. a config copied from config.yaml keeps synthetic_binary (from: synthetic)
-            print(f"config: derived_datasets {orphans} derive from datasets the config does not define;"
-                  " they are left out", file=sys.stderr)
+            print(
+                f"config: derived_datasets {orphans} derive from datasets the config does not define;"
+                " they are left out",
+                file=sys.stderr,
+            )
         config["derived_datasets"] = {n: b for n, b in derived.items() if n not in orphans}
         known = set(config["datasets"]) | set(config["derived_datasets"])
         tilebag = config.get("tilebag")
@@ -55,8 +61,11 @@ def replace_named_blocks(config: dict, user: Mapping) -> dict:
         tables = config["offload_tables"].get("tables") or {}
         dropped = sorted(n for n, t in tables.items() if {t.get("dataset"), t.get("external")} - known)
         if dropped:
-            print(f"config: offload_tables.tables {dropped} train or test on datasets the config does not define;"
-                  " they are left out", file=sys.stderr)
+            print(
+                f"config: offload_tables.tables {dropped} train or test on datasets the config does not define;"
+                " they are left out",
+                file=sys.stderr,
+            )
         config["offload_tables"]["tables"] = {n: t for n, t in tables.items() if n not in dropped}
     for method, block in (user.get("methods") or {}).items():
         config.setdefault("methods", {})[method] = copy.deepcopy(block)

@@ -23,7 +23,14 @@ def cmd_bench_train_memory(a: argparse.Namespace) -> None:
     from slidetrain.bench.local_memory import bench_train_memory
 
     bench_train_memory(
-        a.method, a.size, a.device, a.out, params=a.params, seed=a.seed, threads=a.threads, timeout_s=a.timeout_s,
+        a.method,
+        a.size,
+        a.device,
+        a.out,
+        params=a.params,
+        seed=a.seed,
+        threads=a.threads,
+        timeout_s=a.timeout_s,
         variant=a.variant,
     )
 
@@ -32,9 +39,21 @@ def cmd_bench_inference(a: argparse.Namespace) -> None:
     from slidetrain.bench.inference_speed import bench_inference
 
     bench_inference(
-        a.slides, a.out, a.markdown, device=a.device, threads=a.threads, warmup=a.warmup, repeats=a.repeats,
-        batch_size=a.batch_size, tile_px=a.tile_px, min_tissue_fraction=a.min_tissue_fraction, seed=a.seed,
-        mask_preset=a.mask_preset, mpp_fallback=a.mpp_fallback, reader=a.reader, out_html=a.out_html,
+        a.slides,
+        a.out,
+        a.markdown,
+        device=a.device,
+        threads=a.threads,
+        warmup=a.warmup,
+        repeats=a.repeats,
+        batch_size=a.batch_size,
+        tile_px=a.tile_px,
+        min_tissue_fraction=a.min_tissue_fraction,
+        seed=a.seed,
+        mask_preset=a.mask_preset,
+        mpp_fallback=a.mpp_fallback,
+        reader=a.reader,
+        out_html=a.out_html,
     )
 
 
@@ -49,23 +68,48 @@ def cmd_bench_offload_sweep(a: argparse.Namespace) -> None:
     from slidetrain.bench.offload_sweep import SweepConfig, write_sweep
 
     torch_threads(a.threads)
-    cfg = SweepConfig(sides=a.sides, budget_bytes=int(a.budget_mb * 2**20), warmup=a.warmup,
-                      repeats=a.repeats, max_transfer_bytes=int(a.max_transfer_mb * 2**20), seed=a.seed)
+    cfg = SweepConfig(
+        sides=a.sides,
+        budget_bytes=int(a.budget_mb * 2**20),
+        warmup=a.warmup,
+        repeats=a.repeats,
+        max_transfer_bytes=int(a.max_transfer_mb * 2**20),
+        seed=a.seed,
+    )
     write_sweep(cfg, a.device, a.out)
 
 
 def cmd_bench_max_tiles(a: argparse.Namespace) -> None:
     from slidetrain.bench.max_tiles import max_tiles_table
 
-    max_tiles_table(a.encoders, a.precisions, a.tile_px, a.device, a.memory_budget_gb, a.out,
-                    start=a.start, limit=a.limit, threads=a.threads)
+    max_tiles_table(
+        a.encoders,
+        a.precisions,
+        a.tile_px,
+        a.device,
+        a.memory_budget_gb,
+        a.out,
+        start=a.start,
+        limit=a.limit,
+        threads=a.threads,
+    )
 
 
 def cmd_bench_tilebag_step(a: argparse.Namespace) -> None:
     from slidetrain.bench.tilebag_step import tilebag_step_table
 
-    tilebag_step_table(a.params, a.slides, a.tiles_dir, a.tile_px, a.target_magnification, a.out,
-                       steps=a.steps, workers=a.workers, threads=a.threads, seed=a.seed)
+    tilebag_step_table(
+        a.params,
+        a.slides,
+        a.tiles_dir,
+        a.tile_px,
+        a.target_magnification,
+        a.out,
+        steps=a.steps,
+        workers=a.workers,
+        threads=a.threads,
+        seed=a.seed,
+    )
 
 
 def cmd_bench_features(a: argparse.Namespace) -> None:
@@ -73,8 +117,15 @@ def cmd_bench_features(a: argparse.Namespace) -> None:
     from slidetrain.wsi.shard import parse_pairs
 
     bench_features_throughput(
-        parse_pairs(a.slides, "path"), Path(a.tiles_dir), a.encoder, a.out, batch_size=a.batch_size,
-        workers=a.workers, device=a.device, threads=a.threads, mpp_fallback=a.mpp_fallback,
+        parse_pairs(a.slides, "path"),
+        Path(a.tiles_dir),
+        a.encoder,
+        a.out,
+        batch_size=a.batch_size,
+        workers=a.workers,
+        device=a.device,
+        threads=a.threads,
+        mpp_fallback=a.mpp_fallback,
     )
 
 
@@ -121,9 +172,12 @@ def cmd_distributed_parallel(a: argparse.Namespace) -> None:
         spec_from_dict,
     )
 
-    opts = ParallelOptions(backend=a.backend, timeout_s=a.timeout_s,
-                           checkpoint=Path(a.checkpoint) if a.checkpoint else None,
-                           checkpoint_every=a.checkpoint_every)
+    opts = ParallelOptions(
+        backend=a.backend,
+        timeout_s=a.timeout_s,
+        checkpoint=Path(a.checkpoint) if a.checkpoint else None,
+        checkpoint_every=a.checkpoint_every,
+    )
     import torch
 
     torch.set_num_threads(a.threads)  # per rank; a job's OMP_NUM_THREADS would oversubscribe the cores
@@ -136,8 +190,13 @@ def cmd_distributed_equivalence(a: argparse.Namespace) -> None:
     from slidetrain.bench.distributed_equivalence import write_equivalence
 
     pairs = [(m, Path(s), Path(p)) for m, s, p in a.pair]
-    write_equivalence(pairs, Path(a.csv), Path(a.figure), {m: Path(r) for m, r in a.reference or []},
-                      figure_data=Path(a.figure_data) if a.figure_data else None)
+    write_equivalence(
+        pairs,
+        Path(a.csv),
+        Path(a.figure),
+        {m: Path(r) for m, r in a.reference or []},
+        figure_data=Path(a.figure_data) if a.figure_data else None,
+    )
 
 
 def cmd_distributed_scaling(a: argparse.Namespace) -> None:
@@ -153,8 +212,12 @@ def cmd_distributed_scaling(a: argparse.Namespace) -> None:
 def _add_bench_read_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("bench-read", help="5x tissue-box reading speed: OpenSlide vs tifffile, side by side")
     s.add_argument("--slides", nargs="+", required=True, help="slide files")
-    s.add_argument("--threads", type=int, default=2,
-                   help="tifffile decoding threads, and the threads of the openslide_threads reader")
+    s.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="tifffile decoding threads, and the threads of the openslide_threads reader",
+    )
     s.add_argument("--repeats", type=int, default=3, help="timed reads per slide and reader")
     s.add_argument("--mpp-fallback", type=float)
     s.add_argument("--out", required=True, help="CSV")
@@ -171,7 +234,9 @@ def _add_bench_train_memory_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--threads", type=int, help="torch threads in the measured process (default: torch's)")
     s.add_argument("--timeout-s", type=float, help="CPU: give up after this many seconds")
     s.add_argument("--out", required=True, help="measurement JSON")
-    s.add_argument("--variant", default="", help="name of the params' setting, shown in Table 2 (e.g. checkpoint_tiles)")
+    s.add_argument(
+        "--variant", default="", help="name of the params' setting, shown in Table 2 (e.g. checkpoint_tiles)"
+    )
     s.set_defaults(func=cmd_bench_train_memory)
 
 
@@ -309,8 +374,13 @@ def _add_distributed_parallel_parser(sub: argparse._SubParsersAction) -> None:
 def _add_distributed_equivalence_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("distributed-equivalence", help="normalized L1 of single vs parallel runs, table + figure")
     s.add_argument("--pair", nargs=3, action="append", required=True, metavar=("MODEL", "SINGLE", "PARALLEL"))
-    s.add_argument("--reference", nargs=2, action="append", metavar=("MODEL", "SINGLE_FLOAT64"),
-                   help="a float32 case's single run in float64: adds the fp32_noise column")
+    s.add_argument(
+        "--reference",
+        nargs=2,
+        action="append",
+        metavar=("MODEL", "SINGLE_FLOAT64"),
+        help="a float32 case's single run in float64: adds the fp32_noise column",
+    )
     s.add_argument("--csv", required=True)
     s.add_argument("--figure", required=True)
     s.add_argument("--figure-data", help="CSV of the figure's plotted points (default: the PNG's path with .csv)")

@@ -8,7 +8,8 @@ the step) and gradients (before it); `compare` turns the pair into normalized L1
     slidetrain distributed-single   --spec '{"case": "toy"}' --out single.pt
     torchrun --standalone --nproc-per-node 5 --no-python \\
         slidetrain distributed-parallel --spec '{"case": "toy"}' --out parallel.pt
-    slidetrain distributed-equivalence --pair toy single.pt parallel.pt --csv distributed_equivalence.csv --figure fig.png
+    slidetrain distributed-equivalence --pair toy single.pt parallel.pt --csv distributed_equivalence.csv \\
+        --figure fig.png
 
 Cases: `toy` (the paper's: MLP 2048-2048-2048 encoder, aggregator Linear(2048,2048)-ReLU-
 Linear(2048,2)-ReLU-mean over tiles, an 800 x 2048 input) and `resnet` (a ResNet encoder + GMA
@@ -118,13 +119,18 @@ def tracked_names(spec: CaseSpec, encoder: nn.Module, aggregator: nn.Module) -> 
         names.update({f"aggregator {n}": ("aggregator", n) for n, _ in aggregator.named_parameters()})
         return names
     if spec.case == "toy":
-        return {"encoder layer 1": ("encoder", "0.weight"), "encoder layer 2": ("encoder", "2.weight"),
-                "classifier": ("aggregator", "net.2.weight")}
+        return {
+            "encoder layer 1": ("encoder", "0.weight"),
+            "encoder layer 2": ("encoder", "2.weight"),
+            "classifier": ("aggregator", "net.2.weight"),
+        }
     last = len(encoder.trunk) - 1  # the last residual stage; its last block's first conv (paper's "Conv 51")
     last_block = len(encoder.trunk[last]) - 1
-    return {"encoder conv1": ("encoder", "trunk.0.weight"),
-            "encoder last block conv1": ("encoder", f"trunk.{last}.{last_block}.conv1.weight"),
-            "classifier": ("aggregator", "classifier.weight")}
+    return {
+        "encoder conv1": ("encoder", "trunk.0.weight"),
+        "encoder last block conv1": ("encoder", f"trunk.{last}.{last_block}.conv1.weight"),
+        "classifier": ("aggregator", "classifier.weight"),
+    }
 
 
 def bag(spec: CaseSpec, step: int, n_tiles: int | None = None, salt: int = 0) -> tuple[Tensor, Tensor]:
@@ -185,8 +191,9 @@ def _run_single(spec: CaseSpec) -> dict:
     scaler = torch.amp.GradScaler(dev.type) if spec.amp and dev.type == "cuda" else None
     records, seconds = [], []
     executor = PlainExecutor()  # the tile-bag trainer's reference executor
-    ctx = StepContext(scaler=scaler, device=dev,
-                      autocast=lambda: torch.autocast(dev.type, dtype=amp_dtype, enabled=spec.amp))
+    ctx = StepContext(
+        scaler=scaler, device=dev, autocast=lambda: torch.autocast(dev.type, dtype=amp_dtype, enabled=spec.amp)
+    )
     for step in range(1, spec.steps + 1):
         x, y = bag(spec, step)
         t0 = time.perf_counter()
@@ -194,9 +201,14 @@ def _run_single(spec: CaseSpec) -> dict:
         if scaler is not None:
             scaler.unscale_(opt_e)
             scaler.unscale_(opt_a)
-        rec = {"step": step, "loss": loss,
-               "grads": {**_snapshot(encoder, _side_names(tracked, "encoder"), True),
-                         **_snapshot(aggregator, _side_names(tracked, "aggregator"), True)}}
+        rec = {
+            "step": step,
+            "loss": loss,
+            "grads": {
+                **_snapshot(encoder, _side_names(tracked, "encoder"), True),
+                **_snapshot(aggregator, _side_names(tracked, "aggregator"), True),
+            },
+        }
         for opt in (opt_e, opt_a):
             (scaler.step(opt) if scaler is not None else opt.step())
             opt.zero_grad(set_to_none=True)
@@ -205,11 +217,12 @@ def _run_single(spec: CaseSpec) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         seconds.append(time.perf_counter() - t0)
-        rec["params"] = {**_snapshot(encoder, _side_names(tracked, "encoder"), False),
-                         **_snapshot(aggregator, _side_names(tracked, "aggregator"), False)}
+        rec["params"] = {
+            **_snapshot(encoder, _side_names(tracked, "encoder"), False),
+            **_snapshot(aggregator, _side_names(tracked, "aggregator"), False),
+        }
         records.append(rec)
-    result = {"spec": asdict(spec), "mode": "single", "records": records,
-              "seconds": seconds[spec.timing_warmup:]}
+    result = {"spec": asdict(spec), "mode": "single", "records": records, "seconds": seconds[spec.timing_warmup :]}
     if spec.predict_tiles:
         encoder.eval()
         with torch.no_grad():
@@ -233,6 +246,9 @@ class ParallelOptions:
 
 def run_parallel(spec: CaseSpec, opts: ParallelOptions) -> dict | None:
     """Run under torchrun; returns the merged records on rank 0 (None on the other ranks)."""
+    # one piece: one rank's life inside one process group, between init_distributed and the shutdown in
+    # its `finally`; every step's collectives must run in the same order on every rank, which reads
+    # best as one loop in one place.
     import torch.distributed as dist
 
     from slidetrain.train.tilebag.distributed_executor import (
@@ -246,9 +262,16 @@ def run_parallel(spec: CaseSpec, opts: ParallelOptions) -> dict | None:
     try:
         encoder, aggregator = build_models(spec)
         tracked = tracked_names(spec, encoder, aggregator)
-        engine = DistributedEngine(topo, encoder, aggregator, loss_fn, make_optimizer(spec), amp=spec.amp,
-                                   sync_bn=spec.sync_bn and spec.case == "resnet",
-                                   _pseudo_loss_factor=opts.pseudo_loss_factor)
+        engine = DistributedEngine(
+            topo,
+            encoder,
+            aggregator,
+            loss_fn,
+            make_optimizer(spec),
+            amp=spec.amp,
+            sync_bn=spec.sync_bn and spec.case == "resnet",
+            _pseudo_loss_factor=opts.pseudo_loss_factor,
+        )
         side = "aggregator" if topo.is_aggregator else "encoder"
         names = _side_names(tracked, side)
         records, seconds, comm = [], [], []
@@ -280,8 +303,7 @@ def run_parallel(spec: CaseSpec, opts: ParallelOptions) -> dict | None:
                 rec["params"] = _snapshot(engine.model, names, False)
             records.append(rec)
             if opts.checkpoint is not None and step % opts.checkpoint_every == 0:
-                engine.save_checkpoint(opts.checkpoint, step,
-                                       {"records": records, "seconds": seconds, "comm": comm})
+                engine.save_checkpoint(opts.checkpoint, step, {"records": records, "seconds": seconds, "comm": comm})
         predict = None
         if spec.predict_tiles:
             x, _ = bag(spec, 0, spec.predict_tiles, salt=1)
@@ -297,13 +319,25 @@ def run_parallel(spec: CaseSpec, opts: ParallelOptions) -> dict | None:
         merged = []
         for i, rec in enumerate(everyone[0]["records"]):
             enc = everyone[1]["records"][i]
-            merged.append({"step": rec["step"], "loss": rec["loss"],
-                           "grads": {**enc.get("grads", {}), **rec.get("grads", {})},
-                           "params": {**enc.get("params", {}), **rec.get("params", {})}})
+            merged.append(
+                {
+                    "step": rec["step"],
+                    "loss": rec["loss"],
+                    "grads": {**enc.get("grads", {}), **rec.get("grads", {})},
+                    "params": {**enc.get("params", {}), **rec.get("params", {})},
+                }
+            )
         w = spec.timing_warmup
-        result = {"spec": asdict(spec), "mode": "parallel", "records": merged, "backend": topo.backend,
-                  "n_encoder_ranks": topo.n_encoders, "device": str(topo.device),
-                  "seconds": seconds[w:], "comm_seconds": comm[w:]}
+        result = {
+            "spec": asdict(spec),
+            "mode": "parallel",
+            "records": merged,
+            "backend": topo.backend,
+            "n_encoder_ranks": topo.n_encoders,
+            "device": str(topo.device),
+            "seconds": seconds[w:],
+            "comm_seconds": comm[w:],
+        }
         if predict is not None:
             result["predict_logits"] = predict
         return result
@@ -346,15 +380,24 @@ def compare(model: str, single: dict, parallel: dict, reference: dict | None = N
                 label = f"{name} {kind[:-1] if kind == 'params' else 'grad'}"
                 if name not in p[kind]:
                     raise AssertionError(f"{model} step {step}: {label} missing from the parallel run")
-                row = {"model": model, "step": step, "tensor": label,
-                       "normalized_l1": _nl1(model, step, label, p[kind][name], ref), "abs_difference": ""}
+                row = {
+                    "model": model,
+                    "step": step,
+                    "tensor": label,
+                    "normalized_l1": _nl1(model, step, label, p[kind][name], ref),
+                    "abs_difference": "",
+                }
                 if r is not None:
                     row["fp32_noise"] = _nl1(model, step, label, ref, r[kind][name])
                     row["parallel_vs_fp64"] = _nl1(model, step, label, p[kind][name], r[kind][name])
                 rows.append(row)
-        row = {"model": model, "step": step, "tensor": "loss",
-               "normalized_l1": abs(p["loss"] - s["loss"]) / max(abs(s["loss"]), 1e-12),
-               "abs_difference": abs(p["loss"] - s["loss"])}
+        row = {
+            "model": model,
+            "step": step,
+            "tensor": "loss",
+            "normalized_l1": abs(p["loss"] - s["loss"]) / max(abs(s["loss"]), 1e-12),
+            "abs_difference": abs(p["loss"] - s["loss"]),
+        }
         if r is not None:
             row["fp32_noise"] = abs(s["loss"] - r["loss"]) / max(abs(r["loss"]), 1e-12)
             row["parallel_vs_fp64"] = abs(p["loss"] - r["loss"]) / max(abs(r["loss"]), 1e-12)
@@ -380,8 +423,11 @@ def equivalence_figure(rows: list[dict], path: Path, out_data: Path | None = Non
     fig, axes = plt.subplots(len(models), 3, figsize=(13, 3.4 * len(models)), squeeze=False)
     for i, model in enumerate(models):
         d = df[df["model"] == model]
-        panels = [("param", "normalized L1 of parameters"), ("loss", "|loss difference|"),
-                  ("grad", "normalized L1 of gradients")]
+        panels = [
+            ("param", "normalized L1 of parameters"),
+            ("loss", "|loss difference|"),
+            ("grad", "normalized L1 of gradients"),
+        ]
         for j, (kind, title) in enumerate(panels):
             ax = axes[i][j]
             if kind == "loss":
@@ -391,14 +437,23 @@ def equivalence_figure(rows: list[dict], path: Path, out_data: Path | None = Non
             else:
                 sel = d[d["tensor"].str.endswith(f" {kind}")]
                 for name, g in sel.groupby("tensor", sort=False):
-                    ax.plot(g["step"], g["normalized_l1"].astype(float).clip(lower=floor), marker="o",
-                            label=name.removesuffix(f" {kind}"))
-                    data.add(f"{model}: {kind}", name.removesuffix(f" {kind}"), g["step"],
-                             g["normalized_l1"].astype(float).clip(lower=floor))
+                    ax.plot(
+                        g["step"],
+                        g["normalized_l1"].astype(float).clip(lower=floor),
+                        marker="o",
+                        label=name.removesuffix(f" {kind}"),
+                    )
+                    data.add(
+                        f"{model}: {kind}",
+                        name.removesuffix(f" {kind}"),
+                        g["step"],
+                        g["normalized_l1"].astype(float).clip(lower=floor),
+                    )
                 if "fp32_noise" in sel and sel["fp32_noise"].notna().any():  # the reference's own rounding
                     noise = sel.groupby("step")["fp32_noise"].max().clip(lower=floor)
-                    ax.plot(noise.index, noise.to_numpy(), ls="--", color="grey",
-                            label="plain fp32 vs float64 (largest)")
+                    ax.plot(
+                        noise.index, noise.to_numpy(), ls="--", color="grey", label="plain fp32 vs float64 (largest)"
+                    )
                     data.add(f"{model}: {kind}", "plain fp32 vs float64 (largest)", noise.index, noise.to_numpy())
                 ax.legend(fontsize=7)
             ax.set_yscale("log")
@@ -412,16 +467,25 @@ def equivalence_figure(rows: list[dict], path: Path, out_data: Path | None = Non
     data.write(out_data or data_path_for(path))
 
 
-def write_equivalence(pairs: list[tuple[str, Path, Path]], csv_path: Path, figure: Path,
-                      references: dict[str, Path] | None = None, figure_data: Path | None = None) -> list[dict]:
+def write_equivalence(
+    pairs: list[tuple[str, Path, Path]],
+    csv_path: Path,
+    figure: Path,
+    references: dict[str, Path] | None = None,
+    figure_data: Path | None = None,
+) -> list[dict]:
     """The equivalence table and Figure 3; `references` maps a float32 case to its single run in float64."""
     import pandas as pd
 
     rows = []
     for model, single, parallel in pairs:
         ref = (references or {}).get(model)
-        rows += compare(model, torch.load(single, weights_only=False), torch.load(parallel, weights_only=False),
-                        torch.load(ref, weights_only=False) if ref is not None else None)
+        rows += compare(
+            model,
+            torch.load(single, weights_only=False),
+            torch.load(parallel, weights_only=False),
+            torch.load(ref, weights_only=False) if ref is not None else None,
+        )
     with atomic_path(csv_path) as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
     equivalence_figure(rows, figure, figure_data)
@@ -434,15 +498,23 @@ def scaling_rows(parallel: list[Path], plain: list[Path]) -> list[dict]:
     for par_path, plain_path in zip(parallel, plain, strict=True):
         r, base = torch.load(par_path, weights_only=False), torch.load(plain_path, weights_only=False)
         if r["spec"]["tiles"] != base["spec"]["tiles"]:
-            raise ConfigError(f"{par_path} and {plain_path}: different bags ({r['spec']['tiles']} vs "
-                              f"{base['spec']['tiles']} tiles)")
+            raise ConfigError(
+                f"{par_path} and {plain_path}: different bags ({r['spec']['tiles']} vs {base['spec']['tiles']} tiles)"
+            )
         n = r["n_encoder_ranks"]
         s, s_plain = statistics.median(r["seconds"]), statistics.median(base["seconds"])
-        rows.append({"n_encoder_ranks": n, "k_per_rank": r["spec"]["tiles"] // n, "seconds_per_step": s,
-                     "comm_seconds": statistics.median(r["comm_seconds"]),
-                     "device": f"{r['device']} ({r['backend']}; {n + 1} processes sharing {os.cpu_count()} cores)",
-                     "plain_tiles": base["spec"]["tiles"], "plain_seconds_per_step": s_plain,
-                     "ratio_vs_plain": s / s_plain})
+        rows.append(
+            {
+                "n_encoder_ranks": n,
+                "k_per_rank": r["spec"]["tiles"] // n,
+                "seconds_per_step": s,
+                "comm_seconds": statistics.median(r["comm_seconds"]),
+                "device": f"{r['device']} ({r['backend']}; {n + 1} processes sharing {os.cpu_count()} cores)",
+                "plain_tiles": base["spec"]["tiles"],
+                "plain_seconds_per_step": s_plain,
+                "ratio_vs_plain": s / s_plain,
+            }
+        )
     return rows
 
 
@@ -468,9 +540,22 @@ def _launch(spec: CaseSpec, nproc: int, out: Path, timeout_s: float) -> dict:
 
     from slidetrain.bench.section_runner import stop_process_tree
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "slidetrain.cli", "distributed-parallel", "--spec", json.dumps(asdict(spec)), "--out", str(out),
-           "--timeout-s", f"{collective_timeout_s(timeout_s):g}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "slidetrain.cli",
+        "distributed-parallel",
+        "--spec",
+        json.dumps(asdict(spec)),
+        "--out",
+        str(out),
+        "--timeout-s",
+        f"{collective_timeout_s(timeout_s):g}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log_path = out.with_suffix(".log")
     with open(log_path, "w") as log_file:
@@ -507,6 +592,9 @@ def gpu_section(ctx) -> Iterator[dict]:
     yielded as the part ends; a part that fails or is skipped (a missing API, too little of the cap
     left) is a row with its status.
     """
+    # one piece: a section is one generator that yields each row as it is measured, so the section cap
+    # stops it between rows with the rows so far written (bench/section_runner.py); its parts share the
+    # device, budget and deadline set at its top.
     from slidetrain.bench.preflight import api_ok
     from slidetrain.bench.section_runner import SectionSkipped
 
@@ -515,10 +603,28 @@ def gpu_section(ctx) -> Iterator[dict]:
         equiv = CaseSpec(case="toy", dim=32, tiles=12, steps=2, momentum=0.9, device=device)
         timing = CaseSpec(case="toy", dim=32, tiles=12, steps=3, timing_warmup=1, record=False, device=device)
     else:
-        equiv = CaseSpec(case="resnet", backbone="resnet50", tile_px=224, tiles=64, steps=4, lr=1e-3,
-                         momentum=0.9, sync_bn=True, device=device)
-        timing = CaseSpec(case="resnet", backbone="resnet50", tile_px=224, tiles=128, steps=6,
-                          timing_warmup=2, sync_bn=False, record=False, device=device)
+        equiv = CaseSpec(
+            case="resnet",
+            backbone="resnet50",
+            tile_px=224,
+            tiles=64,
+            steps=4,
+            lr=1e-3,
+            momentum=0.9,
+            sync_bn=True,
+            device=device,
+        )
+        timing = CaseSpec(
+            case="resnet",
+            backbone="resnet50",
+            tile_px=224,
+            tiles=128,
+            steps=6,
+            timing_warmup=2,
+            sync_bn=False,
+            record=False,
+            device=device,
+        )
     n_equiv = 2
     started = time.perf_counter()
 
@@ -540,18 +646,29 @@ def gpu_section(ctx) -> Iterator[dict]:
         single = run_single(equiv)
         parallel = launch(equiv, n_equiv + 1, "equiv")
         model = f"{equiv.case}:{equiv.backbone if equiv.case == 'resnet' else equiv.dim}"
-        return [{"part": "equivalence", "backend": parallel["backend"], "n_encoder_ranks": n_equiv, **r}
-                for r in compare(model, single, parallel)]
+        return [
+            {"part": "equivalence", "backend": parallel["backend"], "n_encoder_ranks": n_equiv, **r}
+            for r in compare(model, single, parallel)
+        ]
 
     def timing_row(amp: bool) -> list[dict]:
         spec = CaseSpec(**{**asdict(timing), "amp": amp})
         base = run_single(spec)
         par = launch(spec, 2, f"timing_amp{int(amp)}")
         s_single, s_par = statistics.median(base["seconds"]), statistics.median(par["seconds"])
-        return [{"part": "timing", "backend": par["backend"], "n_encoder_ranks": 1, "model": spec.case,
-                 "tensor": f"tiles={spec.tiles} amp={amp}", "single_seconds_per_step": s_single,
-                 "parallel_seconds_per_step": s_par, "comm_seconds": statistics.median(par["comm_seconds"]),
-                 "overhead_vs_single": s_par / s_single}]
+        return [
+            {
+                "part": "timing",
+                "backend": par["backend"],
+                "n_encoder_ranks": 1,
+                "model": spec.case,
+                "tensor": f"tiles={spec.tiles} amp={amp}",
+                "single_seconds_per_step": s_single,
+                "parallel_seconds_per_step": s_par,
+                "comm_seconds": statistics.median(par["comm_seconds"]),
+                "overhead_vs_single": s_par / s_single,
+            }
+        ]
 
     yield from _part("equivalence", equivalence)
     for amp in (False,) if ctx.tiny else (False, True):  # the rehearsal keeps to two launches

@@ -5,7 +5,8 @@ Each encoder runs in its own process (peak RSS is per process), on a batch of 22
 at random init take GBs of RAM and minutes on a small CPU, so the default list is small; name the
 big ones with --models.
 
-    python -m slidetrain.bench.encoders_cpu --models resnet34 vit_tiny_test uni --batch 4 --out results/bench/encoders_cpu.csv
+    python -m slidetrain.bench.encoders_cpu --models resnet34 vit_tiny_test uni --batch 4 \\
+        --out results/bench/encoders_cpu.csv
 """
 
 from __future__ import annotations
@@ -42,10 +43,19 @@ def time_one(name: str, batch: int = 4, tile_px: int = 224, repeats: int = 2, th
         seconds = (time.perf_counter() - t0) / repeats
     params = sum(p.numel() for p in encoder.parameters())
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    return {"encoder": name, "params_m": round(params / 1e6, 2), "dim": int(out.shape[1]), "batch": batch,
-            "tile_px": tile_px, "threads": threads, "build_s": round(build_s, 2), "forward_s": round(seconds, 4),
-            "tiles_per_s": round(batch / seconds, 2), "peak_rss_mb": round(peak_mb, 1),
-            "start_rss_mb": round(rss0 / 1024, 1)}
+    return {
+        "encoder": name,
+        "params_m": round(params / 1e6, 2),
+        "dim": int(out.shape[1]),
+        "batch": batch,
+        "tile_px": tile_px,
+        "threads": threads,
+        "build_s": round(build_s, 2),
+        "forward_s": round(seconds, 4),
+        "tiles_per_s": round(batch / seconds, 2),
+        "peak_rss_mb": round(peak_mb, 1),
+        "start_rss_mb": round(rss0 / 1024, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,8 +73,21 @@ def main(argv: list[str] | None = None) -> None:
         return
     rows = []
     for name in a.models:
-        cmd = [sys.executable, "-m", "slidetrain.bench.encoders_cpu", "--one", name, "--batch", str(a.batch),
-               "--tile-px", str(a.tile_px), "--repeats", str(a.repeats), "--threads", str(a.threads)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "slidetrain.bench.encoders_cpu",
+            "--one",
+            name,
+            "--batch",
+            str(a.batch),
+            "--tile-px",
+            str(a.tile_px),
+            "--repeats",
+            str(a.repeats),
+            "--threads",
+            str(a.threads),
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(rows[-1], file=sys.stderr)

@@ -49,8 +49,11 @@ class JpegTileBatches(torch.utils.data.Dataset):
     def __init__(self, jpegs: list[bytes], n_tiles: int, batch_size: int):
         self.jpegs, self.n_tiles, self.batch_size = jpegs, n_tiles, batch_size
         per = TILES_PER_SLIDE
-        self.items = [(a // per, a, min(a + batch_size, (a // per + 1) * per, n_tiles))
-                      for s in range(0, n_tiles, per) for a in range(s, min(s + per, n_tiles), batch_size)]
+        self.items = [
+            (a // per, a, min(a + batch_size, (a // per + 1) * per, n_tiles))
+            for s in range(0, n_tiles, per)
+            for a in range(s, min(s + per, n_tiles), batch_size)
+        ]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -59,7 +62,9 @@ class JpegTileBatches(torch.utils.data.Dataset):
         from PIL import Image
 
         k, a, b = self.items[i]
-        tiles = [np.asarray(Image.open(io.BytesIO(self.jpegs[j % len(self.jpegs)])).convert("RGB")) for j in range(a, b)]
+        tiles = [
+            np.asarray(Image.open(io.BytesIO(self.jpegs[j % len(self.jpegs)])).convert("RGB")) for j in range(a, b)
+        ]
         return k, torch.from_numpy(np.stack(tiles)), ""  # (B, T, T, 3) uint8
 
 
@@ -131,10 +136,17 @@ def features_throughput_section(ctx) -> Iterator[dict]:
             for f in out_dir.glob("*.npy"):
                 f.unlink()
             yield {
-                "device": str(ctx.device), "encoder": encoder_name, "tile_px": tile_px, "batch_size": batch_size,
-                "workers": workers, "amp": run.amp, "n_tiles": n_tiles,
-                "tiles_per_s_end_to_end": round(end_to_end_rate, 1), "tiles_per_s_model_only": round(model, 1),
-                "ratio": round(end_to_end_rate / model, 3), "goal_end_to_end": GOAL_TILES_PER_S,
+                "device": str(ctx.device),
+                "encoder": encoder_name,
+                "tile_px": tile_px,
+                "batch_size": batch_size,
+                "workers": workers,
+                "amp": run.amp,
+                "n_tiles": n_tiles,
+                "tiles_per_s_end_to_end": round(end_to_end_rate, 1),
+                "tiles_per_s_model_only": round(model, 1),
+                "ratio": round(end_to_end_rate / model, 3),
+                "goal_end_to_end": GOAL_TILES_PER_S,
                 "meets_goal": bool(end_to_end_rate >= GOAL_TILES_PER_S),
             }
     finally:

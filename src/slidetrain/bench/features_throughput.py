@@ -43,8 +43,9 @@ def _batches_in_memory(jobs: list[FeatureJob], batch_size: int, mpp_fallback: fl
         if len(coords) == 0:
             continue
         with open_slide(job.slide_path, job.slide_id, mpp_fallback) as slide:
-            tiles = np.stack(list(read_tiles(slide, coords, float(attrs["target_magnification"]),
-                                             int(attrs["patch_size"]))))
+            tiles = np.stack(
+                list(read_tiles(slide, coords, float(attrs["target_magnification"]), int(attrs["patch_size"])))
+            )
         batches += [torch.from_numpy(tiles[a : a + batch_size]) for a in range(0, len(tiles), batch_size)]
     return batches
 
@@ -64,15 +65,25 @@ def model_only_tiles_per_s(run: TileEncoder, batches: list[torch.Tensor]) -> flo
     return sum(len(b) for b in batches) / (time.perf_counter() - t0)
 
 
-def end_to_end_tiles_per_s(jobs: list[FeatureJob], out_dir: Path, encoder_name: str, encoder: torch.nn.Module,
-                           batch_size: int, device: str, threads: int, seed: int, mpp_fallback: float | None,
-                           workers: int) -> float:
+def end_to_end_tiles_per_s(
+    jobs: list[FeatureJob],
+    out_dir: Path,
+    encoder_name: str,
+    encoder: torch.nn.Module,
+    batch_size: int,
+    device: str,
+    threads: int,
+    seed: int,
+    mpp_fallback: float | None,
+    workers: int,
+) -> float:
     """Tiles/s of one shard's feature extraction into the fresh `out_dir` (nothing to skip)."""
     runs = [FeatureJob(j.slide_id, j.slide_path, j.tiles_h5, out_dir / j.out_h5.name) for j in jobs]
     n_tiles = sum(len(read_tiles_h5(j.tiles_h5)[0]) for j in jobs)
     t0 = time.perf_counter()
-    extract_features(runs, encoder_name, "none", batch_size, device, threads, seed, mpp_fallback,
-                     workers=workers, encoder=encoder)
+    extract_features(
+        runs, encoder_name, "none", batch_size, device, threads, seed, mpp_fallback, workers=workers, encoder=encoder
+    )
     _sync(torch.device(device))
     return n_tiles / (time.perf_counter() - t0)
 
@@ -108,16 +119,25 @@ def bench_features_throughput(
             cache_left = drop_and_measure([p for j in jobs for p in (j.slide_path, j.tiles_h5)])
             cold = end_to_end_tiles_per_s(jobs, Path(tmp) / f"cold{w}", *args, workers=w)
             warm = end_to_end_tiles_per_s(jobs, Path(tmp) / f"warm{w}", *args, workers=w)  # cached by cold
-            rows.append({
-                "device": str(dev), "encoder": encoder_name, "tile_px": tile_px, "batch_size": batch_size,
-                "workers": w, "tiles_per_s_model_only": round(model_only, 2),
-                "tiles_per_s_end_to_end_warm": round(warm, 2), "ratio_warm": round(warm / model_only, 3),
-                "tiles_per_s_end_to_end_cold": round(cold, 2), "ratio_cold": round(cold / model_only, 3),
-                "cold_cache_left": round(cache_left, 4),
-                "threads": threads, "n_slides": len(jobs), "n_tiles": n_tiles,
-            })
-            log.info("workers %d: %.1f tiles/s end to end warm, %.1f cold, %.1f model only",
-                     w, warm, cold, model_only)
+            rows.append(
+                {
+                    "device": str(dev),
+                    "encoder": encoder_name,
+                    "tile_px": tile_px,
+                    "batch_size": batch_size,
+                    "workers": w,
+                    "tiles_per_s_model_only": round(model_only, 2),
+                    "tiles_per_s_end_to_end_warm": round(warm, 2),
+                    "ratio_warm": round(warm / model_only, 3),
+                    "tiles_per_s_end_to_end_cold": round(cold, 2),
+                    "ratio_cold": round(cold / model_only, 3),
+                    "cold_cache_left": round(cache_left, 4),
+                    "threads": threads,
+                    "n_slides": len(jobs),
+                    "n_tiles": n_tiles,
+                }
+            )
+            log.info("workers %d: %.1f tiles/s end to end warm, %.1f cold, %.1f model only", w, warm, cold, model_only)
     table = pd.DataFrame(rows)
     with atomic_path(out_csv) as tmp_csv:
         table.to_csv(tmp_csv, index=False)

@@ -119,21 +119,23 @@ def fidelity(
 
     `jump` (e.g. JUMP, for deep ReLU networks) is added to the allowance of the tensors `jump_on`
     selects: gradients (names containing "grad"); over several optimiser steps, the parameters too,
-    since a flipped branch's jump in one step's gradient is in every later parameter. All three map the same names; a tensor present on one side only (a dropped gradient) or of
-    another shape is an AssertionError naming it.
+    since a flipped branch's jump in one step's gradient is in every later parameter. All three map the
+    same names; a tensor present on one side only (a dropped gradient) or of another shape is an
+    AssertionError naming it.
     """
     if not (set(engine) == set(plain) == set(reference)):
         diff = set(engine) ^ set(plain) | set(plain) ^ set(reference)
         raise AssertionError(f"compared tensors differ by name: {sorted(diff)}")
     names = [k for k in reference if reference[k] is not None or engine[k] is not None or plain[k] is not None]
     for k in names:
-        missing = [side for side, m in (("engine", engine), ("plain", plain), ("reference", reference))
-                   if m[k] is None]
+        missing = [side for side, m in (("engine", engine), ("plain", plain), ("reference", reference)) if m[k] is None]
         if missing:
             raise AssertionError(f"{k}: present on one side only (missing on {', '.join(missing)})")
         if not (engine[k].shape == plain[k].shape == reference[k].shape):
-            raise AssertionError(f"{k}: shapes differ: engine {tuple(engine[k].shape)}, "
-                                 f"plain {tuple(plain[k].shape)}, reference {tuple(reference[k].shape)}")
+            raise AssertionError(
+                f"{k}: shapes differ: engine {tuple(engine[k].shape)}, "
+                f"plain {tuple(plain[k].shape)}, reference {tuple(reference[k].shape)}"
+            )
     if not names:
         raise AssertionError("nothing to compare")
     scales = {k: _rms(reference[k]) for k in names}
@@ -141,20 +143,29 @@ def fidelity(
     out = []
     for k in names:
         ref = reference[k].double()
-        out.append(TensorFidelity(k, _rms(engine[k].double() - ref), _rms(plain[k].double() - ref),
-                                  max(scales[k], floor), jump if jump_on(k) else 0.0))
+        out.append(
+            TensorFidelity(
+                k,
+                _rms(engine[k].double() - ref),
+                _rms(plain[k].double() - ref),
+                max(scales[k], floor),
+                jump if jump_on(k) else 0.0,
+            )
+        )
     return Fidelity(out)
 
 
-def assert_exact(got: Mapping[str, Tensor | None], ref: Mapping[str, Tensor | None], rtol: float = 1e-9,
-                 what: str = "engine") -> float:
+def assert_exact(
+    got: Mapping[str, Tensor | None], ref: Mapping[str, Tensor | None], rtol: float = 1e-9, what: str = "engine"
+) -> float:
     """float64: every tensor within rtol (rms, scale floored as above) of the reference; the worst."""
     report = fidelity(got, ref, ref)
     worst = max(report.tensors, key=lambda t: t.engine_err / t.scale if t.scale > 0 else 0.0)
     rel = worst.engine_err / worst.scale if worst.scale > 0 else 0.0
     if rel > rtol:
-        raise AssertionError(f"{what}: {worst.name} is {rel:.3e} (rms, relative) from the reference "
-                             f"in float64, over {rtol:g}")
+        raise AssertionError(
+            f"{what}: {worst.name} is {rel:.3e} (rms, relative) from the reference in float64, over {rtol:g}"
+        )
     return rel
 
 
@@ -166,5 +177,15 @@ def named(prefix: str, tensors) -> dict[str, Tensor | None]:
     return {f"{prefix}.{i}": t for i, t in enumerate(items)}
 
 
-__all__ = ["FACTOR", "FLOOR", "JUMP", "SAME_COMPUTATION", "SCALE_FLOOR", "Fidelity", "TensorFidelity", "assert_exact", "fidelity", "named"]
-
+__all__ = [
+    "FACTOR",
+    "FLOOR",
+    "JUMP",
+    "SAME_COMPUTATION",
+    "SCALE_FLOOR",
+    "Fidelity",
+    "TensorFidelity",
+    "assert_exact",
+    "fidelity",
+    "named",
+]

@@ -105,10 +105,16 @@ def offload_sweep_section(ctx: GpuContext) -> Iterator[dict]:
         cfg = SweepConfig(sides=[64], budget_bytes=230 * 2**20, warmup=1, repeats=2)
     else:
         total = torch.cuda.get_device_properties(ctx.device).total_memory
-        cfg = SweepConfig(sides=list(range(7680, 13824 + 1, 256 * 5)), budget_bytes=min(24 * 10**9, total),
-                          warmup=1, repeats=3, max_transfer_bytes=2 * 2**30)
-    for row in iter_sweep(cfg, ctx.device, log=lambda m: print(m, flush=True), deadline_s=0.6 * ctx.cap_s,
-                          record_errors=True):
+        cfg = SweepConfig(
+            sides=list(range(7680, 13824 + 1, 256 * 5)),
+            budget_bytes=min(24 * 10**9, total),
+            warmup=1,
+            repeats=3,
+            max_transfer_bytes=2 * 2**30,
+        )
+    for row in iter_sweep(
+        cfg, ctx.device, log=lambda m: print(m, flush=True), deadline_s=0.6 * ctx.cap_s, record_errors=True
+    ):
         row["warmup"], row["repeats"] = cfg.warmup, cfg.repeats
         yield row
 
@@ -144,6 +150,9 @@ def tilebag_section(ctx: GpuContext) -> Iterator[dict]:
     (OOM, cuDNN or cuBLAS workspace) is a miss.
     --tiny: ResNet18 at 64 px on the CPU (peak RSS of a fresh process per probe, 2 GiB, N <= 4).
     """
+    # one piece: a section is one generator that yields each row as it is measured, so the section cap
+    # stops it between rows with the rows so far written (bench/section_runner.py); its parts share the
+    # device, budget and deadline set at its top.
     from slidetrain.bench.max_tiles import cuda_fits, fits, search_max
     from slidetrain.models import build_model, method_config
     from slidetrain.models.encoders import build_encoder, encoder_dim
@@ -166,11 +175,20 @@ def tilebag_section(ctx: GpuContext) -> Iterator[dict]:
         t0 = time.perf_counter()
         best = search_max(fit, start=64 if not ctx.tiny else 1, limit=limit, resolution=resolution)
         peak_at_best = max((p for n, ok, p in probes if ok and n == best), default=None)
-        yield {"kind": "max_tiles", "encoder": encoder_name, "precision": precision, "tile_px": tile_px,
-               "max_tiles": best, "resolution": resolution, "device_memory_gib": round(budget / 2**30, 1),
-               "tiles_per_gib": round(best / (budget / 2**30), 2), "peak_gib_at_max": peak_at_best,
-               "probes": len(probes), "seconds": round(time.perf_counter() - t0, 1),
-               "paper_tiles_per_gb": paper[precision]}
+        yield {
+            "kind": "max_tiles",
+            "encoder": encoder_name,
+            "precision": precision,
+            "tile_px": tile_px,
+            "max_tiles": best,
+            "resolution": resolution,
+            "device_memory_gib": round(budget / 2**30, 1),
+            "tiles_per_gib": round(best / (budget / 2**30), 2),
+            "peak_gib_at_max": peak_at_best,
+            "probes": len(probes),
+            "seconds": round(time.perf_counter() - t0, 1),
+            "paper_tiles_per_gb": paper[precision],
+        }
         if cuda:
             torch.cuda.empty_cache()
     # a few sweep steps: time per training step at several K (AMP on CUDA as the paper trains)
@@ -179,11 +197,15 @@ def tilebag_section(ctx: GpuContext) -> Iterator[dict]:
     params = [*encoder.parameters(), *aggregator.parameters()]
     optimizer = torch.optim.SGD(params, lr=5e-4, momentum=0.9, nesterov=True)
     scaler = torch.amp.GradScaler("cuda") if cuda else None
-    step_ctx = StepContext(scaler=scaler, device=ctx.device,
-                           autocast=(lambda: torch.autocast("cuda", dtype=torch.float16)) if cuda
-                           else (lambda: torch.autocast("cpu", dtype=torch.bfloat16)))
+    step_ctx = StepContext(
+        scaler=scaler,
+        device=ctx.device,
+        autocast=(lambda: torch.autocast("cuda", dtype=torch.float16))
+        if cuda
+        else (lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
+    )
     executor = PlainExecutor()
-    for k in ((50, 100, 350, 700) if not ctx.tiny else (2, 4)):
+    for k in (50, 100, 350, 700) if not ctx.tiny else (2, 4):
         tiles = torch.randn(k, 3, tile_px, tile_px, device=ctx.device)  # (K, 3, P, P)
         times = []
         for step in range(4 if not ctx.tiny else 2):
@@ -201,9 +223,16 @@ def tilebag_section(ctx: GpuContext) -> Iterator[dict]:
                 torch.cuda.synchronize(ctx.device)
             times.append(time.perf_counter() - t0)
         step_s = sorted(times[1:] or times)[len(times[1:] or times) // 2]  # median after the first (warm-up)
-        yield {"kind": "sweep_step", "encoder": encoder_name, "precision": "amp", "tile_px": tile_px,
-               "k": k, "step_s": round(step_s, 4), "tiles_per_s": round(k / step_s, 1),
-               "loss": round(result.loss, 4)}
+        yield {
+            "kind": "sweep_step",
+            "encoder": encoder_name,
+            "precision": "amp",
+            "tile_px": tile_px,
+            "k": k,
+            "step_s": round(step_s, 4),
+            "tiles_per_s": round(k / step_s, 1),
+            "loss": round(result.loss, 4),
+        }
         del tiles
 
 
@@ -218,37 +247,62 @@ def local_learning_section(ctx: GpuContext) -> Iterator[dict]:
     --tiny: 384x320 on the CPU (peak RSS of a fresh process per measurement; image_e2e, plain and checkpointed,
     and the checkpointed K=8).
     """
+    # one piece: a section is one generator that yields each row as it is measured, so the section cap
+    # stops it between rows with the rows so far written (bench/section_runner.py); its parts share the
+    # device, budget and deadline set at its top.
     from slidetrain.bench.local_memory import measure_train_memory
     from slidetrain.models.encoders import build_encoder
     from slidetrain.train.wholeimage.registry import build_learner
 
     width, height = paper_image_size() if not ctx.tiny else (384, 320)
     checkpointed = {"checkpointing": "tiles"}  # the default checkpoint_tile_px (64)
-    cases = [("image_e2e", {}), ("local_k4", {}), ("local_k8", {}),
-             ("image_e2e", checkpointed), ("local_k8", checkpointed)]
+    cases = [
+        ("image_e2e", {}),
+        ("local_k4", {}),
+        ("local_k8", {}),
+        ("image_e2e", checkpointed),
+        ("local_k8", checkpointed),
+    ]
     if ctx.tiny:  # a fresh process per CPU measurement: rehearse both kinds of learner, not all five
         cases = [cases[0], cases[-2], cases[-1]]
     deadline = time.perf_counter() + 0.7 * ctx.cap_s  # leave the inference part its time
     image_e2e: dict[str, float] = {}  # json.dumps(params) -> image_e2e's GiB under those params
     for method, params in cases:
         if time.perf_counter() > deadline:
-            yield {"kind": "train_memory", "method": method, "params": json.dumps(params),
-                   "status": "skipped: out of the section's time"}
+            yield {
+                "kind": "train_memory",
+                "method": method,
+                "params": json.dumps(params),
+                "status": "skipped: out of the section's time",
+            }
             continue
-        report = measure_train_memory(method, height, width, str(ctx.device), {"weights": "none", **params},
-                                      threads=None if ctx.device.type == "cuda" else 1)
+        report = measure_train_memory(
+            method,
+            height,
+            width,
+            str(ctx.device),
+            {"weights": "none", **params},
+            threads=None if ctx.device.type == "cuda" else 1,
+        )
         gib = round(report.increment_bytes / 2**30, 3)
         key = json.dumps(params)
         if method == "image_e2e":  # measured before the local rows of the same params: their denominator
             image_e2e[key] = gib
         # the paper's shares of E2E at this size: local_table2.csv (V100; neither checkpointed)
         same, plain = image_e2e.get(key), image_e2e.get(json.dumps({}))
-        yield {"kind": "train_memory", "method": method, "params": key,
-               "image_size": f"{width}x{height}", "increment_gib": gib, "seconds": round(report.wall_s, 2),
-               "probe": report.method, "status": "ok",
-               "share_of_image_e2e": round(gib / same, 4) if same else None,  # image_e2e, same params
-               # checkpointed rows over plain image_e2e: not like for like, named so
-               "share_of_plain_image_e2e": round(gib / plain, 4) if plain and params else None}
+        yield {
+            "kind": "train_memory",
+            "method": method,
+            "params": key,
+            "image_size": f"{width}x{height}",
+            "increment_gib": gib,
+            "seconds": round(report.wall_s, 2),
+            "probe": report.method,
+            "status": "ok",
+            "share_of_image_e2e": round(gib / same, 4) if same else None,  # image_e2e, same params
+            # checkpointed rows over plain image_e2e: not like for like, named so
+            "share_of_plain_image_e2e": round(gib / plain, 4) if plain and params else None,
+        }
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
     # Table 3's model part: whole-image prediction vs tile embedding, seconds per megapixel
@@ -274,14 +328,26 @@ def local_learning_section(ctx: GpuContext) -> Iterator[dict]:
     with torch.no_grad():
         whole_s = seconds(lambda: learner.predict(image))
     mpx_whole = width * height / 1e6
-    yield {"kind": "inference", "method": "local_k4", "image_size": f"{width}x{height}",
-           "seconds": round(whole_s, 4), "mpx_per_s": round(mpx_whole / whole_s, 2), "status": "ok"}
+    yield {
+        "kind": "inference",
+        "method": "local_k4",
+        "image_size": f"{width}x{height}",
+        "seconds": round(whole_s, 4),
+        "mpx_per_s": round(mpx_whole / whole_s, 2),
+        "status": "ok",
+    }
     with torch.no_grad():
         tiles_s = seconds(lambda: encoder(tiles))
     mpx_tiles = tiles.shape[0] * tile_px**2 / 1e6
-    yield {"kind": "inference", "method": "resnet34_tiles", "image_size": f"64x{tile_px}px",
-           "seconds": round(tiles_s, 4), "mpx_per_s": round(mpx_tiles / tiles_s, 2),
-           "tiles_per_s": round(tiles.shape[0] / tiles_s, 1), "status": "ok"}
+    yield {
+        "kind": "inference",
+        "method": "resnet34_tiles",
+        "image_size": f"64x{tile_px}px",
+        "seconds": round(tiles_s, 4),
+        "mpx_per_s": round(mpx_tiles / tiles_s, 2),
+        "tiles_per_s": round(tiles.shape[0] / tiles_s, 1),
+        "status": "ok",
+    }
 
 
 def features_throughput_section(ctx: GpuContext) -> Iterable[dict]:
@@ -304,18 +370,43 @@ class Section:
 #: the sections, in running order. Each adds one CSV to the output: keep the total (with
 #: summary.json and log.txt) within MAX_FILES, by merging small tables into one (tests check).
 SECTIONS: list[Section] = [
-    Section("offload_sweep", offload_sweep_section, 0.20,
-            ("torchvision", "slidetrain.bench.offload_sweep", "slidetrain.partitioned.offload_engine")),
-    Section("distributed_equivalence", distributed_equivalence_section, 0.30,
-            ("slidetrain.bench.distributed_equivalence", "slidetrain.train.tilebag.distributed_executor", "slidetrain.cli",
-             "torch.distributed.run")),
-    Section("tilebag", tilebag_section, 0.24,
-            ("slidetrain.bench.max_tiles", "slidetrain.train.tilebag.executors", "slidetrain.paper.reference")),
-    Section("features_throughput", features_throughput_section, 0.12,
-            ("PIL", "slidetrain.bench.features_gpu", "slidetrain.wsi.encode")),
-    Section("local_learning", local_learning_section, 0.14,
-            ("slidetrain.bench.local_memory", "slidetrain.train.wholeimage.registry")),
+    Section(
+        "offload_sweep",
+        offload_sweep_section,
+        0.20,
+        ("torchvision", "slidetrain.bench.offload_sweep", "slidetrain.partitioned.offload_engine"),
+    ),
+    Section(
+        "distributed_equivalence",
+        distributed_equivalence_section,
+        0.30,
+        (
+            "slidetrain.bench.distributed_equivalence",
+            "slidetrain.train.tilebag.distributed_executor",
+            "slidetrain.cli",
+            "torch.distributed.run",
+        ),
+    ),
+    Section(
+        "tilebag",
+        tilebag_section,
+        0.24,
+        ("slidetrain.bench.max_tiles", "slidetrain.train.tilebag.executors", "slidetrain.paper.reference"),
+    ),
+    Section(
+        "features_throughput",
+        features_throughput_section,
+        0.12,
+        ("PIL", "slidetrain.bench.features_gpu", "slidetrain.wsi.encode"),
+    ),
+    Section(
+        "local_learning",
+        local_learning_section,
+        0.14,
+        ("slidetrain.bench.local_memory", "slidetrain.train.wholeimage.registry"),
+    ),
 ]
+
 
 def section_rows(name: str, rows: Iterable[dict]) -> Iterable[dict]:
     """The rows of section `name` as `run_all` records them: unchanged.
@@ -341,9 +432,16 @@ def run_all(out_dir: Path, tiny: bool, budget_s: float | None = None, only: list
     budget_s = budget_s or (TINY_BUDGET_S if tiny else DEFAULT_BUDGET_S)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(tiny)
-    summary = Summary(out_dir / "summary.json", {
-        "started_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"), "tiny": tiny, "budget_s": budget_s,
-        "only": only, "device": str(device)})
+    summary = Summary(
+        out_dir / "summary.json",
+        {
+            "started_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            "tiny": tiny,
+            "budget_s": budget_s,
+            "only": only,
+            "device": str(device),
+        },
+    )
     tmp_root = Path(tempfile.mkdtemp(prefix="slidetrain-gpu-"))  # intermediates: never in out_dir
     try:
         _run_preflight(summary, device, tmp_root)
@@ -351,16 +449,21 @@ def run_all(out_dir: Path, tiny: bool, budget_s: float | None = None, only: list
             if only and section.name not in only:
                 continue
             cap = budget_s * section.share
-            ctx = GpuContext(out_dir=out_dir, tmp_dir=tmp_root / section.name, device=device, tiny=tiny,
-                             cap_s=cap, preflight=summary.data["preflight"])
+            ctx = GpuContext(
+                out_dir=out_dir,
+                tmp_dir=tmp_root / section.name,
+                device=device,
+                tiny=tiny,
+                cap_s=cap,
+                preflight=summary.data["preflight"],
+            )
             ctx.tmp_dir.mkdir()
 
             def rows_of(section=section, ctx=ctx) -> Iterator[dict]:
                 ctx.started = time.perf_counter()
                 return section_rows(section.name, section.run(ctx))
 
-            entry = run_section(section.name, rows_of, cap, RowTable(out_dir / f"{section.name}.csv"),
-                                summary, device)
+            entry = run_section(section.name, rows_of, cap, RowTable(out_dir / f"{section.name}.csv"), summary, device)
             shutil.rmtree(ctx.tmp_dir, ignore_errors=True)  # free the disk (checkpoints) as we go
             print(json.dumps({k: v for k, v in entry.items() if k != "traceback"}), flush=True)
     finally:
@@ -378,11 +481,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tiny", action="store_true", help="CPU rehearsal at toy sizes (what the tests run)")
-    parser.add_argument("--budget-s", type=float,
-                        help=f"seconds for all sections together (default {DEFAULT_BUDGET_S:g}; "
-                             f"--tiny {TINY_BUDGET_S:g}); each section's cap is its share")
-    parser.add_argument("--only", nargs="+", choices=[s.name for s in SECTIONS], metavar="SECTION",
-                        help=f"run only these sections, with their usual caps ({', '.join(s.name for s in SECTIONS)})")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        help=f"seconds for all sections together (default {DEFAULT_BUDGET_S:g}; "
+        f"--tiny {TINY_BUDGET_S:g}); each section's cap is its share",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=[s.name for s in SECTIONS],
+        metavar="SECTION",
+        help=f"run only these sections, with their usual caps ({', '.join(s.name for s in SECTIONS)})",
+    )
     args = parser.parse_args(argv)
     raise_on_sigterm()  # the outer timeout's SIGTERM still lets the summary and output check be written
     summary = run_all(args.out, args.tiny, args.budget_s, args.only)

@@ -27,8 +27,20 @@ from pathlib import Path
 from slidetrain.errors import SlidetrainError
 from slidetrain.io import atomic_path  # light: `slidetrain --help` imports this module
 
-COLUMNS = ("slide_id", "kind", "method", "slide_w", "slide_h", "n_tiles", "thumbnail_px", "seconds", "cpu_seconds",
-           "import_rss_mb", "peak_rss_mb", "cpu")
+COLUMNS = (
+    "slide_id",
+    "kind",
+    "method",
+    "slide_w",
+    "slide_h",
+    "n_tiles",
+    "thumbnail_px",
+    "seconds",
+    "cpu_seconds",
+    "import_rss_mb",
+    "peak_rss_mb",
+    "cpu",
+)
 
 
 def _rss_mb() -> float:
@@ -45,21 +57,35 @@ def time_one(job: dict) -> dict:
     cpu0 = time.process_time()  # CPU seconds too: on a shared machine wall seconds include waiting for a core
     truth = Path(job["truth_npz"]) if job.get("truth_npz") else None
     inputs = SlideInputs(job["slide_id"], Path(job["slide_path"]), Path(job["tiles_h5"]), Path(job["mask_png"]), truth)
-    row = slide_heatmap(inputs, Path(job["attention_h5"]), job["method"], Path(job["out_png"]), Path(job["out_csv"]),
-                        max_px=int(job["max_px"]))
-    return {"seconds": row["seconds"], "cpu_seconds": time.process_time() - cpu0, "n_tiles": row["n_tiles"], "import_rss_mb": import_rss, "peak_rss_mb": _rss_mb()}
+    row = slide_heatmap(
+        inputs,
+        Path(job["attention_h5"]),
+        job["method"],
+        Path(job["out_png"]),
+        Path(job["out_csv"]),
+        max_px=int(job["max_px"]),
+    )
+    return {
+        "seconds": row["seconds"],
+        "cpu_seconds": time.process_time() - cpu0,
+        "n_tiles": row["n_tiles"],
+        "import_rss_mb": import_rss,
+        "peak_rss_mb": _rss_mb(),
+    }
 
 
 def _in_fresh_process(job: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "slidetrain.bench.heatmaps", json.dumps(job)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "slidetrain.bench.heatmaps", json.dumps(job)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise SlidetrainError(f"bench-heatmaps: slide {job['slide_id']} failed in its process:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def prepare_large_slide(slide_path: Path, truth_npz: Path | None, work_dir: Path, tile_px: int,
-                        target_magnification: float, seed: int = 0) -> dict:
+def prepare_large_slide(
+    slide_path: Path, truth_npz: Path | None, work_dir: Path, tile_px: int, target_magnification: float, seed: int = 0
+) -> dict:
     """Mask, tiles and stand-in attention of a slide no model scored (untimed inputs of the heatmap)."""
     import h5py
     import numpy as np
@@ -71,14 +97,23 @@ def prepare_large_slide(slide_path: Path, truth_npz: Path | None, work_dir: Path
 
     sid = slide_path.name.split(".")[0]
     work_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"mask_png": work_dir / f"{sid}.mask.png", "tiles_h5": work_dir / f"{sid}.h5",
-             "attention_h5": work_dir / f"{sid}.attention.h5"}
+    paths = {
+        "mask_png": work_dir / f"{sid}.mask.png",
+        "tiles_h5": work_dir / f"{sid}.h5",
+        "attention_h5": work_dir / f"{sid}.attention.h5",
+    }
     with open_slide(slide_path, slide_id=sid) as slide:
         tissue = segment_tissue(slide, mask_params("default"))
         coords = tile_coordinates(slide, tissue, target_magnification, tile_px, 0, 0.5)  # (N, 2)
         write_mask_png(paths["mask_png"], tissue)
-        write_tiles_h5(paths["tiles_h5"], coords, slide=slide, target_magnification=target_magnification,
-                       tile_px=tile_px, overlap_px=0)
+        write_tiles_h5(
+            paths["tiles_h5"],
+            coords,
+            slide=slide,
+            target_magnification=target_magnification,
+            tile_px=tile_px,
+            overlap_px=0,
+        )
         size0 = patch_size_level0(slide, target_magnification, tile_px)
     values = np.random.default_rng(seed).random(len(coords)) * 0.2
     if truth_npz is not None:
@@ -88,8 +123,12 @@ def prepare_large_slide(slide_path: Path, truth_npz: Path | None, work_dir: Path
         g = f.create_group(sid)
         g.create_dataset("attention", data=values)  # (N,) stand-in values
         g.create_dataset("coords", data=coords)
-    return {"slide_id": sid, "slide_path": str(slide_path), "truth_npz": str(truth_npz) if truth_npz else "",
-            **{k: str(v) for k, v in paths.items()}}
+    return {
+        "slide_id": sid,
+        "slide_path": str(slide_path),
+        "truth_npz": str(truth_npz) if truth_npz else "",
+        **{k: str(v) for k, v in paths.items()},
+    }
 
 
 def _cpu_name() -> str:
@@ -114,10 +153,20 @@ def bench_heatmaps(a: argparse.Namespace) -> None:
     for sid in test_slides(Path(a.split)):
         slide_path, drawn = paths[sid]
         truth = Path(a.truth_dir) / f"{sid}.truth.npz" if a.truth_dir and drawn else None
-        jobs.append(("default", {"slide_id": sid, "slide_path": str(slide_path), "truth_npz": str(truth or ""),
-                                 "tiles_h5": str(Path(a.tiles_dir) / f"{sid}.h5"),
-                                 "mask_png": str(Path(a.masks_dir) / f"{sid}.mask.png"),
-                                 "attention_h5": a.attention, "method": a.method}))
+        jobs.append(
+            (
+                "default",
+                {
+                    "slide_id": sid,
+                    "slide_path": str(slide_path),
+                    "truth_npz": str(truth or ""),
+                    "tiles_h5": str(Path(a.tiles_dir) / f"{sid}.h5"),
+                    "mask_png": str(Path(a.masks_dir) / f"{sid}.mask.png"),
+                    "attention_h5": a.attention,
+                    "method": a.method,
+                },
+            )
+        )
     if a.large_slide:
         large = Path(a.large_slide)
         truth = large.with_name(large.name.split(".")[0] + ".truth.npz")
@@ -125,15 +174,30 @@ def bench_heatmaps(a: argparse.Namespace) -> None:
         jobs.append(("large", {**job, "method": "stand-in"}))
     rows = []
     for kind, job in jobs:
-        job.update(out_png=str(work / "png" / f"{job['slide_id']}.png"), out_csv=str(work / "png" / f"{job['slide_id']}.csv"),
-                   max_px=a.max_px)
+        job.update(
+            out_png=str(work / "png" / f"{job['slide_id']}.png"),
+            out_csv=str(work / "png" / f"{job['slide_id']}.csv"),
+            max_px=a.max_px,
+        )
         timed = _in_fresh_process(job)
         with open_slide(job["slide_path"], slide_id=job["slide_id"]) as slide:
             w, h = slide.dimensions
-        rows.append({"slide_id": job["slide_id"], "kind": kind, "method": job["method"], "slide_w": w, "slide_h": h,
-                     "n_tiles": timed["n_tiles"], "thumbnail_px": a.max_px, "seconds": timed["seconds"],
-                     "cpu_seconds": timed["cpu_seconds"],
-                     "import_rss_mb": timed["import_rss_mb"], "peak_rss_mb": timed["peak_rss_mb"], "cpu": _cpu_name()})
+        rows.append(
+            {
+                "slide_id": job["slide_id"],
+                "kind": kind,
+                "method": job["method"],
+                "slide_w": w,
+                "slide_h": h,
+                "n_tiles": timed["n_tiles"],
+                "thumbnail_px": a.max_px,
+                "seconds": timed["seconds"],
+                "cpu_seconds": timed["cpu_seconds"],
+                "import_rss_mb": timed["import_rss_mb"],
+                "peak_rss_mb": timed["peak_rss_mb"],
+                "cpu": _cpu_name(),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     table = pd.DataFrame(rows)[list(COLUMNS)]
     with atomic_path(a.out) as tmp:
@@ -142,11 +206,17 @@ def bench_heatmaps(a: argparse.Namespace) -> None:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("bench-heatmaps", help="seconds and peak RSS of a heatmap per slide (fresh process each)")
-    for name, what in (("attention", "a run's attention.h5"), ("method", "its method"),
-                       ("split", "split CSV (its test slides are timed)"), ("sheet", "slide sheet"),
-                       ("slides-dir", "pipeline-drawn slides"), ("tiles-dir", "results/{dataset}/tiles"),
-                       ("masks-dir", "results/{dataset}/masks"), ("work-dir", "large slide's inputs, the PNGs"),
-                       ("out", "CSV")):
+    for name, what in (
+        ("attention", "a run's attention.h5"),
+        ("method", "its method"),
+        ("split", "split CSV (its test slides are timed)"),
+        ("sheet", "slide sheet"),
+        ("slides-dir", "pipeline-drawn slides"),
+        ("tiles-dir", "results/{dataset}/tiles"),
+        ("masks-dir", "results/{dataset}/masks"),
+        ("work-dir", "large slide's inputs, the PNGs"),
+        ("out", "CSV"),
+    ):
         s.add_argument(f"--{name}", required=True, help=what)
     s.add_argument("--truth-dir", help="{slide}.truth.npz of synthetic slides")
     s.add_argument("--large-slide", help="a large synthetic slide (its .truth.npz beside it is used when present)")

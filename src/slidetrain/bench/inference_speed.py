@@ -105,9 +105,7 @@ def build_setup(
     dev = torch.device(device)
     torch.manual_seed(seed)
     encoder = build_encoder("resnet34", "none", seed).to(dev).eval()
-    gabmil = (
-        build_model("gabmil", encoder.dim, n_classes, method_config("gabmil", {})).to(dev).eval()
-    )
+    gabmil = build_model("gabmil", encoder.dim, n_classes, method_config("gabmil", {})).to(dev).eval()
     local = build_learner("local_k4", n_classes, {"weights": "none"}, device=dev)
     return InferenceSetup(
         dev,
@@ -149,9 +147,7 @@ class _Clock:
 def run_gabmil(slide_path: str | Path, setup: InferenceSetup) -> tuple[dict[str, float], dict]:
     """The tile pipeline on one slide: (seconds per stage, info)."""
     clock = _Clock(setup.device)
-    with open_slide(
-        slide_path, mpp_fallback=setup.mpp_fallback, reader=setup.reader, threads=setup.threads
-    ) as slide:
+    with open_slide(slide_path, mpp_fallback=setup.mpp_fallback, reader=setup.reader, threads=setup.threads) as slide:
         tissue = segment_tissue(slide, setup.mask)
         coords = tile_coordinates(
             slide, tissue, setup.magnification, setup.tile_px, 0, setup.min_tissue_fraction
@@ -170,9 +166,7 @@ def run_gabmil(slide_path: str | Path, setup: InferenceSetup) -> tuple[dict[str,
 def run_local(slide_path: str | Path, setup: InferenceSetup) -> tuple[dict[str, float], dict]:
     """Whole-slide inference on one slide: (seconds per stage, info with the 5x image size)."""
     clock = _Clock(setup.device)
-    with open_slide(
-        slide_path, mpp_fallback=setup.mpp_fallback, reader=setup.reader, threads=setup.threads
-    ) as slide:
+    with open_slide(slide_path, mpp_fallback=setup.mpp_fallback, reader=setup.reader, threads=setup.threads) as slide:
         tissue = segment_tissue(slide, setup.mask)
         rgb, meta = extract_slide_image(slide, tissue, setup.magnification)  # (H, W, 3) uint8
     # (3, H, W) contiguous, as in training; converted on the device
@@ -203,14 +197,10 @@ def _timed(
     return {s: float(np.mean([r[0][s] for r in runs])) for s in stages}, runs[-1][1]
 
 
-def benchmark_slide(
-    slide_path: str | Path, setup: InferenceSetup, warmup: int = 1, repeats: int = 1
-) -> list[dict]:
+def benchmark_slide(slide_path: str | Path, setup: InferenceSetup, warmup: int = 1, repeats: int = 1) -> list[dict]:
     """Table 3 rows of one slide (both pipelines, every stage, the totals and the gain)."""
     if repeats < 1 or warmup < 0:
-        raise ValueError(
-            f"bench-inference: expected repeats >= 1 and warmup >= 0, got {repeats}, {warmup}"
-        )
+        raise ValueError(f"bench-inference: expected repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
     gab_s, gab_info = _timed(run_gabmil, slide_path, setup, warmup, repeats)
     loc_s, loc_info = _timed(run_local, slide_path, setup, warmup, repeats)
     size, device = loc_info["image_size"], str(setup.device)
@@ -286,7 +276,14 @@ def bench_inference(
     )
     rows = [row for path in slide_paths for row in benchmark_slide(path, setup, warmup, repeats)]
     table = pd.DataFrame(rows, columns=TABLE3_COLUMNS)
-    write_table(table, out_csv, out_md, out_html, "Table 3: inference seconds per slide, tile pipeline vs whole slide", float_format="%.4f")
+    write_table(
+        table,
+        out_csv,
+        out_md,
+        out_html,
+        "Table 3: inference seconds per slide, tile pipeline vs whole slide",
+        float_format="%.4f",
+    )
     return table
 
 

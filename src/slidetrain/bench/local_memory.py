@@ -139,9 +139,7 @@ def measure_train_memory(
     process. See the module docstring for what the increment holds.
     """
     if height < 1 or width < 1:
-        raise ConfigError(
-            f"image size: expected positive height and width, got {height}x{width} (HxW)"
-        )
+        raise ConfigError(f"image size: expected positive height and width, got {height}x{width} (HxW)")
     return peak_memory(
         train_one_slide,
         method,
@@ -286,8 +284,7 @@ def table2(measurement_jsons: list[str | Path]) -> pd.DataFrame:
     rows = list(zip(m.image_size, m.method, m.variant, strict=True))
     m["paper_memory_gb"] = [paper_value(*row) for row in rows]
     m["paper_ratio_to_image_e2e"] = [
-        paper_value(size, method, variant) / paper_value(size, "image_e2e", variant)
-        for size, method, variant in rows
+        paper_value(size, method, variant) / paper_value(size, "image_e2e", variant) for size, method, variant in rows
     ]
     order = {name: i for i, name in enumerate(METHODS)}
     m["_order"] = m.method.map(lambda name: order.get(name, len(order)))
@@ -304,7 +301,14 @@ def write_table2(
 ) -> pd.DataFrame:
     """`slidetrain table2`: the CSV (and Markdown and HTML copies) of `table2`."""
     table = table2(measurement_jsons)
-    write_table(table, out_csv, out_md, out_html, "Table 2: peak training memory of one slide, E2E vs local learning", float_format="%.4f")
+    write_table(
+        table,
+        out_csv,
+        out_md,
+        out_html,
+        "Table 2: peak training memory of one slide, E2E vs local learning",
+        float_format="%.4f",
+    )
     return table
 
 

@@ -54,8 +54,9 @@ def build_probe_encoder(name: str, tile_px: int) -> torch.nn.Module:
     return build_encoder(name)
 
 
-def forward_backward(encoder_name: str, precision: str, n_tiles: int, tile_px: int, device: str = "cpu",
-                     threads: int = 1) -> None:
+def forward_backward(
+    encoder_name: str, precision: str, n_tiles: int, tile_px: int, device: str = "cpu", threads: int = 1
+) -> None:
     """One training forward + backward of `n_tiles` random tiles with a dummy loss on the features."""
     torch.set_num_threads(max(1, threads))
     dev = torch.device(device)
@@ -71,15 +72,32 @@ def forward_backward(encoder_name: str, precision: str, n_tiles: int, tile_px: i
         torch.cuda.synchronize(dev)
 
 
-def fits(encoder_name: str, precision: str, n_tiles: int, tile_px: int, device: str, budget_bytes: int,
-         threads: int = 1, timeout_s: float | None = None) -> tuple[bool, float | None]:
+def fits(
+    encoder_name: str,
+    precision: str,
+    n_tiles: int,
+    tile_px: int,
+    device: str,
+    budget_bytes: int,
+    threads: int = 1,
+    timeout_s: float | None = None,
+) -> tuple[bool, float | None]:
     """(fits, peak GiB) of one probe."""
     from slidetrain.bench.memory import peak_memory
 
     kind = torch.device(device).type
     try:
-        report = peak_memory(forward_backward, encoder_name, precision, n_tiles, tile_px, device,
-                             threads, device=device, timeout_s=timeout_s)
+        report = peak_memory(
+            forward_backward,
+            encoder_name,
+            precision,
+            n_tiles,
+            tile_px,
+            device,
+            threads,
+            device=device,
+            timeout_s=timeout_s,
+        )
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return False, None
@@ -118,9 +136,17 @@ def search_max(fit: Callable[[int], bool], start: int = 1, limit: int = 65536, r
     return lo
 
 
-def max_tiles_table(encoders: list[str], precisions: list[str], tile_px: int, device: str,
-                    memory_budget_gb: float | None, out_csv: str | Path, start: int = 1, limit: int = 65536,
-                    threads: int = 1) -> pd.DataFrame:
+def max_tiles_table(
+    encoders: list[str],
+    precisions: list[str],
+    tile_px: int,
+    device: str,
+    memory_budget_gb: float | None,
+    out_csv: str | Path,
+    start: int = 1,
+    limit: int = 65536,
+    threads: int = 1,
+) -> pd.DataFrame:
     """One row per (encoder, precision); every probe goes to <out>_probes.csv beside it."""
     import pandas as pd
 
@@ -139,14 +165,31 @@ def max_tiles_table(encoders: list[str], precisions: list[str], tile_px: int, de
             def fit(n: int, enc=enc, prec=prec) -> bool:
                 t0 = time.perf_counter()
                 ok, peak = fits(enc, prec, n, tile_px, device, budget, threads)
-                probes.append({"encoder": enc, "precision": prec, "tile_px": tile_px, "n_tiles": n, "fits": ok,
-                               "peak_gib": peak, "seconds": time.perf_counter() - t0})
+                probes.append(
+                    {
+                        "encoder": enc,
+                        "precision": prec,
+                        "tile_px": tile_px,
+                        "n_tiles": n,
+                        "fits": ok,
+                        "peak_gib": peak,
+                        "seconds": time.perf_counter() - t0,
+                    }
+                )
                 log.info("%s %s N=%d: %s (peak %s GiB)", enc, prec, n, ok, peak)
                 return ok
 
             best = search_max(fit, start, limit)
-            rows.append({"encoder": enc, "precision": prec, "tile_px": tile_px, "max_tiles": best,
-                         "device": str(dev), "memory_budget_gb": round(memory_budget_gb, 2)})
+            rows.append(
+                {
+                    "encoder": enc,
+                    "precision": prec,
+                    "tile_px": tile_px,
+                    "max_tiles": best,
+                    "device": str(dev),
+                    "memory_budget_gb": round(memory_budget_gb, 2),
+                }
+            )
     table = pd.DataFrame(rows, columns=COLUMNS)
     out_csv = Path(out_csv)
     with atomic_path(out_csv) as tmp:
@@ -156,8 +199,9 @@ def max_tiles_table(encoders: list[str], precisions: list[str], tile_px: int, de
     return table
 
 
-def cuda_fits(encoder_name: str, precision: str, n_tiles: int, tile_px: int, device: str,
-              budget_bytes: int) -> tuple[bool, float | None]:
+def cuda_fits(
+    encoder_name: str, precision: str, n_tiles: int, tile_px: int, device: str, budget_bytes: int
+) -> tuple[bool, float | None]:
     """In-process CUDA probe (the GPU script: no spawn, no pandas): (fits, peak GiB).
 
     A miss is any allocation failure, not only torch's OutOfMemoryError: near the limit cuDNN and

@@ -129,9 +129,7 @@ def _peak_cpu(
     child.close()
     try:
         if not parent.poll(timeout_s):
-            raise TimeoutError(
-                f"peak_memory: {getattr(fn, '__name__', fn)} did not finish in {timeout_s} s"
-            )
+            raise TimeoutError(f"peak_memory: {getattr(fn, '__name__', fn)} did not finish in {timeout_s} s")
         message = parent.recv()
     except EOFError as err:
         proc.join()
@@ -146,9 +144,7 @@ def _peak_cpu(
                 proc.kill()
         parent.close()
     if message[0] == "error":
-        raise RuntimeError(
-            f"peak_memory: {getattr(fn, '__name__', fn)} raised in the child:\n{message[1]}"
-        )
+        raise RuntimeError(f"peak_memory: {getattr(fn, '__name__', fn)} raised in the child:\n{message[1]}")
     _, baseline, peak, reset, fixed, wall = message
     method = CPU_METHOD + ("+hwm_reset" if reset else "")
     method += f"+mmap_threshold={mmap_threshold}" if fixed else ""
@@ -172,8 +168,13 @@ def _peak_cuda(fn: Callable, args: tuple, kwargs: dict, device) -> MemoryReport:
 
 #: what a CUDA library says when the allocator (or the memory fraction) refuses it memory: cuDNN and
 #: cuBLAS ask for workspaces outside the OOM path, so near the limit they fail with their own messages
-ALLOC_FAILURE_MARKERS = ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED",
-                         "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE", "CUDA_ERROR_OUT_OF_MEMORY")
+ALLOC_FAILURE_MARKERS = (
+    "out of memory",
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE",
+    "CUDA_ERROR_OUT_OF_MEMORY",
+)
 
 
 def is_alloc_failure(err: BaseException) -> bool:
@@ -220,5 +221,12 @@ def peak_memory(
     raise ValueError(f"peak_memory: device must be 'cpu' or 'cuda[:i]', got {device!r}")
 
 
-__all__ = ["CPU_METHOD", "CUDA_METHOD", "DEFAULT_MMAP_THRESHOLD", "MemoryReport", "is_alloc_failure", "peak_memory",
-           "with_index"]
+__all__ = [
+    "CPU_METHOD",
+    "CUDA_METHOD",
+    "DEFAULT_MMAP_THRESHOLD",
+    "MemoryReport",
+    "is_alloc_failure",
+    "peak_memory",
+    "with_index",
+]

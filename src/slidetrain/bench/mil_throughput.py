@@ -30,7 +30,9 @@ def make_bench_bags(out_dir: Path, split_csv: Path, n_bags: int, n_instances: in
         slide_id = f"bag_{i:05d}"
         write_features(Path(out_dir) / f"{slide_id}.h5", x, np.zeros((n_instances, 2), np.int64), {"seconds": 0.0})
         part = "val" if i < n_eval else ("test" if i < 2 * n_eval else "train")
-        rows.append({"slide_id": slide_id, "patient_id": slide_id, "label": ["negative", "positive"][label], "part": part})
+        rows.append(
+            {"slide_id": slide_id, "patient_id": slide_id, "label": ["negative", "positive"][label], "part": part}
+        )
     write_split(pd.DataFrame(rows), split_csv)
 
 

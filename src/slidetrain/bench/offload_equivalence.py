@@ -73,8 +73,14 @@ def _grads(module: nn.Module) -> list[Tensor | None]:
 
 
 def run_sides(
-    plain: nn.Module, wrap: Callable[[nn.Module, OffloadEngine], nn.Module], x: Tensor, budget: int,
-    steps: int = 1, loss: Callable[[Tensor], Tensor] | None = None, seed: int = 0, reference: bool = False,
+    plain: nn.Module,
+    wrap: Callable[[nn.Module, OffloadEngine], nn.Module],
+    x: Tensor,
+    budget: int,
+    steps: int = 1,
+    loss: Callable[[Tensor], Tensor] | None = None,
+    seed: int = 0,
+    reference: bool = False,
 ) -> tuple[dict[str, dict[str, Tensor | None]], OffloadEngine]:
     """Run `steps` forward/backward passes plainly and on the engine; every compared tensor by name.
 
@@ -104,8 +110,13 @@ def run_sides(
                 if g is None:  # drawn once in the compared dtype, cast for the reference
                     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + step), dtype=y.dtype)
                 y.backward(g.to(y.dtype))
-            sides[side].update({f"step{step}.output": y.detach(), f"step{step}.grad_input": xin.grad,
-                                **{f"step{step}.grad.{n}": t for n, t in zip(names, _grads(model), strict=True)}})
+            sides[side].update(
+                {
+                    f"step{step}.output": y.detach(),
+                    f"step{step}.grad_input": xin.grad,
+                    **{f"step{step}.grad.{n}": t for n, t in zip(names, _grads(model), strict=True)},
+                }
+            )
     buffers = {side: dict(m.named_buffers()) for side, m in (("plain", plain), ("engine", twin))}
     if reference:
         buffers["reference"] = dict(models["reference"].named_buffers())
@@ -128,6 +139,7 @@ def _conv_case(c_in, c_out, k, stride, pad, shape, budget, bias=True):
         conv = nn.Conv2d(c_in, c_out, k, stride, pad, bias=bias).to(dtype)
         x = torch.randn(shape, dtype=dtype)
         return conv, OffloadConv2d, x, budget, 1, None
+
     return make
 
 
@@ -144,6 +156,7 @@ def _bn_case(shape, budget, steps, momentum=0.1, train=True):
         bn.train(train)
         x = torch.randn(shape, dtype=dtype) * 3 + 1
         return bn, OffloadBatchNorm2d, x, budget, steps, None
+
     return make
 
 
@@ -158,6 +171,7 @@ def _block_case(c_in, planes, stride, shape, budget):
         block = torchvision.models.resnet.BasicBlock(c_in, planes, stride, down).to(dtype)
         x = torch.randn(shape, dtype=dtype)
         return block, OffloadBasicBlock, x, budget, 2, None
+
     return make
 
 
@@ -188,6 +202,7 @@ def _resnet_case(shape, stages, budget, bag: bool):
         x = torch.randn(shape, dtype=dtype)
         target = torch.tensor(1)
         return model, wrap, x, budget, 2, lambda logits: F.cross_entropy(logits[None], target[None])
+
     return make
 
 
@@ -217,8 +232,9 @@ CASES: dict[str, Callable] = {
 DEEP_CASES = frozenset({"resnet18_abmil_bag_batch", "resnet18_abmil_image_spatial"})
 
 
-def run_case(name: str, dtype: torch.dtype = torch.float32, seed: int = 0
-             ) -> tuple[CaseResult, OffloadEngine, Fidelity | None]:
+def run_case(
+    name: str, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> tuple[CaseResult, OffloadEngine, Fidelity | None]:
     """One case: engine vs plain; in fp32 also both against the float64 reference (a Fidelity)."""
     plain, wrap, x, budget, steps, loss = CASES[name](dtype, seed)
     budget = budget * torch.finfo(dtype).bits // 32  # budgets are fp32 bytes: fp64 cuts the same partitions
@@ -228,8 +244,7 @@ def run_case(name: str, dtype: torch.dtype = torch.float32, seed: int = 0
     result = CaseResult(name, max_abs, max_rel)
     report = None
     if fp32:
-        report = fidelity(sides["engine"], sides["plain"], sides["reference"],
-                          jump=JUMP if name in DEEP_CASES else 0.0)
+        report = fidelity(sides["engine"], sides["plain"], sides["reference"], jump=JUMP if name in DEEP_CASES else 0.0)
         result = CaseResult(name, max_abs, max_rel, report.noise, report.engine_rel, report.worst.use)
     return result, engine, report
 

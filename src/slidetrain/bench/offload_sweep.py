@@ -104,8 +104,7 @@ def cpu_device_bytes(net: Net, side: int, config: str, ledger_peak: int = 0) -> 
         largest = 64 * (side // 2) ** 2 * 4  # the stem's conv output: ResNet18's largest map
         return _model_state_bytes(net) + 3 * largest
     stages = int(config.split("_")[1])
-    return max(estimate_device_bytes(net.trunk, shape, stages, 0),
-               _model_state_bytes(net) + ledger_peak)
+    return max(estimate_device_bytes(net.trunk, shape, stages, 0), _model_state_bytes(net) + ledger_peak)
 
 
 def transfer_budget(net: Net, side: int, stages: int, cfg: SweepConfig, elem_bytes: int) -> int:
@@ -123,8 +122,9 @@ def _maybe_save_on_cpu(config: str, device: torch.device) -> Iterator[None]:
         yield
 
 
-def time_config(net: Net, config: str, side: int, device: torch.device, cfg: SweepConfig,
-                engine: OffloadEngine | None) -> tuple[list[float], int]:
+def time_config(
+    net: Net, config: str, side: int, device: torch.device, cfg: SweepConfig, engine: OffloadEngine | None
+) -> tuple[list[float], int]:
     """Seconds of each measured iteration and the peak device bytes (CUDA: measured)."""
     amp = device.type == "cuda"
     opt = torch.optim.AdamW(net.parameters(), lr=1e-5, weight_decay=1e-4)
@@ -157,10 +157,14 @@ def time_config(net: Net, config: str, side: int, device: torch.device, cfg: Swe
 
 def _row(side, config, times, peak, device_name, budget, note=""):
     return {
-        "image_side": side, "config": config,
+        "image_side": side,
+        "config": config,
         "seconds_mean": statistics.fmean(times),
         "seconds_std": statistics.stdev(times) if len(times) > 1 else 0.0,
-        "peak_device_gb": peak / GB, "device": device_name, "budget_gb": budget / GB, "note": note,
+        "peak_device_gb": peak / GB,
+        "device": device_name,
+        "budget_gb": budget / GB,
+        "note": note,
     }
 
 
@@ -183,14 +187,20 @@ def memory_fraction(device: torch.device, budget_bytes: int) -> Iterator[None]:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
 
 
-def run_sweep(cfg: SweepConfig, device: torch.device | str = "cpu", log=print,
-              deadline_s: float | None = None) -> list[dict]:
+def run_sweep(
+    cfg: SweepConfig, device: torch.device | str = "cpu", log=print, deadline_s: float | None = None
+) -> list[dict]:
     """Rows of the sweep (only configurations that fit the budget); see the module docstring."""
     return list(iter_sweep(cfg, device, log, deadline_s))
 
 
-def iter_sweep(cfg: SweepConfig, device: torch.device | str = "cpu", log=print, deadline_s: float | None = None,
-               record_errors: bool = False) -> Iterator[dict]:
+def iter_sweep(
+    cfg: SweepConfig,
+    device: torch.device | str = "cpu",
+    log=print,
+    deadline_s: float | None = None,
+    record_errors: bool = False,
+) -> Iterator[dict]:
     """`run_sweep`'s rows one at a time, as each is measured (the GPU script writes each at once).
 
     record_errors: an error other than running out of memory becomes a row (`note` "error: ...") and
@@ -201,8 +211,9 @@ def iter_sweep(cfg: SweepConfig, device: torch.device | str = "cpu", log=print, 
         yield from _sweep(cfg, device, log, deadline_s, record_errors)
 
 
-def _sweep(cfg: SweepConfig, device: torch.device, log, deadline_s: float | None,
-           record_errors: bool) -> Iterator[dict]:
+def _sweep(
+    cfg: SweepConfig, device: torch.device, log, deadline_s: float | None, record_errors: bool
+) -> Iterator[dict]:
     cuda = device.type == "cuda"
     started = time.perf_counter()
     if cuda:
@@ -229,8 +240,13 @@ def _sweep(cfg: SweepConfig, device: torch.device, log, deadline_s: float | None
                 raise
             if cuda:
                 torch.cuda.empty_cache()
-            return {"image_side": side, "config": config, "device": name, "budget_gb": cfg.budget_bytes / GB,
-                    "note": _error_note(err)}
+            return {
+                "image_side": side,
+                "config": config,
+                "device": name,
+                "budget_gb": cfg.budget_bytes / GB,
+                "note": _error_note(err),
+            }
         finally:
             net.offloaded = None
         if not cuda:
@@ -240,8 +256,13 @@ def _sweep(cfg: SweepConfig, device: torch.device, log, deadline_s: float | None
         return _row(side, config, times, peak, name, cfg.budget_bytes)
 
     def outcome(row: dict | None) -> str:
-        return "does not fit" if row is None else row["note"] if "seconds_mean" not in row else \
-            f"{row['seconds_mean']:.3f} s"
+        return (
+            "does not fit"
+            if row is None
+            else row["note"]
+            if "seconds_mean" not in row
+            else f"{row['seconds_mean']:.3f} s"
+        )
 
     for side in cfg.sides:
         if deadline_s is not None and time.perf_counter() - started > deadline_s:
@@ -272,6 +293,7 @@ def summarise(rows: list[dict], sides_swept: Sequence[int] | None = None) -> dic
     """Largest side each kind trains under the budget, the largest side swept, time ratios where
     both fit, and `claim`: the largest sides in words, naming a kind that reached the largest side
     swept as limited by the sweep (on CPU, offload always is: see the module docstring)."""
+
     def kind(c: str) -> str:
         return "offload" if c.startswith("offload") else c
 
@@ -306,7 +328,9 @@ def write_sweep(cfg: SweepConfig, device: str, out: str) -> list[dict]:
 
     rows = run_sweep(cfg, device)
     if not rows:
-        raise SlidetrainError(f"offload sweep: no configuration fits {cfg.budget_bytes / GB:.2f} GB at sides {list(cfg.sides)}")
+        raise SlidetrainError(
+            f"offload sweep: no configuration fits {cfg.budget_bytes / GB:.2f} GB at sides {list(cfg.sides)}"
+        )
     with atomic_path(out) as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False, float_format="%.5g")
     print(summarise(rows, cfg.sides))

@@ -66,8 +66,12 @@ def device_info(device: torch.device) -> dict:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         free, total = torch.cuda.mem_get_info(device)
-        info.update(name=props.name, capability=f"{props.major}.{props.minor}",
-                    memory_gib=round(total / 2**30, 2), free_memory_gib=round(free / 2**30, 2))
+        info.update(
+            name=props.name,
+            capability=f"{props.major}.{props.minor}",
+            memory_gib=round(total / 2**30, 2),
+            free_memory_gib=round(free / 2**30, 2),
+        )
     else:
         info.update(name=platform.processor() or "cpu", memory_gib=None)
     return info

@@ -11,7 +11,9 @@ import pandas as pd
 from slidetrain.io import atomic_path
 
 
-def preprocess_table(timing_jsons: list[str | Path], feature_h5s: list[str | Path], out_csv: str | Path) -> pd.DataFrame:
+def preprocess_table(
+    timing_jsons: list[str | Path], feature_h5s: list[str | Path], out_csv: str | Path
+) -> pd.DataFrame:
     rows = {}
     for path in timing_jsons:
         t = json.loads(Path(path).read_text())

@@ -40,8 +40,18 @@ from slidetrain.wsi.slide import Slide, open_slide
 
 log = logging.getLogger(__name__)
 
-READ_COLUMNS = ["slide", "image_size", "reader", "backend", "threads", "seconds", "mpx_per_s", "speedup",
-                "speedup_equal_threads", "max_abs_diff"]
+READ_COLUMNS = [
+    "slide",
+    "image_size",
+    "reader",
+    "backend",
+    "threads",
+    "seconds",
+    "mpx_per_s",
+    "speedup",
+    "speedup_equal_threads",
+    "max_abs_diff",
+]
 #: JPEG decoders may round differently; more than this is a wrong read
 JPEG_TOLERANCE = 4
 
@@ -84,8 +94,11 @@ def _open_reader(reader: str, slide_path: str | Path, threads: int, mpp_fallback
 
 
 #: reader -> its thread count, given the benchmark's `threads`
-BENCH_READERS = {"openslide": lambda threads: 1, "openslide_threads": lambda threads: threads,
-                 "auto": lambda threads: threads}
+BENCH_READERS = {
+    "openslide": lambda threads: 1,
+    "openslide_threads": lambda threads: threads,
+    "auto": lambda threads: threads,
+}
 
 
 def time_reads(
@@ -135,8 +148,11 @@ def time_reads(
     base = rows[0]["seconds"]
     openslide_s = {row["threads"]: row["seconds"] for row in rows if row["reader"].startswith("openslide")}
     for row in rows:
-        row.update(speedup=base / row["seconds"], max_abs_diff=diffs[row["reader"]],
-                   speedup_equal_threads=openslide_s.get(row["threads"], np.nan) / row["seconds"])
+        row.update(
+            speedup=base / row["seconds"],
+            max_abs_diff=diffs[row["reader"]],
+            speedup_equal_threads=openslide_s.get(row["threads"], np.nan) / row["seconds"],
+        )
     log.info("%s: %s", Path(slide_path).name, rows)
     return rows
 
@@ -155,7 +171,10 @@ def bench_read(
         row
         for path in slide_paths
         for row in time_reads(
-            path, magnification=magnification, threads=threads, repeats=repeats,
+            path,
+            magnification=magnification,
+            threads=threads,
+            repeats=repeats,
             mpp_fallback=mpp_fallback,
         )
     ]

@@ -195,14 +195,23 @@ class Settings:
     @classmethod
     def capture(cls) -> Settings:
         cudnn = torch.backends.cudnn
-        return cls(cudnn.benchmark, cudnn.deterministic, cudnn.enabled, torch.get_num_threads(),
-                   torch.get_default_dtype(), torch.is_grad_enabled())
+        return cls(
+            cudnn.benchmark,
+            cudnn.deterministic,
+            cudnn.enabled,
+            torch.get_num_threads(),
+            torch.get_default_dtype(),
+            torch.is_grad_enabled(),
+        )
 
     def restore(self, device: torch.device) -> list[str]:
         """Put every setting back; returns what could not be (recorded, never raised)."""
         cudnn = torch.backends.cudnn
         cudnn.benchmark, cudnn.deterministic, cudnn.enabled = (
-            self.cudnn_benchmark, self.cudnn_deterministic, self.cudnn_enabled)
+            self.cudnn_benchmark,
+            self.cudnn_deterministic,
+            self.cudnn_enabled,
+        )
         torch.set_num_threads(self.threads)
         torch.set_default_dtype(self.default_dtype)
         torch.set_grad_enabled(self.grad_enabled)
@@ -216,8 +225,7 @@ class Settings:
         return problems
 
 
-def run_section(name: str, rows_of, cap_s: float, table: RowTable, summary: Summary,
-                device: torch.device) -> dict:
+def run_section(name: str, rows_of, cap_s: float, table: RowTable, summary: Summary, device: torch.device) -> dict:
     """Run one section under its cap: rows to `table` as they come, its entry in `summary`.
 
     rows_of: a callable returning the section's rows (an iterable; a generator yields each row as
@@ -256,8 +264,11 @@ def run_section(name: str, rows_of, cap_s: float, table: RowTable, summary: Summ
         problems = settings.restore(device)
         if problems:
             entry["restore_problems"] = problems
-        entry.update(rows=len(table.rows), seconds=round(time.perf_counter() - started, 2),
-                     file=table.path.name if table.rows else None)
+        entry.update(
+            rows=len(table.rows),
+            seconds=round(time.perf_counter() - started, 2),
+            file=table.path.name if table.rows else None,
+        )
         summary.write()
     return entry
 
@@ -270,8 +281,9 @@ def check_output(out_dir: Path, max_files: int = MAX_FILES, max_bytes: int = MAX
     problems = []
     if len(files) > max_files:
         problems.append(f"{len(files)} files; at most {max_files} come back")
-    problems += [f"{f['name']}: {f['bytes']} bytes; at most {max_bytes} come back"
-                 for f in listing if f["bytes"] > max_bytes]
+    problems += [
+        f"{f['name']}: {f['bytes']} bytes; at most {max_bytes} come back" for f in listing if f["bytes"] > max_bytes
+    ]
     if folders:
         problems.append(f"folders {folders}: intermediates belong in the temporary directory")
     return {"ok": not problems, "problems": problems, "files": listing}

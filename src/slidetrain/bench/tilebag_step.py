@@ -44,8 +44,9 @@ def _train_steps(trainer: TileBagTrainer, bags) -> tuple[float, int]:
     t0 = time.perf_counter()
     for item in bags:
         item = check_item(item)
-        trainer.executor.step(item["tiles"], model.encoder, model.aggregator, torch.tensor(item["label"]),
-                              trainer.loss_fn, ctx)
+        trainer.executor.step(
+            item["tiles"], model.encoder, model.aggregator, torch.tensor(item["label"]), trainer.loss_fn, ctx
+        )
         trainer._optimiser_step()
         n += len(item["tiles"])
     return time.perf_counter() - t0, n
@@ -77,9 +78,18 @@ def _noting_cache_left(bags, cache_left: list[float]):
         yield item
 
 
-def tilebag_step_table(params: dict, slides: list[str], tiles_dir: str | Path, tile_px: int,
-                       target_magnification: float, out_csv: str | Path, steps: int = 20, workers: int = 1,
-                       threads: int = 1, seed: int = 0) -> pd.DataFrame:
+def tilebag_step_table(
+    params: dict,
+    slides: list[str],
+    tiles_dir: str | Path,
+    tile_px: int,
+    target_magnification: float,
+    out_csv: str | Path,
+    steps: int = 20,
+    workers: int = 1,
+    threads: int = 1,
+    seed: int = 0,
+) -> pd.DataFrame:
     torch.set_num_threads(max(1, threads))
     cfg = tilebag_config({**params, "slides_per_epoch": 1.0, "workers": workers})
     refs = []
@@ -87,8 +97,9 @@ def tilebag_step_table(params: dict, slides: list[str], tiles_dir: str | Path, t
         slide_id, _, path = item.partition("=")
         refs.append(SlideRef(slide_id, Path(path), Path(tiles_dir) / f"{slide_id}.h5", len(refs) % 2))
     refs = [refs[i % len(refs)] for i in range(steps)]  # `steps` bags, cycling over the slides given
-    sampling = BagSampling(k=cfg.k, tile_px=tile_px, target_magnification=target_magnification,
-                           input_px=cfg.input_px, augment=cfg.augment)
+    sampling = BagSampling(
+        k=cfg.k, tile_px=tile_px, target_magnification=target_magnification, input_px=cfg.input_px, augment=cfg.augment
+    )
     dataset = TileBagDataset(refs, sampling, seed)
     # the cold pass: the same seeded bags from a fresh dataset (no open handles, no cached coordinates)
     cold = ColdBags(TileBagDataset(refs, sampling, seed))
@@ -111,13 +122,23 @@ def tilebag_step_table(params: dict, slides: list[str], tiles_dir: str | Path, t
     cache_left: list[float] = []
     cold_s, _ = _train_steps(fresh_trainer(), _noting_cache_left(bag_loader(cold, workers=workers), cache_left))
     row = {
-        "backbone": cfg.backbone, "k": cfg.k, "tile_px": tile_px, "input_px": cfg.input_px or tile_px,
-        "augment": cfg.augment, "workers": workers, "threads": threads, "steps": steps,
+        "backbone": cfg.backbone,
+        "k": cfg.k,
+        "tile_px": tile_px,
+        "input_px": cfg.input_px or tile_px,
+        "augment": cfg.augment,
+        "workers": workers,
+        "threads": threads,
+        "steps": steps,
         "step_s_in_memory": mem_s / steps,
-        "step_s_on_the_fly_warm": warm_s / steps, "ratio_warm": warm_s / mem_s,
-        "step_s_on_the_fly_cold": cold_s / steps, "ratio_cold": cold_s / mem_s,
-        "goal_ratio": 1.2, "cold_cache_left": largest_left(cache_left),
-        "tiles_read_per_s": n_read / read_s, "tiles_encoded_per_s": n_tiles / mem_s,
+        "step_s_on_the_fly_warm": warm_s / steps,
+        "ratio_warm": warm_s / mem_s,
+        "step_s_on_the_fly_cold": cold_s / steps,
+        "ratio_cold": cold_s / mem_s,
+        "goal_ratio": 1.2,
+        "cold_cache_left": largest_left(cache_left),
+        "tiles_read_per_s": n_read / read_s,
+        "tiles_encoded_per_s": n_tiles / mem_s,
     }
     table = pd.DataFrame([row])
     with atomic_path(out_csv) as tmp:

@@ -53,12 +53,8 @@ class WholeImageConfig:
     step_gamma: float = 0.1  # step and plateau factor
     plateau_patience: int = 5
     min_lr: float = 0.0  # cosine floor
-    accumulation: int = (
-        8  # slides per optimiser step; each slide's loss is scaled by 1/accumulation
-    )
-    class_weights: list[float] | None = (
-        None  # per class; a slide's CE (every head) is scaled by its weight
-    )
+    accumulation: int = 8  # slides per optimiser step; each slide's loss is scaled by 1/accumulation
+    class_weights: list[float] | None = None  # per class; a slide's CE (every head) is scaled by its weight
     head_norm: str = "group"  # norm after the classifier conv: group (code) | batch
     on_oom: str = "error"  # error | crop
     oom_retries: int = 1  # on_oom=crop: crops of 1/6 per edge before giving up (code: 1)
@@ -77,9 +73,7 @@ class WholeImageConfig:
         _choice(self, "checkpointing", CHECKPOINTING)
         _positive_int(self, "checkpoint_tile_px")
         if not isinstance(self.calibrate_bn, bool):
-            raise ConfigKeyError(
-                "calibrate_bn", f"expected true or false, got {self.calibrate_bn!r}"
-            )
+            raise ConfigKeyError("calibrate_bn", f"expected true or false, got {self.calibrate_bn!r}")
         _positive_int(self, "accumulation")
         for key in ("lr_backbone", "lr_heads", "weight_decay", "min_lr"):
             if not (isinstance(getattr(self, key), int | float) and getattr(self, key) >= 0):
@@ -90,13 +84,9 @@ class WholeImageConfig:
         _choice(self, "on_oom", ("error", "crop"))
         _choice(self, "selection_metric", SELECTION_METRICS)
         if not isinstance(self.oom_retries, int) or self.oom_retries < 0:
-            raise ConfigKeyError(
-                "oom_retries", f"expected an integer >= 0, got {self.oom_retries!r}"
-            )
+            raise ConfigKeyError("oom_retries", f"expected an integer >= 0, got {self.oom_retries!r}")
         if not isinstance(self.weights, str) or not self.weights:
-            raise ConfigKeyError(
-                "weights", f"expected none, imagenet or a path, got {self.weights!r}"
-            )
+            raise ConfigKeyError("weights", f"expected none, imagenet or a path, got {self.weights!r}")
         self.betas = tuple(self.betas)
         self.step_milestones = tuple(self.step_milestones)
         if self.class_weights is not None:
@@ -107,9 +97,7 @@ class WholeImageConfig:
                     "class_weights", f"expected a list of numbers, got {self.class_weights!r}"
                 ) from None
             if any(w < 0 for w in self.class_weights):
-                raise ConfigKeyError(
-                    "class_weights", f"expected weights >= 0, got {self.class_weights}"
-                )
+                raise ConfigKeyError("class_weights", f"expected weights >= 0, got {self.class_weights}")
 
 
 @dataclass
@@ -147,18 +135,13 @@ class LocalConfig(WholeImageConfig):
             raise ConfigKeyError("alpha", f"expected a number >= 0, got {self.alpha!r}")
         _positive_int(self, "n_patch")
         _choice(self, "schedule", ("simultaneous", "sequential"))
-        if (
-            not isinstance(self.sequential_epochs_per_module, int)
-            or self.sequential_epochs_per_module < 0
-        ):
+        if not isinstance(self.sequential_epochs_per_module, int) or self.sequential_epochs_per_module < 0:
             raise ConfigKeyError(
                 "sequential_epochs_per_module",
                 f"expected an integer >= 0, got {self.sequential_epochs_per_module!r}",
             )
         if self.schedule == "sequential" and self.epochs_per_module == 0:
-            raise ConfigKeyError(
-                "epochs", f"the sequential schedule needs epochs >= K = {self.K}, got {self.epochs}"
-            )
+            raise ConfigKeyError("epochs", f"the sequential schedule needs epochs >= K = {self.K}, got {self.epochs}")
 
     @property
     def epochs_per_module(self) -> int:
@@ -219,23 +202,17 @@ class StreamingConfig:
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
-                raise ConfigError(
-                    f"StreamingConfig.{key}: expected one of {allowed}, got {getattr(self, key)!r}"
-                )
+                raise ConfigError(f"StreamingConfig.{key}: expected one of {allowed}, got {getattr(self, key)!r}")
         for key in ("train_all_layers", "amp", "calibrate_bn"):
             if not isinstance(getattr(self, key), bool):
-                raise ConfigError(
-                    f"StreamingConfig.{key}: expected true or false, got {getattr(self, key)!r}"
-                )
+                raise ConfigError(f"StreamingConfig.{key}: expected true or false, got {getattr(self, key)!r}")
         for key in ("epochs", "tile_px", "accumulation"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"StreamingConfig.{key}: expected an integer >= 1, got {value!r}")
         for key in ("lr", "weight_decay", "grad_clip", "min_lr"):
             if not isinstance(getattr(self, key), int | float) or getattr(self, key) < 0:
-                raise ConfigError(
-                    f"StreamingConfig.{key}: expected a number >= 0, got {getattr(self, key)!r}"
-                )
+                raise ConfigError(f"StreamingConfig.{key}: expected a number >= 0, got {getattr(self, key)!r}")
 
 
 def build_config(config_cls: type, preset: dict[str, Any], params: dict | None, where: str) -> Any:

@@ -59,9 +59,7 @@ def config_from_dict(cls: type, params: dict | None, where: str) -> object:
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(params) - set(known))
     if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}"
-        )
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
     for name, value in list(params.items()):
         default = getattr(cls, name, None) if not callable(getattr(cls, name, None)) else None
         if isinstance(default, tuple) and isinstance(value, list):

@@ -14,8 +14,17 @@ from slidetrain.configs.mil import TrainConfig, config_from_dict
 
 #: the tile encoders of slidetrain.models.encoders and .foundation (tests/test_configs_catalogue.py pins them)
 RESNET_ENCODERS = ("resnet18", "resnet34", "resnet50_trunc", "resnet50")
-FOUNDATION_ENCODERS = ("uni", "uni2_h", "virchow2", "hoptimus0", "hoptimus1", "gigapath", "phikon_v2", "conch_v15",
-                       "vit_tiny_test")
+FOUNDATION_ENCODERS = (
+    "uni",
+    "uni2_h",
+    "virchow2",
+    "hoptimus0",
+    "hoptimus1",
+    "gigapath",
+    "phikon_v2",
+    "conch_v15",
+    "vit_tiny_test",
+)
 ENCODER_NAMES = RESNET_ENCODERS + FOUNDATION_ENCODERS
 ENCODER_MODES = ("trained", "frozen")
 EVAL_MODES = ("all", "sampled")
@@ -84,8 +93,9 @@ class TileBagConfig(TrainConfig):
         if self.dtype == "float64" and self.amp:
             raise ValueError("dtype: float64 with amp: true (half-precision autocast) contradicts itself")
         if self.freeze_blocks < 0 or not 0 < self.layer_decay <= 1:
-            raise ValueError(f"freeze_blocks >= 0 and 0 < layer_decay <= 1 expected, got {self.freeze_blocks}, "
-                             f"{self.layer_decay}")
+            raise ValueError(
+                f"freeze_blocks >= 0 and 0 < layer_decay <= 1 expected, got {self.freeze_blocks}, {self.layer_decay}"
+            )
         if self.encoder == "frozen" and (self.freeze_blocks or self.layer_decay != 1):
             raise ValueError("freeze_blocks / layer_decay apply to a trained encoder; encoder is frozen")
         if self.eval_bn not in ("running", "bag"):

@@ -19,8 +19,15 @@ def cmd_download(a: argparse.Namespace) -> None:
     endpoints = Endpoints.from_env(gdc_api=a.gdc_api, kaggle_api=a.kaggle_api, s3_endpoint=a.s3_endpoint)
     try:
         download(
-            a.source, a.out, slide_id=a.slide_id, md5=a.md5 or None, size=a.size, retries=a.retries,
-            backoff_s=a.backoff_s, progress=not a.no_progress, endpoints=endpoints,
+            a.source,
+            a.out,
+            slide_id=a.slide_id,
+            md5=a.md5 or None,
+            size=a.size,
+            retries=a.retries,
+            backoff_s=a.backoff_s,
+            progress=not a.no_progress,
+            endpoints=endpoints,
         )
     except DownloadError as err:
         if a.on_bad_slide != "exclude":
@@ -98,8 +105,12 @@ def _add_own_parsers(sub) -> None:
     s.add_argument("--kaggle-api")
     s.add_argument("--s3-endpoint")
     s.add_argument("--bucket", default="camelyon-dataset")
-    s.add_argument("--itc-label", choices=["tumor", "normal"], default="tumor",
-                   help="CAMELYON17 slides with isolated tumour cells (see slidetrain.data.sources.camelyon)")
+    s.add_argument(
+        "--itc-label",
+        choices=["tumor", "normal"],
+        default="tumor",
+        help="CAMELYON17 slides with isolated tumour cells (see slidetrain.data.sources.camelyon)",
+    )
     s.add_argument("--seed", type=int, default=0, help="CAMELYON17: seed of the 50 validation slides")
     s.add_argument("--n-val", type=int, default=50, help="CAMELYON17: validation slides drawn from train")
     s.set_defaults(func=cmd_sheet)
@@ -114,7 +125,9 @@ def _add_own_parsers(sub) -> None:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_external_split)
 
-    s = sub.add_parser("download", help="fetch one slide (resumable, md5-verified) from gdc:, s3://, kaggle: or http(s)")
+    s = sub.add_parser(
+        "download", help="fetch one slide (resumable, md5-verified) from gdc:, s3://, kaggle: or http(s)"
+    )
     s.add_argument("--source", required=True, help="the sheet's source: gdc:ID, s3://BUCKET/KEY, kaggle:COMP/PATH, URL")
     s.add_argument("--out", required=True)
     s.add_argument("--slide-id", required=True)
@@ -122,8 +135,12 @@ def _add_own_parsers(sub) -> None:
     s.add_argument("--size", type=int, default=None, help="expected size in bytes")
     s.add_argument("--retries", type=int, default=5)
     s.add_argument("--backoff-s", type=float, default=2.0, help="wait before retry i: BACKOFF * 2**(i-1)")
-    s.add_argument("--on-bad-slide", choices=["error", "exclude"], default="error",
-                   help="exclude: a slide that cannot be fetched or verified is left out (QC table), not an error")
+    s.add_argument(
+        "--on-bad-slide",
+        choices=["error", "exclude"],
+        default="error",
+        help="exclude: a slide that cannot be fetched or verified is left out (QC table), not an error",
+    )
     s.add_argument("--gdc-api", help="GDC API base (default https://api.gdc.cancer.gov or $SLIDETRAIN_GDC_API)")
     s.add_argument("--kaggle-api", help="Kaggle API base (default https://www.kaggle.com/api/v1)")
     s.add_argument("--s3-endpoint", help="S3 endpoint URL (default AWS)")
@@ -182,7 +199,11 @@ def _add_split_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--official")
     s.add_argument("--official-subset", action="store_true", help="the official split may leave sheet slides out")
     s.add_argument("--counts", type=int, nargs=3, help="slides per part (train val test) instead of fractions")
-    s.add_argument("--fixed-test", action="store_true", help="with --counts: the sheet's official_part=test slides are the test part")
+    s.add_argument(
+        "--fixed-test",
+        action="store_true",
+        help="with --counts: the sheet's official_part=test slides are the test part",
+    )
     s.add_argument("--status", help="the dataset's QC status table; excluded slides are left out")
     s.add_argument("--label-map", type=json_arg, help="JSON {label: new label}: a derived dataset's labels")
     s.add_argument("--out", required=True)

@@ -150,8 +150,12 @@ def s3_client(endpoint_url: str | None = None):
     from botocore import UNSIGNED
     from botocore.config import Config
 
-    config = Config(signature_version=UNSIGNED, retries={"total_max_attempts": 1, "mode": "standard"},
-                    connect_timeout=15, read_timeout=120)
+    config = Config(
+        signature_version=UNSIGNED,
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        connect_timeout=15,
+        read_timeout=120,
+    )
     return boto3.client("s3", endpoint_url=endpoint_url, config=config, region_name="us-east-1")
 
 
@@ -246,8 +250,11 @@ def kaggle_url(competition: str, file_path: str, api: str = KAGGLE_API) -> str:
 
 def fetcher_for(source: str, what: str, endpoints: Endpoints | None = None, session=None, s3=None) -> Fetcher:
     if "EXAMPLE" in source:
-        raise DownloadError(what, f"{source} is a row of a shipped example sheet, not a real file; build the"
-                            " dataset's sheet with `slidetrain sheet DATASET` (see the README)")
+        raise DownloadError(
+            what,
+            f"{source} is a row of a shipped example sheet, not a real file; build the"
+            " dataset's sheet with `slidetrain sheet DATASET` (see the README)",
+        )
     endpoints = endpoints or Endpoints.from_env()
     if source.startswith("gdc:"):
         url = f"{endpoints.gdc_api.rstrip('/')}/data/{source[4:]}"
@@ -257,7 +264,9 @@ def fetcher_for(source: str, what: str, endpoints: Endpoints | None = None, sess
     if source.startswith("kaggle:"):
         competition, _, file_path = source[7:].partition("/")
         url = kaggle_url(competition, file_path, endpoints.kaggle_api)
-        return http_fetcher(url, what, session=session, auth=kaggle_credentials(), hint_403=kaggle_rules_hint(competition))
+        return http_fetcher(
+            url, what, session=session, auth=kaggle_credentials(), hint_403=kaggle_rules_hint(competition)
+        )
     if source.startswith(("http://", "https://")):
         return http_fetcher(source, what, session=session)
     raise DownloadError(what, f"source {source!r} is not downloadable; expected gdc:ID, s3://, kaggle:, http(s)://")
@@ -298,10 +307,19 @@ def _append_reply(reply: Reply, part: Path, offset: int, total: int | None, slid
     from tqdm import tqdm
 
     try:
-        with open(part, "ab" if offset else "wb") as f, tqdm(
-            total=total, initial=offset, unit="B", unit_scale=True, desc=slide_id,
-            disable=not progress, mininterval=2.0, file=sys.stderr,
-        ) as bar:
+        with (
+            open(part, "ab" if offset else "wb") as f,
+            tqdm(
+                total=total,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                desc=slide_id,
+                disable=not progress,
+                mininterval=2.0,
+                file=sys.stderr,
+            ) as bar,
+        ):
             for chunk in reply.chunks:
                 f.write(chunk)
                 bar.update(len(chunk))
@@ -363,8 +381,12 @@ def download(
             if reply.start != offset:
                 # The server ignored Range (200) or answered another range: the partial file is useless.
                 if offset:
-                    log.warning("%s: asked for bytes %d-, got bytes from %d (no 206); restarting from zero",
-                                slide_id, offset, reply.start)
+                    log.warning(
+                        "%s: asked for bytes %d-, got bytes from %d (no 206); restarting from zero",
+                        slide_id,
+                        offset,
+                        reply.start,
+                    )
                 if reply.start != 0:
                     reply.close()
                     part.unlink(missing_ok=True)
@@ -409,7 +431,7 @@ def exclusion_reason(path: str | os.PathLike) -> str | None:
         return None
     if not head.startswith(EXCLUDED_MARKER):
         return None
-    return head[len(EXCLUDED_MARKER):].decode(errors="replace").strip()
+    return head[len(EXCLUDED_MARKER) :].decode(errors="replace").strip()
 
 
 SLIDE_EXTENSIONS = ("svs", "tif", "tiff", "ndpi", "mrxs", "scn", "bif", "vms")

@@ -49,16 +49,21 @@ def validate_sheet(
         sheet[col] = sheet[col].astype(str).str.strip()
         empty = sheet.index[sheet[col] == ""].tolist()
         if empty:
-            raise SheetError(f"{where}: empty {col!r} in row(s) {[i + 2 for i in empty[:10]]} (1-based, header = row 1)")
+            raise SheetError(
+                f"{where}: empty {col!r} in row(s) {[i + 2 for i in empty[:10]]} (1-based, header = row 1)"
+            )
     bad_ids = [s for s in sheet.slide_id if not SLIDE_ID_PATTERN.match(s)]
     if bad_ids:
         raise SheetError(
-            f"{where}: slide_id(s) {bad_ids[:10]} are not usable as file names; expected letters, digits, '.', '_' or '-'"
+            f"{where}: slide_id(s) {bad_ids[:10]} are not usable as file names; "
+            "expected letters, digits, '.', '_' or '-'"
         )
     dup = sheet.slide_id[sheet.slide_id.duplicated(keep=False)]
     if len(dup):
         rows = [f"{s} (rows {', '.join(str(i + 2) for i in dup.index[dup == s])})" for s in dup.unique()[:10]]
-        raise SheetError(f"{where}: duplicate slide_id(s) {rows} (1-based, header = row 1); each slide must appear once")
+        raise SheetError(
+            f"{where}: duplicate slide_id(s) {rows} (1-based, header = row 1); each slide must appear once"
+        )
     for col, ok, expected in (
         ("md5", lambda v: bool(MD5_PATTERN.match(v)), "32 hex digits or empty"),
         ("size", lambda v: v == "" or v.isdigit(), "a byte count or empty"),
@@ -73,7 +78,8 @@ def validate_sheet(
     if unknown:
         rows = sheet.slide_id[sheet.label.isin(unknown)].tolist()[:5]
         raise SheetError(
-            f"{where}: unknown label(s) {unknown} (e.g. slides {rows}); expected one of {class_names} (config key classes)"
+            f"{where}: unknown label(s) {unknown} (e.g. slides {rows}); "
+            f"expected one of {class_names} (config key classes)"
         )
     if check_files:
         missing_files = []
@@ -84,7 +90,9 @@ def validate_sheet(
             if not p.exists():
                 missing_files.append(f"{slide_id} -> {p}")
         if missing_files:
-            raise SheetError(f"{where}: slide file(s) not found: {missing_files[:10]}" + (" ..." if len(missing_files) > 10 else ""))
+            raise SheetError(
+                f"{where}: slide file(s) not found: {missing_files[:10]}" + (" ..." if len(missing_files) > 10 else "")
+            )
     return sheet.reset_index(drop=True)
 
 

@@ -82,14 +82,9 @@ def _check_sheet(sheet: pd.DataFrame) -> pd.DataFrame:
 def _check_fractions(fractions: Sequence[float]) -> np.ndarray:
     f = np.asarray(fractions, dtype=float)
     if f.shape != (3,) or not np.all(np.isfinite(f)) or np.any(f <= 0):
-        raise ConfigError(
-            f"split fractions = {tuple(fractions)}; expected three positive numbers"
-            " (train, val, test)"
-        )
+        raise ConfigError(f"split fractions = {tuple(fractions)}; expected three positive numbers (train, val, test)")
     if abs(f.sum() - 1.0) > 1e-3:
-        raise ConfigError(
-            f"split fractions = {tuple(fractions)} sum to {f.sum():.4g}; expected them to sum to 1"
-        )
+        raise ConfigError(f"split fractions = {tuple(fractions)} sum to {f.sum():.4g}; expected them to sum to 1")
     return f / f.sum()
 
 
@@ -112,9 +107,7 @@ def _patient_labels(slides: pd.DataFrame, class_order: Sequence[str] | None) -> 
         rank = {str(c): i for i, c in enumerate(class_order)}
         unknown = sorted(set(slides["label"]) - set(rank))
         if unknown:
-            raise SheetError(
-                f"slide sheet label(s) {unknown} are not in class_order {list(class_order)}"
-            )
+            raise SheetError(f"slide sheet label(s) {unknown} are not in class_order {list(class_order)}")
         severity = slides["label"].map(rank)
         worst = severity.groupby(slides["patient_id"], sort=True).max()
         labels = worst.map({i: c for c, i in rank.items()})
@@ -229,14 +222,10 @@ def _parse_long(table: pd.DataFrame, part_col: str, path: Path) -> pd.DataFrame:
     bad = sorted(set(table[part_col][parts.isna()]))
     if bad:
         raise SplitError(
-            f"split file {path}: unknown {part_col} value(s) {bad}; expected one of"
-            f" {sorted(_PART_ALIASES)}"
+            f"split file {path}: unknown {part_col} value(s) {bad}; expected one of {sorted(_PART_ALIASES)}"
         )
     if (slides == "").any():
-        raise SplitError(
-            f"split file {path}: empty slide_id in row(s) "
-            f"{_name_some(list(table.index[slides == '']))}"
-        )
+        raise SplitError(f"split file {path}: empty slide_id in row(s) {_name_some(list(table.index[slides == '']))}")
     return pd.DataFrame({"slide_id": slides, "part": parts})
 
 
@@ -247,10 +236,7 @@ def _parse_wide(table: pd.DataFrame, part_cols: dict[str, str], path: Path) -> p
     if len(values) and values.str.lower().isin(["true", "false"]).all():
         id_col = table.columns[0]
         if id_col in part_cols.values():
-            raise SplitError(
-                f"split file {path}: boolean train/val/test columns but no slide id column"
-                " before them"
-            )
+            raise SplitError(f"split file {path}: boolean train/val/test columns but no slide id column before them")
         flags = table[list(part_cols.values())].apply(lambda c: c.str.lower() == "true")
         n_true = flags.sum(axis=1)
         if (n_true != 1).any():
@@ -314,10 +300,7 @@ def read_official_split(path: str | os.PathLike, sheet: pd.DataFrame, allow_subs
     known = set(sheet_slides["slide_id"])
     unknown = [s for s in parsed["slide_id"] if s not in known]
     if unknown:
-        raise SplitError(
-            f"split file {path}: {len(unknown)} slide(s) not in the slide sheet:"
-            f" {_name_some(unknown)}"
-        )
+        raise SplitError(f"split file {path}: {len(unknown)} slide(s) not in the slide sheet: {_name_some(unknown)}")
     listed = set(parsed["slide_id"])
     absent = [s for s in sheet_slides["slide_id"] if s not in listed]
     if absent and allow_subset:
@@ -325,8 +308,7 @@ def read_official_split(path: str | os.PathLike, sheet: pd.DataFrame, allow_subs
         sheet_slides = sheet_slides[sheet_slides.slide_id.isin(listed)]
     elif absent:
         raise SplitError(
-            f"split file {path}: {len(absent)} slide(s) of the slide sheet are in no part:"
-            f" {_name_some(absent)}"
+            f"split file {path}: {len(absent)} slide(s) of the slide sheet are in no part: {_name_some(absent)}"
         )
     split = sheet_slides.merge(parsed, on="slide_id", how="left", validate="one_to_one")
     check_split(split)
@@ -351,17 +333,15 @@ def check_split(split: pd.DataFrame) -> None:
     parts_of = split.groupby("patient_id", sort=True)["part"].unique()
     leaky = parts_of[parts_of.map(len) > 1]
     if len(leaky):
+
         def where(patient) -> str:  # "train: slide_a; test: slide_b"
             rows = split[split["patient_id"] == patient]
             return "; ".join(
-                f"{q}: {', '.join(rows.slide_id[rows.part == q].astype(str))}"
-                for q in PARTS if (rows.part == q).any()
+                f"{q}: {', '.join(rows.slide_id[rows.part == q].astype(str))}" for q in PARTS if (rows.part == q).any()
             )
 
         named = [f"{p} ({where(p)})" for p in leaky.index]
-        raise SplitError(
-            f"split puts {len(leaky)} patient(s) in more than one part: {_name_some(named)}"
-        )
+        raise SplitError(f"split puts {len(leaky)} patient(s) in more than one part: {_name_some(named)}")
     empty = [p for p in PARTS if not (split["part"] == p).any()]
     if empty:
         raise SplitError(f"split part(s) {empty} are empty; every part needs a slide")
@@ -387,8 +367,12 @@ def drop_excluded(split: pd.DataFrame, excluded: Collection[str]) -> pd.DataFram
         if lost:
             log.warning("split part %s has no %s slide left after the exclusions", part, " or ".join(lost))
     by_part = split.part[gone].value_counts().reindex(list(PARTS), fill_value=0).to_dict()
-    log.info("left out %d excluded slide(s) after drawing the split: %s per part (%s)",
-             int(gone.sum()), by_part, _name_some(split.slide_id[gone]))
+    log.info(
+        "left out %d excluded slide(s) after drawing the split: %s per part (%s)",
+        int(gone.sum()),
+        by_part,
+        _name_some(split.slide_id[gone]),
+    )
     return kept
 
 
@@ -414,9 +398,7 @@ def read_split(path: str | os.PathLike, allow_external: bool = False) -> pd.Data
     split = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing = [c for c in SPLIT_COLUMNS if c not in split.columns]
     if missing:
-        raise SplitError(
-            f"split file {path} lacks column(s) {missing}; expected {list(SPLIT_COLUMNS)}"
-        )
+        raise SplitError(f"split file {path} lacks column(s) {missing}; expected {list(SPLIT_COLUMNS)}")
     external = allow_external and len(split) > 0 and set(split["part"]) == {"test"}
     if external and split.slide_id.duplicated().any():
         raise SplitError(f"split file {path}: duplicate slides in an external test set")
@@ -467,7 +449,11 @@ def make_split_counts(
     free = slides[~fixed]
     n_parts = 2 if test_slides is not None else 3
     fractions = np.asarray(counts[:n_parts], dtype=float)
-    fractions = np.concatenate([fractions / fractions.sum(), np.zeros(3 - n_parts)]) if n_parts == 2 else fractions / fractions.sum()
+    fractions = (
+        np.concatenate([fractions / fractions.sum(), np.zeros(3 - n_parts)])
+        if n_parts == 2
+        else fractions / fractions.sum()
+    )
 
     patient_label = _patient_labels(free, class_order)
     n_slides = free.groupby("patient_id", sort=True).size()
@@ -502,7 +488,9 @@ def _allocate_slides(per_class: pd.Series, fractions: np.ndarray, n_parts: int) 
     return out
 
 
-def official_from_sheet(sheet: pd.DataFrame, seed: int, n_val_slides: int, part_column: str = "official_part") -> pd.DataFrame:
+def official_from_sheet(
+    sheet: pd.DataFrame, seed: int, n_val_slides: int, part_column: str = "official_part"
+) -> pd.DataFrame:
     """A challenge's train/test split (sheet column `part_column`) with a seeded validation part
     drawn from the training patients until it holds at least `n_val_slides` slides (Big-Layers:
     50 CAMELYON17 training slides; whole patients, 5 slides each, so no patient is in two parts)."""
@@ -529,8 +517,9 @@ def official_from_sheet(sheet: pd.DataFrame, seed: int, n_val_slides: int, part_
     return split[list(SPLIT_COLUMNS)]
 
 
-def external_test_split(sheet: pd.DataFrame, seed: int, one_per_patient: bool,
-                        excluded: Collection[str] = ()) -> pd.DataFrame:
+def external_test_split(
+    sheet: pd.DataFrame, seed: int, one_per_patient: bool, excluded: Collection[str] = ()
+) -> pd.DataFrame:
     """An external test set: every slide in part `test`, or (Big-Layers' TCGA-PRAD) one slide per
     patient drawn with the seed. Written with write_external_split (no train/val parts).
 

@@ -85,9 +85,7 @@ def slide_paths(sheet: pd.DataFrame, sheet_dir: Path | None, slides_dir: Path) -
     return paths
 
 
-def slide_refs(
-    slide_ids: list[str], labels: list[int], paths: dict[str, Path], tiles_dir: Path
-) -> list[SlideRef]:
+def slide_refs(slide_ids: list[str], labels: list[int], paths: dict[str, Path], tiles_dir: Path) -> list[SlideRef]:
     missing = [s for s in slide_ids if s not in paths]
     if missing:
         raise SlideError(missing[0], f"is in the split but not in the slide sheet ({len(missing)} such slides)")
@@ -134,7 +132,10 @@ class AugmentDraw:
 
 
 def draw_augmentation(
-    rng: np.random.Generator, jitter: float = 0.1, hue: float = 0.05, blur_p: float = 0.5,
+    rng: np.random.Generator,
+    jitter: float = 0.1,
+    hue: float = 0.05,
+    blur_p: float = 0.5,
     blur_sigma: tuple[float, float] = (0.1, 1.5),
 ) -> AugmentDraw:
     return AugmentDraw(
@@ -206,8 +207,14 @@ class SlideReader:
         tiles = list(read_tiles(self._slide(ref), coords, s.target_magnification, s.tile_px))
         bag = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2)  # (K, 3, tile_px, tile_px)
         if s.input_px is not None and s.input_px != s.tile_px:
-            bag = F.interpolate(bag.float(), size=(s.input_px, s.input_px), mode="bilinear", antialias=True,
-                                align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
+            bag = (
+                F.interpolate(
+                    bag.float(), size=(s.input_px, s.input_px), mode="bilinear", antialias=True, align_corners=False
+                )
+                .round_()
+                .clamp_(0, 255)
+                .to(torch.uint8)
+            )
         return bag.contiguous()
 
     def close(self) -> None:
@@ -239,8 +246,9 @@ class TileBagDataset(Dataset):
     rank: slide_id, index and label only).
     """
 
-    def __init__(self, refs: list[SlideRef], sampling: BagSampling, seed: int, share: slice | None = None,
-                 read: bool = True):
+    def __init__(
+        self, refs: list[SlideRef], sampling: BagSampling, seed: int, share: slice | None = None, read: bool = True
+    ):
         self.refs = refs
         self.sampling = sampling
         self.seed = seed
@@ -284,8 +292,14 @@ class TileBagDataset(Dataset):
             tiles = to_input(self.reader.read(ref, picked), draw)  # (K, 3, P, P)
         except Exception as err:  # noqa: BLE001 - handed to the main process, which stops (check_item)
             return {"slide_id": ref.slide_id, "index": i, "error": f"{type(err).__name__}: {err}"}
-        return {"slide_id": ref.slide_id, "index": i, "label": ref.label, "tiles": tiles,
-                "coords": torch.from_numpy(picked), "augment": draw}
+        return {
+            "slide_id": ref.slide_id,
+            "index": i,
+            "label": ref.label,
+            "tiles": tiles,
+            "coords": torch.from_numpy(picked),
+            "augment": draw,
+        }
 
 
 @dataclass(frozen=True)
@@ -310,8 +324,16 @@ class EvalBags(Dataset):
     evaluation); a slide whose share is empty stops with a SlideError naming it.
     """
 
-    def __init__(self, refs: list[SlideRef], sampling: BagSampling, mode: str = "all", chunk: int = 256,
-                 repeats: int = 1, seed: int = 0, share: Callable[[int], slice] | None = None):
+    def __init__(
+        self,
+        refs: list[SlideRef],
+        sampling: BagSampling,
+        mode: str = "all",
+        chunk: int = 256,
+        repeats: int = 1,
+        seed: int = 0,
+        share: Callable[[int], slice] | None = None,
+    ):
         if mode not in ("all", "sampled"):
             raise ConfigError(f"eval_tiles: unknown value {mode!r}; expected all or sampled")
         if chunk < 1 or repeats < 1:
@@ -324,10 +346,15 @@ class EvalBags(Dataset):
             n = len(self.bags.coords(i)) if mode == "all" else sampling.k
             part = share(n) if share is not None else slice(0, n)
             if part.stop <= part.start:
-                raise SlideError(refs[i].slide_id, f"has {n} evaluation tiles, too few to give every encoder "
-                                 "rank one; use fewer ranks or eval_tiles: sampled")
+                raise SlideError(
+                    refs[i].slide_id,
+                    f"has {n} evaluation tiles, too few to give every encoder "
+                    "rank one; use fewer ranks or eval_tiles: sampled",
+                )
             if mode == "all":
-                self.items += [EvalChunk(i, -1, a, min(a + chunk, part.stop)) for a in range(part.start, part.stop, chunk)]
+                self.items += [
+                    EvalChunk(i, -1, a, min(a + chunk, part.stop)) for a in range(part.start, part.stop, chunk)
+                ]
             else:  # (start, stop) index the sampled bag, read whole
                 self.items += [EvalChunk(i, r, part.start, part.stop) for r in range(repeats)]
         self.bags._coords = {}  # read again in each worker; do not ship them through pickling
@@ -350,8 +377,15 @@ class EvalBags(Dataset):
             tiles = to_input(self.bags.reader.read(ref, picked), None)
         except Exception as err:  # noqa: BLE001 - see TileBagDataset.__getitem__
             return {"slide_id": ref.slide_id, "index": item.slide, "error": f"{type(err).__name__}: {err}"}
-        return {"slide_id": ref.slide_id, "index": item.slide, "label": ref.label, "repeat": item.repeat,
-                "tiles": tiles, "coords": torch.from_numpy(picked), "last": last}
+        return {
+            "slide_id": ref.slide_id,
+            "index": item.slide,
+            "label": ref.label,
+            "repeat": item.repeat,
+            "tiles": tiles,
+            "coords": torch.from_numpy(picked),
+            "last": last,
+        }
 
 
 def check_item(item: dict) -> dict:

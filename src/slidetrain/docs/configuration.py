@@ -188,10 +188,14 @@ def open_blocks() -> list[str]:
     from slidetrain.configs import METHODS
     from slidetrain.configs.tilebag import TileBagConfig
 
-    out = ["## Method blocks (`methods.<name>`)", "",
-           "Each method's block is checked against its config dataclass (`slidetrain.configs`) when the "
-           "workflow is parsed: an unknown key is an error naming the method and key. Omitted keys take "
-           "these defaults, the reference implementations' values.", ""]
+    out = [
+        "## Method blocks (`methods.<name>`)",
+        "",
+        "Each method's block is checked against its config dataclass (`slidetrain.configs`) when the "
+        "workflow is parsed: an unknown key is an error naming the method and key. Omitted keys take "
+        "these defaults, the reference implementations' values.",
+        "",
+    ]
     by_class: dict[tuple[type, str], list[str]] = {}
     for name, info in METHODS.items():
         key = (info.config_cls, json.dumps(info.preset, sort_keys=True))
@@ -201,10 +205,14 @@ def open_blocks() -> list[str]:
         out += [f"### {', '.join(f'`{n}`' for n in names)} (`{cls.__module__}.{cls.__name__}`)", ""]
         out += dataclass_table(cls, preset)
         out.append("")
-    out += ["## Tile-bag keys (`tilebag.params`, `tilebag.strategies.<name>`, `offload_tables.params`, "
-            "`offload_tables.encoders.<name>`, `offload_tables.tables.<name>.params`)", "",
-            "`slidetrain.configs.tilebag.TileBagConfig`: omitted keys take the authors' values "
-            "(Campanella et al.'s script).", ""]
+    out += [
+        "## Tile-bag keys (`tilebag.params`, `tilebag.strategies.<name>`, `offload_tables.params`, "
+        "`offload_tables.encoders.<name>`, `offload_tables.tables.<name>.params`)",
+        "",
+        "`slidetrain.configs.tilebag.TileBagConfig`: omitted keys take the authors' values "
+        "(Campanella et al.'s script).",
+        "",
+    ]
     out += dataclass_table(TileBagConfig)
     out.append("")
     return out
@@ -216,21 +224,27 @@ def render(schema: dict | None = None, config: dict | None = None) -> str:
     missing = undescribed(schema)
     if missing:
         raise ValueError(f"{SCHEMA}: keys without a description: {missing}")
-    out = ["# Configuration", "",
-           "<!-- Generated from workflow/schemas/config.schema.yaml by "
-           f"`{COMMAND}`; edit the schema's descriptions, not this page. -->", "",
-           "Every key the workflow reads. `config/config.yaml` is the default (the synthetic dataset at CPU "
-           "scale); a `--configfile` merges over it, except that the blocks that name things (`datasets`, "
-           "each `methods.<name>`, `splits.official`) replace the default's. The value column shows "
-           "`config/config.yaml`'s value; an empty cell means the key is unset there (its default applies) "
-           "or is a block. `<name>` stands for a name you choose.", ""]
+    out = [
+        "# Configuration",
+        "",
+        "<!-- Generated from workflow/schemas/config.schema.yaml by "
+        f"`{COMMAND}`; edit the schema's descriptions, not this page. -->",
+        "",
+        "Every key the workflow reads. `config/config.yaml` is the default (the synthetic dataset at CPU "
+        "scale); a `--configfile` merges over it, except that the blocks that name things (`datasets`, "
+        "each `methods.<name>`, `splits.official`) replace the default's. The value column shows "
+        "`config/config.yaml`'s value; an empty cell means the key is unset there (its default applies) "
+        "or is a block. `<name>` stands for a name you choose.",
+        "",
+    ]
     for top, node in (schema.get("properties") or {}).items():
         out += [f"## `{top}`", "", _cell(node["description"]), ""]
         rows = list(schema_keys(node, top)) or [Key(top, node)]  # a block's keys, or the key itself
         out += ["| key | type | config.yaml | description |", "|---|---|---|---|"]
         for key in rows:
-            out.append(f"| `{key.path}` | {_type(key.node)} | {_value(config, key.path)} | "
-                       f"{_cell(key.node['description'])} |")
+            out.append(
+                f"| `{key.path}` | {_type(key.node)} | {_value(config, key.path)} | {_cell(key.node['description'])} |"
+            )
         out.append("")
     out += open_blocks()
     return "\n".join(out).rstrip() + "\n"

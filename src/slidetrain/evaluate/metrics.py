@@ -50,9 +50,7 @@ def _check_inputs(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np
             raise ValueError(f"y_true has dtype {y.dtype}; expected integer class indices")
     y = y.astype(np.int64)
     if y.min() < 0 or y.max() >= p.shape[1]:
-        raise ValueError(
-            f"y_true holds class indices {sorted(set(y.tolist()))}; expected 0..{p.shape[1] - 1}"
-        )
+        raise ValueError(f"y_true holds class indices {sorted(set(y.tolist()))}; expected 0..{p.shape[1] - 1}")
     if not np.all(np.isfinite(p)):
         raise ValueError("probs holds NaN or infinite values")
     return y, p
@@ -138,9 +136,7 @@ def _metrics_on_resamples(
     return {k: out[k] for k in order if k in out}
 
 
-def classification_metrics(
-    y_true: np.ndarray, probs: np.ndarray, ordinal: bool = False
-) -> dict[str, float]:
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray, ordinal: bool = False) -> dict[str, float]:
     """accuracy, balanced_accuracy, auroc, f1_macro (+ qwk when ordinal) of one prediction set.
 
     y_true (N,) integer class indices; probs (N, C) class probabilities (or any
@@ -241,8 +237,7 @@ def evaluate_predictions(
     missing = [c for c in ["slide_id", "label", *prob_cols] if c not in pred.columns]
     if missing:
         raise SheetError(
-            f"predictions lack column(s) {missing}; expected slide_id, label and"
-            f" {prob_cols}, got {list(pred.columns)}"
+            f"predictions lack column(s) {missing}; expected slide_id, label and {prob_cols}, got {list(pred.columns)}"
         )
     if len(pred) == 0:
         raise SheetError("predictions table is empty; expected one row per test slide")
@@ -255,23 +250,20 @@ def evaluate_predictions(
     unknown = ~labels.isin(index_of)
     if unknown.any():
         bad = [f"{s} ({lab})" for s, lab in zip(slides[unknown], labels[unknown], strict=True)]
-        raise SheetError(
-            f"predictions have label(s) not in class_names {class_names}: slide(s) {bad[:10]}"
-        )
+        raise SheetError(f"predictions have label(s) not in class_names {class_names}: slide(s) {bad[:10]}")
     probs = pred[prob_cols].to_numpy(dtype=float)  # (N, C)
     bad_rows = ~np.isfinite(probs).all(axis=1)
     if bad_rows.any():
-        raise SheetError(
-            f"predictions have NaN or infinite probabilities for slide(s)"
-            f" {list(slides[bad_rows])[:10]}"
-        )
+        raise SheetError(f"predictions have NaN or infinite probabilities for slide(s) {list(slides[bad_rows])[:10]}")
     y = labels.map(index_of).to_numpy(dtype=np.int64)  # (N,)
     patients = None
     if patient_of is not None:
         unknown = [s for s in slides if s not in patient_of]
         if unknown:
-            raise SheetError(f"predictions list slide(s) {unknown[:10]} that have no patient id in the split;"
-                             " expected every predicted slide in the split")
+            raise SheetError(
+                f"predictions list slide(s) {unknown[:10]} that have no patient id in the split;"
+                " expected every predicted slide in the split"
+            )
         patients = [str(patient_of[s]) for s in slides]
 
     metrics = classification_metrics(y, probs, ordinal=ordinal)

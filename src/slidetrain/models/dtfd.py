@@ -83,8 +83,12 @@ class DTFD(MILModel):
     def clip_groups(self) -> list[list[nn.Parameter]]:
         """The reference clips dimReduction, attention, classifier and tier 2 (UClassifier) separately."""
         tier2 = self.param_groups()[1]
-        return [list(self.reduce.parameters()), list(self.attention.parameters()),
-                list(self.classifier.parameters()), tier2]
+        return [
+            list(self.reduce.parameters()),
+            list(self.attention.parameters()),
+            list(self.classifier.parameters()),
+            tier2,
+        ]
 
     def _split(self, n: int, device: torch.device) -> tuple[Tensor, ...]:
         if self.training:
@@ -129,9 +133,7 @@ class DTFD(MILModel):
         for g, idx in enumerate(groups):
             member[idx] = g
         attention = within * group_weight[member]  # (N,)
-        return MILOutput(
-            logits=logits, attention=attention, extras={"sub_logits": torch.stack(sub_logits)}
-        )
+        return MILOutput(logits=logits, attention=attention, extras={"sub_logits": torch.stack(sub_logits)})
 
     def loss(self, out: MILOutput, label: Tensor, class_weights: Tensor | None = None) -> Tensor:
         sub = out.extras["sub_logits"]  # (G, C)

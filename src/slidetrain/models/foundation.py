@@ -7,17 +7,8 @@ Nothing here downloads: every model is built with `pretrained=False` and weights
 a local file named in the config (`features.weights`), checked against an optional sha256.
 Licence terms are the user's to accept on the card's page.
 
-| name        | timm architecture (key arguments)                                  | dim  | input | mean/std | embedding          |
-|-------------|--------------------------------------------------------------------|------|-------|----------|--------------------|
-| uni         | vit_large_patch16_224, init_values 1e-5                            | 1024 | 224   | ImageNet | CLS                |
-| uni2_h      | vit_giant_patch14_224, 1536 x 24, 24 heads, SwiGLUPacked + SiLU, 8 reg tokens, no_embed_class | 1536 | 224 | ImageNet | CLS |
-| virchow2    | vit_huge_patch14_224, mlp_ratio 5.3375, SwiGLUPacked + SiLU, 4 reg tokens | 2560 | 224 | ImageNet | CLS + mean of patch tokens |
-| hoptimus0   | vit_giant_patch14_reg4_dinov2, img_size 224                        | 1536 | 224   | H-optimus| CLS                |
-| hoptimus1   | vit_giant_patch14_reg4_dinov2, img_size 224                        | 1536 | 224   | H-optimus| CLS                |
-| gigapath    | vit_giant_patch14_dinov2, patch 16, 1536 x 40, 24 heads            | 1536 | 224   | ImageNet | CLS                |
-| phikon_v2   | vit_large_patch16_224 (HF DINOv2 checkpoint, keys remapped)        | 1024 | 224   | ImageNet | CLS                |
-| conch_v15   | vit_large_patch16_224 @ 448 trunk + attentional pooler (768)       | 768  | 448   | ImageNet | attention-pooled, LayerNorm |
-| vit_tiny_test | a 2-block, 96-wide ViT for tests (no card)                       | 96   | 32    | ImageNet | CLS                |
+The entries (timm architecture, embedding rule, dimension, input size, weights file, card) are listed
+in docs/encoders.md, which a test checks against this registry.
 
 Input contract: like the ResNet encoders, a FoundationEncoder takes tiles normalised with the
 ImageNet constants (what the pipeline's readers produce, slidetrain.wsi.encode.Normalizer); its
@@ -76,24 +67,56 @@ FOUNDATION_SPECS: dict[str, FoundationSpec] = {
         # patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True); Resize 224, ImageNet constants;
         # "Params (M): 303"); same arguments in mahmoodlab/TRIDENT trident/patch_encoder_models/load.py (uni_v1).
         FoundationSpec(
-            "uni", "vit_large_patch16_224",
+            "uni",
+            "vit_large_patch16_224",
             dict(img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True),
-            224, IMAGENET_MEAN, IMAGENET_STD, "cls", 1024, 303e6, "303M (ViT-L/16)", 303_350_784,
-            "pytorch_model.bin", "https://huggingface.co/MahmoodLab/UNI",
-            params_tol=0.5e6, source="MahmoodLab/UNI model card; mahmoodlab/TRIDENT load.py UNIInferenceEncoder",
+            224,
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            "cls",
+            1024,
+            303e6,
+            "303M (ViT-L/16)",
+            303_350_784,
+            "pytorch_model.bin",
+            "https://huggingface.co/MahmoodLab/UNI",
+            params_tol=0.5e6,
+            source="MahmoodLab/UNI model card; mahmoodlab/TRIDENT load.py UNIInferenceEncoder",
         ),
         # https://huggingface.co/MahmoodLab/UNI2-h (timm_kwargs on the card: vit_giant_patch14_224, img_size 224,
         # patch_size 14, depth 24, num_heads 24, init_values 1e-5, embed_dim 1536, mlp_ratio 2.66667*2,
         # num_classes 0, no_embed_class True, mlp_layer SwiGLUPacked, act_layer SiLU, reg_tokens 8,
         # dynamic_img_size True; ImageNet constants; "ViT-h/14-reg8, 681M").
         FoundationSpec(
-            "uni2_h", "vit_giant_patch14_224",
-            dict(img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
-                 mlp_ratio=2.66667 * 2, num_classes=0, no_embed_class=True, mlp_layer="SwiGLUPacked",
-                 act_layer="SiLU", reg_tokens=8, dynamic_img_size=True),
-            224, IMAGENET_MEAN, IMAGENET_STD, "cls", 1536, 681e6, "681M (ViT-h/14-reg8)", 681_394_176,
-            "pytorch_model.bin", "https://huggingface.co/MahmoodLab/UNI2-h",
-            params_tol=0.5e6, source="MahmoodLab/UNI2-h model card; mahmoodlab/TRIDENT load.py UNIv2InferenceEncoder",
+            "uni2_h",
+            "vit_giant_patch14_224",
+            dict(
+                img_size=224,
+                patch_size=14,
+                depth=24,
+                num_heads=24,
+                init_values=1e-5,
+                embed_dim=1536,
+                mlp_ratio=2.66667 * 2,
+                num_classes=0,
+                no_embed_class=True,
+                mlp_layer="SwiGLUPacked",
+                act_layer="SiLU",
+                reg_tokens=8,
+                dynamic_img_size=True,
+            ),
+            224,
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            "cls",
+            1536,
+            681e6,
+            "681M (ViT-h/14-reg8)",
+            681_394_176,
+            "pytorch_model.bin",
+            "https://huggingface.co/MahmoodLab/UNI2-h",
+            params_tol=0.5e6,
+            source="MahmoodLab/UNI2-h model card; mahmoodlab/TRIDENT load.py UNIv2InferenceEncoder",
         ),
         # https://huggingface.co/paige-ai/Virchow2 (config: vit_huge_patch14_224, img_size 224, init_values 1e-5,
         # num_classes 0, reg_tokens 4, mlp_ratio 5.3375, global_pool "", dynamic_img_size True; the card adds
@@ -102,54 +125,123 @@ FOUNDATION_SPECS: dict[str, FoundationSpec] = {
         # 631.24M with these arguments (the paper's figure is the ViT-H/14 family size), so the contract test
         # checks the card's figure to 1M (0.16 %).
         FoundationSpec(
-            "virchow2", "vit_huge_patch14_224",
-            dict(img_size=224, init_values=1e-5, num_classes=0, reg_tokens=4, mlp_ratio=5.3375, global_pool="",
-                 dynamic_img_size=True, mlp_layer="SwiGLUPacked", act_layer="SiLU"),
-            224, IMAGENET_MEAN, IMAGENET_STD, "cls+patch_mean", 2560, 632e6, "632M (ViT-H/14)", 631_239_424,
-            "pytorch_model.bin", "https://huggingface.co/paige-ai/Virchow2",
-            params_tol=1e6, source="paige-ai/Virchow2 model card and config.json; arXiv 2408.00738; TRIDENT Virchow2InferenceEncoder",
+            "virchow2",
+            "vit_huge_patch14_224",
+            dict(
+                img_size=224,
+                init_values=1e-5,
+                num_classes=0,
+                reg_tokens=4,
+                mlp_ratio=5.3375,
+                global_pool="",
+                dynamic_img_size=True,
+                mlp_layer="SwiGLUPacked",
+                act_layer="SiLU",
+            ),
+            224,
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            "cls+patch_mean",
+            2560,
+            632e6,
+            "632M (ViT-H/14)",
+            631_239_424,
+            "pytorch_model.bin",
+            "https://huggingface.co/paige-ai/Virchow2",
+            params_tol=1e6,
+            source="paige-ai/Virchow2 model card and config.json; arXiv 2408.00738; TRIDENT Virchow2InferenceEncoder",
         ),
         # https://huggingface.co/bioptimus/H-optimus-0 (timm.create_model("hf-hub:bioptimus/H-optimus-0",
         # init_values=1e-5, dynamic_img_size=False); config: vit_giant_patch14_reg4_dinov2, img_size 224,
         # num_classes 0, global_pool "token"; Normalize mean (0.707223, 0.578729, 0.703617),
         # std (0.211883, 0.230117, 0.177517); "ViT-g/14, 1.1B parameters"; CLS token, 1536).
         FoundationSpec(
-            "hoptimus0", "vit_giant_patch14_reg4_dinov2",
+            "hoptimus0",
+            "vit_giant_patch14_reg4_dinov2",
             dict(img_size=224, num_classes=0, global_pool="token", init_values=1e-5, dynamic_img_size=False),
-            224, HOPTIMUS_MEAN, HOPTIMUS_STD, "cls", 1536, 1.1e9, "1.1B (ViT-g/14)", 1_134_774_272,
-            "pytorch_model.bin", "https://huggingface.co/bioptimus/H-optimus-0",
-            params_tol=0.05e9, source="bioptimus/H-optimus-0 model card; TRIDENT HOptimus0InferenceEncoder",
+            224,
+            HOPTIMUS_MEAN,
+            HOPTIMUS_STD,
+            "cls",
+            1536,
+            1.1e9,
+            "1.1B (ViT-g/14)",
+            1_134_774_272,
+            "pytorch_model.bin",
+            "https://huggingface.co/bioptimus/H-optimus-0",
+            params_tol=0.05e9,
+            source="bioptimus/H-optimus-0 model card; TRIDENT HOptimus0InferenceEncoder",
         ),
         # https://huggingface.co/bioptimus/H-optimus-1 (same architecture and constants as H-optimus-0).
         FoundationSpec(
-            "hoptimus1", "vit_giant_patch14_reg4_dinov2",
+            "hoptimus1",
+            "vit_giant_patch14_reg4_dinov2",
             dict(img_size=224, num_classes=0, global_pool="token", init_values=1e-5, dynamic_img_size=False),
-            224, HOPTIMUS_MEAN, HOPTIMUS_STD, "cls", 1536, 1.1e9, "1.1B (ViT-g/14)", 1_134_774_272,
-            "pytorch_model.bin", "https://huggingface.co/bioptimus/H-optimus-1",
-            params_tol=0.05e9, source="bioptimus/H-optimus-1 model card; TRIDENT HOptimus1InferenceEncoder",
+            224,
+            HOPTIMUS_MEAN,
+            HOPTIMUS_STD,
+            "cls",
+            1536,
+            1.1e9,
+            "1.1B (ViT-g/14)",
+            1_134_774_272,
+            "pytorch_model.bin",
+            "https://huggingface.co/bioptimus/H-optimus-1",
+            params_tol=0.05e9,
+            source="bioptimus/H-optimus-1 model card; TRIDENT HOptimus1InferenceEncoder",
         ),
         # https://huggingface.co/prov-gigapath/prov-gigapath (config: vit_giant_patch14_dinov2 with img_size 224,
         # in_chans 3, patch_size 16, embed_dim 1536, depth 40, num_heads 24, init_values 1e-5 (the timm
         # architecture's own), mlp_ratio 5.33334, num_classes 0; Resize 256 bicubic + CenterCrop 224,
         # ImageNet constants; tile encoder "1.1B"+ parameters, CLS 1536).
         FoundationSpec(
-            "gigapath", "vit_giant_patch14_dinov2",
-            dict(img_size=224, in_chans=3, patch_size=16, embed_dim=1536, depth=40, num_heads=24, mlp_ratio=5.33334,
-                 num_classes=0),
-            224, IMAGENET_MEAN, IMAGENET_STD, "cls", 1536, 1.13e9, "1.13B (ViT-g/14 tile encoder)", 1_134_953_984,
-            "pytorch_model.bin", "https://huggingface.co/prov-gigapath/prov-gigapath",
-            params_tol=0.005e9, source="prov-gigapath/prov-gigapath model card and config.json; TRIDENT GigaPathInferenceEncoder",
+            "gigapath",
+            "vit_giant_patch14_dinov2",
+            dict(
+                img_size=224,
+                in_chans=3,
+                patch_size=16,
+                embed_dim=1536,
+                depth=40,
+                num_heads=24,
+                mlp_ratio=5.33334,
+                num_classes=0,
+            ),
+            224,
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            "cls",
+            1536,
+            1.13e9,
+            "1.13B (ViT-g/14 tile encoder)",
+            1_134_953_984,
+            "pytorch_model.bin",
+            "https://huggingface.co/prov-gigapath/prov-gigapath",
+            params_tol=0.005e9,
+            source="prov-gigapath/prov-gigapath model card and config.json; TRIDENT GigaPathInferenceEncoder",
         ),
         # https://huggingface.co/owkin/phikon-v2 (transformers Dinov2Model, ViT-L/16: hidden 1024, 24 layers,
         # 16 heads, patch 16, image 224, layer scale; CLS = last_hidden_state[:, 0]; Resize 224 + CenterCrop 224,
         # ImageNet constants; "ViT-L, 300M parameters"). Built as timm vit_large_patch16_224 with layer scale;
         # the HF key names are remapped (hf_dinov2_to_timm), the HF mask_token is not used at inference.
         FoundationSpec(
-            "phikon_v2", "vit_large_patch16_224",
+            "phikon_v2",
+            "vit_large_patch16_224",
             dict(img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True),
-            224, IMAGENET_MEAN, IMAGENET_STD, "cls", 1024, 300e6, "300M (ViT-L/16)", 303_350_784,
-            "model.safetensors", "https://huggingface.co/owkin/phikon-v2", key_format="hf_dinov2", resize="bilinear",
-            params_tol=5e6, source="owkin/phikon-v2 model card; TRIDENT Phikonv2InferenceEncoder",
+            224,
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            "cls",
+            1024,
+            300e6,
+            "300M (ViT-L/16)",
+            303_350_784,
+            "model.safetensors",
+            "https://huggingface.co/owkin/phikon-v2",
+            key_format="hf_dinov2",
+            resize="bilinear",
+            params_tol=5e6,
+            source="owkin/phikon-v2 model card; TRIDENT Phikonv2InferenceEncoder",
         ),
         # https://huggingface.co/MahmoodLab/conchv1_5 (vision tower of TITAN's CONCH v1.5: ViT-L/16 trunk,
         # qkv bias, layer scale, LayerNorm eps 1e-6, then an attentional pooler with one query (d_model 768,
@@ -158,21 +250,48 @@ FOUNDATION_SPECS: dict[str, FoundationSpec] = {
         # attn_pool_contrast.*, ln_contrast.*). Architecture as in TRIDENT's model_zoo/conchv1_5/conchv1_5.py.
         # The card gives no exact count ("ViT-L"); ours = trunk at 448 px (303.95M) + pooler (2.76M).
         FoundationSpec(
-            "conch_v15", "vit_large_patch16_224",
+            "conch_v15",
+            "vit_large_patch16_224",
             dict(img_size=448, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True),
-            448, IMAGENET_MEAN, IMAGENET_STD, "attn_pool", 768, None, "not stated (ViT-L/16 trunk)", 306_711_296,
-            "pytorch_model_vision.bin", "https://huggingface.co/MahmoodLab/conchv1_5", key_format="conch",
+            448,
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            "attn_pool",
+            768,
+            None,
+            "not stated (ViT-L/16 trunk)",
+            306_711_296,
+            "pytorch_model_vision.bin",
+            "https://huggingface.co/MahmoodLab/conchv1_5",
+            key_format="conch",
             resize="bilinear",
             source="MahmoodLab/conchv1_5 and MahmoodLab/TITAN cards; TRIDENT model_zoo/conchv1_5/conchv1_5.py",
             tiny={"pool_dim": 64},
         ),
         # A tiny ViT for tests and CPU smoke runs: not a published model.
         FoundationSpec(
-            "vit_tiny_test", "vit_tiny_patch16_224",
-            dict(img_size=32, patch_size=16, embed_dim=96, depth=2, num_heads=2, init_values=1e-5, num_classes=0,
-                 dynamic_img_size=True),
-            32, IMAGENET_MEAN, IMAGENET_STD, "cls", 96, None, "test model", 298_656,
-            "vit_tiny_test.safetensors", "(none: a test architecture)",
+            "vit_tiny_test",
+            "vit_tiny_patch16_224",
+            dict(
+                img_size=32,
+                patch_size=16,
+                embed_dim=96,
+                depth=2,
+                num_heads=2,
+                init_values=1e-5,
+                num_classes=0,
+                dynamic_img_size=True,
+            ),
+            32,
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            "cls",
+            96,
+            None,
+            "test model",
+            298_656,
+            "vit_tiny_test.safetensors",
+            "(none: a test architecture)",
             source="slidetrain test architecture",
         ),
     ]
@@ -182,7 +301,9 @@ FOUNDATION_NAMES = tuple(FOUNDATION_SPECS)
 
 def spec(name: str) -> FoundationSpec:
     if name not in FOUNDATION_SPECS:
-        raise ConfigError(f"features.encoder: unknown foundation model {name!r}; expected one of {list(FOUNDATION_SPECS)}")
+        raise ConfigError(
+            f"features.encoder: unknown foundation model {name!r}; expected one of {list(FOUNDATION_SPECS)}"
+        )
     return FOUNDATION_SPECS[name]
 
 
@@ -267,8 +388,9 @@ class CardTransform(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (self.size, self.size):
-            x = nn.functional.interpolate(x, size=(self.size, self.size), mode=self.mode, antialias=True,
-                                          align_corners=False)
+            x = nn.functional.interpolate(
+                x, size=(self.size, self.size), mode=self.mode, antialias=True, align_corners=False
+            )
         return x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
 
 
@@ -291,7 +413,7 @@ class FoundationEncoder(nn.Module):
         if self.spec.embedding == "cls":
             return cls
         if self.spec.embedding == "cls+patch_mean":
-            return torch.cat([cls, tokens[:, self.model.num_prefix_tokens:].mean(1)], dim=-1)
+            return torch.cat([cls, tokens[:, self.model.num_prefix_tokens :].mean(1)], dim=-1)
         raise ConfigError(f"{self.spec.name}: unknown embedding rule {self.spec.embedding!r}")
 
 
@@ -354,8 +476,13 @@ def hf_dinov2_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         "layernorm.bias": "norm.bias",
     }
     block = {
-        "norm1": "norm1", "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
-        "attention.output.dense": "attn.proj", "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
+        "norm1": "norm1",
+        "norm2": "norm2",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+        "attention.output.dense": "attn.proj",
+        "layer_scale1.lambda1": "ls1.gamma",
+        "layer_scale2.lambda1": "ls2.gamma",
     }
     qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, value in state.items():
@@ -365,16 +492,16 @@ def hf_dinov2_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         if not key.startswith("encoder.layer."):
             out[key] = value  # left as is: reported as unexpected unless ignorable
             continue
-        rest = key[len("encoder.layer."):]
+        rest = key[len("encoder.layer.") :]
         idx, _, name = rest.partition(".")
         i = int(idx)
         if name.startswith("attention.attention."):
-            part, _, kind = name[len("attention.attention."):].partition(".")  # query|key|value, weight|bias
+            part, _, kind = name[len("attention.attention.") :].partition(".")  # query|key|value, weight|bias
             qkv.setdefault((i, kind), {})[part] = value
             continue
         for hf, tm in block.items():
             if name == hf or name.startswith(hf + "."):
-                out[f"blocks.{i}.{tm}{name[len(hf):]}"] = value
+                out[f"blocks.{i}.{tm}{name[len(hf) :]}"] = value
                 break
         else:
             out[key] = value
@@ -400,11 +527,11 @@ def match_keys(state: dict[str, torch.Tensor], expected: set[str], key_format: s
         changed = False
         for p in WRAPPER_PREFIXES:  # the whole checkpoint sits under one wrapper name
             if best and all(k.startswith(p) for k in best):
-                cand = {k[len(p):]: v for k, v in best.items()}
+                cand = {k[len(p) :]: v for k, v in best.items()}
                 if score(cand) > score(best) or not score(best):
                     best, changed = cand, True
         for p in SUBMODEL_PREFIXES:  # a sub-model of a bigger checkpoint (e.g. open_clip's visual tower)
-            sub = {k[len(p):]: v for k, v in best.items() if k.startswith(p)}
+            sub = {k[len(p) :]: v for k, v in best.items() if k.startswith(p)}
             if sub and score(sub) > score(best):
                 aside += [k for k in best if not k.startswith(p)]
                 best, changed = sub, True
@@ -412,7 +539,7 @@ def match_keys(state: dict[str, torch.Tensor], expected: set[str], key_format: s
 
 
 def load_weights(encoder: FoundationEncoder, path: str | Path, sha256: str | None = None) -> FoundationEncoder:
-    """Load a local checkpoint into `encoder.model`; a missing file, sha256 mismatch or key mismatch is a WeightsError."""
+    """Load a local checkpoint into `encoder.model`; a missing file, sha256 or key mismatch is a WeightsError."""
     s = encoder.spec
     path = Path(path)
     if not path.is_file():
@@ -427,7 +554,9 @@ def load_weights(encoder: FoundationEncoder, path: str | Path, sha256: str | Non
     try:
         state = read_checkpoint(path)
     except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
-        raise WeightsError(f"features.weights for {s.name}: {path} cannot be read as a checkpoint ({err}); {_where(s)}") from err
+        raise WeightsError(
+            f"features.weights for {s.name}: {path} cannot be read as a checkpoint ({err}); {_where(s)}"
+        ) from err
     model = encoder.model
     expected = set(model.state_dict())
     state, aside = match_keys(state, expected, s.key_format)
@@ -442,12 +571,19 @@ def load_weights(encoder: FoundationEncoder, path: str | Path, sha256: str | Non
         prefix = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
         side = (state[pe_key].shape[1] - prefix) ** 0.5
         if side == int(side) and state[pe_key].shape[-1] == vit.pos_embed.shape[-1]:  # else: reported below
-            state[pe_key] = resample_abs_pos_embed(state[pe_key], new_size=vit.patch_embed.grid_size,
-                                                   num_prefix_tokens=prefix, interpolation="bilinear",
-                                                   antialias=False)
+            state[pe_key] = resample_abs_pos_embed(
+                state[pe_key],
+                new_size=vit.patch_embed.grid_size,
+                num_prefix_tokens=prefix,
+                interpolation="bilinear",
+                antialias=False,
+            )
     own = model.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} (expected {tuple(own[k].shape)})" for k, v in state.items()
-             if k in own and v.shape != own[k].shape]
+    wrong = [
+        f"{k} {tuple(v.shape)} (expected {tuple(own[k].shape)})"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected or wrong:
@@ -460,12 +596,15 @@ def load_weights(encoder: FoundationEncoder, path: str | Path, sha256: str | Non
     return encoder
 
 
-def build_foundation(name: str, weights: str = "none", seed: int = 0, sha256: str | None = None,
-                     tiny: bool = False) -> FoundationEncoder:
+def build_foundation(
+    name: str, weights: str = "none", seed: int = 0, sha256: str | None = None, tiny: bool = False
+) -> FoundationEncoder:
     """An entry with `weights` = none (random init, seeded: every process builds the same) or a local file."""
     s = spec(name)
     if weights in ("imagenet",):
-        raise WeightsError(f"features.weights for {s.name}: 'imagenet' is for the ResNets; give the local file; {_where(s)}")
+        raise WeightsError(
+            f"features.weights for {s.name}: 'imagenet' is for the ResNets; give the local file; {_where(s)}"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = build_architecture(name, tiny)

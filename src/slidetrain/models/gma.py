@@ -37,8 +37,12 @@ class GMA(MILModel):
         super().__init__()
         embed, hidden = SIZES[cfg.size]
         self.embed = nn.Sequential(
-            nn.Linear(in_dim, embed), nn.ReLU(), nn.Dropout(cfg.dropout),
-            nn.Linear(embed, embed), nn.ReLU(), nn.Dropout(cfg.dropout),
+            nn.Linear(in_dim, embed),
+            nn.ReLU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(embed, embed),
+            nn.ReLU(),
+            nn.Dropout(cfg.dropout),
         )
         self.attention = AttentionScores(embed, hidden, 1, gated=True, dropout=cfg.dropout)
         self.classifier = nn.Linear(embed, n_classes)

@@ -186,9 +186,7 @@ def stem_bands(stem: nn.Module, image: Tensor, band_rows: int | None = None) -> 
 
 def check_k(K: int, where: str = "K") -> int:
     if K not in ALLOWED_K:
-        raise ConfigError(
-            f"{where}: expected one of {list(ALLOWED_K)} (the authors' cuts), got {K!r}"
-        )
+        raise ConfigError(f"{where}: expected one of {list(ALLOWED_K)} (the authors' cuts), got {K!r}")
     return K
 
 
@@ -201,9 +199,7 @@ def module_groups(K: int) -> list[list[int]]:
 
 def module_channels(K: int) -> list[tuple[int, int]]:
     """(input channels, output channels) of modules 1..K (module 1's input is the stem's 64)."""
-    return [
-        (ENTRY_OUT_CHANNELS[grp[0] - 1], ENTRY_OUT_CHANNELS[grp[-1]]) for grp in module_groups(K)
-    ]
+    return [(ENTRY_OUT_CHANNELS[grp[0] - 1], ENTRY_OUT_CHANNELS[grp[-1]]) for grp in module_groups(K)]
 
 
 def module_strides(K: int) -> list[int]:
@@ -234,9 +230,7 @@ class LocalBackbone(nn.Module):
     ):
         super().__init__()
         if checkpointing not in CHECKPOINTING:
-            raise ConfigError(
-                f"checkpointing: expected one of {list(CHECKPOINTING)}, got {checkpointing!r}"
-            )
+            raise ConfigError(f"checkpointing: expected one of {list(CHECKPOINTING)}, got {checkpointing!r}")
         self.checkpointing = checkpointing
         self.checkpoint_tile_px = checkpoint_tile_px
         if len(entries) != len(ENTRY_NAMES):
@@ -247,17 +241,13 @@ class LocalBackbone(nn.Module):
         self.K = K
         self.train_stem = train_stem
         first = 0 if train_stem else 1  # a trained stem is part of the one end-to-end module
-        self.groups = (
-            module_groups(K) if K is not None else [list(range(first, len(ENTRY_NAMES)))]
-        )
+        self.groups = module_groups(K) if K is not None else [list(range(first, len(ENTRY_NAMES)))]
         for p in self.entries[0].parameters():
             p.requires_grad_(train_stem)
         # tiles: one engine per module over its blocks (its input-map tile: checkpoint_tile_px)
         self._engines = (
             [
-                StreamingEngine(
-                    [self.entries[i] for i in grp], checkpoint_tile_px, tile_mode="core"
-                )
+                StreamingEngine([self.entries[i] for i in grp], checkpoint_tile_px, tile_mode="core")
                 for grp in self.groups
             ]
             if checkpointing == "tiles"
@@ -380,9 +370,7 @@ class ConvAttentionHead(nn.Module):
         else:
             raise ConfigError(f"aux_norm: expected 'group' or 'batch', got {norm!r}")
         self.pool = GatedAttentionPool(channels, attn_hidden, dropout)
-        self.fc = nn.Sequential(
-            nn.Linear(channels, fc_hidden), nn.ReLU(), nn.Linear(fc_hidden, n_classes)
-        )
+        self.fc = nn.Sequential(nn.Linear(channels, fc_hidden), nn.ReLU(), nn.Linear(fc_hidden, n_classes))
 
     def forward(self, x: Tensor) -> Tensor:  # x: (1, C, H, W) -> (n_classes,)
         if x.shape[0] != 1:
@@ -491,9 +479,7 @@ def sample_rfr_boxes(
     tops = torch.randint(0, max(space_top, 1), (n_patch,), generator=generator).tolist()
     lefts = torch.randint(0, max(space_left, 1), (n_patch,), generator=generator).tolist()
     u = upscale
-    return [
-        ((t, c, ph, pw), (t * u, c * u, ph * u, pw * u)) for t, c in zip(tops, lefts, strict=True)
-    ]
+    return [((t, c, ph, pw), (t * u, c * u, ph * u, pw * u)) for t, c in zip(tops, lefts, strict=True)]
 
 
 def crop_boxes(x: Tensor, boxes: list[Box]) -> Tensor:
@@ -521,9 +507,7 @@ class RFRDecoder(nn.Module):
             nn.Conv2d(c_out, c_in, 3, padding=1),
         )
 
-    def forward(
-        self, out_map: Tensor, in_map: Tensor, generator: torch.Generator | None = None
-    ) -> Tensor:
+    def forward(self, out_map: Tensor, in_map: Tensor, generator: torch.Generator | None = None) -> Tensor:
         # out_map: (1, C_out, h, w) with graph; in_map: (1, C_in, H, W), the module's input
         boxes = self.sample_boxes(out_map, in_map, generator)
         src = crop_boxes(out_map, [b[0] for b in boxes])  # (n, C_out, ph, pw)
@@ -587,9 +571,7 @@ class LocalNet(nn.Module):
             checkpointing=checkpointing,
             checkpoint_tile_px=checkpoint_tile_px,
         )
-        self.aux = nn.ModuleList(
-            [LocalAux(spec, n_classes, rfr, n_patch, norm) for spec in rfr_specs(K)]
-        )
+        self.aux = nn.ModuleList([LocalAux(spec, n_classes, rfr, n_patch, norm) for spec in rfr_specs(K)])
         self.head = final_head(n_classes, norm)
 
     @property

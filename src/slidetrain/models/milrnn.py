@@ -77,8 +77,14 @@ class MILRNN(MILModel):
         return [stage1, [p for p in self.parameters() if id(p) not in ids]]
 
     def group_configs(self, cfg: MILRNNConfig) -> list[TrainConfig]:
-        rnn = replace(cfg, optimizer="sgd", lr=cfg.rnn_lr, momentum=cfg.rnn_momentum, nesterov=True,
-                      weight_decay=cfg.rnn_weight_decay)
+        rnn = replace(
+            cfg,
+            optimizer="sgd",
+            lr=cfg.rnn_lr,
+            momentum=cfg.rnn_momentum,
+            nesterov=True,
+            weight_decay=cfg.rnn_weight_decay,
+        )
         return [cfg, rnn]
 
     def accumulation(self, default: int) -> int:

@@ -118,9 +118,7 @@ class StreamingLearner(WholeImageLearner):
                         p.requires_grad_(False)
         # fp16 + loss scaling on CUDA; bfloat16 (no scaling needed) on a CPU
         self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
-        self.scaler = torch.amp.GradScaler(
-            self.device.type, enabled=cfg.amp and self.device.type == "cuda"
-        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp and self.device.type == "cuda")
         self.engine = StreamingEngine(self.model.trunk, cfg.tile_px, cfg.tile_mode, self.device)
         self.class_weights = None
         if cfg.class_weights is not None:
@@ -128,9 +126,7 @@ class StreamingLearner(WholeImageLearner):
                 raise ConfigError(
                     f"StreamingConfig.class_weights: expected {n_classes} weights, got {cfg.class_weights}"
                 )
-            self.class_weights = torch.tensor(
-                cfg.class_weights, dtype=torch.float32, device=self.device
-            )
+            self.class_weights = torch.tensor(cfg.class_weights, dtype=torch.float32, device=self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
@@ -161,9 +157,7 @@ class StreamingLearner(WholeImageLearner):
 
     def calibrate_batchnorm(self, images: Iterable[Tensor]) -> int:
         """Every BN's statistics from normalised (3, H, W) slides, by the plain network."""
-        return calibrate_batchnorm(
-            self.model, lambda im: self.model(im.to(self.device, torch.float32)[None]), images
-        )
+        return calibrate_batchnorm(self.model, lambda im: self.model(im.to(self.device, torch.float32)[None]), images)
 
     def step(self) -> None:
         if self.cfg.grad_clip > 0:

@@ -61,8 +61,17 @@ def cmd_attention_figure(a: argparse.Namespace) -> None:
     from slidetrain.paper.figures import attention_figure
 
     attention_figure(
-        a.dataset, Path(a.table1), Path(a.runs_dir), Path(a.images_dir), Path(a.tiles_dir),
-        Path(a.truth_dir) if a.truth_dir else None, a.classes, a.methods, Path(a.out), a.split, a.seed,
+        a.dataset,
+        Path(a.table1),
+        Path(a.runs_dir),
+        Path(a.images_dir),
+        Path(a.tiles_dir),
+        Path(a.truth_dir) if a.truth_dir else None,
+        a.classes,
+        a.methods,
+        Path(a.out),
+        a.split,
+        a.seed,
         Path(a.out_data) if a.out_data else None,
     )
 
@@ -70,8 +79,16 @@ def cmd_attention_figure(a: argparse.Namespace) -> None:
 def cmd_offload_table(a: argparse.Namespace) -> None:
     from slidetrain.paper.offload_tables import offload_table, parse_pairs
 
-    offload_table(a.metrics, a.metric, a.paper_table, parse_pairs(a.test_datasets, "--test-datasets"), a.sampled_label,
-                  parse_pairs(a.paper, "--paper"), a.out, markdown=a.markdown)
+    offload_table(
+        a.metrics,
+        a.metric,
+        a.paper_table,
+        parse_pairs(a.test_datasets, "--test-datasets"),
+        a.sampled_label,
+        parse_pairs(a.paper, "--paper"),
+        a.out,
+        markdown=a.markdown,
+    )
 
 
 def _add_offload_table_parser(sub: argparse._SubParsersAction) -> None:
@@ -134,7 +151,12 @@ def _add_tilebag_figure1_parser(sub: argparse._SubParsersAction) -> None:
 
 def _add_table1_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("table1", help="Table 1 from run metrics")
-    s.add_argument("--metrics", nargs="+", required=True, help="metrics.json files under results/{dataset}/runs/{method}/{split}/{seed}/")
+    s.add_argument(
+        "--metrics",
+        nargs="+",
+        required=True,
+        help="metrics.json files under results/{dataset}/runs/{method}/{split}/{seed}/",
+    )
     s.add_argument("--out-csv", required=True)
     s.add_argument("--out-md", required=True)
     s.add_argument("--paper-names", nargs="*", default=[], help="dataset=name in the paper's table")

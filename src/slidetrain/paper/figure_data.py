@@ -30,16 +30,27 @@ class FigureData:
     def __init__(self) -> None:
         self._frames: list[pd.DataFrame] = []
 
-    def add(self, panel: str, series: str, x: Iterable, y: Iterable, y_low: Iterable | None = None,
-            y_high: Iterable | None = None) -> None:
+    def add(
+        self,
+        panel: str,
+        series: str,
+        x: Iterable,
+        y: Iterable,
+        y_low: Iterable | None = None,
+        y_high: Iterable | None = None,
+    ) -> None:
         x, y = list(x), np.asarray(list(y), dtype=float)
         if len(x) != len(y):
             raise ValueError(f"figure data {panel}/{series}: {len(x)} x values but {len(y)} y values")
         n = len(y)
         low = np.full(n, np.nan) if y_low is None else np.asarray(list(y_low), dtype=float)
         high = np.full(n, np.nan) if y_high is None else np.asarray(list(y_high), dtype=float)
-        self._frames.append(pd.DataFrame({"panel": panel, "series": series, "x": x, "y": y,
-                                          "y_low": low, "y_high": high}, columns=FIGURE_DATA_COLUMNS))
+        self._frames.append(
+            pd.DataFrame(
+                {"panel": panel, "series": series, "x": x, "y": y, "y_low": low, "y_high": high},
+                columns=FIGURE_DATA_COLUMNS,
+            )
+        )
 
     def frame(self) -> pd.DataFrame:
         if not self._frames:

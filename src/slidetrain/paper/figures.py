@@ -37,7 +37,9 @@ def best_attention_method(table1_csv: Path, dataset: str, attention_methods: lis
     return str(table.sort_values("auroc", ascending=False).method.iloc[0])
 
 
-def tile_heatmap(scores: np.ndarray, coords: np.ndarray, tile_level0: int, meta: dict, shape: tuple[int, int]) -> np.ndarray:
+def tile_heatmap(
+    scores: np.ndarray, coords: np.ndarray, tile_level0: int, meta: dict, shape: tuple[int, int]
+) -> np.ndarray:
     """Per-tile scores painted onto the 5x image grid: (H, W) float, NaN where no tile."""
     heat = np.full(shape, np.nan, np.float32)
     x0, y0 = meta["level0_bbox"][:2]
@@ -87,15 +89,27 @@ def attention_figure(
             shown_scores = scores / max(scores.max(), 1e-12)  # (N,)
             heat = tile_heatmap(shown_scores, coords, tile_level0, meta, image.shape[:2])
             p = pred[pred.slide_id == slide_id].iloc[0]
-            drawn.append(pd.DataFrame({"method": method, "slide_id": slide_id, "truth": label,
-                                       "predicted": p.predicted, "tile_x_level0": coords[:, 0],
-                                       "tile_y_level0": coords[:, 1], "attention": shown_scores},
-                                      columns=ATTENTION_DATA_COLUMNS))
+            drawn.append(
+                pd.DataFrame(
+                    {
+                        "method": method,
+                        "slide_id": slide_id,
+                        "truth": label,
+                        "predicted": p.predicted,
+                        "tile_x_level0": coords[:, 0],
+                        "tile_y_level0": coords[:, 1],
+                        "attention": shown_scores,
+                    },
+                    columns=ATTENTION_DATA_COLUMNS,
+                )
+            )
             axes[row, 0].imshow(image)
             axes[row, 0].set_title(f"{slide_id}  truth: {label}", fontsize=9)
             axes[row, 1].imshow(image)
             shown = axes[row, 1].imshow(np.ma.masked_invalid(heat), cmap="inferno", alpha=0.6, vmin=0, vmax=1)
-            axes[row, 1].set_title(f"{method} attention  predicted: {p.predicted} ({p[f'prob_{p.predicted}']:.2f})", fontsize=9)
+            axes[row, 1].set_title(
+                f"{method} attention  predicted: {p.predicted} ({p[f'prob_{p.predicted}']:.2f})", fontsize=9
+            )
             fig.colorbar(shown, ax=axes[row, 1], fraction=0.03)
             if truth_dir is not None:
                 truth = np.load(Path(truth_dir) / f"{slide_id}.truth.npz")
@@ -103,7 +117,10 @@ def attention_figure(
                 tds = float(truth["downsample"])
                 x0, y0, x1, y1 = meta["level0_bbox"]
                 crop = lesion[int(y0 / tds) : int(np.ceil(y1 / tds)), int(x0 / tds) : int(np.ceil(x1 / tds))]
-                crop = np.asarray(Image.fromarray(crop.astype(np.uint8) * 255).resize(image.shape[1::-1], Image.NEAREST)) > 0
+                crop = (
+                    np.asarray(Image.fromarray(crop.astype(np.uint8) * 255).resize(image.shape[1::-1], Image.NEAREST))
+                    > 0
+                )
                 axes[row, 2].imshow(image)
                 axes[row, 2].imshow(np.ma.masked_where(~crop, crop), cmap="cool", alpha=0.55, vmin=0, vmax=1)
                 axes[row, 2].set_title(f"ground-truth lesions ({crop.mean():.1%} of box)", fontsize=9)

@@ -28,8 +28,13 @@ if TYPE_CHECKING:  # pandas is imported when a table is built, not when the comm
 
 AGGREGATOR_NAMES = {"abmil": "ABMIL", "dtfd": "DTFD", "transmil": "TransMIL"}
 METRICS = {"qwk": "qwk", "acc": "accuracy"}  # table column stem -> metrics.json key
-PAPER_NAMES = {"panda": "PANDA", "tcga_prad_all": "TCGA-PRAD (all tiles)", "tcga_prad_256": "TCGA-PRAD (100 x 256)",
-               "camelyon17": "CAMELYON17", "camelyon16": "CAMELYON16"}
+PAPER_NAMES = {
+    "panda": "PANDA",
+    "tcga_prad_all": "TCGA-PRAD (all tiles)",
+    "tcga_prad_256": "TCGA-PRAD (100 x 256)",
+    "camelyon17": "CAMELYON17",
+    "camelyon16": "CAMELYON16",
+}
 
 _PATH = re.compile(
     r"(?:^|/)results/(?P<dataset>[^/]+)/runs/biglayers_(?P<aggregator>[a-z0-9]+)_(?P<encoder>frozen|trained)_"
@@ -39,23 +44,43 @@ _PATH = re.compile(
 
 
 def columns(metric: str) -> list[str]:
-    return ["aggregator", "augmentation", "encoder", "dataset", "test_tiles", f"{metric}_mean", f"{metric}_std",
-            "n_runs", f"paper_{metric}_mean", f"paper_{metric}_std", "paper_dataset"]
+    return [
+        "aggregator",
+        "augmentation",
+        "encoder",
+        "dataset",
+        "test_tiles",
+        f"{metric}_mean",
+        f"{metric}_std",
+        "n_runs",
+        f"paper_{metric}_mean",
+        f"paper_{metric}_std",
+        "paper_dataset",
+    ]
 
 
 def run_of(path: str | Path) -> dict:
     """The row keys of one metrics.json from its path; ConfigError naming a path of another layout."""
     m = _PATH.search(Path(path).as_posix())
     if m is None:
-        raise ConfigError(f"offload-table: {path} is not results/{{dataset}}/runs/biglayers_{{aggregator}}_{{frozen|"
-                          f"trained}}_{{aug|noaug}}/{{split}}/{{seed}}/test_{{internal|external}}_{{all|sampled}}"
-                          f"/metrics.json")
+        raise ConfigError(
+            f"offload-table: {path} is not results/{{dataset}}/runs/biglayers_{{aggregator}}_{{frozen|"
+            f"trained}}_{{aug|noaug}}/{{split}}/{{seed}}/test_{{internal|external}}_{{all|sampled}}"
+            f"/metrics.json"
+        )
     return m.groupdict()
 
 
-def offload_table(metrics_paths: list[str | Path], metric: str, paper_name: str, test_datasets: dict[str, str],
-                  sampled_label: str, paper_columns: dict[str, str], out_csv: str | Path,
-                  markdown: str | Path | None = None) -> pd.DataFrame:
+def offload_table(
+    metrics_paths: list[str | Path],
+    metric: str,
+    paper_name: str,
+    test_datasets: dict[str, str],
+    sampled_label: str,
+    paper_columns: dict[str, str],
+    out_csv: str | Path,
+    markdown: str | Path | None = None,
+) -> pd.DataFrame:
     """Mean and std (in %) over runs per (aggregator, augmentation, encoder, test set, tiles).
 
     `test_datasets`: internal / external -> the dataset name shown; `sampled_label`: how sampled
@@ -73,18 +98,23 @@ def offload_table(metrics_paths: list[str | Path], metric: str, paper_name: str,
     paper = paper_table(paper_name)
     for test, prefix in paper_columns.items():  # every configured paper column must exist, used or not
         if f"{prefix}_{metric}_mean" not in paper.columns:
-            raise ConfigError(f"offload-table: --paper {test}={prefix}: the paper's {paper_name} has no column "
-                              f"{prefix}_{metric}_mean; expected one of {sorted(_prefixes(paper, metric))}")
+            raise ConfigError(
+                f"offload-table: --paper {test}={prefix}: the paper's {paper_name} has no column "
+                f"{prefix}_{metric}_mean; expected one of {sorted(_prefixes(paper, metric))}"
+            )
     rows = []
     for path in metrics_paths:
         key = run_of(path)
         if key["aggregator"] not in AGGREGATOR_NAMES:
-            raise ConfigError(f"offload-table: {path}: aggregator {key['aggregator']!r}; expected one of "
-                              f"{sorted(AGGREGATOR_NAMES)}")
+            raise ConfigError(
+                f"offload-table: {path}: aggregator {key['aggregator']!r}; expected one of {sorted(AGGREGATOR_NAMES)}"
+            )
         result = json.loads(Path(path).read_text())
         value = result.get("repeats", {}).get("metrics_mean", result["metrics"]).get(METRICS[metric])
         if value is None:
-            raise ConfigError(f"offload-table: {path} has no {METRICS[metric]!r} (an ordinal test set is needed for qwk)")
+            raise ConfigError(
+                f"offload-table: {path} has no {METRICS[metric]!r} (an ordinal test set is needed for qwk)"
+            )
         rows.append({**key, "value": 100 * float(value)})
     runs = pd.DataFrame(rows)
     out = []
@@ -100,19 +130,28 @@ def offload_table(metrics_paths: list[str | Path], metric: str, paper_name: str,
             require_value(paper, paper_name, "aggregator", aggregator, what)
             require_value(paper, paper_name, "encoder", enc, what)
             ref = paper_row(paper, paper_name, what, aggregator=aggregator, augmentation=augmentation, encoder=enc)
-        out.append({
-            "aggregator": aggregator, "augmentation": augmentation, "encoder": enc,
-            "dataset": test_datasets.get(testset, testset),
-            "test_tiles": "all" if tiles == "all" else sampled_label,
-            f"{metric}_mean": round(float(g.value.mean()), 2),
-            f"{metric}_std": round(float(g.value.std(ddof=1)), 2) if len(g) > 1 else float("nan"),
-            "n_runs": len(g),
-            f"paper_{metric}_mean": float(ref[f"{prefix}_{metric}_mean"]) if len(ref) else np.nan,
-            f"paper_{metric}_std": float(ref[f"{prefix}_{metric}_std"]) if len(ref) else np.nan,
-            "paper_dataset": PAPER_NAMES.get(prefix, prefix) if len(ref) else "",
-            "_order": (order[testset], tiles != "all", augmentation, list(AGGREGATOR_NAMES.values()).index(aggregator),
-                       enc),
-        })
+        out.append(
+            {
+                "aggregator": aggregator,
+                "augmentation": augmentation,
+                "encoder": enc,
+                "dataset": test_datasets.get(testset, testset),
+                "test_tiles": "all" if tiles == "all" else sampled_label,
+                f"{metric}_mean": round(float(g.value.mean()), 2),
+                f"{metric}_std": round(float(g.value.std(ddof=1)), 2) if len(g) > 1 else float("nan"),
+                "n_runs": len(g),
+                f"paper_{metric}_mean": float(ref[f"{prefix}_{metric}_mean"]) if len(ref) else np.nan,
+                f"paper_{metric}_std": float(ref[f"{prefix}_{metric}_std"]) if len(ref) else np.nan,
+                "paper_dataset": PAPER_NAMES.get(prefix, prefix) if len(ref) else "",
+                "_order": (
+                    order[testset],
+                    tiles != "all",
+                    augmentation,
+                    list(AGGREGATOR_NAMES.values()).index(aggregator),
+                    enc,
+                ),
+            }
+        )
     table = pd.DataFrame(out)
     table = table.sort_values("_order").drop(columns="_order")[columns(metric)].reset_index(drop=True)
     write_table(table, out_csv, markdown)

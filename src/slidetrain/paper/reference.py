@@ -27,8 +27,11 @@ def paper_table(name: str) -> pd.DataFrame:
 
     path = resources.files("slidetrain.paper").joinpath("data", f"{name}.csv")
     if not path.is_file():
-        known = sorted(p.name.removesuffix(".csv") for p in resources.files("slidetrain.paper").joinpath("data")
-                       .iterdir() if p.name.endswith(".csv"))
+        known = sorted(
+            p.name.removesuffix(".csv")
+            for p in resources.files("slidetrain.paper").joinpath("data").iterdir()
+            if p.name.endswith(".csv")
+        )
         raise ConfigError(f"paper table {name!r} does not exist; expected one of {known}")
     with path.open() as f:
         return pd.read_csv(f, keep_default_na=False, na_values=MISSING_CELLS)
@@ -37,9 +40,12 @@ def paper_table(name: str) -> pd.DataFrame:
 def require_value(table: pd.DataFrame, table_name: str, column: str, value: object, what: str) -> None:
     """ConfigError unless `value` occurs in `column` of a paper table; `what` says who asked (a config key)."""
     if value not in set(table[column]):
-        known = sorted({_shown(v) for v in table[column].dropna()}, key=lambda v: (len(v), v) if v.isdigit() else (0, v))
-        raise ConfigError(f"{what} = {value!r}: the paper's {table_name} has no {column} {value!r}; "
-                          f"expected one of {known}")
+        known = sorted(
+            {_shown(v) for v in table[column].dropna()}, key=lambda v: (len(v), v) if v.isdigit() else (0, v)
+        )
+        raise ConfigError(
+            f"{what} = {value!r}: the paper's {table_name} has no {column} {value!r}; expected one of {known}"
+        )
 
 
 def _shown(value: object) -> str:
@@ -60,7 +66,7 @@ def paper_row(table: pd.DataFrame, table_name: str, what: str, **keys: object) -
 
 
 def paper_split_counts(paper_name: str) -> tuple[int, int, int]:
-    """Slides per part (train, val, test) of a local-learning dataset by its paper name (paper/data/local_splits.csv)."""
+    """Slides per part (train, val, test) of a local-learning dataset by paper name (paper/data/local_splits.csv)."""
     table = paper_table("local_splits")
     require_value(table, "local_splits", "dataset", paper_name, "paper_name")
     row = paper_row(table, "local_splits", "paper_name", dataset=paper_name)
@@ -82,6 +88,11 @@ def paper_tiles_per_gb(encoder: str, precision: str, paper: pd.DataFrame | None 
         raise ConfigError(f"tilebag_memory: precision {precision!r}; expected one of {sorted(MEMORY_PRECISIONS)}")
     column = next(c for c in paper.columns if re.fullmatch(r"max_tiles_\w+?_(\d+)gb", c))
     gb = float(re.fullmatch(r"max_tiles_\w+?_(\d+)gb", column).group(1))
-    row = paper_row(paper, "tilebag_memory", f"max tiles of {encoder} {precision}",
-                    encoder=MEMORY_ENCODERS[encoder], precision=MEMORY_PRECISIONS[precision])
+    row = paper_row(
+        paper,
+        "tilebag_memory",
+        f"max tiles of {encoder} {precision}",
+        encoder=MEMORY_ENCODERS[encoder],
+        precision=MEMORY_PRECISIONS[precision],
+    )
     return float(row[column]) / gb

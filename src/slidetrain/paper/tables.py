@@ -37,7 +37,15 @@ PAPER_METHOD_NAMES = {
     "local_k8": "Local K=8",
 }
 TABLE1_COLUMNS = [
-    "method", "dataset", "accuracy", "auroc", "accuracy_std", "auroc_std", "n_seeds", "paper_accuracy", "paper_auroc",
+    "method",
+    "dataset",
+    "accuracy",
+    "auroc",
+    "accuracy_std",
+    "auroc_std",
+    "n_seeds",
+    "paper_accuracy",
+    "paper_auroc",
 ]
 
 
@@ -78,8 +86,13 @@ def table1(
     for (dataset, method), group in runs.groupby(["dataset", "method"], sort=False):
         ref = {}
         if method in PAPER_METHOD_NAMES and dataset in paper_names:  # otherwise the paper reports no such value
-            ref = paper_row(paper, "local_table1", f"table1: method {method!r} on dataset {dataset!r}",
-                            method=PAPER_METHOD_NAMES[method], dataset=paper_names[dataset])
+            ref = paper_row(
+                paper,
+                "local_table1",
+                f"table1: method {method!r} on dataset {dataset!r}",
+                method=PAPER_METHOD_NAMES[method],
+                dataset=paper_names[dataset],
+            )
         rows.append(
             {
                 "method": method,
@@ -99,7 +112,14 @@ def table1(
     if method_order:
         order = {m: i for i, m in enumerate(method_order)}
         table = table.sort_values(["dataset", "method"], key=lambda s: s.map(order) if s.name == "method" else s)
-    write_table(table, out_csv, out_md, out_html, "Table 1: test accuracy and AUROC per method (paper values beside)", float_format="%.4f")
+    write_table(
+        table,
+        out_csv,
+        out_md,
+        out_html,
+        "Table 1: test accuracy and AUROC per method (paper values beside)",
+        float_format="%.4f",
+    )
     return table
 
 
@@ -133,8 +153,13 @@ def table4(
         for dataset, group in runs[runs.method == method].groupby("dataset", sort=True):
             ref = {}
             if dataset in paper_names:
-                ref = paper_row(paper, "local_table4", f"table4: method {method!r} on dataset {dataset!r}",
-                                setting=setting, dataset=paper_names[dataset])
+                ref = paper_row(
+                    paper,
+                    "local_table4",
+                    f"table4: method {method!r} on dataset {dataset!r}",
+                    setting=setting,
+                    dataset=paper_names[dataset],
+                )
             rows.append(
                 {
                     "setting": setting,
@@ -146,7 +171,14 @@ def table4(
                 }
             )
     table = pd.DataFrame(rows, columns=TABLE4_COLUMNS)
-    write_table(table, out_csv, out_md, out_html, "Table 4: the RFR ablation, test accuracy (paper values beside)", float_format="%.4f")
+    write_table(
+        table,
+        out_csv,
+        out_md,
+        out_html,
+        "Table 4: the RFR ablation, test accuracy (paper values beside)",
+        float_format="%.4f",
+    )
     return table
 
 
@@ -156,8 +188,14 @@ def check_paper_names(paper: pd.DataFrame, table_name: str, paper_names: dict[st
         require_value(paper, table_name, "dataset", name, f"datasets.{dataset}.paper_name")
 
 
-def write_table(table: pd.DataFrame, out_csv: str | Path, out_md: str | Path | None = None,
-                out_html: str | Path | None = None, title: str = "", float_format: str | None = None) -> None:
+def write_table(
+    table: pd.DataFrame,
+    out_csv: str | Path,
+    out_md: str | Path | None = None,
+    out_html: str | Path | None = None,
+    title: str = "",
+    float_format: str | None = None,
+) -> None:
     """A paper table as CSV, and as Markdown and report HTML when asked; each file written atomically."""
     with atomic_path(out_csv) as tmp:
         table.to_csv(tmp, index=False, float_format=float_format)

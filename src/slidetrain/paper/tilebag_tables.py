@@ -25,7 +25,16 @@ from slidetrain.paper.figure_data import FigureData, data_path_for  # noqa: E402
 from slidetrain.paper.reference import paper_row, paper_table, paper_tiles_per_gb, require_value  # noqa: E402
 from slidetrain.paper.tables import collect_runs, run_key, write_table  # noqa: E402
 
-TILEBAG_TABLE1_COLUMNS = ["algorithm", "k", "strategy", "auc_mean", "auc_std", "n_splits", "paper_auc_mean", "paper_auc_std"]
+TILEBAG_TABLE1_COLUMNS = [
+    "algorithm",
+    "k",
+    "strategy",
+    "auc_mean",
+    "auc_std",
+    "n_splits",
+    "paper_auc_mean",
+    "paper_auc_std",
+]
 TILEBAG_RUN = re.compile(r"^tilebag(?:_(?P<strategy>parallel|half))?_k(?P<k>\d+)$")
 
 #: frozen-feature MIL method -> (the paper's algorithm, its embedding row whose values sit beside ours).
@@ -49,8 +58,12 @@ def _run_kind(method: str) -> tuple[str, int | None, str] | None:
     return None
 
 
-def tilebag_table1(metrics_paths: list[str | Path], out_csv: str | Path, paper_k: dict[int, int] | None = None,
-               markdown: str | Path | None = None) -> pd.DataFrame:
+def tilebag_table1(
+    metrics_paths: list[str | Path],
+    out_csv: str | Path,
+    paper_k: dict[int, int] | None = None,
+    markdown: str | Path | None = None,
+) -> pd.DataFrame:
     """Mean and std of test AUROC (in %) over splits per row, with the paper's values beside."""
     runs = collect_runs(metrics_paths)
     paper = paper_table("tilebag_table1")
@@ -59,26 +72,43 @@ def tilebag_table1(metrics_paths: list[str | Path], out_csv: str | Path, paper_k
     for method, group in runs.groupby("method", sort=False):
         kind = _run_kind(method)
         if kind is None:
-            raise ConfigError(f"tilebag-table1: run {method!r} is neither tilebag[_parallel|_half]_k<K> nor one of "
-                              f"{sorted(FROZEN_ROWS)}")
+            raise ConfigError(
+                f"tilebag-table1: run {method!r} is neither tilebag[_parallel|_half]_k<K> nor one of "
+                f"{sorted(FROZEN_ROWS)}"
+            )
         algorithm, k, strategy = kind
         auc = 100 * group.auroc.astype(float)
         ref = {}
         if algorithm != "Proposed":
-            ref = paper_row(paper, "tilebag_table1", f"tilebag-table1: run {method!r}", algorithm=algorithm,
-                            embedding=FROZEN_ROWS[method][1])
+            ref = paper_row(
+                paper,
+                "tilebag_table1",
+                f"tilebag-table1: run {method!r}",
+                algorithm=algorithm,
+                embedding=FROZEN_ROWS[method][1],
+            )
         elif k in paper_k:  # a K the config maps to the paper's K; an unmapped K has no paper value
             require_value(paper, "tilebag_table1", "k", paper_k[k], f"tilebag.paper_k (for K={k})")
-            ref = paper_row(paper, "tilebag_table1", f"tilebag-table1: run {method!r} (K={k} -> paper K="
-                            f"{paper_k[k]}, strategy {strategy!r})", algorithm="Proposed",
-                            gpu_strategy=STRATEGY_PAPER[strategy], k=paper_k[k])
-        rows.append({
-            "algorithm": algorithm, "k": k, "strategy": strategy,
-            "auc_mean": round(float(auc.mean()), 1), "auc_std": round(float(auc.std(ddof=1)), 1) if len(auc) > 1
-            else float("nan"), "n_splits": int(group.split.nunique()),
-            "paper_auc_mean": float(ref.get("auc_mean", float("nan"))),
-            "paper_auc_std": float(ref.get("auc_std", float("nan"))),
-        })
+            ref = paper_row(
+                paper,
+                "tilebag_table1",
+                f"tilebag-table1: run {method!r} (K={k} -> paper K={paper_k[k]}, strategy {strategy!r})",
+                algorithm="Proposed",
+                gpu_strategy=STRATEGY_PAPER[strategy],
+                k=paper_k[k],
+            )
+        rows.append(
+            {
+                "algorithm": algorithm,
+                "k": k,
+                "strategy": strategy,
+                "auc_mean": round(float(auc.mean()), 1),
+                "auc_std": round(float(auc.std(ddof=1)), 1) if len(auc) > 1 else float("nan"),
+                "n_splits": int(group.split.nunique()),
+                "paper_auc_mean": float(ref.get("auc_mean", float("nan"))),
+                "paper_auc_std": float(ref.get("auc_std", float("nan"))),
+            }
+        )
     table = pd.DataFrame(rows, columns=TILEBAG_TABLE1_COLUMNS)
     # the paper's order: frozen-feature baselines first, then the K sweep by strategy and K
     table["_frozen"] = table.algorithm != "Proposed"
@@ -108,8 +138,9 @@ def _histories(paths: list[str | Path]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def tilebag_figure4(history_paths: list[str | Path], out_png: str | Path, out_data: str | Path | None = None
-                    ) -> pd.DataFrame:
+def tilebag_figure4(
+    history_paths: list[str | Path], out_png: str | Path, out_data: str | Path | None = None
+) -> pd.DataFrame:
     """(a) training loss per epoch by K with a bootstrap 95% band over splits, (b) final training loss
     against K, (c) final validation AUC against K, (d) final validation AUC per strategy.
 
@@ -134,13 +165,21 @@ def tilebag_figure4(history_paths: list[str | Path], out_png: str | Path, out_da
     axes[0].set(xlabel="epoch", ylabel="training loss", title="(a) training loss (95% bootstrap band)")
     axes[0].legend(fontsize=8)
     fs = final[final.strategy == "single"]
-    for ax, column, label, title in ((axes[1], "train_loss", "final training loss", "(b) final training loss"),
-                                     (axes[2], "val_auroc", "validation AUC", "(c) validation AUC")):
+    for ax, column, label, title in (
+        (axes[1], "train_loss", "final training loss", "(b) final training loss"),
+        (axes[2], "val_auroc", "validation AUC", "(c) validation AUC"),
+    ):
         stats = fs.groupby("k")[column].agg(["mean", "std"]).reindex(ks)
         ax.errorbar(ks, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3)
         panel = title[1]
-        data.add(panel, "mean", ks, stats["mean"], stats["mean"] - stats["std"].fillna(0),
-                 stats["mean"] + stats["std"].fillna(0))
+        data.add(
+            panel,
+            "mean",
+            ks,
+            stats["mean"],
+            stats["mean"] - stats["std"].fillna(0),
+            stats["mean"] + stats["std"].fillna(0),
+        )
         data.add(panel, "run", fs.k, fs[column])
         ax.scatter(fs.k, fs[column], color="grey", s=10, alpha=0.6)
         ax.set(xscale="log", xlabel="K (tiles per slide)", ylabel=label, title=title)
@@ -163,8 +202,9 @@ def tilebag_figure4(history_paths: list[str | Path], out_png: str | Path, out_da
     return data.write(out_data or data_path_for(out_png))
 
 
-def tilebag_figure1(tables: list[str | Path], out_table: str | Path, out_png: str | Path,
-                    out_data: str | Path | None = None) -> pd.DataFrame:
+def tilebag_figure1(
+    tables: list[str | Path], out_table: str | Path, out_png: str | Path, out_data: str | Path | None = None
+) -> pd.DataFrame:
     """Merge per-encoder max-tiles CSVs; bars of ours beside the paper's (80 GB H100), and per GB.
 
     The plotted bars go to `out_data` (default: the PNG's path with .csv), panels a and b."""
@@ -179,10 +219,13 @@ def tilebag_figure1(tables: list[str | Path], out_table: str | Path, out_png: st
     per_gb = table.max_tiles / table.memory_budget_gb
     axes[0].bar(x, table.max_tiles, color=["C0" if p == "fp32" else "C1" for p in table.precision])
     axes[0].set_xticks(x, labels, fontsize=8)
-    axes[0].set(ylabel="max tiles per forward + backward",
-                title=f"(a) here: {table.device.iloc[0]}, {table.memory_budget_gb.iloc[0]:g} GB, "
-                      f"{table.tile_px.iloc[0]} px")
-    ref_per_gb = np.array([paper_tiles_per_gb(e, p, paper) for e, p in zip(table.encoder, table.precision, strict=True)])
+    axes[0].set(
+        ylabel="max tiles per forward + backward",
+        title=f"(a) here: {table.device.iloc[0]}, {table.memory_budget_gb.iloc[0]:g} GB, {table.tile_px.iloc[0]} px",
+    )
+    ref_per_gb = np.array(
+        [paper_tiles_per_gb(e, p, paper) for e, p in zip(table.encoder, table.precision, strict=True)]
+    )
     names = [label.replace("\n", " ") for label in labels]
     data.add("a", "here", names, table.max_tiles)
     data.add("b", "here", names, per_gb)

@@ -86,9 +86,9 @@ class Window:
     def need(self, out: Span) -> Span:
         """Input span read by output span `out` (unclipped: may reach into the padding)."""
         lo, hi = out
-        return lo * self.stride - self.pad_lo, (
-            hi - 1
-        ) * self.stride - self.pad_lo + self.dilation * (self.kernel - 1) + 1
+        return lo * self.stride - self.pad_lo, (hi - 1) * self.stride - self.pad_lo + self.dilation * (
+            self.kernel - 1
+        ) + 1
 
 
 class Node:
@@ -108,9 +108,7 @@ class Node:
 class Local(Node):
     """A sliding-window layer run with padding 0 on an explicitly padded crop."""
 
-    def __init__(
-        self, module: nn.Module, windows: tuple[Window, Window], pad_value: float, fn: Callable
-    ):
+    def __init__(self, module: nn.Module, windows: tuple[Window, Window], pad_value: float, fn: Callable):
         self.module, self.windows, self.pad_value, self.fn = module, windows, pad_value, fn
 
     def out_size(self, in_size: Size) -> Size:
@@ -191,9 +189,7 @@ class Residual(Node):
     def out_size(self, in_size: Size) -> Size:
         size, short = self.main.out_size(in_size), self.shortcut.out_size(in_size)
         if size != short:
-            raise PartitionError(
-                f"residual block: main path gives {size}, shortcut {short} for input {in_size}"
-            )
+            raise PartitionError(f"residual block: main path gives {size}, shortcut {short} for input {in_size}")
         return self.post.out_size(size)
 
     def need(self, out: Region, in_size: Size | None) -> Region:
@@ -216,16 +212,12 @@ def _pair(v) -> tuple[int, int]:
 
 def _conv(m: nn.Conv2d) -> Node:
     if m.padding_mode != "zeros":
-        raise PartitionError(
-            f"{type(m).__name__} with padding_mode={m.padding_mode!r}: only 'zeros' is supported"
-        )
+        raise PartitionError(f"{type(m).__name__} with padding_mode={m.padding_mode!r}: only 'zeros' is supported")
     k, s, d = _pair(m.kernel_size), _pair(m.stride), _pair(m.dilation)
     if m.padding == "valid":
         pads = [(0, 0), (0, 0)]
     elif m.padding == "same":  # torch puts the odd pixel on the high side
-        pads = [
-            (d[i] * (k[i] - 1) // 2, d[i] * (k[i] - 1) - d[i] * (k[i] - 1) // 2) for i in range(2)
-        ]
+        pads = [(d[i] * (k[i] - 1) // 2, d[i] * (k[i] - 1) - d[i] * (k[i] - 1) // 2) for i in range(2)]
     else:
         pads = [(p, p) for p in _pair(m.padding)]
     windows = tuple(Window(k[i], s[i], d[i], *pads[i]) for i in range(2))
@@ -330,24 +322,16 @@ def check_partitionable(root: nn.Module | Sequence[nn.Module]) -> None:
     modules = (
         root.named_modules()
         if isinstance(root, nn.Module)
-        else (
-            (f"{i}.{n}" if n else str(i), m)
-            for i, r in enumerate(root)
-            for n, m in r.named_modules()
-        )
+        else ((f"{i}.{n}" if n else str(i), m) for i, r in enumerate(root) for n, m in r.named_modules())
     )
     for name, m in modules:
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
-            m.training or not m.track_running_stats
-        ):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats):
             raise PartitionError(
                 f"BatchNorm {name!r} is in training mode (or has no running statistics); a partitioned run "
                 f"needs frozen statistics: call .eval() on it"
             )
         if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
-            raise PartitionError(
-                f"Dropout {name!r} is in training mode; a partitioned run needs it in eval mode"
-            )
+            raise PartitionError(f"Dropout {name!r} is in training mode; a partitioned run needs it in eval mode")
 
 
 __all__ = [

@@ -265,7 +265,8 @@ def plan_parts(
         tw = max(1, tw // 2) if cost(1, ((0, th), (0, tw // 2 or 1))) > budget else tw - max(1, tw // 16)
     if cost(1, ((0, th), (0, tw))) > budget:
         raise PartitionError(
-            f"max_transfer_bytes={budget + reserve} ({reserve} of it held across partitions): even one output pixel of a ({c_in}->{c_out}) layer needs "
+            f"max_transfer_bytes={budget + reserve} ({reserve} of it held across partitions): "
+            f"even one output pixel of a ({c_in}->{c_out}) layer needs "
             f"{cost(1, ((0, 1), (0, 1)))} bytes"
         )
     parts = []
@@ -296,16 +297,14 @@ def _conv_node(conv: nn.Conv2d) -> Local:
     return node
 
 
-def _cast_params(weight: Tensor, bias: Tensor | None, dtype: torch.dtype, held: Held
-                 ) -> tuple[Tensor, Tensor | None]:
+def _cast_params(weight: Tensor, bias: Tensor | None, dtype: torch.dtype, held: Held) -> tuple[Tensor, Tensor | None]:
     """The parameters in the compute dtype: themselves, or fp16 copies under AMP (held)."""
     if dtype == weight.dtype:
         return weight, bias
     return held.add(weight.to(dtype)), held.add(None if bias is None else bias.to(dtype))
 
 
-def _padded_crop(engine: OffloadEngine, node: Local, x: Tensor, part: Part, dtype: torch.dtype,
-                 held: Held) -> Tensor:
+def _padded_crop(engine: OffloadEngine, node: Local, x: Tensor, part: Part, dtype: torch.dtype, held: Held) -> Tensor:
     """The partition's input crop on the device, padded where its window crosses the border."""
     full = node.need(part.out, None)
     xin = engine.copy_in(_crop(x, part, part.inp), dtype, held)
@@ -319,8 +318,17 @@ def _padded_crop(engine: OffloadEngine, node: Local, x: Tensor, part: Part, dtyp
     return padded
 
 
-def _conv_forward_part(engine: OffloadEngine, conv: nn.Conv2d, node: Local, x: Tensor, w: Tensor,
-                       b: Tensor | None, part: Part, dtype: torch.dtype, y: Tensor) -> None:
+def _conv_forward_part(
+    engine: OffloadEngine,
+    conv: nn.Conv2d,
+    node: Local,
+    x: Tensor,
+    w: Tensor,
+    b: Tensor | None,
+    part: Part,
+    dtype: torch.dtype,
+    y: Tensor,
+) -> None:
     with engine.ledger.scope() as held:
         xin = _padded_crop(engine, node, x, part, dtype, held)  # (n, C_in, h_in, w_in)
         out = held.add(F.conv2d(xin, w, b, conv.stride, 0, conv.dilation, conv.groups))  # (n, C_out, h, w)
@@ -328,17 +336,36 @@ def _conv_forward_part(engine: OffloadEngine, conv: nn.Conv2d, node: Local, x: T
         engine.to_host(y[part.batch, :, r0:r1, c0:c1], out)
 
 
-def _conv_backward_part(engine: OffloadEngine, conv: nn.Conv2d, node: Local, x: Tensor, w: Tensor,
-                        grad_y: Tensor, part: Part, dtype: torch.dtype, grad_x: Tensor | None,
-                        grad_w: Tensor | None, grad_b: Tensor | None) -> None:
+def _conv_backward_part(
+    engine: OffloadEngine,
+    conv: nn.Conv2d,
+    node: Local,
+    x: Tensor,
+    w: Tensor,
+    grad_y: Tensor,
+    part: Part,
+    dtype: torch.dtype,
+    grad_x: Tensor | None,
+    grad_w: Tensor | None,
+    grad_b: Tensor | None,
+) -> None:
     need = [grad_x is not None, grad_w is not None, grad_b is not None]
     with engine.ledger.scope() as held:
         xin = _padded_crop(engine, node, x, part, dtype, held)  # (n, C_in, h_in, w_in)
         (r0, r1), (c0, c1) = part.out
         g = engine.copy_in(grad_y[part.batch, :, r0:r1, c0:c1], dtype, held)  # (n, C_out, h, w)
         gx, gw, gb = torch.ops.aten.convolution_backward(
-            g, xin, w, [w.shape[0]] if need[2] else None, list(conv.stride), [0, 0],
-            list(conv.dilation), False, [0, 0], conv.groups, need,
+            g,
+            xin,
+            w,
+            [w.shape[0]] if need[2] else None,
+            list(conv.stride),
+            [0, 0],
+            list(conv.dilation),
+            False,
+            [0, 0],
+            conv.groups,
+            need,
         )
         for t in (gx, gw, gb):  # the input gradient and this partition's weight and bias gradients
             held.add(t)
@@ -363,11 +390,12 @@ class _ConvFn(torch.autograd.Function):
         n, c_out = x.shape[0], weight.shape[0]
         y = engine.host_empty((n, c_out, *out_size), dtype)  # (N, C_out, H_out, W_out) on host
         elem = max(x.element_size(), _itemsize(dtype))  # a cast's staging copy is in x's dtype
-        with torch.autocast(engine.device.type, enabled=False), engine.device_scope(), \
-                engine.ledger.scope() as held:
+        with torch.autocast(engine.device.type, enabled=False), engine.device_scope(), engine.ledger.scope() as held:
             w, b = _cast_params(weight, bias, dtype, held)
-            parts = engine.record(plan_parts(node, n, x.shape[1], c_out, in_size, elem,
-                                             engine.max_transfer_bytes, 2, 1, held.bytes), out_size)
+            parts = engine.record(
+                plan_parts(node, n, x.shape[1], c_out, in_size, elem, engine.max_transfer_bytes, 2, 1, held.bytes),
+                out_size,
+            )
             for part in parts:
                 _conv_forward_part(engine, conv, node, x, w, b, part, dtype, y)
         engine.sync()
@@ -382,20 +410,39 @@ class _ConvFn(torch.autograd.Function):
         engine, conv, node = layer.engine, layer.conv, layer.node
         in_size: Size = tuple(x.shape[-2:])  # type: ignore[assignment]
         dtype = ctx.dtype
-        need_x, need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.has_bias and ctx.needs_input_grad[3]
+        need_x, need_w, need_b = (
+            ctx.needs_input_grad[1],
+            ctx.needs_input_grad[2],
+            ctx.has_bias and ctx.needs_input_grad[3],
+        )
         grad_x = engine.host_zeros(x.shape, x.dtype) if need_x else None
         elem = max(x.element_size(), grad_y.element_size(), _itemsize(dtype))
-        with torch.autocast(engine.device.type, enabled=False), engine.device_scope() as scope, \
-                engine.ledger.scope() as held:
+        with (
+            torch.autocast(engine.device.type, enabled=False),
+            engine.device_scope() as scope,
+            engine.ledger.scope() as held,
+        ):
             # the sums over partitions stay on the device for the whole layer, then become the
             # parameters' .grad (model state from there: handed over)
             grad_w = held.add(torch.zeros_like(weight)) if need_w else None
-            grad_b = held.add(torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype)) if need_b else None
+            grad_b = (
+                held.add(torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype)) if need_b else None
+            )
             w, _ = _cast_params(weight, None, dtype, held)
             # convolution_backward returns each partition's weight (and bias) gradient in the compute dtype
             part_grads = ((weight.numel() if need_w else 0) + (weight.shape[0] if need_b else 0)) * _itemsize(dtype)
-            parts = plan_parts(node, x.shape[0], x.shape[1], weight.shape[0], in_size, elem,
-                               engine.max_transfer_bytes, 2, 2, held.bytes + part_grads)
+            parts = plan_parts(
+                node,
+                x.shape[0],
+                x.shape[1],
+                weight.shape[0],
+                in_size,
+                elem,
+                engine.max_transfer_bytes,
+                2,
+                2,
+                held.bytes + part_grads,
+            )
             for part in parts:
                 _conv_backward_part(engine, conv, node, x, w, grad_y, part, dtype, grad_x, grad_w, grad_b)
             scope.hand_over(grad_w, grad_b)
@@ -435,8 +482,9 @@ def _bytes_per_value(acc: torch.dtype, tensors: int, *dtypes: torch.dtype) -> in
 
 def _bn_parts(engine: OffloadEngine, x: Tensor, bytes_per_value: int, reserve: int) -> list[Part]:
     size: Size = tuple(x.shape[-2:])  # type: ignore[assignment]
-    parts = plan_parts(None, x.shape[0], x.shape[1], x.shape[1], size, 1,
-                       engine.max_transfer_bytes, bytes_per_value, 0, reserve)
+    parts = plan_parts(
+        None, x.shape[0], x.shape[1], x.shape[1], size, 1, engine.max_transfer_bytes, bytes_per_value, 0, reserve
+    )
     return engine.record(parts, size)
 
 
@@ -481,8 +529,7 @@ def welford_stats(engine: OffloadEngine, x: Tensor) -> tuple[Tensor, Tensor, int
     return mean, m2, count
 
 
-def _bn_normalise_part(engine: OffloadEngine, x: Tensor, part: Part, scale: Tensor, shift: Tensor,
-                       y: Tensor) -> None:
+def _bn_normalise_part(engine: OffloadEngine, x: Tensor, part: Part, scale: Tensor, shift: Tensor, y: Tensor) -> None:
     with engine.ledger.scope() as held:
         yp = engine.copy_in(_part_view(x, part), scale.dtype, held)  # (n, C, h, w): x, then y in place
         yp.mul_(scale[None, :, None, None]).add_(shift[None, :, None, None])
@@ -491,8 +538,16 @@ def _bn_normalise_part(engine: OffloadEngine, x: Tensor, part: Part, scale: Tens
         engine.to_host(_part_view(y, part), out)
 
 
-def _bn_grad_sums_part(engine: OffloadEngine, x: Tensor, grad_y: Tensor, part: Part, mean: Tensor,
-                       invstd: Tensor, sum_g: Tensor, sum_gx: Tensor) -> None:
+def _bn_grad_sums_part(
+    engine: OffloadEngine,
+    x: Tensor,
+    grad_y: Tensor,
+    part: Part,
+    mean: Tensor,
+    invstd: Tensor,
+    sum_g: Tensor,
+    sum_gx: Tensor,
+) -> None:
     with engine.ledger.scope() as held:
         xhat = engine.copy_in(_part_view(x, part), mean.dtype, held)  # (n, C, h, w): x, then x_hat in place
         gxhat = engine.copy_in(_part_view(grad_y, part), mean.dtype, held)  # g, then g * x_hat in place
@@ -501,9 +556,19 @@ def _bn_grad_sums_part(engine: OffloadEngine, x: Tensor, grad_y: Tensor, part: P
         sum_gx.add_(gxhat.mul_(xhat).sum(dim=(0, 2, 3)))
 
 
-def _bn_grad_input_part(engine: OffloadEngine, x: Tensor, grad_y: Tensor, part: Part, mean: Tensor,
-                        invstd: Tensor, k: Tensor, mean_g: Tensor, mean_gx: Tensor, training: bool,
-                        grad_x: Tensor) -> None:
+def _bn_grad_input_part(
+    engine: OffloadEngine,
+    x: Tensor,
+    grad_y: Tensor,
+    part: Part,
+    mean: Tensor,
+    invstd: Tensor,
+    k: Tensor,
+    mean_g: Tensor,
+    mean_gx: Tensor,
+    training: bool,
+    grad_x: Tensor,
+) -> None:
     with engine.ledger.scope() as held:
         dx = engine.copy_in(_part_view(grad_y, part), k.dtype, held)  # (n, C, h, w): g, then dx in place
         if training:  # x's change moves the batch statistics: dx = (g - mean(g) - x_hat * mean(g x_hat)) * k
@@ -521,13 +586,14 @@ class _BatchNormFn(torch.autograd.Function):
         engine, bn = layer.engine, layer.bn
         acc = stat_dtype(x)
         y = engine.host_empty(x.shape, x.dtype)
-        with torch.autocast(engine.device.type, enabled=False), engine.device_scope(), \
-                engine.ledger.scope() as held:
+        with torch.autocast(engine.device.type, enabled=False), engine.device_scope(), engine.ledger.scope() as held:
             held.add_bytes(_stat_bytes(x))
             if bn.training:
                 mean, m2, count = welford_stats(engine, x)  # pass 1
                 if count < 2:
-                    raise PartitionError(f"BatchNorm2d in training mode needs more than 1 value per channel, got {count}")
+                    raise PartitionError(
+                        f"BatchNorm2d in training mode needs more than 1 value per channel, got {count}"
+                    )
                 if bn.track_running_stats:
                     _update_running(bn, mean, m2 / (count - 1))
                 var = m2.div_(count)  # biased: what normalises
@@ -554,8 +620,11 @@ class _BatchNormFn(torch.autograd.Function):
         acc = saved_mean.dtype
         grad_x = engine.host_empty(x.shape, grad_y.dtype) if ctx.needs_input_grad[1] else None
         per_value = _bytes_per_value(acc, 2, x.dtype, grad_y.dtype)
-        with torch.autocast(engine.device.type, enabled=False), engine.device_scope() as scope, \
-                engine.ledger.scope() as held:
+        with (
+            torch.autocast(engine.device.type, enabled=False),
+            engine.device_scope() as scope,
+            engine.ledger.scope() as held,
+        ):
             held.add_bytes(_stat_bytes(x))
             mean, invstd = saved_mean.to(engine.device), saved_invstd.to(engine.device)  # (C,)
             sum_g = torch.zeros(c, device=engine.device, dtype=acc)
@@ -743,8 +812,9 @@ def saved_bytes(fn, *args) -> tuple[int, object]:
     return sum(seen.values()), out
 
 
-def estimate_device_bytes(trunk: nn.Module, shape: Sequence[int], stages: int | None,
-                          transfer_bytes: int = 0, elem_bytes: int = 4) -> int:
+def estimate_device_bytes(
+    trunk: nn.Module, shape: Sequence[int], stages: int | None, transfer_bytes: int = 0, elem_bytes: int = 4
+) -> int:
     """Device bytes of one training step: parameters, grads and two Adam moments, plus either the
     whole trunk's saved activations (`stages` None: plain) or the on-device rest's after `stages`
     offloaded stages and one partition's working set (`transfer_bytes`). Run on the meta device.

@@ -123,9 +123,7 @@ class StreamingEngine:
             if self.tile_mode == "core":
                 n = t // s
                 if n < 1:
-                    raise PartitionError(
-                        f"tile_px={t} (core) is smaller than the output stride {s}"
-                    )
+                    raise PartitionError(f"tile_px={t} (core) is smaller than the output stride {s}")
             elif in_size[axis] <= t:  # the whole axis fits in one crop
                 n = out_size[axis]
             else:  # an interior crop of n outputs spans (n - 1) * s + f input pixels
@@ -137,9 +135,7 @@ class StreamingEngine:
                     )
             core.append(min(n, out_size[axis]))
         tiles = []
-        for r0, c0 in itertools.product(
-            range(0, out_size[0], core[0]), range(0, out_size[1], core[1])
-        ):
+        for r0, c0 in itertools.product(range(0, out_size[0], core[0]), range(0, out_size[1], core[1])):
             out = ((r0, min(r0 + core[0], out_size[0])), (c0, min(c0 + core[1], out_size[1])))
             tiles.append(Tile(out, self.node.need(out, in_size)))
         return TilePlan(in_size, out_size, tuple(core), tuple(tiles))  # type: ignore[arg-type]
@@ -181,15 +177,11 @@ class StreamingEngine:
         written to `.grad`; `accumulate_grad` does that.
         """
         check_partitionable(self.layers)
-        params = (
-            [p for p in self.parameters() if p.requires_grad] if params is None else list(params)
-        )
+        params = [p for p in self.parameters() if p.requires_grad] if params is None else list(params)
         in_size = tuple(x.shape[-2:])
         plan = self.plan(in_size)  # type: ignore[arg-type]
         if tuple(grad_out.shape[-2:]) != plan.out_size:
-            raise PartitionError(
-                f"grad_out has spatial size {tuple(grad_out.shape[-2:])}, expected {plan.out_size}"
-            )
+            raise PartitionError(f"grad_out has spatial size {tuple(grad_out.shape[-2:])}, expected {plan.out_size}")
         grads: list[Tensor | None] = [None] * len(params)
         grad_x = torch.zeros_like(x) if input_grad else None
         if not params and not input_grad:
@@ -198,9 +190,7 @@ class StreamingEngine:
             with torch.enable_grad():
                 xin = self._input_crop(x, tile).detach().requires_grad_(input_grad)
                 y = self.node.run(xin, tile.inp, tile.out, in_size)  # type: ignore[arg-type]
-                g = crop(grad_out, ((0, plan.out_size[0]), (0, plan.out_size[1])), tile.out).to(
-                    y.device
-                )
+                g = crop(grad_out, ((0, plan.out_size[0]), (0, plan.out_size[1])), tile.out).to(y.device)
                 inputs = [*params, xin] if input_grad else params
                 tile_grads = torch.autograd.grad(y, inputs, g, allow_unused=True)
             for i, tg in enumerate(tile_grads[: len(params)]):
@@ -240,7 +230,5 @@ class _StreamFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         (x,) = ctx.saved_tensors
-        grad_x, grads = ctx.engine.backward(
-            x, grad_out, ctx.params, input_grad=ctx.needs_input_grad[1]
-        )
+        grad_x, grads = ctx.engine.backward(x, grad_out, ctx.params, input_grad=ctx.needs_input_grad[1])
         return None, grad_x, *grads

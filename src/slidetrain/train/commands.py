@@ -16,25 +16,46 @@ def cmd_train_tilebag(a: argparse.Namespace) -> None:
     from slidetrain.train.tilebag import fit_tilebag
 
     sampling = {"tile_px": a.tile_px, "target_magnification": a.target_magnification, "mpp_fallback": a.mpp_fallback}
-    fit_tilebag(a.params, sampling=sampling, out_dir=Path(a.out), seed=a.seed, ordinal=a.ordinal,
-                threads=a.threads, backend=a.backend, timeout_s=a.timeout_s, **_tilebag_data(a))
+    fit_tilebag(
+        a.params,
+        sampling=sampling,
+        out_dir=Path(a.out),
+        seed=a.seed,
+        ordinal=a.ordinal,
+        threads=a.threads,
+        backend=a.backend,
+        timeout_s=a.timeout_s,
+        **_tilebag_data(a),
+    )
 
 
 def cmd_evaluate_tilebag(a: argparse.Namespace) -> None:
     from slidetrain.train.tilebag import evaluate_tilebag
 
-    evaluate_tilebag(Path(a.model), predictions_csv=Path(a.predictions), metrics_json=Path(a.metrics),
-                     attention_h5=Path(a.attention) if a.attention else None, ordinal=a.ordinal,
-                     n_bootstrap=a.n_bootstrap, seed=a.seed, threads=a.threads, **_tilebag_data(a),
-                     eval_overrides={k: v for k, v in (("eval_tiles", a.eval_tiles), ("eval_k", a.eval_k),
-                                                       ("eval_repeats", a.eval_repeats)) if v is not None})
+    evaluate_tilebag(
+        Path(a.model),
+        predictions_csv=Path(a.predictions),
+        metrics_json=Path(a.metrics),
+        attention_h5=Path(a.attention) if a.attention else None,
+        ordinal=a.ordinal,
+        n_bootstrap=a.n_bootstrap,
+        seed=a.seed,
+        threads=a.threads,
+        **_tilebag_data(a),
+        eval_overrides={
+            k: v
+            for k, v in (("eval_tiles", a.eval_tiles), ("eval_k", a.eval_k), ("eval_repeats", a.eval_repeats))
+            if v is not None
+        },
+    )
 
 
 def cmd_evaluate_tilebag_sets(a: argparse.Namespace) -> None:
     from slidetrain.train.tilebag import evaluate_tilebag_sets
 
-    evaluate_tilebag_sets(Path(a.model), a.tests, a.modes, Path(a.out_dir), n_bootstrap=a.n_bootstrap, seed=a.seed,
-                          threads=a.threads)
+    evaluate_tilebag_sets(
+        Path(a.model), a.tests, a.modes, Path(a.out_dir), n_bootstrap=a.n_bootstrap, seed=a.seed, threads=a.threads
+    )
 
 
 def cmd_train_mil(a: argparse.Namespace) -> None:
@@ -47,9 +68,16 @@ def cmd_evaluate_mil(a: argparse.Namespace) -> None:
     from slidetrain.train.mil import evaluate_mil
 
     evaluate_mil(
-        Path(a.model), Path(a.split), Path(a.features), a.classes, Path(a.predictions), Path(a.metrics),
-        attention_h5=Path(a.attention) if a.attention else None, ordinal=a.ordinal,
-        n_bootstrap=a.n_bootstrap, seed=a.seed,
+        Path(a.model),
+        Path(a.split),
+        Path(a.features),
+        a.classes,
+        Path(a.predictions),
+        Path(a.metrics),
+        attention_h5=Path(a.attention) if a.attention else None,
+        ordinal=a.ordinal,
+        n_bootstrap=a.n_bootstrap,
+        seed=a.seed,
     )
 
 
@@ -65,14 +93,27 @@ def cmd_evaluate_image(a: argparse.Namespace) -> None:
     from slidetrain.train.wholeimage.loop import evaluate_whole_image
 
     evaluate_whole_image(
-        Path(a.model), Path(a.split), Path(a.images), a.classes, Path(a.predictions), Path(a.metrics),
-        ordinal=a.ordinal, n_bootstrap=a.n_bootstrap, seed=a.seed, device=a.device,
+        Path(a.model),
+        Path(a.split),
+        Path(a.images),
+        a.classes,
+        Path(a.predictions),
+        Path(a.metrics),
+        ordinal=a.ordinal,
+        n_bootstrap=a.n_bootstrap,
+        seed=a.seed,
+        device=a.device,
     )
 
 
 def _tilebag_data(a: argparse.Namespace) -> dict:
-    return {"split_csv": Path(a.split), "sheet_csv": Path(a.sheet), "slides_dir": Path(a.slides_dir),
-            "tiles_dir": Path(a.tiles_dir), "class_names": a.classes}
+    return {
+        "split_csv": Path(a.split),
+        "sheet_csv": Path(a.sheet),
+        "slides_dir": Path(a.slides_dir),
+        "tiles_dir": Path(a.tiles_dir),
+        "class_names": a.classes,
+    }
 
 
 def data_args(s: argparse.ArgumentParser) -> None:
@@ -116,8 +157,12 @@ def _add_evaluate_tilebag_parser(sub: argparse._SubParsersAction) -> None:
 def _add_evaluate_tilebag_sets_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("evaluate-tilebag-sets", help="score one tile-bag model on several test sets x protocols")
     s.add_argument("--model", required=True)
-    s.add_argument("--tests", type=json_arg, required=True,
-                   help="JSON list of {name, split, sheet, slides_dir, tiles_dir, classes, ordinal}")
+    s.add_argument(
+        "--tests",
+        type=json_arg,
+        required=True,
+        help="JSON list of {name, split, sheet, slides_dir, tiles_dir, classes, ordinal}",
+    )
     s.add_argument("--modes", type=json_arg, required=True, help="JSON {mode: eval overrides}")
     s.add_argument("--out-dir", required=True, help="test_{name}_{mode}/ go below")
     s.add_argument("--n-bootstrap", type=int, default=1000)

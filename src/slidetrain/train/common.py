@@ -50,7 +50,11 @@ def git_commit() -> str:
             ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True, timeout=10
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=10
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
         ).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -116,8 +120,11 @@ def is_better(value: float, best: float | None, metric: str) -> bool:
 
 def config_hash(method: str, cfg, seed: int, split_csv: Path) -> str:
     """Identifies what a checkpoint was trained for, so a changed config never resumes a stale run."""
-    blob = json.dumps({"method": method, "cfg": asdict(cfg), "seed": seed, "split": Path(split_csv).read_text()},
-                      sort_keys=True, default=str)
+    blob = json.dumps(
+        {"method": method, "cfg": asdict(cfg), "seed": seed, "split": Path(split_csv).read_text()},
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

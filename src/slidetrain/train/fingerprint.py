@@ -55,8 +55,11 @@ def fingerprint_changes(old: dict | None, new: dict) -> list[str]:
     added = sorted(set(new_files) - set(old_files))
     removed = sorted(set(old_files) - set(new_files))
     resized = sorted(p for p in set(old_files) & set(new_files) if old_files[p][0] != new_files[p][0])
-    touched = sorted(p for p in set(old_files) & set(new_files)
-                     if old_files[p][0] == new_files[p][0] and old_files[p][1] != new_files[p][1])
+    touched = sorted(
+        p
+        for p in set(old_files) & set(new_files)
+        if old_files[p][0] == new_files[p][0] and old_files[p][1] != new_files[p][1]
+    )
     if added:
         reasons.append(f"{len(added)} input file(s) not read before: {_listed(added)}")
     if removed:

@@ -190,10 +190,18 @@ def run_epochs(
         history.append(row)
         stop = bool(selection.patience) and epoch + 1 >= selection.min_epochs and stale >= selection.patience
         payload = {  # built on every rank: a distributed trainer's state_dict is a collective
-            "format": CHECKPOINT_FORMAT, "tag": tag, "inputs": inputs, "epoch": epoch + 1, "stopped": stop,
+            "format": CHECKPOINT_FORMAT,
+            "tag": tag,
+            "inputs": inputs,
+            "epoch": epoch + 1,
+            "stopped": stop,
             "state": {name: _state_of(obj) for name, obj in stateful.items()},
-            "rng": rng_state(), "cuda_rng": torch.cuda.get_rng_state(device) if cuda else None,
-            "history": history, "best": best, "best_state": best_state, "stale": stale,
+            "rng": rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if cuda else None,
+            "history": history,
+            "best": best,
+            "best_state": best_state,
+            "stale": stale,
         }
         if primary:
             logger.info("epoch %d: %s", epoch + 1, _rounded(row))
@@ -215,16 +223,23 @@ def _resumable(state: dict | None, ckpt_path: Path, tag: str, inputs: dict, logg
     if state is None:
         return None
     if state.get("format") != CHECKPOINT_FORMAT:
-        logger.warning("ignoring %s: checkpoint format %s, expected %d; starting over",
-                       ckpt_path, state.get("format"), CHECKPOINT_FORMAT)
+        logger.warning(
+            "ignoring %s: checkpoint format %s, expected %d; starting over",
+            ckpt_path,
+            state.get("format"),
+            CHECKPOINT_FORMAT,
+        )
         return None
     if state.get("tag") != tag:
         logger.warning("ignoring %s: it was written for another config/seed/split; starting over", ckpt_path)
         return None
     changes = fingerprint_changes(state.get("inputs"), inputs)
     if changes:
-        logger.warning("ignoring %s: the run's inputs changed since it was written (%s); starting over",
-                       ckpt_path, "; ".join(changes))
+        logger.warning(
+            "ignoring %s: the run's inputs changed since it was written (%s); starting over",
+            ckpt_path,
+            "; ".join(changes),
+        )
         return None
     return state
 
@@ -245,13 +260,20 @@ def write_run_files(
     """
     out_dir = Path(out_dir)
     write_provenance(
-        out_dir / "run.json", method, cfg, seed,
+        out_dir / "run.json",
+        method,
+        cfg,
+        seed,
         {
             **provenance,
             "train_seconds": float(sum(r["seconds"] for r in result.history)),
             "epochs_run": len(result.history),
-            "selection": {"metric": result.selection.metric, "start_epoch": result.selection.start_epoch,
-                          "patience": result.selection.patience, "best": result.best},
+            "selection": {
+                "metric": result.selection.metric,
+                "start_epoch": result.selection.start_epoch,
+                "patience": result.selection.patience,
+                "best": result.best,
+            },
         },
     )
     model_path = out_dir / "model.pt"

@@ -136,8 +136,9 @@ def fit_mil(
 
     metric, start_fraction = cfg.selection_rule()
     if metric not in MIL_SELECTION_METRICS:
-        raise ConfigError(f"methods.{method}.selection_metric: expected one of {list(MIL_SELECTION_METRICS)}, "
-                          f"got {metric!r}")
+        raise ConfigError(
+            f"methods.{method}.selection_metric: expected one of {list(MIL_SELECTION_METRICS)}, got {metric!r}"
+        )
 
     seed_everything(seed)
     model = build_model(method, in_dim, n_classes, cfg)
@@ -197,23 +198,43 @@ def fit_mil(
         }
 
     result = run_epochs(
-        out_dir, config_hash(method, cfg, seed, split_csv), cfg.epochs, train_epoch, validate,
+        out_dir,
+        config_hash(method, cfg, seed, split_csv),
+        cfg.epochs,
+        train_epoch,
+        validate,
         stateful={"model": model, "optimizers": optimizers, "schedulers": schedulers},
         snapshot=model.state_dict,
-        selection=Selection(metric, start_epoch=int(start_fraction * cfg.epochs),
-                            patience=cfg.early_stopping_patience, min_epochs=cfg.early_stopping_min_epochs),
+        selection=Selection(
+            metric,
+            start_epoch=int(start_fraction * cfg.epochs),
+            patience=cfg.early_stopping_patience,
+            min_epochs=cfg.early_stopping_min_epochs,
+        ),
         selectable=model.selectable,
         logger=log,
         # the feature files of train and val, in whichever layout load_bags found them
         inputs=input_fingerprint(find_feature_file(features_dir, b.slide_id) for b in (*train, *val)),
     )
     return write_run_files(
-        out_dir, method, cfg, seed, result,
-        provenance={"in_dim": in_dim, "class_names": class_names, "split": str(split_csv),
-                    "features": str(features_dir)},
+        out_dir,
+        method,
+        cfg,
+        seed,
+        result,
+        provenance={
+            "in_dim": in_dim,
+            "class_names": class_names,
+            "split": str(split_csv),
+            "features": str(features_dir),
+        },
         model_payload=lambda best_state: {
-            "method": method, "config": asdict(cfg), "in_dim": in_dim, "class_names": class_names,
-            "state_dict": best_state, "feature_norm": norm_stats,
+            "method": method,
+            "config": asdict(cfg),
+            "in_dim": in_dim,
+            "class_names": class_names,
+            "state_dict": best_state,
+            "feature_norm": norm_stats,
         },
     )
 
@@ -256,7 +277,8 @@ def evaluate_mil(
                         g = f.create_group(bag.slide_id)
                         g.create_dataset("attention", data=att)  # (N,) or (C, N)
                         g.create_dataset("coords", data=bag.coords)
-    result = evaluate_predictions(pred, class_names, ordinal=ordinal, n_bootstrap=n_bootstrap, seed=seed,
-                                  patient_of=patient_of(split))
+    result = evaluate_predictions(
+        pred, class_names, ordinal=ordinal, n_bootstrap=n_bootstrap, seed=seed, patient_of=patient_of(split)
+    )
     write_json(metrics_json, result)
     return result

@@ -67,6 +67,7 @@ from slidetrain.errors import ConfigError
 EPOCH_SCHEDULERS = ("none", "cosine", "step", "exponential", "plateau")
 ITERATION_SCHEDULERS = ("warmup_cosine",)
 
+
 class Lookahead(torch.optim.Optimizer):
     """Lookahead (Zhang et al. 2019): every k steps pull slow weights alpha of the way to the fast ones.
 
@@ -154,7 +155,10 @@ def build_optimizer(params: list[nn.Parameter] | list[dict], cfg) -> torch.optim
         )
     if name == "radam_lookahead":
         inner = torch.optim.RAdam(
-            params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+            params,
+            lr=cfg.lr,
+            betas=tuple(cfg.betas),
+            weight_decay=cfg.weight_decay,
             decoupled_weight_decay=decoupled,
         )
         return Lookahead(inner)
@@ -184,16 +188,21 @@ def warmup_cosine(base: float, final: float, total: int, warmup: int) -> np.ndar
 
 
 class Schedule:
-    """The lr / weight-decay schedule of one optimiser: `step_iteration()` per optimiser step, `step(val_loss)` per epoch.
+    """The lr / weight-decay schedule of one optimiser: `step_iteration()` per step, `step(val_loss)` per epoch.
 
     `epoch_inner` is a torch epoch scheduler (or the plateau wrapper) or None;
     `lr_table` / `wd_table` are per-iteration values (lr per group; wd for the
     groups whose initial decay is non-zero) or None.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, epoch_inner=None,
-                 lr_table: list[np.ndarray] | None = None, wd_table: np.ndarray | None = None,
-                 momentum_table: list[np.ndarray] | None = None):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        epoch_inner=None,
+        lr_table: list[np.ndarray] | None = None,
+        wd_table: np.ndarray | None = None,
+        momentum_table: list[np.ndarray] | None = None,
+    ):
         self.optimizer = optimizer
         self.epoch_inner = epoch_inner
         self.lr_table, self.wd_table = lr_table, wd_table
@@ -295,8 +304,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg, iters_per_epoch: int 
     elif name == "warmup_cosine":
         warmup = int(round(_opt(cfg, "warmup_epochs", 0) * iters_per_epoch))
         # each group's own base lr ("initial_lr": unchanged by a schedule built earlier on this optimiser)
-        lr_table = [warmup_cosine(g.setdefault("initial_lr", g["lr"]), cfg.min_lr, total, warmup)
-                    for g in opt.param_groups]
+        lr_table = [
+            warmup_cosine(g.setdefault("initial_lr", g["lr"]), cfg.min_lr, total, warmup) for g in opt.param_groups
+        ]
     else:
         raise ConfigError(
             f"scheduler: unknown value {name!r}; expected one of {list(EPOCH_SCHEDULERS + ITERATION_SCHEDULERS)}"

@@ -68,19 +68,26 @@ def biglayers_params(plan: Plan, dataset: str, encoder: str, agg: str, aug: str)
     augmentation (`aug` or `noaug`)."""
     cfg = offload_tables_cfg(plan)
     table = table_of_dataset(plan, dataset)
-    return json.dumps({
-        **cfg.get("params", {}), **table.get("params", {}), **cfg["encoders"][encoder],
-        **table.get("encoder_params", {}).get(encoder, {}),
-        "aggregator": agg, "aggregator_params": cfg.get("aggregator_params", {}).get(agg, {}),
-        "augment": aug == "aug",
-    })
+    return json.dumps(
+        {
+            **cfg.get("params", {}),
+            **table.get("params", {}),
+            **cfg["encoders"][encoder],
+            **table.get("encoder_params", {}).get(encoder, {}),
+            "aggregator": agg,
+            "aggregator_params": cfg.get("aggregator_params", {}).get(agg, {}),
+            "augment": aug == "aug",
+        }
+    )
 
 
 def _test_sets(plan: Plan, dataset: str, split: str) -> list[tuple[str, str, str]]:
     """(name, dataset, split file) of the model's test sets: its dataset's test part, the external cohort."""
     table = table_of_dataset(plan, dataset)
-    return [("internal", dataset, f"results/{dataset}/splits/{split}.csv"),
-            ("external", table["external"], f"results/{table['external']}/splits/external.csv")]
+    return [
+        ("internal", dataset, f"results/{dataset}/splits/{split}.csv"),
+        ("external", table["external"], f"results/{table['external']}/splits/external.csv"),
+    ]
 
 
 def biglayers_test_splits(plan: Plan, dataset: str, split: str) -> list[str]:
@@ -92,20 +99,29 @@ def biglayers_tests(plan: Plan, dataset: str, split: str) -> str:
     tests = []
     for name, test_dataset, split_file in _test_sets(plan, dataset, split):
         base = plan.base_dataset(test_dataset)
-        tests.append({
-            "name": name, "split": split_file, "sheet": plan.dataset_cfg(base)["sheet"],
-            "slides_dir": f"resources/{base}/slides", "tiles_dir": f"results/{base}/tiles",
-            "classes": plan.dataset_cfg(test_dataset)["classes"],
-            "ordinal": bool(plan.dataset_cfg(test_dataset).get("ordinal")),
-        })
+        tests.append(
+            {
+                "name": name,
+                "split": split_file,
+                "sheet": plan.dataset_cfg(base)["sheet"],
+                "slides_dir": f"resources/{base}/slides",
+                "tiles_dir": f"results/{base}/tiles",
+                "classes": plan.dataset_cfg(test_dataset)["classes"],
+                "ordinal": bool(plan.dataset_cfg(test_dataset).get("ordinal")),
+            }
+        )
     return json.dumps(tests)
 
 
 def biglayers_modes(plan: Plan, dataset: str) -> str:
     """All tiles, and the table's R x K sampled tiles (JSON)."""
     table = table_of_dataset(plan, dataset)
-    return json.dumps({"all": {"eval_tiles": "all"},
-                       "sampled": {"eval_tiles": "sampled", "eval_k": table["eval_k"], "eval_repeats": table["eval_repeats"]}})
+    return json.dumps(
+        {
+            "all": {"eval_tiles": "all"},
+            "sampled": {"eval_tiles": "sampled", "eval_k": table["eval_k"], "eval_repeats": table["eval_repeats"]},
+        }
+    )
 
 
 def offload_table_splits(plan: Plan, dataset: str) -> list[str]:
@@ -120,9 +136,14 @@ def offload_table_metrics(plan: Plan, name: str) -> list[str]:
     block = offload_tables(plan)[name]
     return expand(
         "results/{dataset}/runs/biglayers_{agg}_{encoder}_{aug}/{split}/{seed}/test_{testset}_{tiles}/metrics.json",
-        dataset=block["dataset"], agg=cfg.get("aggregators", []), encoder=list(cfg.get("encoders", {})),
-        aug=cfg.get("augmentation", ["aug"]), split=offload_table_splits(plan, block["dataset"]), seed=plan.seeds,
-        testset=["internal", "external"], tiles=["all", "sampled"],
+        dataset=block["dataset"],
+        agg=cfg.get("aggregators", []),
+        encoder=list(cfg.get("encoders", {})),
+        aug=cfg.get("augmentation", ["aug"]),
+        split=offload_table_splits(plan, block["dataset"]),
+        seed=plan.seeds,
+        testset=["internal", "external"],
+        tiles=["all", "sampled"],
     )
 
 

@@ -13,9 +13,7 @@ from slidetrain.workflow.plan import Plan
 def method_params(plan: Plan, method: str) -> str:
     """The method's config block as JSON (its dataclass validates the keys in the job)."""
     if method not in plan.config["methods"]:
-        raise ConfigError(
-            f"method {method!r} has no block under `methods` in the config; known: {plan.all_methods}"
-        )
+        raise ConfigError(f"method {method!r} has no block under `methods` in the config; known: {plan.all_methods}")
     return json.dumps(plan.config["methods"][method])
 
 
@@ -60,8 +58,12 @@ def download_args(plan: Plan, dataset: str, slide: str) -> str:
     `download` block's retries, backoff and endpoints."""
     row = plan.sheets[dataset].loc[slide]
     dl = plan.config.get("download", {})
-    args = [f"--source {row.source!r}", f"--retries {dl.get('retries', 5)}", f"--backoff-s {dl.get('backoff_s', 2.0)}",
-            f"--on-bad-slide {plan.config['preprocess']['on_bad_slide']}"]
+    args = [
+        f"--source {row.source!r}",
+        f"--retries {dl.get('retries', 5)}",
+        f"--backoff-s {dl.get('backoff_s', 2.0)}",
+        f"--on-bad-slide {plan.config['preprocess']['on_bad_slide']}",
+    ]
     if row.get("md5", ""):
         args.append(f"--md5 {row.md5}")
     if row.get("size", ""):

@@ -25,7 +25,10 @@ def runs_of(plan: Plan, dataset: str, method: str) -> list[str]:
         splits = splits[:whole_image_splits]
     return expand(
         "results/{dataset}/runs/{method}/{split}/{seed}/metrics.json",
-        dataset=dataset, method=method, split=splits, seed=plan.seeds,
+        dataset=dataset,
+        method=method,
+        split=splits,
+        seed=plan.seeds,
     )
 
 
@@ -76,11 +79,18 @@ def tilebag_runs(plan: Plan, kind: str) -> list[str]:
     splits, datasets = tilebag_splits(plan), tilebag.get("datasets", [])
     files = expand(
         "results/{dataset}/runs/{run}/{split}/{seed}/{name}",
-        dataset=datasets, run=runs, split=splits, seed=plan.seeds, name=name,
+        dataset=datasets,
+        run=runs,
+        split=splits,
+        seed=plan.seeds,
+        name=name,
     )
     if kind == "metrics":
         files += expand(
             "results/{dataset}/runs/{method}/{split}/{seed}/metrics.json",
-            dataset=datasets, method=tilebag.get("frozen_methods", []), split=splits, seed=plan.seeds,
+            dataset=datasets,
+            method=tilebag.get("frozen_methods", []),
+            split=splits,
+            seed=plan.seeds,
         )
     return files

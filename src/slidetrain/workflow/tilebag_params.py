@@ -45,7 +45,9 @@ def tilebag_strategy(run: str) -> tuple[str, int]:
 def tilebag_run_params(plan: Plan, run: str) -> str:
     """The run's TileBagConfig keys as JSON: tilebag.params, the strategy's keys (tilebag.strategies), its K."""
     strategy, k = tilebag_strategy(run)
-    return json.dumps({**tilebag_cfg(plan, "params", {}), **tilebag_cfg(plan, "strategies", {}).get(strategy, {}), "k": k})
+    return json.dumps(
+        {**tilebag_cfg(plan, "params", {}), **tilebag_cfg(plan, "strategies", {}).get(strategy, {}), "k": k}
+    )
 
 
 def tilebag_nproc(plan: Plan) -> int:

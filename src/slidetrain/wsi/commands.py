@@ -28,8 +28,12 @@ def cmd_preprocess(a: argparse.Namespace) -> None:
     from slidetrain.wsi.exclusion import preprocess_or_exclude
 
     outputs = {
-        "mask_png": a.mask, "qc_path": a.qc, "tiles_h5": a.tiles, "image_path": a.image,
-        "image_meta_json": a.image_meta, "timings_json": a.timings,
+        "mask_png": a.mask,
+        "qc_path": a.qc,
+        "tiles_h5": a.tiles,
+        "image_path": a.image,
+        "image_meta_json": a.image_meta,
+        "timings_json": a.timings,
     }
     preprocess_or_exclude(
         a.slide, a.slide_id, outputs=outputs, params=a.params, on_bad_slide=a.on_bad_slide, status_json=a.status
@@ -42,10 +46,22 @@ def cmd_features(a: argparse.Namespace) -> None:
     jobs = []
     for item in a.slides:
         slide_id, _, path = item.partition("=")
-        jobs.append(FeatureJob(slide_id, Path(path), Path(a.tiles_dir) / f"{slide_id}.h5", Path(a.out_dir) / f"{slide_id}.h5"))
+        jobs.append(
+            FeatureJob(slide_id, Path(path), Path(a.tiles_dir) / f"{slide_id}.h5", Path(a.out_dir) / f"{slide_id}.h5")
+        )
     extract_features(
-        jobs, a.encoder, a.weights, batch_size=a.batch_size, device=a.device, threads=a.threads,
-        seed=a.seed, mpp_fallback=a.mpp_fallback, workers=a.workers, amp=a.amp, shard=a.shard, manifest=a.manifest,
+        jobs,
+        a.encoder,
+        a.weights,
+        batch_size=a.batch_size,
+        device=a.device,
+        threads=a.threads,
+        seed=a.seed,
+        mpp_fallback=a.mpp_fallback,
+        workers=a.workers,
+        amp=a.amp,
+        shard=a.shard,
+        manifest=a.manifest,
         sha256=a.weights_sha256 or None,
     )
 
@@ -54,7 +70,12 @@ def cmd_synthesize_shard(a: argparse.Namespace) -> None:
     from slidetrain.wsi.shard import parse_pairs, synthesize_shard
 
     synthesize_shard(
-        a.shard, parse_pairs(a.slides, "label"), a.out_dir, a.seed, tuple(a.size_range_px), manifest=a.manifest,
+        a.shard,
+        parse_pairs(a.slides, "label"),
+        a.out_dir,
+        a.seed,
+        tuple(a.size_range_px),
+        manifest=a.manifest,
         stain_scale=tuple(a.stain_scale),
     )
 
@@ -62,9 +83,7 @@ def cmd_synthesize_shard(a: argparse.Namespace) -> None:
 def cmd_preprocess_shard(a: argparse.Namespace) -> None:
     from slidetrain.wsi.shard import parse_pairs, preprocess_shard
 
-    preprocess_shard(
-        a.shard, parse_pairs(a.slides, "path"), a.out_root, a.params, a.on_bad_slide, manifest=a.manifest
-    )
+    preprocess_shard(a.shard, parse_pairs(a.slides, "path"), a.out_root, a.params, a.on_bad_slide, manifest=a.manifest)
 
 
 def cmd_qc_status(a: argparse.Namespace) -> None:
@@ -154,8 +173,13 @@ def _add_synthesize_shard_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out-dir", required=True, help="resources/{dataset}/slides")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size-range-px", type=int, nargs=2, default=(3000, 6000))
-    s.add_argument("--stain-scale", type=float, nargs=2, default=(1.0, 1.0),
-                   help="hematoxylin, eosin factors on every slide's stain (an external cohort's shift)")
+    s.add_argument(
+        "--stain-scale",
+        type=float,
+        nargs=2,
+        default=(1.0, 1.0),
+        help="hematoxylin, eosin factors on every slide's stain (an external cohort's shift)",
+    )
     s.add_argument("--manifest", required=True)
     s.set_defaults(func=cmd_synthesize_shard)
 

@@ -6,7 +6,7 @@ Layouts read, per slide (`{slide}` = slide_id), looked for in this order under a
 |------------------------------|-----------------------------------------|-------------------------------------------|
 | `{slide}.h5`                 | slidetrain; TRIDENT `features_{encoder}/` | `features` (N, D), `coords` (N, 2)        |
 | `h5_files/{slide}.h5`        | CLAM `extract_features_fp.py`           | `features` (N, D), `coords` (N, 2)        |
-| `{slide}.pt`, `pt_files/{slide}.pt` | CLAM                             | a (N, D) tensor; coords from the h5 twin if there |
+| `{slide}.pt`, `pt_files/{slide}.pt` | CLAM                   | a (N, D) tensor; coords from the h5 twin |
 
 TRIDENT puts the tile geometry in the attributes of `coords` (patch_size, patch_size_level0,
 level0_magnification, target_magnification, overlap); CLAM's patching writes patch_level and
@@ -32,7 +32,7 @@ CANDIDATES = ("{s}.h5", "h5_files/{s}.h5", "{s}.pt", "pt_files/{s}.pt")
 
 
 def find_feature_file(features_dir: str | Path, slide_id: str) -> Path:
-    """The slide's feature file in any supported layout; a missing one is an error naming the slide and the places looked."""
+    """The slide's feature file in any supported layout; a missing one is an error naming the slide and the paths."""
     root = Path(features_dir)
     for pattern in CANDIDATES:
         path = root / pattern.format(s=slide_id)
@@ -90,13 +90,15 @@ def check_dims(dims: dict[str, int], features_dir: str | Path, expected: int | N
     odd = {s: d for s, d in dims.items() if d != want}
     if odd:
         first = next(iter(odd))
-        raise SlideError(first, f"features in {features_dir} have dimension {odd[first]}, expected {want} "
-                                f"(slides of another dimension: {list(odd)[:10]})")
+        raise SlideError(
+            first,
+            f"features in {features_dir} have dimension {odd[first]}, expected {want} "
+            f"(slides of another dimension: {list(odd)[:10]})",
+        )
     return want
 
 
-def external_feature_index(features_dir: str | Path, slide_ids: list[str], out_csv: str | Path,
-                           dim: int | None = None):
+def external_feature_index(features_dir: str | Path, slide_ids: list[str], out_csv: str | Path, dim: int | None = None):
     """index.csv (slide_id, n_tiles, dim, empty) of a folder of precomputed features, checked slide by slide."""
     import pandas as pd
 
@@ -106,8 +108,9 @@ def external_feature_index(features_dir: str | Path, slide_ids: list[str], out_c
     for slide_id in slide_ids:
         features, _ = read_slide_features(features_dir, slide_id)
         dims[slide_id] = features.shape[1]
-        rows.append({"slide_id": slide_id, "n_tiles": len(features), "dim": features.shape[1],
-                     "empty": len(features) == 0})
+        rows.append(
+            {"slide_id": slide_id, "n_tiles": len(features), "dim": features.shape[1], "empty": len(features) == 0}
+        )
     check_dims(dims, features_dir, dim)
     table = pd.DataFrame(rows, columns=["slide_id", "n_tiles", "dim", "empty"])
     with atomic_path(out_csv) as tmp:

@@ -179,10 +179,19 @@ def _pending_jobs(
             statuses[job.slide_id] = ("ok", "")
         if is_current(job, coords, encoder_name, weights):
             continue
-        todo.append((job, SlideTiles(
-            job.slide_id, job.slide_path, coords,
-            float(attrs.get("target_magnification", 0.0)), int(attrs.get("patch_size", 0)), mpp_fallback,
-        )))
+        todo.append(
+            (
+                job,
+                SlideTiles(
+                    job.slide_id,
+                    job.slide_path,
+                    coords,
+                    float(attrs.get("target_magnification", 0.0)),
+                    int(attrs.get("patch_size", 0)),
+                    mpp_fallback,
+                ),
+            )
+        )
     return statuses, todo
 
 
@@ -194,8 +203,15 @@ def _write_features_manifest(
 
     write_manifest(
         manifest,
-        [{"slide_id": j.slide_id, "status": statuses[j.slide_id][0], "reason": statuses[j.slide_id][1],
-          "features": str(j.out_h5)} for j in jobs],
+        [
+            {
+                "slide_id": j.slide_id,
+                "status": statuses[j.slide_id][0],
+                "reason": statuses[j.slide_id][1],
+                "features": str(j.out_h5),
+            }
+            for j in jobs
+        ],
         ["features"],
     )
 
@@ -242,8 +258,12 @@ def extract_features(
             # the slide's share of the pipeline's wall time: since the previous slide was finished
             now = time.perf_counter()
             seconds, last_done[0] = (now - last_done[0]) if parts else 0.0, now
-            write_features(job.out_h5, features.astype(np.float32, copy=False), tiles.coords,
-                           {**attrs, "slide_id": job.slide_id, "seconds": seconds})
+            write_features(
+                job.out_h5,
+                features.astype(np.float32, copy=False),
+                tiles.coords,
+                {**attrs, "slide_id": job.slide_id, "seconds": seconds},
+            )
             rows.append({"slide_id": job.slide_id, "features_s": seconds, "n_tiles": len(tiles.coords)})
             log.info("%s: %d tiles in %.2f s", job.slide_id, len(tiles.coords), seconds)
 
@@ -260,10 +280,14 @@ def extract_features(
             batches = tile_loader(dataset, workers, dev)
             for k, out, error in encode_batches(run, batches, bar):
                 if out is None:
-                    raise ShardError(shard, todo[k][0].slide_id, (
-                        f"reading tiles for features failed: {error} ({len(rows)} slides finished in this run "
-                        "are kept; rerun skips them)"
-                    ))
+                    raise ShardError(
+                        shard,
+                        todo[k][0].slide_id,
+                        (
+                            f"reading tiles for features failed: {error} ({len(rows)} slides finished in this run "
+                            "are kept; rerun skips them)"
+                        ),
+                    )
                 parts.setdefault(k, []).append(out)
                 if len(parts[k]) == n_batches[k]:
                     finish(k, parts.pop(k))

@@ -11,10 +11,20 @@ def cmd_heatmap(a: argparse.Namespace) -> None:
 
     out_dir = Path(a.out_dir)
     heatmaps_for_run(
-        Path(a.attention), a.method, Path(a.split), Path(a.sheet), Path(a.slides_dir), Path(a.tiles_dir),
-        Path(a.masks_dir), out_dir, Path(a.index) if a.index else out_dir / "index.csv",
-        predictions_csv=Path(a.predictions) if a.predictions else None, class_names=a.classes,
-        truth_dir=Path(a.truth_dir) if a.truth_dir else None, max_px=a.max_px, mpp_fallback=a.mpp_fallback,
+        Path(a.attention),
+        a.method,
+        Path(a.split),
+        Path(a.sheet),
+        Path(a.slides_dir),
+        Path(a.tiles_dir),
+        Path(a.masks_dir),
+        out_dir,
+        Path(a.index) if a.index else out_dir / "index.csv",
+        predictions_csv=Path(a.predictions) if a.predictions else None,
+        class_names=a.classes,
+        truth_dir=Path(a.truth_dir) if a.truth_dir else None,
+        max_px=a.max_px,
+        mpp_fallback=a.mpp_fallback,
     )
 
 

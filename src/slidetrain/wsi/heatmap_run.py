@@ -47,9 +47,19 @@ def test_slides(split_csv: Path) -> list[str]:
 
 
 def heatmaps_for_run(
-    attention_h5: Path, method: str, split_csv: Path, sheet_csv: Path, slides_dir: Path, tiles_dir: Path,
-    masks_dir: Path, out_dir: Path, index_csv: Path, predictions_csv: Path | None = None,
-    class_names: list[str] | None = None, truth_dir: Path | None = None, max_px: int = 1024,
+    attention_h5: Path,
+    method: str,
+    split_csv: Path,
+    sheet_csv: Path,
+    slides_dir: Path,
+    tiles_dir: Path,
+    masks_dir: Path,
+    out_dir: Path,
+    index_csv: Path,
+    predictions_csv: Path | None = None,
+    class_names: list[str] | None = None,
+    truth_dir: Path | None = None,
+    max_px: int = 1024,
     mpp_fallback: float | None = None,
 ) -> pd.DataFrame:
     """Heatmap PNG + per-tile CSV of every test slide of the run; the index table (also written)."""
@@ -72,11 +82,25 @@ def heatmaps_for_run(
                 branch = class_names.index(predicted)
         extra = f"; truth {label}, predicted {predicted}" if pred is not None else ""
         out_png, out_csv = Path(out_dir) / f"{sid}.png", Path(out_dir) / f"{sid}.csv"
-        row = slide_heatmap(inputs, Path(attention_h5), method, out_png, out_csv, branch=branch,
-                            title_extra=extra, max_px=max_px, mpp_fallback=mpp_fallback)
+        row = slide_heatmap(
+            inputs,
+            Path(attention_h5),
+            method,
+            out_png,
+            out_csv,
+            branch=branch,
+            title_extra=extra,
+            max_px=max_px,
+            mpp_fallback=mpp_fallback,
+        )
         multi_branch = row.pop("n_branches") > 1  # the class whose branch is drawn: only then is there a choice
-        row.update(png=out_png.name, csv=out_csv.name, label=label, predicted=predicted,
-                   branch=class_names[branch] if branch is not None and multi_branch else "")
+        row.update(
+            png=out_png.name,
+            csv=out_csv.name,
+            label=label,
+            predicted=predicted,
+            branch=class_names[branch] if branch is not None and multi_branch else "",
+        )
         rows.append(row)
         log.info("%s %s: %d tiles, %.2f s", method, sid, row["n_tiles"], row["seconds"])
     index = pd.DataFrame(rows)[list(INDEX_COLUMNS)]
@@ -94,8 +118,21 @@ def write_gallery(index_csvs: list[Path], out_html: Path, title: str) -> int:
         index = pd.read_csv(index_csv, dtype={"slide_id": str, "label": str, "predicted": str})
         method = str(index.method.iloc[0]) if len(index) else Path(index_csv).parent.name
         parts.append(f"<h4>{html.escape(method)}</h4>")
-        parts.append(table_body(index[["slide_id", "label", "predicted", "n_tiles", "lesion_auroc",
-                                       "scaled_on_lesion", "scaled_off_lesion"]]))
+        parts.append(
+            table_body(
+                index[
+                    [
+                        "slide_id",
+                        "label",
+                        "predicted",
+                        "n_tiles",
+                        "lesion_auroc",
+                        "scaled_on_lesion",
+                        "scaled_off_lesion",
+                    ]
+                ]
+            )
+        )
         for sid, png in zip(index.slide_id, index.png, strict=True):
             picture = Path(index_csv).parent / png
             if not picture.is_file():

@@ -34,10 +34,30 @@ from slidetrain.wsi.mask import read_mask_png  # noqa: E402
 from slidetrain.wsi.thumbnail import Thumbnail, grid_on_thumbnail, read_thumbnail  # noqa: E402
 from slidetrain.wsi.tile import read_tiles_h5  # noqa: E402
 
-TILE_COLUMNS = ("slide_id", "method", "x_level0", "y_level0", "tile_px_level0", "value", "value_scaled",
-                "lesion_fraction")
-INDEX_COLUMNS = ("slide_id", "method", "png", "csv", "n_tiles", "branch", "label", "predicted", "seconds",
-                 "lesion_auroc", "scaled_on_lesion", "scaled_off_lesion")
+TILE_COLUMNS = (
+    "slide_id",
+    "method",
+    "x_level0",
+    "y_level0",
+    "tile_px_level0",
+    "value",
+    "value_scaled",
+    "lesion_fraction",
+)
+INDEX_COLUMNS = (
+    "slide_id",
+    "method",
+    "png",
+    "csv",
+    "n_tiles",
+    "branch",
+    "label",
+    "predicted",
+    "seconds",
+    "lesion_auroc",
+    "scaled_on_lesion",
+    "scaled_off_lesion",
+)
 LESION_TILE = 0.5  # a tile counts as lesion when at least this share of it is lesion in the truth
 
 
@@ -52,8 +72,9 @@ class SlideInputs:
     truth_npz: Path | None  # synthetic slides only
 
 
-def read_tile_scores(attention_h5: Path, slide_id: str, branch: int | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, int]:
+def read_tile_scores(
+    attention_h5: Path, slide_id: str, branch: int | None = None
+) -> tuple[np.ndarray, np.ndarray, int]:
     """(values (N,), level-0 coords (N, 2), number of branches) of one slide from a run's attention.h5.
 
     Multi-branch attention (C, N) (CLAM-MB, DSMIL) needs `branch`, the class whose branch is shown;
@@ -61,13 +82,19 @@ def read_tile_scores(attention_h5: Path, slide_id: str, branch: int | None = Non
     """
     attention_h5 = Path(attention_h5)
     if not attention_h5.is_file():
-        raise SlideError(slide_id, f"attention file {attention_h5} does not exist; expected the run's evaluation"
-                                   " output (attention.h5 with one group per test slide)")
+        raise SlideError(
+            slide_id,
+            f"attention file {attention_h5} does not exist; expected the run's evaluation"
+            " output (attention.h5 with one group per test slide)",
+        )
     with h5py.File(attention_h5, "r") as f:
         if slide_id not in f:
             have = sorted(f.keys())
-            raise SlideError(slide_id, f"has no group in {attention_h5} (it holds {len(have)} slides, e.g."
-                                       f" {have[:3]}); expected the slide's per-tile attention there")
+            raise SlideError(
+                slide_id,
+                f"has no group in {attention_h5} (it holds {len(have)} slides, e.g."
+                f" {have[:3]}); expected the slide's per-tile attention there",
+            )
         group = f[slide_id]
         for key in ("attention", "coords"):
             if key not in group:
@@ -77,12 +104,17 @@ def read_tile_scores(attention_h5: Path, slide_id: str, branch: int | None = Non
     n_branches = values.shape[0] if values.ndim == 2 else 1
     if values.ndim == 2:
         if branch is None or not 0 <= branch < values.shape[0]:
-            raise SlideError(slide_id, f"{attention_h5}: attention has {values.shape[0]} branches; expected a"
-                                       f" branch index in [0, {values.shape[0]}), got {branch}")
+            raise SlideError(
+                slide_id,
+                f"{attention_h5}: attention has {values.shape[0]} branches; expected a"
+                f" branch index in [0, {values.shape[0]}), got {branch}",
+            )
         values = values[branch]
     if values.ndim != 1 or len(values) != len(coords):
-        raise SlideError(slide_id, f"{attention_h5}: {values.shape} attention values for {len(coords)} tiles;"
-                                   " expected one value per tile")
+        raise SlideError(
+            slide_id,
+            f"{attention_h5}: {values.shape} attention values for {len(coords)} tiles; expected one value per tile",
+        )
     if len(values) == 0 or not np.isfinite(values).all():
         raise SlideError(slide_id, f"{attention_h5}: attention is empty or not finite; expected finite values")
     return values, coords, n_branches
@@ -121,7 +153,9 @@ def paint_tiles(scaled: np.ndarray, coords: np.ndarray, size_level0: int, thumb:
     c1 = np.maximum(np.ceil((coords[:, 0] + size_level0) / dx).astype(np.int64), c0 + 1)  # >= 1 px per tile
     r1 = np.maximum(np.ceil((coords[:, 1] + size_level0) / dy).astype(np.int64), r0 + 1)
     for v, a, b, c, d in zip(scaled, r0, r1, c0, c1, strict=True):
-        heat[max(a, 0) : max(b, 0), max(c, 0) : max(d, 0)] = np.fmax(heat[max(a, 0) : max(b, 0), max(c, 0) : max(d, 0)], v)
+        heat[max(a, 0) : max(b, 0), max(c, 0) : max(d, 0)] = np.fmax(
+            heat[max(a, 0) : max(b, 0), max(c, 0) : max(d, 0)], v
+        )
     return heat
 
 
@@ -139,14 +173,16 @@ def _outline(ax, grid: np.ndarray, color: str, style: str, width: float) -> None
         ax.contour(grid.astype(np.float32), levels=[0.5], colors=[color], linestyles=[style], linewidths=[width])
 
 
-def render_heatmap_png(out_png: Path, thumb: Thumbnail, heat: np.ndarray, tissue: np.ndarray,
-                       lesion: np.ndarray | None, title: str) -> None:
+def render_heatmap_png(
+    out_png: Path, thumb: Thumbnail, heat: np.ndarray, tissue: np.ndarray, lesion: np.ndarray | None, title: str
+) -> None:
     th, tw = thumb.rgb.shape[:2]
     dpi = 100
     fig, ax = plt.subplots(figsize=(tw / dpi + 1.4, th / dpi + 0.7), dpi=dpi)
     ax.imshow(thumb.rgb, interpolation="nearest")
-    shown = ax.imshow(np.ma.masked_invalid(heat), cmap="inferno", alpha=0.6, vmin=0.0, vmax=1.0,
-                      interpolation="nearest")
+    shown = ax.imshow(
+        np.ma.masked_invalid(heat), cmap="inferno", alpha=0.6, vmin=0.0, vmax=1.0, interpolation="nearest"
+    )
     _outline(ax, tissue, "deepskyblue", "dashed", 0.9)
     handles = [Line2D([], [], color="deepskyblue", linestyle="dashed", label="tissue mask")]
     if lesion is not None:
@@ -164,9 +200,17 @@ def render_heatmap_png(out_png: Path, thumb: Thumbnail, heat: np.ndarray, tissue
     plt.close(fig)
 
 
-def slide_heatmap(inputs: SlideInputs, attention_h5: Path, method: str, out_png: Path, out_csv: Path,
-                  branch: int | None = None, title_extra: str = "", max_px: int = 1024,
-                  mpp_fallback: float | None = None) -> dict:
+def slide_heatmap(
+    inputs: SlideInputs,
+    attention_h5: Path,
+    method: str,
+    out_png: Path,
+    out_csv: Path,
+    branch: int | None = None,
+    title_extra: str = "",
+    max_px: int = 1024,
+    mpp_fallback: float | None = None,
+) -> dict:
     """Write one slide's PNG and per-tile CSV; return its index row (without png/csv paths)."""
     t0 = time.perf_counter()
     sid = inputs.slide_id
@@ -185,24 +229,36 @@ def slide_heatmap(inputs: SlideInputs, attention_h5: Path, method: str, out_png:
     lesion_px, lesion_frac = None, np.full(len(values), np.nan)
     if inputs.truth_npz is not None:
         if not inputs.truth_npz.is_file():
-            raise SlideError(sid, f"lesion truth {inputs.truth_npz} not found; expected the synthetic slide's"
-                                  " .truth.npz beside it")
+            raise SlideError(
+                sid, f"lesion truth {inputs.truth_npz} not found; expected the synthetic slide's .truth.npz beside it"
+            )
         with np.load(inputs.truth_npz, allow_pickle=False) as z:
             lesion_grid, tds = z["lesion"].astype(bool), float(z["downsample"])  # (h16, w16) level-0 / 16
         lesion_px = grid_on_thumbnail(lesion_grid, (tds, tds), thumb)
         lesion_frac = box_fraction(lesion_grid, tds, coords, size0)
     is_lesion = lesion_frac >= LESION_TILE
-    table = pd.DataFrame({
-        "slide_id": sid, "method": method, "x_level0": coords[:, 0], "y_level0": coords[:, 1],
-        "tile_px_level0": size0, "value": values, "value_scaled": scaled, "lesion_fraction": lesion_frac,
-    })
+    table = pd.DataFrame(
+        {
+            "slide_id": sid,
+            "method": method,
+            "x_level0": coords[:, 0],
+            "y_level0": coords[:, 1],
+            "tile_px_level0": size0,
+            "value": values,
+            "value_scaled": scaled,
+            "lesion_fraction": lesion_frac,
+        }
+    )
     with atomic_path(out_csv) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
     title = f"{sid}  {method}  ({len(values)} tiles{title_extra})"
     render_heatmap_png(out_png, thumb, heat, tissue, lesion_px, title)
     has_truth = inputs.truth_npz is not None
     return {
-        "slide_id": sid, "method": method, "n_tiles": len(values), "n_branches": n_branches,
+        "slide_id": sid,
+        "method": method,
+        "n_tiles": len(values),
+        "n_branches": n_branches,
         "lesion_auroc": lesion_auroc(values, is_lesion) if has_truth else float("nan"),
         "scaled_on_lesion": float(scaled[is_lesion].mean()) if has_truth and is_lesion.any() else float("nan"),
         "scaled_off_lesion": float(scaled[~is_lesion].mean()) if has_truth and (~is_lesion).any() else float("nan"),

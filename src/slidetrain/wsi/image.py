@@ -42,9 +42,7 @@ def tissue_bbox(
     return x0, y0, x1, y1
 
 
-def mask_at(
-    tissue: TissueMask, level0_bbox: tuple[int, int, int, int], out_size: tuple[int, int]
-) -> np.ndarray:
+def mask_at(tissue: TissueMask, level0_bbox: tuple[int, int, int, int], out_size: tuple[int, int]) -> np.ndarray:
     """The tissue mask resampled (nearest) onto an output grid covering `level0_bbox`: bool (H, W)."""
     x0, y0, x1, y1 = level0_bbox
     out_w, out_h = out_size
@@ -73,9 +71,7 @@ def extract_slide_image(
     try:
         bbox = tissue_bbox(tissue, slide.dimensions, margin_level0=round(margin_px * ds))
     except NoTissueError:
-        raise NoTissueError(
-            slide.slide_id, "tissue mask is empty; no slide image to extract"
-        ) from None
+        raise NoTissueError(slide.slide_id, "tissue mask is empty; no slide image to extract") from None
     x0, y0, x1, y1 = bbox
     out_size = (max(1, round((x1 - x0) / ds)), max(1, round((y1 - y0) / ds)))
     img, level = read_scaled(slide, ds, bbox, out_size)  # (H, W, 3)

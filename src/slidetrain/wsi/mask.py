@@ -116,9 +116,7 @@ class MaskParams:
         """Raise ConfigError naming the bad knob; return self."""
 
         def bad(key: str, expected: str) -> ConfigError:
-            return ConfigError(
-                f"mask option {key}={getattr(self, key)!r} is invalid; expected {expected}"
-            )
+            return ConfigError(f"mask option {key}={getattr(self, key)!r} is invalid; expected {expected}")
 
         for f in dataclasses.fields(self):  # YAML gives strings and floats; catch them by name
             v, default = getattr(self, f.name), f.default
@@ -154,9 +152,7 @@ class MaskParams:
         if self.pen_majority < 1 or self.pen_majority % 2 == 0:
             raise bad("pen_majority", "an odd integer >= 1")
         try:
-            self.pen_hue_ranges_deg = tuple(
-                (float(lo), float(hi)) for lo, hi in self.pen_hue_ranges_deg
-            )
+            self.pen_hue_ranges_deg = tuple((float(lo), float(hi)) for lo, hi in self.pen_hue_ranges_deg)
         except (TypeError, ValueError):
             raise bad("pen_hue_ranges_deg", "a list of [low, high] hue ranges in degrees") from None
         return self
@@ -247,9 +243,7 @@ def write_mask_png(path: str | Path, tissue: TissueMask) -> None:
         Image.fromarray(tissue.mask.astype(np.uint8) * 255).save(tmp, format="PNG", pnginfo=info)
 
 
-def read_mask_png(
-    path: str | Path, downsample: float | tuple[float, float] | None = None
-) -> TissueMask:
+def read_mask_png(path: str | Path, downsample: float | tuple[float, float] | None = None) -> TissueMask:
     """Read a mask written by write_mask_png (or any 0/255 PNG with `downsample` given)."""
     with Image.open(path) as img:
         text = dict(getattr(img, "text", {}) or {})
@@ -272,9 +266,7 @@ def _saturation_lut() -> np.ndarray:
     """S = round(255 * (max - min) / max) for every (max, max - min) pair: uint8 (256, 256)."""
     v = np.arange(256, dtype=np.int64)[:, None]
     d = np.arange(256, dtype=np.int64)[None, :]
-    return np.where(v > 0, np.minimum((d * 255 + v // 2) // np.maximum(v, 1), 255), 0).astype(
-        np.uint8
-    )
+    return np.where(v > 0, np.minimum((d * 255 + v // 2) // np.maximum(v, 1), 255), 0).astype(np.uint8)
 
 
 _SAT_LUT = _saturation_lut().ravel()
@@ -322,9 +314,7 @@ def majority(binary: np.ndarray, k: int) -> np.ndarray:
     table = np.zeros((padded.shape[0] + 1, padded.shape[1] + 1), dtype=np.int32)
     np.cumsum(padded, axis=0, dtype=np.int32, out=table[1:, 1:])
     np.cumsum(table[1:, 1:], axis=1, out=table[1:, 1:])
-    count = (
-        table[k : k + h, k : k + w] - table[:h, k : k + w] - table[k : k + h, :w] + table[:h, :w]
-    )  # (h, w)
+    count = table[k : k + h, k : k + w] - table[:h, k : k + w] - table[k : k + h, :w] + table[:h, :w]  # (h, w)
     return count > (k * k) // 2
 
 
@@ -354,9 +344,7 @@ def _fill_holes(binary: np.ndarray) -> np.ndarray:
     return ~outside[lab]
 
 
-def filter_regions(
-    fg: np.ndarray, a_t_px: float, a_h_px: float, max_n_holes: int
-) -> tuple[np.ndarray, dict]:
+def filter_regions(fg: np.ndarray, a_t_px: float, a_h_px: float, max_n_holes: int) -> tuple[np.ndarray, dict]:
     """CLAM's contour filter on a binary mask (h, w): keep regions > a_t_px, carve holes > a_h_px.
 
     A region's area is its pixel count (its outer contour's area minus its holes,
@@ -418,9 +406,7 @@ def pen_mask(rgb: np.ndarray, s: np.ndarray, v: np.ndarray, params: MaskParams) 
     haematoxylin stays saturated purple. Hue is computed only for the
     coloured pixels, which keeps this cheap.
     """
-    pen = (v < params.black_max_value) | (
-        (v < params.grey_max_value) & (s < params.grey_max_saturation)
-    )
+    pen = (v < params.black_max_value) | ((v < params.grey_max_value) & (s < params.grey_max_saturation))
     coloured = np.flatnonzero(s.ravel() > params.pen_min_saturation)
     if len(coloured):
         hue = hue_deg(rgb.reshape(-1, 3)[coloured])  # (K,)
@@ -542,9 +528,7 @@ def segment_tissue(slide: Slide, params: MaskParams | None = None) -> TissueMask
                 "'default' preset, which caps it relative to the slide"
             )
         raise NoTissueError(slide.slide_id, f"no tissue found: {why}")
-    return TissueMask(
-        mask=mask, downsample=(dsx + dsy) / 2, level=level, downsample_xy=(dsx, dsy), stats=stats
-    )
+    return TissueMask(mask=mask, downsample=(dsx + dsy) / 2, level=level, downsample_xy=(dsx, dsy), stats=stats)
 
 
 GREY_RANGE_DEFAULT = (3, 230)  # Big-Layers' foreground: greyscale intensity in [3, 230]
@@ -577,8 +561,13 @@ def greyscale_foreground(
             slide.slide_id, f"no pixel has greyscale intensity in [{lo}, {hi}]; expected tissue (foreground)"
         )
     dsx, dsy = w0 / mw, h0 / mh
-    return TissueMask(mask=fg, downsample=(dsx + dsy) / 2, level=level, downsample_xy=(dsx, dsy),
-                      stats={"grey_range": [lo, hi], "foreground_fraction": float(fg.mean())})
+    return TissueMask(
+        mask=fg,
+        downsample=(dsx + dsy) / 2,
+        level=level,
+        downsample_xy=(dsx, dsy),
+        stats={"grey_range": [lo, hi], "foreground_fraction": float(fg.mean())},
+    )
 
 
 def mask_area_fraction(tissue: TissueMask, level0_boxes: np.ndarray) -> np.ndarray:

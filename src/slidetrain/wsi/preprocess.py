@@ -32,16 +32,23 @@ TILE_FOREGROUNDS = ("mask", "greyscale")
 
 
 def _kept_tile_coordinates(
-    slide: Slide, tissue: TissueMask, target_magnification: float, tile_px: int, overlap_px: int, min_tissue_fraction: float,
-    tile_foreground: str, foreground_grey_range: tuple[int, int],
+    slide: Slide,
+    tissue: TissueMask,
+    target_magnification: float,
+    tile_px: int,
+    overlap_px: int,
+    min_tissue_fraction: float,
+    tile_foreground: str,
+    foreground_grey_range: tuple[int, int],
 ) -> np.ndarray:
     """Tile positions (N, 2) kept by `tile_foreground`: the tissue mask (with the centre in tissue), or
     the share of greyscale foreground pixels alone (Big-Layers)."""
     if tile_foreground == "greyscale":
         size0 = patch_size_level0(slide, target_magnification, tile_px)
         foreground = greyscale_foreground(slide, size0, tuple(foreground_grey_range))
-        return tile_coordinates(slide, foreground, target_magnification, tile_px, overlap_px,
-                                min_tissue_fraction, centre_in_tissue=False)
+        return tile_coordinates(
+            slide, foreground, target_magnification, tile_px, overlap_px, min_tissue_fraction, centre_in_tissue=False
+        )
     return tile_coordinates(slide, tissue, target_magnification, tile_px, overlap_px, min_tissue_fraction)
 
 
@@ -99,8 +106,16 @@ def preprocess_slide(
         t_open = time.perf_counter()
         tissue = segment_tissue(slide, params)
         t_mask = time.perf_counter()
-        coords = _kept_tile_coordinates(slide, tissue, target_magnification, tile_px, overlap_px, min_tissue_fraction,
-                                   tile_foreground, foreground_grey_range)
+        coords = _kept_tile_coordinates(
+            slide,
+            tissue,
+            target_magnification,
+            tile_px,
+            overlap_px,
+            min_tissue_fraction,
+            tile_foreground,
+            foreground_grey_range,
+        )
         t_tile = time.perf_counter()
         image, meta = extract_slide_image(slide, tissue, image_magnification)  # (H, W, 3)
         t_image = time.perf_counter()
@@ -118,8 +133,11 @@ def preprocess_slide(
                 "mask_preset": mask_preset,
                 "mask_downsample": float(tissue.downsample),
                 "tile_foreground": tile_foreground,
-                **({"foreground_grey_range": list(map(int, foreground_grey_range))}
-                   if tile_foreground == "greyscale" else {}),
+                **(
+                    {"foreground_grey_range": list(map(int, foreground_grey_range))}
+                    if tile_foreground == "greyscale"
+                    else {}
+                ),
             },
         )
         size0 = patch_size_level0(slide, target_magnification, tile_px)

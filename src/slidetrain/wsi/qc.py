@@ -42,9 +42,7 @@ def qc_picture(
 
     m = mask_at(tissue, (0, 0, w0, h0), (tw, th))  # (th, tw)
     edge = m & ~ndi.binary_erosion(m, border_value=0)
-    edge = (
-        ndi.binary_dilation(edge, iterations=1 if max(tw, th) >= 800 else 0) if edge.any() else edge
-    )
+    edge = ndi.binary_dilation(edge, iterations=1 if max(tw, th) >= 800 else 0) if edge.any() else edge
     thumb = thumb.copy()
     thumb[edge] = OUTLINE_RGB
 
@@ -58,9 +56,7 @@ def qc_picture(
     img = Image.alpha_composite(img, overlay).convert("RGB")
 
     caption = f"{title}  " if title else ""
-    caption += (
-        f"{slide.slide_id}: {w0}x{h0} px, {len(coords)} tiles, tissue {tissue.tissue_fraction:.1%}"
-    )
+    caption += f"{slide.slide_id}: {w0}x{h0} px, {len(coords)} tiles, tissue {tissue.tissue_fraction:.1%}"
     canvas = Image.new("RGB", (tw, th + BANNER_PX), (255, 255, 255))
     canvas.paste(img, (0, BANNER_PX))
     ImageDraw.Draw(canvas).text((3, 3), caption, fill=(0, 0, 0), font=ImageFont.load_default())

@@ -89,7 +89,8 @@ def run_shard(
                 if not isinstance(err, SlidetrainError):
                     log.exception("%s %s: slide %s", step, shard, task.slide_id)
                 raise ShardError(
-                    shard, task.slide_id,
+                    shard,
+                    task.slide_id,
                     f"{step} failed: {err} ({ran} slides finished in this run are kept; fix the slide, or set "
                     "preprocess.on_bad_slide: exclude, and rerun: finished slides are skipped)",
                 ) from err
@@ -134,12 +135,21 @@ def preprocess_shard(
     def process(task: SlideTask) -> dict:
         o = task.outputs
         outputs = {
-            "mask_png": o["mask"], "qc_path": o["qc"], "tiles_h5": o["tiles"], "image_path": o["image"],
-            "image_meta_json": o["image_meta"], "timings_json": o["timings"],
+            "mask_png": o["mask"],
+            "qc_path": o["qc"],
+            "tiles_h5": o["tiles"],
+            "image_path": o["image"],
+            "image_meta_json": o["image_meta"],
+            "timings_json": o["timings"],
         }
         result = preprocess_or_exclude(
-            task.source, task.slide_id, outputs=outputs, params=params, on_bad_slide=on_bad_slide,
-            status_json=o["status_json"], fingerprint=stamp(task),
+            task.source,
+            task.slide_id,
+            outputs=outputs,
+            params=params,
+            on_bad_slide=on_bad_slide,
+            status_json=o["status_json"],
+            fingerprint=stamp(task),
         )
         if "excluded" in result:
             return {"status": "excluded", "reason": result["excluded"]}

@@ -194,7 +194,10 @@ def open_slide(
                 f"{path} starts like a {kind} file but OpenSlide cannot read it: truncated or corrupt, "
                 f"or not a tiled pyramid (expected a complete slide file; copy it again): {err}",
             ) from err
-        raise SlideError(slide_id, f"{path} is not a slide format OpenSlide can read (expected SVS, tiled TIFF, NDPI, MRXS, ...): {err}") from err
+        raise SlideError(
+            slide_id,
+            f"{path} is not a slide format OpenSlide can read (expected SVS, tiled TIFF, NDPI, MRXS, ...): {err}",
+        ) from err
     except openslide.OpenSlideError as err:
         raise SlideError(slide_id, f"{path} could not be opened (truncated or corrupt?): {err}") from err
     mpp = read_mpp(handle)
@@ -235,4 +238,6 @@ def _check_readable(slide: Slide) -> None:
         slide.handle.read_region((0, 0), level, (min(w, 1024), min(h, 1024)))
     except openslide.OpenSlideError as err:
         slide.close()
-        raise SlideError(slide.slide_id, f"{slide.path} is truncated or corrupt: decoding level {level} failed: {err}") from err
+        raise SlideError(
+            slide.slide_id, f"{slide.path} is truncated or corrupt: decoding level {level} failed: {err}"
+        ) from err

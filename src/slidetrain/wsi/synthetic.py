@@ -136,9 +136,7 @@ class SyntheticSpec:
 # ----------------------------------------------------------------------------- sheet and spec
 
 
-def synthetic_sheet(
-    n_slides: int, seed: int, two_slide_patient_fraction: float = 0.2
-) -> pd.DataFrame:
+def synthetic_sheet(n_slides: int, seed: int, two_slide_patient_fraction: float = 0.2) -> pd.DataFrame:
     """A slide sheet (slide_id, patient_id, label, source) for `n_slides` synthetic slides.
 
     About `two_slide_patient_fraction` of the patients own two slides with the
@@ -151,9 +149,7 @@ def synthetic_sheet(
     if n_slides < 1:
         raise ConfigError(f"synthetic n_slides must be >= 1, got {n_slides}")
     if not 0.0 <= two_slide_patient_fraction <= 1.0:
-        raise ConfigError(
-            f"two_slide_patient_fraction must be in [0, 1], got {two_slide_patient_fraction}"
-        )
+        raise ConfigError(f"two_slide_patient_fraction must be in [0, 1], got {two_slide_patient_fraction}")
     rng = np.random.default_rng([int(seed), 0x5EE7])
     n_patients = max(1, round(n_slides / (1.0 + two_slide_patient_fraction)))
     n_patients = max(n_patients, math.ceil(n_slides / 2))
@@ -186,7 +182,10 @@ def _stable_seed(*parts: object) -> int:
 
 
 def synthetic_spec(
-    slide_id: str, label: str, seed: int, size_range_px: tuple[int, int] = (3000, 6000),
+    slide_id: str,
+    label: str,
+    seed: int,
+    size_range_px: tuple[int, int] = (3000, 6000),
     stain_scale: tuple[float, float] = (1.0, 1.0),
 ) -> SyntheticSpec:
     """The drawing spec of one slide, a pure function of (slide_id, label, seed, stain_scale).
@@ -204,9 +203,7 @@ def synthetic_spec(
         )
     lo, hi = (int(v) for v in size_range_px)
     if not 512 <= lo <= hi:
-        raise ConfigError(
-            f"synthetic size_range_px must satisfy 512 <= low <= high, got {size_range_px}"
-        )
+        raise ConfigError(f"synthetic size_range_px must satisfy 512 <= low <= high, got {size_range_px}")
     scale_h, scale_e = (float(v) for v in stain_scale)
     if not (0.25 <= scale_h <= 4 and 0.25 <= scale_e <= 4):
         raise ConfigError(
@@ -275,9 +272,7 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cell_px: flo
     """Unit-variance smooth noise (h, w) with features about `cell_px` grid pixels across."""
     h, w = shape
     cell_px = max(float(cell_px), 1.0)
-    coarse = rng.standard_normal((math.ceil(h / cell_px) + 3, math.ceil(w / cell_px) + 3)).astype(
-        np.float32
-    )
+    coarse = rng.standard_normal((math.ceil(h / cell_px) + 3, math.ceil(w / cell_px) + 3)).astype(np.float32)
     img = Image.fromarray(coarse)
     box = (1.0, 1.0, 1.0 + w / cell_px, 1.0 + h / cell_px)
     out = np.asarray(img.resize((w, h), Image.Resampling.BICUBIC, box=box), np.float32)  # (h, w)
@@ -289,9 +284,7 @@ def _threshold_for_share(values: np.ndarray, share: float) -> float:
     return float(np.quantile(values, 1.0 - share)) if values.size else 0.0
 
 
-def _tissue_mask(
-    spec: SyntheticSpec, rng: np.random.Generator, shape: tuple[int, int]
-) -> np.ndarray:
+def _tissue_mask(spec: SyntheticSpec, rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
     """1-4 irregular pieces in slots along the long axis, thresholded to the target coverage."""
     h, w = shape
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -400,9 +393,7 @@ def _pen_mask(spec: SyntheticSpec, rng: np.random.Generator, tissue: np.ndarray)
     return ndimage.distance_transform_edt(~skeleton) <= width
 
 
-def _debris(
-    spec: SyntheticSpec, rng: np.random.Generator, tissue: np.ndarray
-) -> list[tuple[float, float, float, int]]:
+def _debris(spec: SyntheticSpec, rng: np.random.Generator, tissue: np.ndarray) -> list[tuple[float, float, float, int]]:
     """Dust specks and a few air bubbles in level-0 px, mostly on the background."""
     h, w = tissue.shape
     objects = []
@@ -419,9 +410,7 @@ def _debris(
     return objects
 
 
-def _debris_mask(
-    objects: list[tuple[float, float, float, int]], shape: tuple[int, int]
-) -> np.ndarray:
+def _debris_mask(objects: list[tuple[float, float, float, int]], shape: tuple[int, int]) -> np.ndarray:
     """Debris discs rasterised on the truth grid (h, w): at least the cell each one falls in."""
     mask = np.zeros(shape, bool)
     for x, y, radius, _kind in objects:
@@ -444,14 +433,8 @@ def _layout(spec: SyntheticSpec) -> _Layout:
     shape = _grid_shape(spec)
     tissue = _tissue_mask(spec, rng, shape)
     grade = _lesion_grade(spec, np.random.default_rng([spec.seed, 2]), tissue)
-    pen = (
-        _pen_mask(spec, np.random.default_rng([spec.seed, 3]), tissue)
-        if spec.has_pen
-        else np.zeros(shape, bool)
-    )
-    objects = (
-        _debris(spec, np.random.default_rng([spec.seed, 4]), tissue) if spec.has_debris else []
-    )
+    pen = _pen_mask(spec, np.random.default_rng([spec.seed, 3]), tissue) if spec.has_pen else np.zeros(shape, bool)
+    objects = _debris(spec, np.random.default_rng([spec.seed, 4]), tissue) if spec.has_debris else []
     debris = _debris_mask(objects, shape)
 
     rng = np.random.default_rng([spec.seed, 5])
@@ -569,8 +552,13 @@ def _stroma_fibres(nrm: np.ndarray, orient: np.ndarray) -> np.ndarray:
 
 
 def _nuclei_density(
-    tissue: np.ndarray, low_m: np.ndarray, high_m: np.ndarray, gaps: np.ndarray, dens_f: np.ndarray,
-    uni: np.ndarray, nrm: np.ndarray,
+    tissue: np.ndarray,
+    low_m: np.ndarray,
+    high_m: np.ndarray,
+    gaps: np.ndarray,
+    dens_f: np.ndarray,
+    uni: np.ndarray,
+    nrm: np.ndarray,
 ) -> np.ndarray:
     """Hematoxylin optical density (he, W5) of the nuclei: sparse impulses blurred into round blobs of
     each population's size (normal tissue, low- and high-grade lesions)."""
@@ -619,9 +607,7 @@ def _render_strip(spec: SyntheticSpec, layout: _Layout, rows: tuple[int, int]) -
 
     # Halo no longer needed: crop everything to the strip's own rows.
     keep = slice(r0 - e0, r1 - e0)
-    tissue, low_m, high_m, gaps, fib, hema, nrm = (
-        a[keep] for a in (tissue, low_m, high_m, gaps, fib, hema, nrm)
-    )
+    tissue, low_m, high_m, gaps, fib, hema, nrm = (a[keep] for a in (tissue, low_m, high_m, gaps, fib, hema, nrm))
     low, high = low_m * tissue, high_m * tissue
     hema += 0.06 * tissue + 0.35 * low + 0.7 * high  # basophilic cytoplasm in lesions
     hema *= spec.stain_h
@@ -635,9 +621,7 @@ def _render_strip(spec: SyntheticSpec, layout: _Layout, rows: tuple[int, int]) -
     eosin *= 0.55 * spec.stain_e
 
     pen = pen_f[keep] if spec.has_pen else None
-    dust = (
-        _debris_alpha(layout.debris_objects, r0, (r1 - r0, w5)) if layout.debris_objects else None
-    )
+    dust = _debris_alpha(layout.debris_objects, r0, (r1 - r0, w5)) if layout.debris_objects else None
     glass = 0.006 * nrm  # mild background noise
     out = np.empty((r1 - r0, w5, 3), np.uint8)
     for c in range(3):  # Beer-Lambert: optical densities add, transmission multiplies
@@ -657,9 +641,7 @@ def _render_strip(spec: SyntheticSpec, layout: _Layout, rows: tuple[int, int]) -
     return out
 
 
-def _debris_alpha(
-    objects: list[tuple[float, float, float, int]], row0: int, shape: tuple[int, int]
-) -> np.ndarray:
+def _debris_alpha(objects: list[tuple[float, float, float, int]], row0: int, shape: tuple[int, int]) -> np.ndarray:
     """Optical-density weight (rows, W5) of dust specks (dark discs) and bubbles (dark rings)."""
     h, w = shape
     alpha = np.zeros(shape, np.float32)
@@ -717,9 +699,7 @@ def _grain(seed: int, rows: int, width: int) -> np.ndarray:
     rng = np.random.default_rng([seed, 8])
     noise = ndimage.gaussian_filter(rng.standard_normal((rows, width), dtype=np.float32), 0.6)
     noise *= 3.0 / (noise.std() + 1e-6)
-    return np.repeat(
-        np.clip(np.round(noise + 128.0), 0, 255).astype(np.uint8)[..., None], 3, axis=-1
-    )
+    return np.repeat(np.clip(np.round(noise + 128.0), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
 
 
 def _upsampled_tiles(
@@ -783,9 +763,7 @@ def _write_tiff(path: Path, spec: SyntheticSpec, canvas: Image.Image) -> None:
             mpp_level = spec.mpp * 2**level
             if level < canvas_level:
                 grain = _grain(spec.seed, spec.tile_px, w) if level == 0 else None
-                tiles = _upsampled_tiles(
-                    canvas, (h, w), 2 ** (canvas_level - level), spec.tile_px, grain
-                )
+                tiles = _upsampled_tiles(canvas, (h, w), 2 ** (canvas_level - level), spec.tile_px, grain)
             else:
                 if level > canvas_level:
                     lower = lower.reduce(2)  # 2x2 box average, odd sides rounded up
@@ -844,9 +822,7 @@ def read_truth(truth_path: str | os.PathLike) -> dict[str, Any]:
     (level-0 px per grid px); spec: dict (SyntheticSpec.from_dict rebuilds it).
     """
     with np.load(truth_path, allow_pickle=False) as z:
-        out: dict[str, Any] = {
-            k: z[k].astype(bool) for k in ("tissue", "lesion", "artifact", "pen", "debris")
-        }
+        out: dict[str, Any] = {k: z[k].astype(bool) for k in ("tissue", "lesion", "artifact", "pen", "debris")}
         out["lesion_grade"] = z["lesion_grade"].astype(np.uint8)
         out["downsample"] = float(z["downsample"])
         out["spec"] = json.loads(str(z["spec"]))

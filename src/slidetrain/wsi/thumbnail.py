@@ -52,8 +52,9 @@ def thumbnail_level(level_dimensions: tuple[tuple[int, int], ...], max_px: int) 
     return best
 
 
-def read_thumbnail(slide_path: str | Path, slide_id: str, max_px: int = 1024, mpp_fallback: float | None = None
-                   ) -> Thumbnail:
+def read_thumbnail(
+    slide_path: str | Path, slide_id: str, max_px: int = 1024, mpp_fallback: float | None = None
+) -> Thumbnail:
     """The slide reduced so that its long side is at most `max_px`, read strip by strip."""
     if max_px < 16:
         raise SlideError(slide_id, f"thumbnail max_px must be >= 16, got {max_px}")

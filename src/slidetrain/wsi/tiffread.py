@@ -74,11 +74,7 @@ class TiffLevels:
             return out
         th, tw = page.tilelength, page.tilewidth
         across = math.ceil(page_w / tw)
-        tiles = [
-            (r, c)
-            for r in range(y0 // th, (y1 - 1) // th + 1)
-            for c in range(x0 // tw, (x1 - 1) // tw + 1)
-        ]
+        tiles = [(r, c) for r in range(y0 // th, (y1 - 1) // th + 1) for c in range(x0 // tw, (x1 - 1) // tw + 1)]
         offsets, counts = page.dataoffsets, page.databytecounts
         fh = self.tif.filehandle
         with self._lock:  # compressed bytes of every tile in the box, in file order

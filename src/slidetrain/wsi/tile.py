@@ -48,13 +48,9 @@ def _check_tiling_args(tile_px: int, overlap_px: int, min_tissue_fraction: float
     if tile_px < 1:
         raise ConfigError(f"tile_px={tile_px} is invalid; expected an integer >= 1")
     if not 0 <= overlap_px < tile_px:
-        raise ConfigError(
-            f"overlap_px={overlap_px} is invalid; expected 0 <= overlap_px < tile_px ({tile_px})"
-        )
+        raise ConfigError(f"overlap_px={overlap_px} is invalid; expected 0 <= overlap_px < tile_px ({tile_px})")
     if not 0.0 <= min_tissue_fraction <= 1.0:
-        raise ConfigError(
-            f"min_tissue_fraction={min_tissue_fraction} is invalid; expected a fraction in [0, 1]"
-        )
+        raise ConfigError(f"min_tissue_fraction={min_tissue_fraction} is invalid; expected a fraction in [0, 1]")
 
 
 def tile_coordinates(
@@ -250,7 +246,5 @@ def read_tiles(
                 o = round(off)
                 yield np.ascontiguousarray(strip[:, o : o + tile_px])
             else:
-                img = strip_img.resize(
-                    (tile_px, tile_px), Image.Resampling.BOX, box=(off, 0.0, off + side, side)
-                )
+                img = strip_img.resize((tile_px, tile_px), Image.Resampling.BOX, box=(off, 0.0, off + side, side))
                 yield np.asarray(img)

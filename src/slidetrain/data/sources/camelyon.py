@@ -60,8 +60,15 @@ def _md5(etag: str) -> str:
 
 
 def _row(obj: dict, bucket: str, slide_id: str, patient: str, label: str, part: str) -> dict:
-    return {"slide_id": slide_id, "patient_id": patient, "label": label, "source": f"s3://{bucket}/{obj['Key']}",
-            "md5": _md5(obj.get("ETag", "")), "size": str(obj.get("Size", "")), "official_part": part}
+    return {
+        "slide_id": slide_id,
+        "patient_id": patient,
+        "label": label,
+        "source": f"s3://{bucket}/{obj['Key']}",
+        "md5": _md5(obj.get("ETag", "")),
+        "size": str(obj.get("Size", "")),
+        "official_part": part,
+    }
 
 
 def camelyon16_sheet(client, bucket: str = BUCKET, prefix: str = "CAMELYON16/") -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -87,7 +94,9 @@ def camelyon16_sheet(client, bucket: str = BUCKET, prefix: str = "CAMELYON16/") 
         rows.append(_row(obj, bucket, slide_id, slide_id, label, part))
     if not rows:
         raise SheetError(f"s3://{bucket}/{prefix}images/ holds no normal_/tumor_/test_NNN.tif slides")
-    return pd.DataFrame(rows).sort_values("slide_id").reset_index(drop=True), pd.DataFrame(left_out, columns=["slide_id", "reason"])
+    return pd.DataFrame(rows).sort_values("slide_id").reset_index(drop=True), pd.DataFrame(
+        left_out, columns=["slide_id", "reason"]
+    )
 
 
 def camelyon17_sheet(
@@ -119,4 +128,6 @@ def camelyon17_sheet(
         raise SheetError(f"s3://{bucket}/{prefix}images/ holds no labelled patient_XXX_node_Y.tif slides")
     if left_out:
         log.warning("camelyon17: %d slide(s) without a usable label left out (listed beside the sheet)", len(left_out))
-    return pd.DataFrame(rows).sort_values("slide_id").reset_index(drop=True), pd.DataFrame(left_out, columns=["slide_id", "reason"])
+    return pd.DataFrame(rows).sort_values("slide_id").reset_index(drop=True), pd.DataFrame(
+        left_out, columns=["slide_id", "reason"]
+    )

@@ -31,6 +31,7 @@ GLEASON_FIELDS = ["cases.diagnoses.primary_gleason_grade", "cases.diagnoses.seco
 
 def slide_filters(project_ids: list[str]) -> dict:
     """The GDC filter for open diagnostic whole-slide images of the given projects."""
+
     def eq(field, value):
         return {"op": "=", "content": {"field": field, "value": value}}
 
@@ -53,8 +54,13 @@ def query_files(filters: dict, fields: list[str], api: str = GDC_API, session=No
     session = session or requests.Session()
     hits: list[dict] = []
     while True:
-        params = {"filters": json.dumps(filters), "fields": ",".join(fields), "format": "JSON",
-                  "size": page_size, "from": len(hits)}
+        params = {
+            "filters": json.dumps(filters),
+            "fields": ",".join(fields),
+            "format": "JSON",
+            "size": page_size,
+            "from": len(hits),
+        }
         url = f"{api.rstrip('/')}/files"
         try:
             r = session.get(url, params=params, timeout=60)
@@ -113,8 +119,10 @@ def gdc_sheet(dataset: str, api: str = GDC_API, session=None) -> tuple[pd.DataFr
         patient = patient_of(slide_id.split(".")[0])
         cases = hit.get("cases") or [{}]
         if cases[0].get("submitter_id") not in (None, patient):
-            raise SheetError(f"GDC file {hit['file_id']} ({name}): case {cases[0]['submitter_id']!r} does not"
-                             f" match the barcode's patient {patient!r}")
+            raise SheetError(
+                f"GDC file {hit['file_id']} ({name}): case {cases[0]['submitter_id']!r} does not"
+                f" match the barcode's patient {patient!r}"
+            )
         project = (cases[0].get("project") or {}).get("project_id")
         if prad:
             grades = _gleason(hit)
@@ -126,10 +134,23 @@ def gdc_sheet(dataset: str, api: str = GDC_API, session=None) -> tuple[pd.DataFr
             label = projects.get(project)
             if label is None:
                 raise SheetError(f"GDC file {hit['file_id']} ({name}): project {project!r} not in {list(projects)}")
-        rows.append({"slide_id": slide_id, "patient_id": patient, "label": label, "source": f"gdc:{hit['file_id']}",
-                     "md5": hit.get("md5sum", ""), "size": str(hit.get("file_size", "")), "project_id": project})
+        rows.append(
+            {
+                "slide_id": slide_id,
+                "patient_id": patient,
+                "label": label,
+                "source": f"gdc:{hit['file_id']}",
+                "md5": hit.get("md5sum", ""),
+                "size": str(hit.get("file_size", "")),
+                "project_id": project,
+            }
+        )
     if left_out:
-        log.warning("%s: %d slide(s) left out (listed beside the sheet), e.g. %s", dataset, len(left_out),
-                    [r["slide_id"] for r in left_out[:5]])
+        log.warning(
+            "%s: %d slide(s) left out (listed beside the sheet), e.g. %s",
+            dataset,
+            len(left_out),
+            [r["slide_id"] for r in left_out[:5]],
+        )
     sheet = pd.DataFrame(rows).sort_values("slide_id").reset_index(drop=True)
     return sheet, pd.DataFrame(left_out, columns=["slide_id", "reason"])

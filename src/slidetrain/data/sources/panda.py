@@ -37,8 +37,10 @@ def kaggle_file(competition: str, file_path: str, api: str = KAGGLE_API, session
     if r.status_code == 403:
         raise DownloadError(f"kaggle:{competition}/{file_path}", f"403 Forbidden. {kaggle_rules_hint(competition)}")
     if r.status_code == 401:
-        raise DownloadError(f"kaggle:{competition}/{file_path}",
-                            "401 Unauthorized: the Kaggle username/key were refused; create a new API token")
+        raise DownloadError(
+            f"kaggle:{competition}/{file_path}",
+            "401 Unauthorized: the Kaggle username/key were refused; create a new API token",
+        )
     if r.status_code != 200:
         raise DownloadError(f"kaggle:{competition}/{file_path}", f"{url} answered {r.status_code}")
     data = r.content
@@ -49,20 +51,24 @@ def kaggle_file(competition: str, file_path: str, api: str = KAGGLE_API, session
 
 
 def panda_sheet(api: str = KAGGLE_API, session=None, competition: str = COMPETITION) -> pd.DataFrame:
-    table = pd.read_csv(io.BytesIO(kaggle_file(competition, "train.csv", api, session)), dtype=str, keep_default_na=False)
+    table = pd.read_csv(
+        io.BytesIO(kaggle_file(competition, "train.csv", api, session)), dtype=str, keep_default_na=False
+    )
     missing = [c for c in TRAIN_COLUMNS if c not in table.columns]
     if missing:
         raise SheetError(f"kaggle:{competition}/train.csv lacks column(s) {missing}; got {list(table.columns)}")
     bad = table.index[~table.isup_grade.isin([str(i) for i in range(6)])].tolist()
     if bad:
         raise SheetError(f"kaggle:{competition}/train.csv: isup_grade not 0-5 in row(s) {[i + 2 for i in bad[:10]]}")
-    return pd.DataFrame({
-        "slide_id": table.image_id,
-        "patient_id": table.image_id,
-        "label": "isup" + table.isup_grade,
-        "source": f"kaggle:{competition}/train_images/" + table.image_id + ".tiff",
-        "md5": "",
-        "size": "",
-        "data_provider": table.data_provider,
-        "gleason_score": table.gleason_score,
-    })
+    return pd.DataFrame(
+        {
+            "slide_id": table.image_id,
+            "patient_id": table.image_id,
+            "label": "isup" + table.isup_grade,
+            "source": f"kaggle:{competition}/train_images/" + table.image_id + ".tiff",
+            "md5": "",
+            "size": "",
+            "data_provider": table.data_provider,
+            "gleason_score": table.gleason_score,
+        }
+    )

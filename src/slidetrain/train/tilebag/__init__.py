@@ -50,8 +50,9 @@ METHOD = "tilebag"
 EVAL_KEYS = ("eval_tiles", "eval_k", "eval_repeats", "eval_chunk", "eval_bn")
 
 
-def _refs(split: pd.DataFrame, part: str, class_names: list[str], sheet_csv: Path, slides_dir: Path,
-          tiles_dir: Path) -> list[SlideRef]:
+def _refs(
+    split: pd.DataFrame, part: str, class_names: list[str], sheet_csv: Path, slides_dir: Path, tiles_dir: Path
+) -> list[SlideRef]:
     # Only slide_id and source are read from the sheet: a derived dataset's split relabels the slides.
     sep = "\t" if Path(sheet_csv).suffix in (".tsv", ".txt") else ","
     sheet = pd.read_csv(sheet_csv, sep=sep, dtype=str, keep_default_na=False)
@@ -61,14 +62,25 @@ def _refs(split: pd.DataFrame, part: str, class_names: list[str], sheet_csv: Pat
 
 def _class_weights(refs: list[SlideRef], n_classes: int) -> torch.Tensor:
     counts = np.bincount([r.label for r in refs], minlength=n_classes).astype(np.float64)
-    return torch.tensor(np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / n_classes, 0.0),
-                        dtype=torch.float32)
+    return torch.tensor(
+        np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / n_classes, 0.0), dtype=torch.float32
+    )
 
 
 def fit_tilebag(
-    params: dict | None, split_csv: Path, sheet_csv: Path, slides_dir: Path, tiles_dir: Path,
-    sampling: dict, class_names: list[str], out_dir: Path, seed: int, ordinal: bool = False, threads: int = 1,
-    backend: str = "auto", timeout_s: float = 300.0,
+    params: dict | None,
+    split_csv: Path,
+    sheet_csv: Path,
+    slides_dir: Path,
+    tiles_dir: Path,
+    sampling: dict,
+    class_names: list[str],
+    out_dir: Path,
+    seed: int,
+    ordinal: bool = False,
+    threads: int = 1,
+    backend: str = "auto",
+    timeout_s: float = 300.0,
 ) -> Path | None:
     """Train; writes model.pt, history.csv and run.json in `out_dir` (checkpoint.pt while running).
 
@@ -78,41 +90,48 @@ def fit_tilebag(
     """
     cfg = tilebag_config(params)
     with default_dtype(cfg.dtype):  # float64: equivalence checks of the executors
-        return _fit(cfg, split_csv, sheet_csv, slides_dir, tiles_dir, sampling, class_names, out_dir, seed,
-                    ordinal, threads, backend, timeout_s)
+        return _fit(
+            cfg,
+            split_csv,
+            sheet_csv,
+            slides_dir,
+            tiles_dir,
+            sampling,
+            class_names,
+            out_dir,
+            seed,
+            ordinal,
+            threads,
+            backend,
+            timeout_s,
+        )
 
 
-def _fit(
-    cfg: TileBagConfig, split_csv: Path, sheet_csv: Path, slides_dir: Path, tiles_dir: Path, sampling: dict,
-    class_names: list[str], out_dir: Path, seed: int, ordinal: bool, threads: int, backend: str, timeout_s: float,
-) -> Path | None:
-    torch.set_num_threads(max(1, threads))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    split = read_split(split_csv)
-    samp = BagSampling(k=cfg.k, input_px=cfg.input_px, augment=cfg.augment, **sampling)
-    train, val = (_refs(split, p, class_names, sheet_csv, slides_dir, tiles_dir) for p in ("train", "val"))
-    metric = selection_metric(cfg, ordinal)
-
-    seed_everything(seed)
-    model = build_tilebag_model(cfg, len(class_names), seed)
-    weights = _class_weights(train, len(class_names)) if cfg.class_weights else None
-    topo = None
+def _trainer(
+    cfg: TileBagConfig, model, samp: BagSampling, train: list, seed: int, weights, backend: str, timeout_s: float
+):
+    """(trainer, topology or None, device, launch record) for the configured executor: torchrun's ranks
+    (distributed) or this process (every other executor)."""
     if cfg.executor == "distributed":
         from slidetrain.train.tilebag.distributed_executor import init_distributed
         from slidetrain.train.tilebag.ranked import RankedTileBagTrainer
 
         topo = init_distributed(backend, timeout_s, cfg.device)
-        device = topo.device
         trainer = RankedTileBagTrainer(topo, model, cfg, samp, train, seed, weights)
-        primary, snapshot, stop_hook = trainer.primary, trainer.snapshot, trainer.stop_hook
-        launch = {"executor": "distributed", "world_size": topo.world_size, "backend": topo.backend,
-                  "n_encoder_ranks": topo.n_encoders, "k_per_encoder_rank": cfg.k / topo.n_encoders}
-    else:
-        device = resolve_device(cfg.device)
-        trainer = TileBagTrainer(model, cfg, samp, train, seed, device, weights)
-        primary, snapshot, stop_hook = True, model.state_dict, None
-        launch = {"executor": cfg.executor}
+        launch = {
+            "executor": "distributed",
+            "world_size": topo.world_size,
+            "backend": topo.backend,
+            "n_encoder_ranks": topo.n_encoders,
+            "k_per_encoder_rank": cfg.k / topo.n_encoders,
+        }
+        return trainer, topo, topo.device, launch
+    device = resolve_device(cfg.device)
+    return TileBagTrainer(model, cfg, samp, train, seed, device, weights), None, device, {"executor": cfg.executor}
+
+
+def _validator(trainer, val: list, ordinal: bool, distributed: bool):
+    """The epoch's validation: metrics on rank 0 (or the one process), shared with every rank."""
     labels_val = np.array([r.label for r in val])
 
     def validate(epoch: int) -> dict:
@@ -121,31 +140,95 @@ def _fit(
         row = None
         if pred is not None:
             m = metrics_over_repeats(labels_val, pred.probs, ordinal)
-            row = {"val_loss": pred.loss, "val_accuracy": m["accuracy"], "val_auroc": m["auroc"],
-                   "val_qwk": m.get("qwk", float("nan")), "val_seconds": time.perf_counter() - t0}
-        if topo is not None:
+            row = {
+                "val_loss": pred.loss,
+                "val_accuracy": m["accuracy"],
+                "val_auroc": m["auroc"],
+                "val_qwk": m.get("qwk", float("nan")),
+                "val_seconds": time.perf_counter() - t0,
+            }
+        if distributed:
             row = trainer.broadcast(row)
         trainer.schedule.step(row["val_loss"])  # epoch schedules (none for the default per-iteration one)
         return row
 
+    return validate
+
+
+def _fit(
+    cfg: TileBagConfig,
+    split_csv: Path,
+    sheet_csv: Path,
+    slides_dir: Path,
+    tiles_dir: Path,
+    sampling: dict,
+    class_names: list[str],
+    out_dir: Path,
+    seed: int,
+    ordinal: bool,
+    threads: int,
+    backend: str,
+    timeout_s: float,
+) -> Path | None:
+    torch.set_num_threads(max(1, threads))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    split = read_split(split_csv)
+    samp = BagSampling(k=cfg.k, input_px=cfg.input_px, augment=cfg.augment, **sampling)
+    train, val = (_refs(split, p, class_names, sheet_csv, slides_dir, tiles_dir) for p in ("train", "val"))
+    seed_everything(seed)
+    model = build_tilebag_model(cfg, len(class_names), seed)
+    weights = _class_weights(train, len(class_names)) if cfg.class_weights else None
+    trainer, topo, device, launch = _trainer(cfg, model, samp, train, seed, weights, backend, timeout_s)
+    primary = topo is None or trainer.primary
+    snapshot, stop_hook = (trainer.snapshot, trainer.stop_hook) if topo else (model.state_dict, None)
+    validate = _validator(trainer, val, ordinal, distributed=topo is not None)
+
     try:
         result = run_epochs(
-            out_dir, config_hash(METHOD, cfg, seed, split_csv), cfg.epochs,
-            train_epoch=trainer.train_epoch, validate=validate, stateful={"trainer": trainer},
-            snapshot=snapshot, device=device, logger=log, stop_hook=stop_hook, primary=primary,
-            selection=Selection(metric, patience=cfg.early_stopping_patience,
-                                min_epochs=cfg.early_stopping_min_epochs),
+            out_dir,
+            config_hash(METHOD, cfg, seed, split_csv),
+            cfg.epochs,
+            train_epoch=trainer.train_epoch,
+            validate=validate,
+            stateful={"trainer": trainer},
+            snapshot=snapshot,
+            device=device,
+            logger=log,
+            stop_hook=stop_hook,
+            primary=primary,
+            selection=Selection(
+                selection_metric(cfg, ordinal),
+                patience=cfg.early_stopping_patience,
+                min_epochs=cfg.early_stopping_min_epochs,
+            ),
             # slide and tile-coordinate files of train and val; the sampling settings are not in cfg
             inputs=input_fingerprint([p for r in (*train, *val) for p in (r.slide_path, r.tiles_h5)], sampling),
         )
         if not primary:
             return None
         return write_run_files(
-            out_dir, METHOD, cfg, seed, result,
-            provenance={"class_names": class_names, "split": str(split_csv), "tiles": str(tiles_dir),
-                        "sampling": sampling, "n_train": len(train), "n_val": len(val), "launch": launch},
-            model_payload=lambda best: {"method": METHOD, "config": asdict(cfg), "class_names": class_names,
-                                        "sampling": sampling, "state_dict": best},
+            out_dir,
+            METHOD,
+            cfg,
+            seed,
+            result,
+            provenance={
+                "class_names": class_names,
+                "split": str(split_csv),
+                "tiles": str(tiles_dir),
+                "sampling": sampling,
+                "n_train": len(train),
+                "n_val": len(val),
+                "launch": launch,
+            },
+            model_payload=lambda best: {
+                "method": METHOD,
+                "config": asdict(cfg),
+                "class_names": class_names,
+                "sampling": sampling,
+                "state_dict": best,
+            },
         )
     finally:
         if topo is not None:
@@ -155,9 +238,20 @@ def _fit(
 
 
 def evaluate_tilebag(
-    model_path: Path, split_csv: Path, sheet_csv: Path, slides_dir: Path, tiles_dir: Path, class_names: list[str],
-    predictions_csv: Path, metrics_json: Path, attention_h5: Path | None = None, ordinal: bool = False,
-    n_bootstrap: int = 1000, seed: int = 0, threads: int = 1, eval_overrides: dict | None = None,
+    model_path: Path,
+    split_csv: Path,
+    sheet_csv: Path,
+    slides_dir: Path,
+    tiles_dir: Path,
+    class_names: list[str],
+    predictions_csv: Path,
+    metrics_json: Path,
+    attention_h5: Path | None = None,
+    ordinal: bool = False,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    threads: int = 1,
+    eval_overrides: dict | None = None,
 ) -> dict:
     """Score the test part once: predictions (mean over repeats), attention h5, metrics with bootstrap CIs.
 
@@ -193,19 +287,28 @@ def evaluate_tilebag(
                     g = f.create_group(ref.slide_id)
                     g.create_dataset("attention", data=att)  # (N,) or (C, N)
                     g.create_dataset("coords", data=xy)  # (N, 2) level-0 x, y of the tiles scored
-    result = evaluate_predictions(table, class_names, ordinal=ordinal, n_bootstrap=n_bootstrap, seed=seed,
-                                  patient_of=patient_of(split))
+    result = evaluate_predictions(
+        table, class_names, ordinal=ordinal, n_bootstrap=n_bootstrap, seed=seed, patient_of=patient_of(split)
+    )
     labels = np.array([r.label for r in test])
-    result["repeats"] = {"n": int(pred.probs.shape[0]), "mode": cfg.eval_tiles,
-                         "metrics_mean": metrics_over_repeats(labels, pred.probs, ordinal),
-                         "auroc_per_repeat": [float(v) for v in _per_repeat(labels, pred.probs, ordinal)]}
+    result["repeats"] = {
+        "n": int(pred.probs.shape[0]),
+        "mode": cfg.eval_tiles,
+        "metrics_mean": metrics_over_repeats(labels, pred.probs, ordinal),
+        "auroc_per_repeat": [float(v) for v in _per_repeat(labels, pred.probs, ordinal)],
+    }
     write_json(metrics_json, result)
     return result
 
 
 def evaluate_tilebag_sets(
-    model_path: Path, tests: list[dict], modes: dict[str, dict], out_dir: Path, n_bootstrap: int = 1000,
-    seed: int = 0, threads: int = 1,
+    model_path: Path,
+    tests: list[dict],
+    modes: dict[str, dict],
+    out_dir: Path,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    threads: int = 1,
 ) -> None:
     """Score one model on several test sets x test-time protocols in one process (one import, one load).
 
@@ -220,9 +323,18 @@ def evaluate_tilebag_sets(
         for mode, overrides in modes.items():
             where = Path(out_dir) / f"test_{test['name']}_{mode}"
             evaluate_tilebag(
-                model_path, Path(test["split"]), Path(test["sheet"]), Path(test["slides_dir"]), Path(test["tiles_dir"]),
-                list(test["classes"]), where / "predictions.csv", where / "metrics.json",
-                ordinal=bool(test.get("ordinal", False)), n_bootstrap=n_bootstrap, seed=seed, threads=threads,
+                model_path,
+                Path(test["split"]),
+                Path(test["sheet"]),
+                Path(test["slides_dir"]),
+                Path(test["tiles_dir"]),
+                list(test["classes"]),
+                where / "predictions.csv",
+                where / "metrics.json",
+                ordinal=bool(test.get("ordinal", False)),
+                n_bootstrap=n_bootstrap,
+                seed=seed,
+                threads=threads,
                 eval_overrides=overrides,
             )
             log.info("%s: test set %s, %s tiles scored", model_path, test["name"], mode)

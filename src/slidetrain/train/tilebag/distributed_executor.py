@@ -91,12 +91,16 @@ def pick_backend(backend: str, world_size: int) -> str:
 def init_distributed(backend: str = "auto", timeout_s: float = 300.0, device: str = "auto") -> Topology:
     """Join the torchrun job (RANK, WORLD_SIZE, MASTER_ADDR... from the environment) and make the groups."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise ConfigError("distributed executor: RANK/WORLD_SIZE not set; launch with torchrun "
-                          "(torchrun --standalone --nproc-per-node N+1 ...)")
+        raise ConfigError(
+            "distributed executor: RANK/WORLD_SIZE not set; launch with torchrun "
+            "(torchrun --standalone --nproc-per-node N+1 ...)"
+        )
     world_size = int(os.environ["WORLD_SIZE"])
     if world_size < 2:
-        raise ConfigError(f"distributed executor: world size {world_size}; expected >= 2 "
-                          "(rank 0 aggregator + at least one encoder rank)")
+        raise ConfigError(
+            f"distributed executor: world size {world_size}; expected >= 2 "
+            "(rank 0 aggregator + at least one encoder rank)"
+        )
     backend = pick_backend(backend, world_size)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
@@ -119,8 +123,7 @@ def init_distributed(backend: str = "auto", timeout_s: float = 300.0, device: st
     # so that its monitored barrier names the rank that hung rather than a bystander that timed out.
     encoder_group = dist.new_group(ranks=list(range(1, world_size)), timeout=2 * timeout)
     monitor_group = dist.new_group(ranks=list(range(world_size)), timeout=timeout, backend="gloo")
-    return Topology(rank, world_size, backend, dev, encoder_group if rank > 0 else None, monitor_group,
-                    timeout_s)
+    return Topology(rank, world_size, backend, dev, encoder_group if rank > 0 else None, monitor_group, timeout_s)
 
 
 def ddp_buffer_kwargs(sync: bool) -> dict[str, bool]:
@@ -164,8 +167,10 @@ def _all_reduce_sum(x: Tensor, group: dist.ProcessGroup) -> Tensor:
         from torch.distributed.nn.functional import all_reduce
 
         return all_reduce(x, dist.ReduceOp.SUM, group)
-    raise DistributedError("SyncBN under gloo needs a differentiable all_reduce; this torch "
-                           f"{torch.__version__} has none (see differentiable_all_reduce_impl)")
+    raise DistributedError(
+        "SyncBN under gloo needs a differentiable all_reduce; this torch "
+        f"{torch.__version__} has none (see differentiable_all_reduce_impl)"
+    )
 
 
 def shutdown() -> None:
@@ -194,13 +199,16 @@ class Collectives:
             raise DistributedError(self._diagnose(what, exc)) from exc
 
     def _diagnose(self, what: str, exc: BaseException) -> str:
-        msg = (f"rank {self.topo.rank}: {what} at step {self.step} failed after at most "
-               f"{self.topo.timeout_s:g} s: {str(exc).splitlines()[0][:300]}")
+        msg = (
+            f"rank {self.topo.rank}: {what} at step {self.step} failed after at most "
+            f"{self.topo.timeout_s:g} s: {str(exc).splitlines()[0][:300]}"
+        )
         if self.topo.monitor_group is None:
             return msg
         try:  # rank 0 learns which ranks are gone; the others learn whether rank 0 is
-            dist.monitored_barrier(self.topo.monitor_group, timeout=timedelta(seconds=min(10.0, self.topo.timeout_s)),
-                                   wait_all_ranks=True)
+            dist.monitored_barrier(
+                self.topo.monitor_group, timeout=timedelta(seconds=min(10.0, self.topo.timeout_s)), wait_all_ranks=True
+            )
             return msg + "; every rank answered the monitored barrier afterwards"
         except Exception as barrier_exc:  # noqa: BLE001 - its message is the diagnosis
             return msg + f"; monitored barrier: {str(barrier_exc).splitlines()[0][:300]}"
@@ -355,9 +363,12 @@ class DistributedEngine:
             if self.sync_bn:
                 enc = convert_sync_batchnorm(enc, self.topo.encoder_group, self.topo.backend)
             enc = enc.to(dev)
-            self.ddp = DDP(enc, process_group=self.topo.encoder_group,
-                           device_ids=[dev.index] if dev.type == "cuda" else None,
-                           **ddp_buffer_kwargs(not self.sync_bn))  # SyncBN stats agree already
+            self.ddp = DDP(
+                enc,
+                process_group=self.topo.encoder_group,
+                device_ids=[dev.index] if dev.type == "cuda" else None,
+                **ddp_buffer_kwargs(not self.sync_bn),
+            )  # SyncBN stats agree already
             self.model = enc
             self.aggregator = None
         self.optimizer = self.make_optimizer(self.model)
@@ -372,8 +383,7 @@ class DistributedEngine:
         return float(self.topo.n_encoders) if self._pseudo_loss_factor is None else self._pseudo_loss_factor
 
     # -- one training step --------------------------------------------------------------------
-    def forward_backward(self, tiles: Tensor | None, label: Tensor | None, step: int,
-                         loss_scale: float = 1.0) -> float:
+    def forward_backward(self, tiles: Tensor | None, label: Tensor | None, step: int, loss_scale: float = 1.0) -> float:
         """Gradients of one slide added to `.grad` on every rank; returns the loss on rank 0, nan elsewhere.
 
         tiles: this encoder rank's (k_r, 3, P, P) share of the bag (None on rank 0);
@@ -464,8 +474,10 @@ class DistributedEngine:
             with self.autocast():
                 return self.aggregator(feats)
         if features is None or len(features) == 0:
-            raise DistributedError(f"rank {self.topo.rank}: empty tile share at evaluation step {step}; "
-                                   "give every encoder rank at least one tile")
+            raise DistributedError(
+                f"rank {self.topo.rank}: empty tile share at evaluation step {step}; "
+                "give every encoder rank at least one tile"
+            )
         features = full_precision(features).contiguous()  # (k_r, D)
         sizes = self.comm.sizes(features.shape[0], features.shape[1])
         self.comm.gather(features, sizes)
@@ -477,8 +489,11 @@ class DistributedEngine:
         rng = {"torch": torch.get_rng_state()}
         if self.topo.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.topo.device)
-        part = {"rng": rng, "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        part = {
+            "rng": rng,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
         if self.topo.is_aggregator or self.topo.rank == 1:  # encoder ranks hold the same weights (DDP)
             part["model"] = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         return _to_cpu(part)
@@ -493,8 +508,10 @@ class DistributedEngine:
     def restore_state(self, parts: list[dict], world_size: int, where: str = "checkpoint") -> dict:
         """Restore this rank's part of `gather_state`'s list; returns this rank's extra."""
         if world_size != self.topo.world_size:
-            raise ConfigError(f"{where}: written by {world_size} ranks, this job has "
-                              f"{self.topo.world_size}; resume with the same --nproc-per-node")
+            raise ConfigError(
+                f"{where}: written by {world_size} ranks, this job has "
+                f"{self.topo.world_size}; resume with the same --nproc-per-node"
+            )
         part = parts[self.topo.rank]
         self.model.load_state_dict(parts[0 if self.topo.is_aggregator else 1]["model"])
         self.optimizer.load_state_dict(part["optimizer"])

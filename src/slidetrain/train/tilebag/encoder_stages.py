@@ -101,6 +101,7 @@ def encoder_groups(encoder: nn.Module, lr: float, layer_decay: float) -> list[di
     for s in range(n_stages):
         params = [p for _, p, stage in stages if stage == s and p.requires_grad]
         if params:
-            groups.append({"params": params, "lr": lr * layer_decay ** (n_stages - 1 - s), "part": "encoder",
-                           "stage": s})
+            groups.append(
+                {"params": params, "lr": lr * layer_decay ** (n_stages - 1 - s), "part": "encoder", "stage": s}
+            )
     return groups

@@ -95,8 +95,9 @@ class Executor:
 
     name = "?"
 
-    def step(self, tiles: Tensor, encoder: nn.Module, aggregator: MILModel, label: Tensor,
-             loss_fn: LossFn, ctx: StepContext) -> StepResult:
+    def step(
+        self, tiles: Tensor, encoder: nn.Module, aggregator: MILModel, label: Tensor, loss_fn: LossFn, ctx: StepContext
+    ) -> StepResult:
         raise NotImplementedError
 
 

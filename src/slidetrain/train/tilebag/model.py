@@ -54,8 +54,9 @@ def param_groups(model: TileBagModel, cfg: TileBagConfig) -> list[dict]:
     groups = []
     if cfg.encoder == "trained":
         groups += encoder_groups(model.encoder, cfg.lr_encoder or cfg.lr, cfg.layer_decay)
-    groups.append({"params": list(model.aggregator.parameters()), "lr": cfg.lr_aggregator or cfg.lr,
-                   "part": "aggregator"})
+    groups.append(
+        {"params": list(model.aggregator.parameters()), "lr": cfg.lr_aggregator or cfg.lr, "part": "aggregator"}
+    )
     return groups
 
 

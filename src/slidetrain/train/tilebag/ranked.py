@@ -80,20 +80,32 @@ class RankShare:
 class RankedTileBagTrainer:
     """TileBagTrainer's interface (train_epoch, predict, state_dict, schedule) across the ranks."""
 
-    def __init__(self, topo: Topology, model: TileBagModel, cfg: TileBagConfig, sampling: BagSampling,
-                 train_refs: list[SlideRef], seed: int, class_weights: torch.Tensor | None = None):
+    def __init__(
+        self,
+        topo: Topology,
+        model: TileBagModel,
+        cfg: TileBagConfig,
+        sampling: BagSampling,
+        train_refs: list[SlideRef],
+        seed: int,
+        class_weights: torch.Tensor | None = None,
+    ):
         if cfg.encoder != "trained":
-            raise ConfigError("executor: distributed trains the encoder on its ranks; encoder: frozen runs in "
-                              "one process (executor: plain)")
+            raise ConfigError(
+                "executor: distributed trains the encoder on its ranks; encoder: frozen runs in "
+                "one process (executor: plain)"
+            )
         if cfg.k < topo.n_encoders:
-            raise ConfigError(f"k: {cfg.k} tiles cannot be shared by {topo.n_encoders} encoder ranks; "
-                              f"expected k >= {topo.n_encoders}")
+            raise ConfigError(
+                f"k: {cfg.k} tiles cannot be shared by {topo.n_encoders} encoder ranks; expected k >= {topo.n_encoders}"
+            )
         self.topo, self.cfg, self.sampling, self.seed = topo, cfg, sampling, seed
         self.primary = topo.is_aggregator
         self.device = topo.device
         self.rank_share = None if self.primary else RankShare(topo.n_encoders, topo.rank - 1)
-        self.train_set = TileBagDataset(train_refs, sampling, seed,
-                                        share=None if self.primary else self.rank_share(cfg.k), read=not self.primary)
+        self.train_set = TileBagDataset(
+            train_refs, sampling, seed, share=None if self.primary else self.rank_share(cfg.k), read=not self.primary
+        )
         self.sampler = EpochSubset(len(train_refs), cfg.slides_per_epoch, seed)
         self.class_weights = None if class_weights is None else class_weights.to(self.device)
         part = "aggregator" if self.primary else "encoder"
@@ -106,8 +118,9 @@ class RankedTileBagTrainer:
                 return build_optimizer(encoder_groups(module, lr, cfg.layer_decay), cfg)
             return build_optimizer([{"params": list(module.parameters()), "lr": lr, "part": part}], cfg)
 
-        self.engine = DistributedEngine(topo, model.encoder, model.aggregator, self.loss_fn, make_optimizer,
-                                        amp=cfg.amp, sync_bn=cfg.sync_bn)
+        self.engine = DistributedEngine(
+            topo, model.encoder, model.aggregator, self.loss_fn, make_optimizer, amp=cfg.amp, sync_bn=cfg.sync_bn
+        )
         self.optimizer = self.engine.optimizer
         self.schedule = build_scheduler(self.optimizer, cfg, math.ceil(len(self.sampler) / cfg.accumulation))
         self.step_count = 0  # slides seen in this process, for the collectives' error messages
@@ -165,13 +178,18 @@ class RankedTileBagTrainer:
             item = check_item(item)
             self.step_count += 1
             before_step(self.topo.rank, self.step_count)
-            loss = self.engine.forward_backward(None if self.primary else item["tiles"],
-                                                torch.tensor(item["label"]), self.step_count,
-                                                loss_scale=1.0 / cfg.accumulation)
+            loss = self.engine.forward_backward(
+                None if self.primary else item["tiles"],
+                torch.tensor(item["label"]),
+                self.step_count,
+                loss_scale=1.0 / cfg.accumulation,
+            )
             if self.primary:
                 if not math.isfinite(loss):
-                    raise TrainingError(f"tile-bag training: loss is {loss} on slide {item['slide_id']} in epoch "
-                                        f"{epoch + 1}; expected a finite loss (lower lr or enable grad_clip)")
+                    raise TrainingError(
+                        f"tile-bag training: loss is {loss} on slide {item['slide_id']} in epoch "
+                        f"{epoch + 1}; expected a finite loss (lower lr or enable grad_clip)"
+                    )
                 losses.append(loss)
             if step % cfg.accumulation == 0 or step == n:
                 self.engine.optimizer_step(cfg.grad_clip)
@@ -180,9 +198,13 @@ class RankedTileBagTrainer:
         seconds = time.perf_counter() - t0
         row = None
         if self.primary:
-            row = {"train_loss": float(np.mean(losses)), "train_seconds": seconds, "loader_wait_seconds": wait,
-                   "tiles_per_second": n * cfg.k / max(seconds, 1e-9),
-                   **logged_rates(self.optimizer)}
+            row = {
+                "train_loss": float(np.mean(losses)),
+                "train_seconds": seconds,
+                "loader_wait_seconds": wait,
+                "tiles_per_second": n * cfg.k / max(seconds, 1e-9),
+                **logged_rates(self.optimizer),
+            }
         return self.broadcast(row)
 
     # ---------------------------------------------------------------- evaluation on the same ranks
@@ -194,8 +216,14 @@ class RankedTileBagTrainer:
         return bag_statistics_copy(encoder) if self.cfg.eval_bn == "bag" else encoder
 
     @torch.no_grad()
-    def predict(self, refs: list[SlideRef], mode: str | None = None, repeats: int | None = None,
-                seed: int | None = None, workers: int | None = None) -> Prediction | None:
+    def predict(
+        self,
+        refs: list[SlideRef],
+        mode: str | None = None,
+        repeats: int | None = None,
+        seed: int | None = None,
+        workers: int | None = None,
+    ) -> Prediction | None:
         """TileBagTrainer.predict across the ranks: the Prediction on rank 0, None elsewhere."""
         cfg = self.cfg
         mode = mode or cfg.eval_tiles
@@ -214,15 +242,19 @@ class RankedTileBagTrainer:
 
                 def scored(ref=ref, i=i) -> np.ndarray:  # the tiles the encoder ranks read
                     all_xy = read_coords(ref)
-                    return all_xy if mode == "all" else all_xy[
-                        sample_indices(len(all_xy), sampling.k, np.random.default_rng([seed, 0, i]))]
+                    return (
+                        all_xy
+                        if mode == "all"
+                        else all_xy[sample_indices(len(all_xy), sampling.k, np.random.default_rng([seed, 0, i]))]
+                    )
 
                 collector.add(self.engine.aggregator, out, ref.label, self.device, ref.slide_id, i, r, scored)
         return collector.result(repeats)
 
     def _encode_shares(self, refs, sampling, mode, repeats, seed, workers) -> None:
-        bags = EvalBags(refs, sampling, mode=mode, chunk=self.cfg.eval_chunk, repeats=repeats, seed=seed,
-                        share=self.rank_share)
+        bags = EvalBags(
+            refs, sampling, mode=mode, chunk=self.cfg.eval_chunk, repeats=repeats, seed=seed, share=self.rank_share
+        )
         encoder = self._eval_encoder()
         chunks: list[torch.Tensor] = []
         for item in bag_loader(bags, workers=workers):

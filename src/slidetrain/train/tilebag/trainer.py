@@ -84,8 +84,17 @@ class PredictionCollector:
         self.attention: list[np.ndarray | None] = [None] * n_slides
         self.coords: list[np.ndarray] = [np.zeros((0, 2), np.int64)] * n_slides
 
-    def add(self, aggregator: MILModel, out: MILOutput, label: int, device: torch.device, slide_id: str, index: int,
-            repeat: int, coords: Callable[[], np.ndarray]) -> None:
+    def add(
+        self,
+        aggregator: MILModel,
+        out: MILOutput,
+        label: int,
+        device: torch.device,
+        slide_id: str,
+        index: int,
+        repeat: int,
+        coords: Callable[[], np.ndarray],
+    ) -> None:
         """One bag's output; `coords()` (the tiles scored) is called for the first repeat only."""
         self.losses.append(float(aggregator.loss(out, torch.tensor(label, device=device), self.class_weights)))
         p = aggregator.probabilities(out).float().cpu().numpy()  # (C,)
@@ -108,14 +117,23 @@ def metrics_over_repeats(labels: np.ndarray, probs: np.ndarray, ordinal: bool) -
     """Each metric computed per repeat, then averaged (Big-Layers' test-time protocol)."""
     per = [classification_metrics(labels, p, ordinal=ordinal) for p in probs]
     keys = per[0].keys()
-    return {k: float(np.nanmean([m[k] for m in per])) if not all(np.isnan(m[k]) for m in per) else float("nan")
-            for k in keys}
+    return {
+        k: float(np.nanmean([m[k] for m in per])) if not all(np.isnan(m[k]) for m in per) else float("nan")
+        for k in keys
+    }
 
 
 class TileBagTrainer:
-    def __init__(self, model: TileBagModel, cfg: TileBagConfig, sampling: BagSampling,
-                 train_refs: list[SlideRef], seed: int, device: torch.device,
-                 class_weights: torch.Tensor | None = None):
+    def __init__(
+        self,
+        model: TileBagModel,
+        cfg: TileBagConfig,
+        sampling: BagSampling,
+        train_refs: list[SlideRef],
+        seed: int,
+        device: torch.device,
+        class_weights: torch.Tensor | None = None,
+    ):
         self.model, self.cfg, self.sampling, self.seed = model.to(device), cfg, sampling, seed
         self.device = device
         self.executor = build_executor(cfg.executor)
@@ -126,16 +144,23 @@ class TileBagTrainer:
         self.schedule = build_scheduler(self.optimizer, cfg, iters)
         use_scaler = cfg.amp and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-        self.ctx = StepContext(loss_scale=1.0 / cfg.accumulation, scaler=self.scaler,
-                               autocast=autocast_factory(device, cfg.amp),
-                               train_encoder=cfg.encoder == "trained", device=device)
+        self.ctx = StepContext(
+            loss_scale=1.0 / cfg.accumulation,
+            scaler=self.scaler,
+            autocast=autocast_factory(device, cfg.amp),
+            train_encoder=cfg.encoder == "trained",
+            device=device,
+        )
         self.class_weights = None if class_weights is None else class_weights.to(device)
 
     # ---------------------------------------------------------------- state for checkpoints
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "schedule": self.schedule.state_dict(),
-                "scaler": None if self.scaler is None else self.scaler.state_dict()}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -172,8 +197,7 @@ class TileBagTrainer:
         # run continues exactly.
         torch.manual_seed(self.seed * 100_003 + epoch)
         set_train_mode(self.model, cfg)
-        loader = bag_loader(self.train_set, workers=cfg.workers if workers is None else workers,
-                            sampler=self.sampler)
+        loader = bag_loader(self.train_set, workers=cfg.workers if workers is None else workers, sampler=self.sampler)
         losses, n_tiles = [], 0
         t0 = time.perf_counter()
         wait = 0.0
@@ -184,32 +208,51 @@ class TileBagTrainer:
         for step, item in enumerate(steps, 1):
             wait += time.perf_counter() - t_wait
             item = check_item(item)
-            result = self.executor.step(item["tiles"], self.model.encoder, self.model.aggregator,
-                                        torch.tensor(item["label"]), self.loss_fn, self.ctx)
+            result = self.executor.step(
+                item["tiles"],
+                self.model.encoder,
+                self.model.aggregator,
+                torch.tensor(item["label"]),
+                self.loss_fn,
+                self.ctx,
+            )
             if not math.isfinite(result.loss):
-                raise TrainingError(f"tile-bag training: loss is {result.loss} on slide {item['slide_id']} "
-                                    f"in epoch {epoch + 1}; expected a finite loss (lower lr or enable grad_clip)")
+                raise TrainingError(
+                    f"tile-bag training: loss is {result.loss} on slide {item['slide_id']} "
+                    f"in epoch {epoch + 1}; expected a finite loss (lower lr or enable grad_clip)"
+                )
             losses.append(result.loss)
             n_tiles += result.n_tiles
             if step % cfg.accumulation == 0 or step == n:
                 self._optimiser_step()
             t_wait = time.perf_counter()
         seconds = time.perf_counter() - t0
-        return {"train_loss": float(np.mean(losses)), "train_seconds": seconds, "loader_wait_seconds": wait,
-                "tiles_per_second": n_tiles / max(seconds, 1e-9),
-                **logged_rates(self.optimizer)}
+        return {
+            "train_loss": float(np.mean(losses)),
+            "train_seconds": seconds,
+            "loader_wait_seconds": wait,
+            "tiles_per_second": n_tiles / max(seconds, 1e-9),
+            **logged_rates(self.optimizer),
+        }
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def predict(self, refs: list[SlideRef], mode: str | None = None, repeats: int | None = None,
-                seed: int | None = None, workers: int | None = None) -> Prediction:
+    def predict(
+        self,
+        refs: list[SlideRef],
+        mode: str | None = None,
+        repeats: int | None = None,
+        seed: int | None = None,
+        workers: int | None = None,
+    ) -> Prediction:
         """Probabilities of every slide of `refs`: all tiles in chunks, or R seeded repeats of K tiles."""
         cfg = self.cfg
         mode = mode or cfg.eval_tiles
         repeats = repeats or (cfg.eval_repeats if mode == "sampled" else 1)
         sampling = BagSampling(**{**self.sampling.__dict__, "k": cfg.eval_k or cfg.k, "augment": False})
-        bags = EvalBags(refs, sampling, mode=mode, chunk=cfg.eval_chunk, repeats=repeats,
-                        seed=self.seed if seed is None else seed)
+        bags = EvalBags(
+            refs, sampling, mode=mode, chunk=cfg.eval_chunk, repeats=repeats, seed=self.seed if seed is None else seed
+        )
         self.model.eval()
         encoder = bag_statistics_copy(self.model.encoder) if cfg.eval_bn == "bag" else self.model.encoder
         collector = PredictionCollector(len(refs), self.class_weights)
@@ -225,7 +268,15 @@ class TileBagTrainer:
             if not item["last"]:
                 continue
             out = self.model.aggregator(torch.cat(chunks))  # features (N, D)
-            collector.add(self.model.aggregator, out, item["label"], self.device, item["slide_id"], item["index"],
-                          max(item["repeat"], 0), lambda done=chunk_coords: np.concatenate(done))
+            collector.add(
+                self.model.aggregator,
+                out,
+                item["label"],
+                self.device,
+                item["slide_id"],
+                item["index"],
+                max(item["repeat"], 0),
+                lambda done=chunk_coords: np.concatenate(done),
+            )
             chunks, chunk_coords = [], []
         return collector.result(repeats)

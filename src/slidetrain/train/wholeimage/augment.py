@@ -76,9 +76,7 @@ def augment_slide(
     return image.contiguous()
 
 
-def normalise(
-    image: Tensor, mean: Iterable[float] = TCGA_MEAN, std: Iterable[float] = TCGA_STD
-) -> Tensor:
+def normalise(image: Tensor, mean: Iterable[float] = TCGA_MEAN, std: Iterable[float] = TCGA_STD) -> Tensor:
     """(3, H, W) RGB in [0, 1] -> per-channel standardised float."""
     m = torch.as_tensor(tuple(mean), dtype=image.dtype, device=image.device).view(3, 1, 1)
     s = torch.as_tensor(tuple(std), dtype=image.dtype, device=image.device).view(3, 1, 1)

@@ -22,8 +22,12 @@ class ImageE2ELearner(ResNetLearner):
     def _build_net(self) -> ImageE2ENet:
         c = self.cfg
         return ImageE2ENet(
-            self.n_classes, c.weights, c.head_norm, train_stem=c.stem == "trained",
-            checkpointing=c.checkpointing, checkpoint_tile_px=c.checkpoint_tile_px,
+            self.n_classes,
+            c.weights,
+            c.head_norm,
+            train_stem=c.stem == "trained",
+            checkpointing=c.checkpointing,
+            checkpoint_tile_px=c.checkpoint_tile_px,
         )
 
     def _forward_backward(self, prepared: list[Tensor], label: Tensor) -> dict[str, float]:

@@ -83,6 +83,4 @@ class WholeImageLearner(abc.ABC):
     def _check_learner_tag(self, state: dict) -> None:
         """A state carries its learner's class name ("learner"); refuse one written by another learner."""
         if state.get("learner") != type(self).__name__:
-            raise ConfigError(
-                f"checkpoint: written by {state.get('learner')!r}, cannot resume a {type(self).__name__}"
-            )
+            raise ConfigError(f"checkpoint: written by {state.get('learner')!r}, cannot resume a {type(self).__name__}")

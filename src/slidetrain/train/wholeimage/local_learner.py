@@ -8,7 +8,7 @@ Where the authors' paper and code differ (defaults = code):
 
 | key | code (default) | paper |
 |---|---|---|
-| schedule | "simultaneous": per slide, module k forward, its local loss backward, output detached and fed to module k+1 | "sequential": train F1, freeze it, then F2, ... |
+| schedule | "simultaneous": per slide, module k forward, local backward, detached to k+1 | "sequential" |
 | lr_backbone / lr_heads | 1e-5 (2e-5 * 0.5) / 2e-5 | 1e-5 / 2e-5 |
 | weight_decay | 1e-2 | 1e-6 |
 | epochs / scheduler | 55, x0.1 at epochs 25, 35, 45 (the README's training command) | "plateau", factor 0.1 |
@@ -63,8 +63,14 @@ class LocalLearner(ResNetLearner):
     def _build_net(self) -> LocalNet:
         c = self.cfg
         return LocalNet(
-            self.n_classes, c.K, c.weights, c.rfr, c.n_patch, c.head_norm,
-            checkpointing=c.checkpointing, checkpoint_tile_px=c.checkpoint_tile_px,
+            self.n_classes,
+            c.K,
+            c.weights,
+            c.rfr,
+            c.n_patch,
+            c.head_norm,
+            checkpointing=c.checkpointing,
+            checkpoint_tile_px=c.checkpoint_tile_px,
         )
 
     def frozen_modules(self) -> list[int]:
@@ -170,8 +176,10 @@ class LocalLearner(ResNetLearner):
         with warnings.catch_warnings():  # a band view's strides are the map's: fine for an in-place add
             warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout")
             self._backward(ce)  # the classifier's gradients, the bands' into `grad`
-        if any(band.grad is None or band.grad.data_ptr() != grad[:, :, r0:r1].data_ptr()
-               for (r0, r1), band in zip(bands, leaves, strict=True)):  # autograd replaced a view
+        if any(
+            band.grad is None or band.grad.data_ptr() != grad[:, :, r0:r1].data_ptr()
+            for (r0, r1), band in zip(bands, leaves, strict=True)
+        ):  # autograd replaced a view
             raise RuntimeError("aux backward: a band's gradient left the shared map")
         del leaves, logits, ce
         if crops is not None and crops.grad is not None:

@@ -7,7 +7,8 @@
 The images are the pipeline's one-JPEG-per-slide files ({images}/{slide_id}.jpg,
 tissue box at the image magnification), read once. One slide per
 `train_slide` call, `learner.step()` every `accumulation` slides of an epoch
-(the authors' code: no extra step at its end; the rest carries over); per-channel normalisation statistics from the training part only;
+(the authors' code: no extra step at its end; the rest carries over); per-channel normalisation
+statistics from the training part only;
 model selection on the validation part only; the test part is read only by
 `evaluate_whole_image`, once, after training.
 
@@ -229,22 +230,41 @@ def fit_whole_image(
         }
 
     result = run_epochs(
-        out_dir, config_hash(method, cfg, seed, split_csv), cfg.epochs, train_epoch, validate,
-        stateful={"learner": learner}, snapshot=learner.weights_state_dict,
-        selection=Selection(cfg.selection_metric), device=dev, clock=_now, trailing=("cropped",),
-        logger=log, stop_hook=None,
+        out_dir,
+        config_hash(method, cfg, seed, split_csv),
+        cfg.epochs,
+        train_epoch,
+        validate,
+        stateful={"learner": learner},
+        snapshot=learner.weights_state_dict,
+        selection=Selection(cfg.selection_metric),
+        device=dev,
+        clock=_now,
+        trailing=("cropped",),
+        logger=log,
+        stop_hook=None,
         inputs=input_fingerprint(Path(images_dir) / f"{s}{IMAGE_SUFFIX}" for s in (*train_ids, *val_ids)),
     )
     return write_run_files(
-        out_dir, method, cfg, seed, result,
+        out_dir,
+        method,
+        cfg,
+        seed,
+        result,
         provenance={
-            "class_names": class_names, "split": str(split_csv), "images": str(images_dir), "device": str(dev),
+            "class_names": class_names,
+            "split": str(split_csv),
+            "images": str(images_dir),
+            "device": str(dev),
             "norm_stats": stats,
             "image_sizes": {"train": size_summary(train_images), "val": size_summary(val_images)},
         },
         model_payload=lambda best_state: {
-            "method": method, "config": asdict(cfg), "class_names": class_names,
-            "state": best_state, "norm_stats": stats,
+            "method": method,
+            "config": asdict(cfg),
+            "class_names": class_names,
+            "state": best_state,
+            "norm_stats": stats,
         },
     )
 
@@ -282,7 +302,8 @@ def evaluate_whole_image(
     pred = predictions_table(test_ids, test_labels, probs, class_names)
     with atomic_path(predictions_csv) as tmp:
         pred.to_csv(tmp, index=False)
-    result = evaluate_predictions(pred, class_names, ordinal=ordinal, n_bootstrap=n_bootstrap, seed=seed,
-                                  patient_of=patient_of(split))
+    result = evaluate_predictions(
+        pred, class_names, ordinal=ordinal, n_bootstrap=n_bootstrap, seed=seed, patient_of=patient_of(split)
+    )
     write_json(metrics_json, result)
     return result

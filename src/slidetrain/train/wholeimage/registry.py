@@ -68,9 +68,7 @@ def learner_config(method: str, params: dict | None = None) -> Any:
     """The validated config of `method`: defaults, then the method's preset, then `params`."""
     _load_learner_modules()
     if method not in LEARNERS:
-        raise ConfigError(
-            f"methods: unknown whole-image method {method!r}; expected one of {sorted(LEARNERS)}"
-        )
+        raise ConfigError(f"methods: unknown whole-image method {method!r}; expected one of {sorted(LEARNERS)}")
     spec = LEARNERS[method]
     return build_config(spec.config_cls, spec.preset, params, f"methods.{method}")
 

@@ -44,9 +44,7 @@ class ResNetLearner(WholeImageLearner):
                     "class_weights",
                     f"expected {n_classes} weights (one per class), got {cfg.class_weights}",
                 )
-            self.class_weights = torch.tensor(
-                cfg.class_weights, dtype=torch.float32, device=self.device
-            )
+            self.class_weights = torch.tensor(cfg.class_weights, dtype=torch.float32, device=self.device)
         backbone = [p for p in self.net.backbone.parameters() if p.requires_grad]  # stem excluded
         ids = {id(p) for p in self.net.backbone.parameters()}
         heads = [p for p in self.net.parameters() if id(p) not in ids]
@@ -55,9 +53,7 @@ class ResNetLearner(WholeImageLearner):
             {"params": heads, "lr": cfg.lr_heads, "name": "heads"},
         ]
         opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-        self.optimizer = opt_cls(
-            groups, lr=cfg.lr_heads, betas=cfg.betas, weight_decay=cfg.weight_decay
-        )
+        self.optimizer = opt_cls(groups, lr=cfg.lr_heads, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         # RFR crop positions; seeded from torch's seed so a seeded run is reproducible
         self.generator = torch.Generator().manual_seed(torch.initial_seed() % (2**63))
@@ -171,9 +167,7 @@ class ResNetLearner(WholeImageLearner):
     def calibrate_batchnorm(self, images: Iterable[Tensor]) -> int:
         """Backbone BN statistics from normalised (3, H, W) slides (`calibrate_batchnorm`)."""
         backbone = self.net.backbone
-        return calibrate_batchnorm(
-            backbone, lambda im: backbone(im.to(self.device, self.dtype)[None]), images
-        )
+        return calibrate_batchnorm(backbone, lambda im: backbone(im.to(self.device, self.dtype)[None]), images)
 
     def end_epoch(self, epoch: int, val_loss: float | None) -> None:
         self.scheduler.step(val_loss)
