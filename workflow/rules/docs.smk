@@ -1,4 +1,6 @@
-# docs/benchmarks.md from results/: `snakemake --cores all docs`. Its inputs are the results named in
+# docs/benchmarks.md from results/: `snakemake --cores all docs --forcerun docs_benchmarks` (the page is
+# committed: without --forcerun, Snakemake takes an existing page as up to date even when the results it
+# reads are missing, as on a fresh clone). Its inputs are the results named in
 # the config's docs.build (built if missing) and every other result the page knows that already exists
 # (slidetrain.docs.benchmarks.CATALOGUE), so a table built later makes the page stale and it is rewritten.
 # docs/configuration.md is generated from the config schema's descriptions.

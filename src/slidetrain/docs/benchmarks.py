@@ -2,8 +2,8 @@
 
     slidetrain docs-benchmarks --results-dir results --out docs/benchmarks.md
 
-(the `docs` target runs it: `snakemake --cores all docs`). Each table is rendered from its CSV and
-stamped with what produced it: the Snakemake command, the date the CSV was written, the commit, the
+(the `docs` target runs it: `snakemake --cores all docs --forcerun docs_benchmarks`). Each table is
+rendered from its CSV and stamped with what produced it: the Snakemake command, the date the CSV was written, the commit, the
 CPU model, the thread count and the GPU (if any) of the machine that renders the page, which is the
 machine that built the results when the `docs` target builds them. A known result that does not
 exist yet is listed with the command that makes it; CSVs under results/tables/ and results/bench/
@@ -260,12 +260,14 @@ def render(root: Path, stamp: Stamp, catalogue: tuple[Result, ...] = CATALOGUE) 
     out = [
         "# Benchmarks and tables",
         "",
-        "<!-- Written by `snakemake --cores all docs` (slidetrain docs-benchmarks); do not edit by hand. -->",
+        "<!-- Written by `snakemake --cores all docs --forcerun docs_benchmarks` (slidetrain docs-benchmarks); "
+        "do not edit by hand. -->",
         "",
         "Every number on this page is read from a result file that a workflow target writes. Under each "
         "table: the command that produces it (with the default config unless a `--configfile` was added), "
         "when its CSV was written, and the commit, CPU model, thread count and GPU of the machine that "
-        "rendered the page. `snakemake --cores all docs` builds the results listed in the config's "
+        "rendered the page. `snakemake --cores all docs --forcerun docs_benchmarks` builds the results "
+        "listed in the config's "
         "`docs.build` (the main job and the benchmarks that take minutes on a CPU) and renders every "
         "other known result that exists; `--configfile config/docs_full.yaml` builds all of them. "
         "Synthetic data at CPU scale: the values show that each pipeline runs and how its parts compare, "
