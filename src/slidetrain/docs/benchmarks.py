@@ -3,12 +3,11 @@
     slidetrain docs-benchmarks --results-dir results --out docs/benchmarks.md
 
 (the `docs` target runs it: `snakemake --cores all docs --forcerun docs_benchmarks`). Each table is
-rendered from its CSV and stamped with what produced it: the Snakemake command, the date the CSV was written, the commit, the
-CPU model, the thread count and the GPU (if any) of the machine that renders the page, which is the
-machine that built the results when the `docs` target builds them. A known result that does not
-exist yet is listed with the command that makes it; CSVs under results/tables/ and results/bench/
-that the catalogue does not know are rendered too.
-"""
+rendered from its CSV and stamped with what produced it: the Snakemake command, the date the CSV was
+written, the commit, the CPU model, the thread count and the GPU (if any) of the machine that
+renders the page, which is the machine that built the results when the `docs` target builds them. A
+known result that does not exist yet is listed with the command that makes it; CSVs under
+results/tables/ and results/bench/ that the catalogue does not know are rendered too."""
 
 from __future__ import annotations
 
