@@ -75,11 +75,12 @@ def test_an_unknown_reader_is_an_error(synthetic_slides):
         open_slide(synthetic_slides[0][0], reader="fast")
 
 
-def test_bench_read_writes_both_readers(synthetic_slides, tmp_path):
+def test_bench_read_writes_every_reader_with_its_threads(synthetic_slides, tmp_path):
     out = tmp_path / "read.csv"
     bench_read([synthetic_slides[0][0]], out, threads=2, repeats=1)
     table = pd.read_csv(out)
-    assert list(table.reader) == ["openslide", "auto"] and list(table.backend) == ["openslide", "tifffile"]
+    assert list(table.reader) == ["openslide", "openslide_threads", "auto"]
+    assert list(table.backend) == ["openslide", "openslide", "tifffile"] and list(table.threads) == [1, 2, 2]
     assert (table.mpx_per_s > 0).all() and table.speedup.iloc[0] == 1.0
     assert (table.max_abs_diff <= JPEG_TOLERANCE).all()
 
