@@ -106,6 +106,44 @@ def cmd_evaluate_image(a: argparse.Namespace) -> None:
     )
 
 
+def cmd_pretrain(a: argparse.Namespace) -> None:
+    from slidetrain.train.pretrain.run import run_pretrain
+
+    run_pretrain(
+        a.arch,
+        a.params,
+        Path(a.sheet),
+        Path(a.slides_dir),
+        Path(a.tiles_dir),
+        a.tile_px,
+        a.target_magnification,
+        Path(a.out_dir),
+        max_tiles_per_slide=a.max_tiles_per_slide,
+        threads=a.threads,
+    )
+
+
+def cmd_pretrain_probe(a: argparse.Namespace) -> None:
+    from slidetrain.data.tilebag import BagSampling
+    from slidetrain.train.pretrain.probe import run_probe
+
+    sampling = BagSampling(k=1, tile_px=a.tile_px, target_magnification=a.target_magnification)
+    run_probe(
+        a.arch,
+        Path(a.weights),
+        Path(a.sheet),
+        Path(a.split),
+        a.classes,
+        a.ordinal,
+        Path(a.slides_dir),
+        Path(a.tiles_dir),
+        sampling,
+        Path(a.out),
+        max_tiles=a.max_tiles_per_slide,
+        threads=a.threads,
+    )
+
+
 def _tilebag_data(a: argparse.Namespace) -> dict:
     return {
         "split_csv": Path(a.split),
@@ -228,6 +266,33 @@ def _add_evaluate_image_parser(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=cmd_evaluate_image)
 
 
+def _cohort_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--arch", required=True)
+    s.add_argument("--sheet", required=True, help="slide sheet (tsv) of the slides read")
+    s.add_argument("--slides-dir", required=True, help="where synthetic slides are drawn")
+    s.add_argument("--tiles-dir", required=True, help="the slides' tile-coordinate h5 files")
+    s.add_argument("--tile-px", type=int, required=True)
+    s.add_argument("--target-magnification", type=float, required=True)
+    s.add_argument("--max-tiles-per-slide", type=int, default=None)
+    s.add_argument("--threads", type=int, default=1)
+
+
+def _add_pretrain_parsers(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("pretrain", help="self-supervised (SimCLR) pretraining of a ResNet on a cohort's tiles")
+    _cohort_args(s)
+    s.add_argument("--params", type=json_arg, default={}, help="pretrain.params as JSON")
+    s.add_argument("--out-dir", required=True)
+    s.set_defaults(func=cmd_pretrain)
+    s = sub.add_parser("pretrain-probe", help="linear probe of the slide label, pretrained vs random init")
+    _cohort_args(s)
+    s.add_argument("--weights", required=True, help="the pretrained encoder.pt")
+    s.add_argument("--split", required=True, help="split CSV: fitted on train, read on val")
+    s.add_argument("--classes", nargs="+", required=True)
+    s.add_argument("--ordinal", action="store_true")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_pretrain_probe)
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     _add_train_tilebag_parser(sub)
     _add_evaluate_tilebag_parser(sub)
@@ -236,3 +301,4 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     _add_evaluate_mil_parser(sub)
     _add_train_image_parser(sub)
     _add_evaluate_image_parser(sub)
+    _add_pretrain_parsers(sub)

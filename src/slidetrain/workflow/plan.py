@@ -92,8 +92,10 @@ class Plan:
 
     def main_datasets(self) -> list[str]:
         """Datasets of the main job's QC table and preprocessing benchmark: all but the test-only cohorts
-        (`test_only: true`, e.g. Big-Layers' external cohort, built only by the targets that test on it)."""
-        return [d for d in self.sheets if not self.config["datasets"][d].get("test_only", False)]
+        (`test_only: true`, e.g. Big-Layers' external cohort, built only by the targets that test on it)
+        and the pretraining cohort (`pretrain_only: true`, read only by results/pretrain/)."""
+        side = ("test_only", "pretrain_only")
+        return [d for d in self.sheets if not any(self.config["datasets"][d].get(k, False) for k in side)]
 
 
 def method_regex(methods: Iterable[str]) -> str:
