@@ -78,7 +78,9 @@ def run_probe(
         x = {p: mean_features(encoder, refs[p], sampling, max_tiles, seed=0) for p in refs}
         scores = probe_scores(x["train"], parts["train"][1], x["val"], parts["val"][1], len(classes), ordinal)
         log.info("%s %s: validation %s", arch, init, {k: round(v, 3) for k, v in scores.items()})
-        rows.append({"arch": arch, "init": init, "part": "val", "n_train": len(x["train"]), "n_val": len(x["val"]), **scores})
+        rows.append(
+            {"arch": arch, "init": init, "part": "val", "n_train": len(x["train"]), "n_val": len(x["val"]), **scores}
+        )
     table = pd.DataFrame(rows)
     with atomic_path(out_csv) as tmp:
         table.to_csv(tmp, index=False)

@@ -55,7 +55,9 @@ def run_pretrain(
     tiles, owner = read_cohort_tiles(
         sheet, slides_dir, tiles_dir, tile_px, target_magnification, max_tiles_per_slide, seed=cfg.seed
     )
-    log.info("%d tiles of %d cohort slides; %d steps of %d tiles", len(tiles), owner.max() + 1, cfg.steps, cfg.batch_size)
+    log.info(
+        "%d tiles of %d cohort slides; %d steps of %d tiles", len(tiles), owner.max() + 1, cfg.steps, cfg.batch_size
+    )
     state = pretrain(tiles, cfg, out_dir)
     history = pd.read_csv(out_dir / "history.csv")
     from slidetrain.train.pretrain.qc import write_qc

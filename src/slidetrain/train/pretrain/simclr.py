@@ -71,7 +71,10 @@ class ContrastiveNet(nn.Module):
             dim = self.trunk.fc.in_features
             self.trunk.fc = nn.Identity()
             self.head = nn.Sequential(
-                nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True), nn.Linear(dim, projection_dim)
+                nn.Linear(dim, dim, bias=False),
+                nn.BatchNorm1d(dim),
+                nn.ReLU(inplace=True),
+                nn.Linear(dim, projection_dim),
             )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -127,7 +130,9 @@ def pretrain(tiles: Tensor, cfg: PretrainConfig, out_dir: Path) -> dict[str, Ten
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        history.append({"step": step + 1, "loss": loss.item(), "pair_accuracy": pair_acc.item(), "lr": lr_at(step, cfg)})
+        history.append(
+            {"step": step + 1, "loss": loss.item(), "pair_accuracy": pair_acc.item(), "lr": lr_at(step, cfg)}
+        )
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             state = {"net": net.state_dict(), "opt": opt.state_dict(), "history": history, "cfg": asdict(cfg)}
             common.save_checkpoint(ckpt_path, state)

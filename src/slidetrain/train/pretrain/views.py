@@ -53,7 +53,7 @@ def _flip_turn(x: Tensor, gen: torch.Generator) -> Tensor:
 
 def _grey(x: Tensor) -> Tensor:
     """(n, 3, H, W) -> (n, 1, H, W) luma (ITU-R 601, as torchvision's rgb_to_grayscale)."""
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
 
 
 def _colour(x: Tensor, s: ViewSettings, gen: torch.Generator) -> Tensor:
