@@ -127,3 +127,16 @@ def test_the_default_pretraining_cohort_is_disjoint_from_every_split_dataset():
     used += [t["external"] for t in config["offload_tables"]["tables"].values()]
     used += [d["from"] for d in config["derived_datasets"].values()]
     assert cohort not in used
+
+
+def test_a_pretraining_cohort_used_by_a_table_or_sharing_a_patient_is_refused():
+    from slidetrain.workflow.sheets import check_pretrain_cohorts
+
+    sheet = lambda ids, pats: pd.DataFrame({"slide_id": ids, "patient_id": pats})  # noqa: E731
+    config = {"datasets": {"main": {}, "pre": {"pretrain_only": True}}, "table1": {"datasets": ["main"]}}
+    sheets = {"main": sheet(["a", "b"], ["p1", "p2"]), "pre": sheet(["c"], ["p3"])}
+    check_pretrain_cohorts(config, sheets)
+    with pytest.raises(ConfigError, match="table1.datasets: 'pre' is a pretraining cohort"):
+        check_pretrain_cohorts({**config, "table1": {"datasets": ["main", "pre"]}}, sheets)
+    with pytest.raises(ConfigError, match="shares slides or patients with main: \\['p2'\\]"):
+        check_pretrain_cohorts(config, {**sheets, "pre": sheet(["c"], ["p2"])})

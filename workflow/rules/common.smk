@@ -129,6 +129,10 @@ def method_params(method):
     return _params.method_params(PLAN, method)
 
 
+def weights_files(params):
+    return _params.weights_files(params)
+
+
 def _image_device():
     return _params.image_device(PLAN)
 

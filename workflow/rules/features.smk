@@ -6,6 +6,7 @@ rule extract_features_shard:
     input:
         preprocess="results/{dataset}/shards/preprocess/{shard}.tsv",
         slides=shard_slide_inputs,
+        weights=weights_files(config["features"]),
     output:
         "results/{dataset}/shards/features/{encoder}/{shard}.tsv",
     params:

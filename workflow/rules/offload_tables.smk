@@ -11,6 +11,7 @@ rule train_biglayers:
         split="results/{dataset}/splits/{split}.csv",
         status=lambda w: f"results/{base_dataset(w.dataset)}/qc/status.csv",
         slides=tilebag_slides,
+        weights=lambda w: weights_files(biglayers_params(w)),
     output:
         model="results/{dataset}/runs/biglayers_{agg}_{encoder}_{aug}/{split}/{seed}/model.pt",
         history="results/{dataset}/runs/biglayers_{agg}_{encoder}_{aug}/{split}/{seed}/history.csv",

@@ -17,6 +17,7 @@ rule train_tilebag:
         # every slide's tile coordinates exist (or the slide is excluded) once the QC status table does
         status=lambda w: f"results/{base_dataset(w.dataset)}/qc/status.csv",
         slides=tilebag_slides,
+        weights=lambda w: weights_files(tilebag_run_params(w)),
     output:
         model="results/{dataset}/runs/{tilebag_run}/{split}/{seed}/model.pt",
         history="results/{dataset}/runs/{tilebag_run}/{split}/{seed}/history.csv",
@@ -54,6 +55,7 @@ rule train_tilebag_parallel:
         split="results/{dataset}/splits/{split}.csv",
         status=lambda w: f"results/{base_dataset(w.dataset)}/qc/status.csv",
         slides=tilebag_slides,
+        weights=lambda w: weights_files(tilebag_run_params(w)),
     output:
         model="results/{dataset}/runs/{tilebag_run}/{split}/{seed}/model.pt",
         history="results/{dataset}/runs/{tilebag_run}/{split}/{seed}/history.csv",
@@ -204,6 +206,7 @@ rule bench_tilebag_step:
     input:
         slides=lambda w: slides_ready(base_dataset(_tilebag_cfg('datasets', ['synthetic'])[0]), list(_step_slides())),
         status=lambda w: f"results/{base_dataset(_tilebag_cfg('datasets', ['synthetic'])[0])}/qc/status.csv",
+        weights=weights_files(_tilebag_cfg("params", {})),
     output:
         report("results/bench/tilebag_step.csv", caption="../report/tilebag_step.rst", category="Benchmarks"),
     params:

@@ -72,6 +72,7 @@ rule train_image:
         split="results/{dataset}/splits/{split}.csv",
         # every slide image exists (or is listed as excluded) once the QC status table does
         status="results/{dataset}/qc/status.csv",
+        weights=lambda w: weights_files(method_params(w.method)),
     output:
         model="results/{dataset}/runs/{method}/{split}/{seed}/model.pt",
         history="results/{dataset}/runs/{method}/{split}/{seed}/history.csv",

@@ -17,6 +17,21 @@ def method_params(plan: Plan, method: str) -> str:
     return json.dumps(plan.config["methods"][method])
 
 
+#: `weights:` values that name no file (random init, torchvision's download)
+NO_WEIGHTS_FILE = (None, "none", "imagenet")
+
+
+def weights_files(params: Mapping[str, Any] | str) -> list[str]:
+    """The local weights file a job reads (`weights:` in its params, a dict or its JSON), as an input.
+
+    So Snakemake builds it first when a rule makes it (results/pretrain/{arch}/encoder.pt), reruns the
+    job when it changes, and stops with the missing path named when nothing makes it."""
+    if isinstance(params, str):
+        params = json.loads(params)
+    weights = params.get("weights")
+    return [] if weights in NO_WEIGHTS_FILE else [str(weights)]
+
+
 def feature_index(plan: Plan, dataset: str) -> str:
     """Training jobs depend on the dataset's feature index, one file, not one per slide (DAG size)."""
     return f"results/{plan.base_dataset(dataset)}/features/{plan.config['features']['encoder']}/index.csv"

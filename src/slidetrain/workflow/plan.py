@@ -16,7 +16,7 @@ import pandas as pd
 
 from slidetrain.configs import image_methods
 from slidetrain.data.shards import assign_shards
-from slidetrain.workflow.sheets import RowValidator, check_derived, check_methods, load_sheets
+from slidetrain.workflow.sheets import RowValidator, check_derived, check_methods, check_pretrain_cohorts, load_sheets
 
 #: shards.slides_per_shard when the config does not set it
 DEFAULT_SLIDES_PER_SHARD = 32
@@ -109,6 +109,7 @@ def build_plan(config: Mapping, schema_path: str | Path, validate_rows: RowValid
     """Read and check every sheet, the derived datasets and the method blocks; assign the shards."""
     sheets = load_sheets(config["datasets"], schema_path, validate_rows)
     derived = check_derived(config, sheets)
+    check_pretrain_cohorts(config, sheets)
     check_methods(config)
     per_shard = config.get("shards", {}).get("slides_per_shard", DEFAULT_SLIDES_PER_SHARD)
     shards = {d: assign_shards(sheet.slide_id.tolist(), per_shard) for d, sheet in sheets.items()}

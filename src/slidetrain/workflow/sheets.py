@@ -111,6 +111,35 @@ def check_derived(config: Mapping, sheets: Mapping[str, pd.DataFrame]) -> dict[s
     return derived
 
 
+def check_pretrain_cohorts(config: Mapping, sheets: Mapping[str, pd.DataFrame]) -> None:
+    """A pretraining cohort (`pretrain_only: true`) shares no slide or patient with another dataset and is
+    used by no table, derived dataset or external test: what pretrains an encoder is never split,
+    trained or tested on."""
+    cohorts = [d for d, block in config["datasets"].items() if block.get("pretrain_only", False)]
+    users = {"table1.datasets": config.get("table1", {}).get("datasets", [])}
+    users["table4.datasets"] = config.get("table4", {}).get("datasets", [])
+    users["tilebag.datasets"] = config.get("tilebag", {}).get("datasets", [])
+    for name, block in (config.get("derived_datasets") or {}).items():
+        users[f"derived_datasets.{name}.from"] = [block["from"]]
+    for name, table in config.get("offload_tables", {}).get("tables", {}).items():
+        users[f"offload_tables.tables.{name}"] = [table.get("dataset"), table.get("external")]
+    for cohort in cohorts:
+        for key, datasets in users.items():
+            if cohort in datasets:
+                raise ConfigError(
+                    f"{key}: {cohort!r} is a pretraining cohort (pretrain_only), never trained or tested on"
+                )
+        for other, sheet in sheets.items():
+            if other == cohort:
+                continue
+            shared = sorted(set(sheets[cohort].slide_id) & set(sheet.slide_id))
+            shared += sorted(set(sheets[cohort].patient_id) & set(sheet.patient_id))
+            if shared:
+                raise ConfigError(
+                    f"datasets.{cohort}: the pretraining cohort shares slides or patients with {other}: {shared[:5]}"
+                )
+
+
 def check_methods(config: Mapping) -> None:
     """Every method a table asks for has a config block that its dataclass accepts (fail before any job runs).
 
