@@ -446,6 +446,33 @@ def test_offload_table_jobs(offload_plan):
     )
 
 
+def test_the_default_big_layers_arms_differ_only_in_training_the_encoder(monkeypatch):
+    """Both arms' resolved run configs (what train_biglayers hands each job) share start and evaluation."""
+    from slidetrain.configs.tilebag import tilebag_config
+
+    monkeypatch.chdir(REPO)
+    plan = build_plan(copy.deepcopy(yaml.safe_load((REPO / "config" / "config.yaml").read_text())), SCHEMA)
+    same = ("backbone", "weights", "input_px", "eval_tiles", "eval_k", "eval_repeats", "eval_chunk", "eval_bn")
+    for block in plan.config["offload_tables"]["tables"].values():
+        for agg in plan.config["offload_tables"]["aggregators"]:
+            frozen, trained = (
+                tilebag_config(json.loads(offload_jobs.biglayers_params(plan, block["dataset"], enc, agg, aug)))
+                for enc, aug in (("frozen", "noaug"), ("trained", "noaug"))
+            )
+            assert {k: getattr(frozen, k) for k in same} == {k: getattr(trained, k) for k in same}
+            assert (frozen.encoder, trained.encoder) == ("frozen", "trained")
+    assert frozen.weights == "results/pretrain/resnet18/encoder.pt"
+
+
+def test_big_layers_arms_evaluated_differently_are_refused(offload_plan):
+    offload_plan.config["offload_tables"]["encoders"]["trained"] = {"eval_bn": "bag"}
+    with pytest.raises(ConfigError, match="frozen and trained arms differ in eval_bn"):
+        offload_jobs.check_offload_tables(offload_plan)
+    offload_plan.config["offload_tables"]["encoders"]["trained"] = {"weights": "other.pt"}
+    with pytest.raises(ConfigError, match="differ in weights"):
+        offload_jobs.check_offload_tables(offload_plan)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

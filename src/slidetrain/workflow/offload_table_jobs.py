@@ -55,12 +55,43 @@ def check_offload_tables(plan: Plan) -> None:
         if enc not in ENCODER_MODES:
             raise ConfigError(f"offload_tables.encoders: {enc!r}; expected frozen and/or trained")
     for name, block in offload_tables(plan).items():
-        for enc in cfg.get("encoders", {}):
-            for agg in cfg.get("aggregators", []):
+        for agg in cfg.get("aggregators", []):
+            arms = {}
+            for enc in cfg.get("encoders", {}):
                 try:
-                    tilebag_config(json.loads(biglayers_params(plan, block["dataset"], enc, agg, "aug")))
+                    arms[enc] = tilebag_config(json.loads(biglayers_params(plan, block["dataset"], enc, agg, "aug")))
                 except SlidetrainError as err:
                     raise ConfigError(f"offload_tables ({name}, {enc}, {agg}): {err}") from err
+            check_arms_alike(arms, f"offload_tables ({name}, {agg})")
+
+
+#: what the frozen and trained arms must share: the tables compare arms that differ only in whether
+#: the encoder's weights move (same start, same input, same evaluation)
+ARMS_ALIKE_KEYS = (
+    "backbone",
+    "weights",
+    "weights_sha256",
+    "input_px",
+    "eval_tiles",
+    "eval_k",
+    "eval_repeats",
+    "eval_chunk",
+    "eval_bn",
+)
+
+
+def check_arms_alike(arms: dict[str, Any], where: str) -> None:
+    """ConfigError naming the first key on which the arms' resolved TileBagConfigs differ."""
+    if len(arms) < 2:
+        return
+    (first, a), *rest = arms.items()
+    for other, b in rest:
+        for key in ARMS_ALIKE_KEYS:
+            if getattr(a, key) != getattr(b, key):
+                raise ConfigError(
+                    f"{where}: the {first} and {other} arms differ in {key} ({getattr(a, key)!r} vs "
+                    f"{getattr(b, key)!r}); they must start from the same weights and be evaluated alike"
+                )
 
 
 def biglayers_params(plan: Plan, dataset: str, encoder: str, agg: str, aug: str) -> str:
