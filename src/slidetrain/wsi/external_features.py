@@ -99,20 +99,39 @@ def check_dims(dims: dict[str, int], features_dir: str | Path, expected: int | N
 
 
 def external_feature_index(features_dir: str | Path, slide_ids: list[str], out_csv: str | Path, dim: int | None = None):
-    """index.csv (slide_id, n_tiles, dim, empty) of a folder of precomputed features, checked slide by slide."""
+    """index.csv (slide_id, n_tiles, dim, empty, path) of a folder of precomputed features, checked slide by slide.
+
+    Every slide of the sheet needs a file with at least one tile, all of one dimension (`dim` when given):
+    the MIL methods train on them as they are, so a slide without a file, with no tiles or of another
+    dimension is an error naming it and the folder (the missing ones listed together)."""
     import pandas as pd
 
     from slidetrain.io import atomic_path
 
-    rows, dims = [], {}
+    rows, dims, missing = [], {}, []
     for slide_id in slide_ids:
+        try:
+            path = find_feature_file(features_dir, slide_id)
+        except SlideError:
+            missing.append(slide_id)
+            continue
         features, _ = read_slide_features(features_dir, slide_id)
+        if len(features) == 0:
+            raise SlideError(slide_id, f"{path} holds no tiles; features in {features_dir} need at least one per slide")
         dims[slide_id] = features.shape[1]
         rows.append(
-            {"slide_id": slide_id, "n_tiles": len(features), "dim": features.shape[1], "empty": len(features) == 0}
+            {"slide_id": slide_id, "n_tiles": len(features), "dim": features.shape[1], "empty": False, "path": path}
+        )
+    if missing:
+        first = missing[0]
+        raise SlideError(
+            first,
+            f"no feature file in {features_dir} (looked for "
+            f"{', '.join(p.format(s=first) for p in CANDIDATES)}); {len(missing)} of {len(slide_ids)} slides "
+            f"of the sheet have none: {missing[:10]}",
         )
     check_dims(dims, features_dir, dim)
-    table = pd.DataFrame(rows, columns=["slide_id", "n_tiles", "dim", "empty"])
+    table = pd.DataFrame(rows, columns=["slide_id", "n_tiles", "dim", "empty", "path"])
     with atomic_path(out_csv) as tmp:
         table.to_csv(tmp, index=False)
     return table
