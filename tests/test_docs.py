@@ -113,6 +113,15 @@ def test_docs_inputs_build_the_configured_results_and_add_existing_ones(tmp_path
     assert full["docs"]["build"] == [r.path for r in benchmarks.CATALOGUE]
 
 
+def test_every_catalogued_result_is_a_rule_output_and_the_heatmap_cost_is_catalogued():
+    rules = "\n".join(p.read_text() for p in (REPO / "workflow" / "rules").glob("*.smk"))
+    for r in benchmarks.CATALOGUE:
+        assert f'"{r.path}"' in rules, f"{r.path}: no rule of workflow/rules/ writes it"
+    heatmaps = next(r for r in benchmarks.CATALOGUE if r.path == "results/bench/heatmaps.csv")
+    assert heatmaps.command == "snakemake --cores all results/bench/heatmaps.csv"
+    assert "rule bench_heatmaps" in (REPO / "workflow" / "rules" / "heatmaps.smk").read_text()
+
+
 def test_machine_stamp_reads_this_checkout():
     stamp = benchmarks.machine_stamp(REPO)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()

@@ -91,6 +91,26 @@ def test_missing_slide_and_other_dimension_are_named(tmp_path):
         external_feature_index(folder, ["s0", "s1", "s2"], tmp_path / "index.csv", dim=24)
 
 
+def test_the_index_lists_every_missing_slide_and_rejects_an_empty_file(tmp_path):
+    folder = tmp_path / "features_uni_v1"
+    for i in (0, 2):
+        write_trident(folder, f"s{i}", *_bag(i))
+    with pytest.raises(SlideError, match=r"slide s1: no feature file in .*features_uni_v1.*2 of 4 slides.*'s1', 's3'"):
+        external_feature_index(folder, ["s0", "s1", "s2", "s3"], tmp_path / "index.csv")
+    write_trident(folder, "s1", np.zeros((0, 24), np.float32), np.zeros((0, 2), np.int64))
+    with pytest.raises(SlideError, match=r"slide s1: .*s1\.h5 holds no tiles"):
+        external_feature_index(folder, ["s0", "s1", "s2"], tmp_path / "index.csv")
+    assert not (tmp_path / "index.csv").exists()
+    # shapes come from the h5 headers (TRIDENT's files, CLAM's h5_files/ and a pt_files/ tensor alike)
+    write_trident(folder, "s1", *_bag(1))
+    write_clam(folder, "s3", *_bag(3))
+    (folder / "h5_files" / "s3.h5").unlink()
+    index = external_feature_index(folder, ["s0", "s1", "s2", "s3"], tmp_path / "index.csv")
+    want = [len(read_slide_features(folder, s)[0]) for s in ("s0", "s1", "s2", "s3")]
+    assert index.n_tiles.tolist() == want and (index["dim"] == 24).all()
+    assert str(index.path.tolist()[-1]).endswith("pt_files/s3.pt")
+
+
 def test_ours_open_in_their_layout(tmp_path):
     x, c = _bag(3)
     write_features(tmp_path / "s3.h5", x, c, {"encoder": "uni", "weights": "none"})

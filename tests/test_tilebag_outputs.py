@@ -144,6 +144,44 @@ def test_max_tiles_search_stops_at_the_limit():
     assert search_max(lambda n: n <= 70, start=1, limit=100) == 70
 
 
+def test_max_tiles_probe_takes_a_foundation_model_by_its_registry_name(tmp_path):
+    """Campanella et al.'s Figure 1 has ViTs: the probe builds a registry ViT (the tiny test entry here) at
+    random init through timm, trains it one step, and its row joins Figure 1 without a paper value."""
+    from slidetrain.bench.max_tiles import build_probe_encoder, forward_backward, max_tiles_table
+    from slidetrain.models.foundation import FoundationEncoder
+
+    enc = build_probe_encoder("vit_tiny_test", 32)
+    assert isinstance(enc, FoundationEncoder) and enc.spec.arch.startswith("vit_")
+    forward_backward("vit_tiny_test", "amp", 3, 32)  # bf16 autocast on the CPU runs through timm's ViT
+    with pytest.raises(ConfigError, match="uni2_h"):  # the error lists the registry's names
+        build_probe_encoder("vit_huge_nonexistent", 224)
+
+    # one fresh process per probe (peak RSS): start = limit keeps it to one probe per precision
+    out = tmp_path / "vit_tiny_test.csv"
+    table = max_tiles_table(["vit_tiny_test"], ["fp32", "amp"], 32, "cpu", 4.0, out, start=4, limit=4)
+    assert table.max_tiles.tolist() == [4, 4] and table.encoder.tolist() == ["vit_tiny_test"] * 2
+    probes = pd.read_csv(tmp_path / "vit_tiny_test_probes.csv")
+    assert probes.fits.all() and (probes.peak_gib > 0).all()
+    tilebag_figure1([out], tmp_path / "m.csv", tmp_path / "f1.png")
+    f1 = pd.read_csv(tmp_path / "f1.csv")
+    assert series_points(f1, "b") == {"here": 2}  # the paper measured no such encoder: no paper bar
+
+
+def test_max_tiles_rule_and_schema_accept_every_probe_encoder():
+    from pathlib import Path
+
+    import yaml
+
+    from slidetrain.bench.max_tiles import ENCODERS
+    from slidetrain.models.foundation import FOUNDATION_NAMES
+    from slidetrain.workflow.tilebag_params import MAX_TILES_ENCODERS
+
+    assert set(MAX_TILES_ENCODERS) == {*ENCODERS, *FOUNDATION_NAMES}
+    schema = yaml.safe_load((Path(__file__).parents[1] / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    probe = schema["properties"]["tilebag"]["properties"]["max_tiles"]["properties"]["encoders"]
+    assert probe["items"]["enum"] == list(MAX_TILES_ENCODERS)
+
+
 def test_derived_split_relabels_and_stratifies(tmp_path):
     from slidetrain.cli import main
 

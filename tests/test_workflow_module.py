@@ -364,6 +364,28 @@ def test_dataset_arguments(plan):
     assert download.startswith("--source 'gdc:0000-aaaa' --retries 5") and "--md5" not in download
 
 
+def test_a_features_dir_dataset_reads_that_folder_and_is_not_preprocessed_for_table1(config, tmp_path):
+    config["datasets"]["graded"]["features_dir"] = str(tmp_path / "trident")
+    (tmp_path / "slides" / "local 1.svs").unlink()  # the features stand in for the slide files
+    plan = build_plan(config, SCHEMA, _no_row_validation)
+    assert not plan.extracts_features("graded") and not plan.extracts_features("binary")  # derived: its source's
+    assert plan.extracts_features("ext")
+    for dataset in ("graded", "binary"):
+        assert params.feature_index(plan, dataset) == "results/graded/external_features/index.csv"
+        assert params.features_dir(plan, dataset) == str(tmp_path / "trident")
+    assert params.qc_status_source(plan, "graded") == (
+        "--feature-index",
+        ["results/graded/external_features/index.csv"],
+    )
+    # whole-image and tile-bag jobs still read tiles and images: they wait for the preprocessing
+    assert params.preprocessed_for_slides(plan, "binary") == shard_jobs.manifests(plan, "graded", "preprocess")
+    assert params.features_dir(plan, "ext") == "results/ext/features/resnet34"
+    assert params.qc_status_source(plan, "ext")[0] == "--manifests"
+    assert params.preprocessed_for_slides(plan, "ext") == []
+    with pytest.raises(ConfigError, match=r"datasets\.ext\.features_dir"):
+        params.external_features_dir(plan, "ext")
+
+
 def test_tilebag_run_names_and_params(plan, config):
     assert tilebag_params.tilebag_strategy("tilebag_k16") == ("single", 16)
     assert tilebag_params.tilebag_strategy("tilebag_parallel_k4") == ("parallel", 4)

@@ -51,7 +51,7 @@ rule preprocess_large_slide:
 
 rule bench_preprocess:
     input:
-        manifests=[manifests(d, "preprocess") + manifests(d, features_step()) for d in MAIN_SHEETS],
+        manifests=[manifests(d, "preprocess") + manifests(d, features_step()) for d in PREPROCESSED_MAIN],
         large="results/bench_large/timings/large.json",
     output:
         "results/bench/preprocess.csv",

@@ -32,6 +32,8 @@ MIL_METHODS = PLAN.mil_methods
 ALL_METHODS = PLAN.all_methods
 MAIN_SHEETS = PLAN.main_datasets()
 REMOTE_DATASETS = _slide_files.remote_datasets(PLAN)
+# Main datasets the pipeline preprocesses and encodes itself (not those of a features_dir other tools wrote)
+PREPROCESSED_MAIN = [d for d in MAIN_SHEETS if PLAN.extracts_features(d)]
 _method_regex = method_regex
 
 
@@ -120,9 +122,34 @@ def mpp_arg(wildcards):
     return _params.mpp_arg(PLAN, wildcards.dataset)
 
 
+def qc_status_inputs(wildcards):
+    return _params.qc_status_source(PLAN, wildcards.dataset)[1]
+
+
+def qc_status_option(wildcards):
+    return _params.qc_status_source(PLAN, wildcards.dataset)[0]
+
+
+def qc_picture_inputs(wildcards):
+    # a features_dir dataset is not preprocessed and excludes no slide: no QC pictures to wait for
+    return manifests(wildcards.dataset, "preprocess") if PLAN.extracts_features(wildcards.dataset) else []
+
+
 # Training runs and tables (workflow/rules/train.smk, tables.smk)
 def feature_index(wildcards):
     return _params.feature_index(PLAN, wildcards.dataset)
+
+
+def preprocessed_for_slides(wildcards):
+    return _params.preprocessed_for_slides(PLAN, wildcards.dataset)
+
+
+def features_dir(wildcards):
+    return _params.features_dir(PLAN, wildcards.dataset)
+
+
+def external_features_dir(wildcards):
+    return _params.external_features_dir(PLAN, wildcards.dataset)
 
 
 def method_params(method):
@@ -178,7 +205,8 @@ def tilebag_data_args(wildcards):
 
 
 def tilebag_slides(wildcards):
-    return slides_ready(base_dataset(wildcards.dataset))
+    # a features_dir dataset's status does not wait for its tiles: the preprocess manifests do
+    return slides_ready(base_dataset(wildcards.dataset)) + preprocessed_for_slides(wildcards)
 
 
 def _tilebag_threads():

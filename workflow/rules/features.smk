@@ -38,6 +38,28 @@ rule extract_features_shard:
         " --manifest {output} > {log} 2>&1"
 
 
+# Features other tools wrote (datasets.X.features_dir, TRIDENT's or CLAM's per-slide h5 layout): no tiling
+# nor extraction job; one job checks that every slide of the sheet has a file with tiles, all of one
+# dimension (an error names the slide and the folder), and the MIL runs read the folder itself.
+rule external_feature_index:
+    input:
+        sheet=lambda w: dataset_cfg(w.dataset)["sheet"],
+        features=external_features_dir,  # the folder: files added or removed rerun the check
+    output:
+        "results/{dataset}/external_features/index.csv",
+    params:
+        classes=lambda w: " ".join(dataset_cfg(w.dataset)["classes"]),
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/{dataset}/external_features/index.log",
+    benchmark:
+        "benchmarks/{dataset}/external_features/index.tsv"
+    shell:
+        "slidetrain external-feature-index --features-dir {input.features:q} --sheet {input.sheet}"
+        " --classes {params.classes} --out {output} > {log} 2>&1"
+
+
 rule feature_index:
     input:
         lambda w: manifests(w.dataset, features_step(w.encoder)),

@@ -25,10 +25,14 @@ rule preprocess_shard:
 
 
 rule qc_status:
+    # from the preprocess shard manifests; for a dataset of features other tools wrote (features_dir), from
+    # their checked index: every slide ok, nothing preprocessed
     input:
-        lambda w: manifests(w.dataset, "preprocess"),
+        qc_status_inputs,
     output:
         "results/{dataset}/qc/status.csv",
+    params:
+        source=qc_status_option,
     conda:
         "../../envs/slidetrain.yaml"
     log:
@@ -36,7 +40,7 @@ rule qc_status:
     benchmark:
         "benchmarks/{dataset}/qc_status.tsv"
     shell:
-        "slidetrain qc-status --manifests {input} --out {output} > {log} 2>&1"
+        "slidetrain qc-status {params.source} {input} --out {output} > {log} 2>&1"
 
 
 rule qc_table:
@@ -58,7 +62,7 @@ rule qc_table:
 rule qc_pictures:
     input:
         status="results/{dataset}/qc/status.csv",
-        preprocess=lambda w: manifests(w.dataset, "preprocess"),  # the pictures: masks/{slide}.qc.jpg
+        preprocess=qc_picture_inputs,  # the pictures: masks/{slide}.qc.jpg
     output:
         report(
             "results/{dataset}/qc/excluded.html",

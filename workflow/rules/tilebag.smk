@@ -159,7 +159,7 @@ rule bench_max_tiles:
         table="results/bench/max_tiles/{encoder}.csv",
         probes="results/bench/max_tiles/{encoder}_probes.csv",
     wildcard_constraints:
-        encoder=r"resnet18|resnet34|resnet50|vit_b_16",
+        encoder="|".join(_tilebag.MAX_TILES_ENCODERS),
     params:
         precisions=" ".join(_tilebag_cfg("max_tiles", {}).get("precisions", ["fp32", "amp"])),
         tile_px=_tilebag_cfg("max_tiles", {}).get("tile_px", 224),

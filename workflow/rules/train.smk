@@ -16,7 +16,7 @@ rule train_mil:
     params:
         method_params=lambda w: method_params(w.method),
         classes=lambda w: " ".join(dataset_cfg(w.dataset)["classes"]),
-        features_dir=lambda w: f"results/{base_dataset(w.dataset)}/features/{config['features']['encoder']}",
+        features_dir=features_dir,
     conda:
         "../../envs/slidetrain.yaml"
     log:
@@ -29,7 +29,7 @@ rule train_mil:
         runtime=120,
     shell:
         "slidetrain train-mil --method {wildcards.method} --params '{params.method_params}'"
-        " --split {input.split} --features {params.features_dir} --classes {params.classes}"
+        " --split {input.split} --features {params.features_dir:q} --classes {params.classes}"
         " --out $(dirname {output.model}) --seed {wildcards.seed} --threads {threads} > {log} 2>&1"
 
 
@@ -46,7 +46,7 @@ rule evaluate_mil:
         attention="results/{dataset}/runs/{method}/{split}/{seed}/attention.h5",
     params:
         classes=lambda w: " ".join(dataset_cfg(w.dataset)["classes"]),
-        features_dir=lambda w: f"results/{base_dataset(w.dataset)}/features/{config['features']['encoder']}",
+        features_dir=features_dir,
         ordinal=lambda w: "--ordinal" if dataset_cfg(w.dataset).get("ordinal") else "",
         n_bootstrap=config.get("evaluation", {}).get("n_bootstrap", 1000),
     conda:
@@ -59,7 +59,7 @@ rule evaluate_mil:
         mem_mb=4000,
         runtime=30,
     shell:
-        "slidetrain evaluate-mil --model {input.model} --split {input.split} --features {params.features_dir}"
+        "slidetrain evaluate-mil --model {input.model} --split {input.split} --features {params.features_dir:q}"
         " --classes {params.classes} --predictions {output.predictions} --metrics {output.metrics}"
         " --attention {output.attention} {params.ordinal} --n-bootstrap {params.n_bootstrap}"
         " --seed {wildcards.seed} > {log} 2>&1"
@@ -70,9 +70,11 @@ rule train_image:
         method=_method_regex(IMAGE_METHODS),
     input:
         split="results/{dataset}/splits/{split}.csv",
-        # every slide image exists (or is listed as excluded) once the QC status table does
+        # every slide image exists (or is listed as excluded) once the QC status table does, or (a features_dir
+        # dataset, whose status comes from its feature index) once its preprocess manifests do
         status="results/{dataset}/qc/status.csv",
         weights=lambda w: weights_files(method_params(w.method)),
+        preprocessed=preprocessed_for_slides,
     output:
         model="results/{dataset}/runs/{method}/{split}/{seed}/model.pt",
         history="results/{dataset}/runs/{method}/{split}/{seed}/history.csv",
@@ -107,6 +109,7 @@ rule evaluate_image:
         model="results/{dataset}/runs/{method}/{split}/{seed}/model.pt",
         split="results/{dataset}/splits/{split}.csv",
         status="results/{dataset}/qc/status.csv",
+        preprocessed=preprocessed_for_slides,
     output:
         predictions="results/{dataset}/runs/{method}/{split}/{seed}/predictions.csv",
         metrics="results/{dataset}/runs/{method}/{split}/{seed}/metrics.json",

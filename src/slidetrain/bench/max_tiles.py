@@ -2,15 +2,22 @@
 
     slidetrain bench-max-tiles --encoders resnet18 resnet34 resnet50 vit_b_16 --precisions fp32 amp \
         --tile-px 224 --device cuda --out results/bench/tilebag_max_tiles.csv
+    slidetrain bench-max-tiles --encoders uni gigapath --precisions fp32 amp --tile-px 224 --device cuda ...
 
 A probe encodes N random tiles with a freshly built encoder (random weights:
 memory does not depend on them) and backpropagates a dummy loss on the
-features, as the paper does. It fits when it finishes within the budget: on
-CUDA the device memory (an OOM is a miss; `max_memory_allocated` must stay
-within `memory_budget_gb`, default the device's total), on CPU the peak RSS of
-a fresh process per probe (bench/memory.py) against `memory_budget_gb`. N
-doubles from `start` until a probe misses (or `limit`), then bisection between
-the last fit and the first miss finds the largest N that fits.
+features, as the paper does. Encoders: the registry's ResNets, torchvision's
+ViT-B/16 (`vit_b_16`, the paper's ViT-base), and every pathology foundation
+model of slidetrain.models.foundation by its registry name (UNI's ViT-L/16,
+Prov-GigaPath's ViT-g/14, ...), built at random init through timm and probed
+as tile-bag training runs it: its card transform resizes the tiles to the
+card's input size (224 px for most; the probes' `tile_px` is what is read).
+A probe fits when it finishes within the budget: on CUDA the device memory
+(an OOM is a miss; `max_memory_allocated` must stay within `memory_budget_gb`,
+default the device's total), on CPU the peak RSS of a fresh process per probe
+(bench/memory.py) against `memory_budget_gb`. N doubles from `start` until a
+probe misses (or `limit`), then bisection between the last fit and the first
+miss finds the largest N that fits.
 
 AMP is fp16 autocast on CUDA and bf16 autocast on CPU.
 """
@@ -34,13 +41,16 @@ if TYPE_CHECKING:  # pandas is imported where tables are written: the GPU script
 
 log = logging.getLogger(__name__)
 
+#: the paper's Figure 1 encoders (the config's default list); any foundation-model registry name is probed too
 ENCODERS = ("resnet18", "resnet34", "resnet50", "vit_b_16")
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet50_trunc")
 PRECISIONS = ("fp32", "amp")
 COLUMNS = ["encoder", "precision", "tile_px", "max_tiles", "device", "memory_budget_gb"]
 
 
 def build_probe_encoder(name: str, tile_px: int) -> torch.nn.Module:
-    """ResNets from the encoder registry (full trunk + pool); torchvision's ViT-B/16 at `tile_px`."""
+    """ResNets from the encoder registry (full trunk + pool); torchvision's ViT-B/16 at `tile_px`; a
+    foundation model by its registry name at random init (timm; its card transform resizes the tiles)."""
     if name == "vit_b_16":
         from torchvision.models import vit_b_16
 
@@ -48,10 +58,14 @@ def build_probe_encoder(name: str, tile_px: int) -> torch.nn.Module:
         model.heads = torch.nn.Identity()  # (B, 768) class-token features
         return model
     from slidetrain.models.encoders import build_encoder
+    from slidetrain.models.foundation import FOUNDATION_NAMES
 
-    if name not in ("resnet18", "resnet34", "resnet50", "resnet50_trunc"):
-        raise ConfigError(f"encoders: unknown {name!r}; expected some of {list(ENCODERS)}")
-    return build_encoder(name)
+    if name not in RESNETS + FOUNDATION_NAMES:
+        raise ConfigError(
+            f"encoders: unknown {name!r}; expected a ResNet {list(RESNETS)}, vit_b_16 (torchvision) or a "
+            f"foundation model of the registry {list(FOUNDATION_NAMES)}"
+        )
+    return build_encoder(name)  # weights "none": random init, seeded (memory does not depend on the weights)
 
 
 def forward_backward(

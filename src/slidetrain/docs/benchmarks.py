@@ -116,6 +116,14 @@ CATALOGUE: tuple[Result, ...] = (
         cost="4 GB of synthetic bags; TransMIL's epoch dominates",
     ),
     Result(
+        "results/bench/heatmaps.csv",
+        "Per-slide heatmaps: seconds and peak memory",
+        "Wall and CPU seconds and peak RSS of one attention heatmap per slide, each in a fresh process: the "
+        "test slides of the first heatmap run of Table 1's first dataset, and one large synthetic slide "
+        "(bench.large_slide_px) with stand-in per-tile values; goal under 2 s and 1 GB per slide.",
+        cost="a Table 1 attention run, the large synthetic slide drawn and masked",
+    ),
+    Result(
         "results/tables/tilebag_table1.csv",
         "Campanella et al. Table 1: AUROC against K and strategy",
         "Tile-bag K sweep (single), parallel and half strategies, frozen-feature MIL rows.",

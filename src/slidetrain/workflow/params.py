@@ -8,6 +8,7 @@ from typing import Any
 
 from slidetrain.errors import ConfigError
 from slidetrain.workflow.plan import Plan
+from slidetrain.workflow.shard_jobs import manifests
 
 
 def method_params(plan: Plan, method: str) -> str:
@@ -33,8 +34,43 @@ def weights_files(params: Mapping[str, Any] | str) -> list[str]:
 
 
 def feature_index(plan: Plan, dataset: str) -> str:
-    """Training jobs depend on the dataset's feature index, one file, not one per slide (DAG size)."""
-    return f"results/{plan.base_dataset(dataset)}/features/{plan.config['features']['encoder']}/index.csv"
+    """Training jobs depend on the dataset's feature index, one file, not one per slide (DAG size): the
+    extracted features' (features/{encoder}/), or the checked index of a features_dir other tools wrote
+    (external_features/, built without tiling or extraction)."""
+    base = plan.base_dataset(dataset)
+    if not plan.extracts_features(base):
+        return f"results/{base}/external_features/index.csv"
+    return f"results/{base}/features/{plan.config['features']['encoder']}/index.csv"
+
+
+def features_dir(plan: Plan, dataset: str) -> str:
+    """The folder the MIL jobs read the per-slide feature files from (`--features`)."""
+    base = plan.base_dataset(dataset)
+    return plan.features_dir(base) or f"results/{base}/features/{plan.config['features']['encoder']}"
+
+
+def external_features_dir(plan: Plan, dataset: str) -> str:
+    """datasets.X.features_dir of a dataset whose features another tool wrote; an error for any other."""
+    folder = plan.features_dir(dataset)
+    if folder is None:
+        raise ConfigError(f"datasets.{dataset}.features_dir is not set: the pipeline extracts this dataset's features")
+    return folder
+
+
+def preprocessed_for_slides(plan: Plan, dataset: str) -> list[str]:
+    """Extra inputs of the jobs that read a dataset's tiles or images (whole-image, tile-bag): its preprocess
+    manifests when its QC status comes from a features_dir index (which implies no preprocessing); none
+    otherwise, since the status table already waits for preprocessing."""
+    base = plan.base_dataset(dataset)
+    return [] if plan.extracts_features(base) else manifests(plan, base, "preprocess")
+
+
+def qc_status_source(plan: Plan, dataset: str) -> tuple[str, list[str]]:
+    """(qc-status option, its inputs) of results/{dataset}/qc/status.csv: the preprocess shard manifests, or
+    for a features_dir dataset the checked feature index (every slide has a non-empty file: none excluded)."""
+    if not plan.extracts_features(dataset):
+        return "--feature-index", [feature_index(plan, dataset)]
+    return "--manifests", manifests(plan, dataset, "preprocess")
 
 
 def preprocess_args(preprocess: Mapping[str, Any], dataset_block: Mapping[str, Any], on_bad_slide: str) -> str:

@@ -6,6 +6,7 @@ as their first argument, and workflow/rules/common.smk binds them to the one pla
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -75,6 +76,17 @@ class Plan:
     def base_dataset(self, dataset: str) -> str:
         """The dataset whose slides, tiles and features `dataset` uses (itself unless derived)."""
         return self.derived[dataset]["from"] if dataset in self.derived else dataset
+
+    def features_dir(self, dataset: str) -> str | None:
+        """The folder of per-slide feature files another tool wrote for `dataset` (datasets.X.features_dir;
+        a derived dataset: its source's), or None when the pipeline extracts its own."""
+        folder = self.dataset_cfg(dataset).get("features_dir")
+        return os.path.expanduser(folder) if folder else None
+
+    def extracts_features(self, dataset: str) -> bool:
+        """Whether the pipeline tiles, preprocesses and encodes `dataset`'s slides for its MIL runs (no
+        features_dir)."""
+        return self.features_dir(dataset) is None
 
     def slide_ids(self, dataset: str) -> list[str]:
         return self.sheets[dataset].slide_id.tolist()

@@ -7,11 +7,16 @@ import json
 import re
 from typing import Any
 
+from slidetrain.configs.tilebag import FOUNDATION_ENCODERS
 from slidetrain.errors import ConfigError
 from slidetrain.workflow.plan import Plan
 from slidetrain.workflow.slide_files import slide_file
 
 _RUN_NAME = re.compile(r"tilebag(?:_(half|parallel))?_k(\d+)")
+
+#: encoders of the max-tiles probe (slidetrain.bench.max_tiles, which imports torch): Figure 1's ResNets and
+#: ViT-base, and every foundation model of the registry by name
+MAX_TILES_ENCODERS = ("resnet18", "resnet34", "resnet50", "vit_b_16", *FOUNDATION_ENCODERS)
 
 
 def tilebag_cfg(plan: Plan, key: str, default: Any = None) -> Any:

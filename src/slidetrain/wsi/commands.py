@@ -87,12 +87,22 @@ def cmd_preprocess_shard(a: argparse.Namespace) -> None:
 
 
 def cmd_qc_status(a: argparse.Namespace) -> None:
-    from slidetrain.wsi.exclusion import write_status_table, write_status_table_from_manifests
+    from slidetrain.wsi import exclusion
 
-    if a.manifests:
-        write_status_table_from_manifests(a.manifests, a.out)
+    if a.feature_index:
+        exclusion.write_status_table_from_feature_index(a.feature_index, a.out)
+    elif a.manifests:
+        exclusion.write_status_table_from_manifests(a.manifests, a.out)
     else:
-        write_status_table(a.status, a.out)
+        exclusion.write_status_table(a.status, a.out)
+
+
+def cmd_external_feature_index(a: argparse.Namespace) -> None:
+    from slidetrain.data.sheet import read_sheet
+    from slidetrain.wsi.external_features import external_feature_index
+
+    slide_ids = read_sheet(a.sheet, a.classes, check_files=False).slide_id.tolist()  # the features stand in
+    external_feature_index(a.features_dir, slide_ids, a.out, dim=a.dim)
 
 
 def cmd_feature_index(a: argparse.Namespace) -> None:
@@ -199,8 +209,22 @@ def _add_qc_status_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("qc-status", help="one dataset's per-slide QC statuses as one table")
     s.add_argument("--status", nargs="*", default=[], help="per-slide status JSONs")
     s.add_argument("--manifests", nargs="*", default=[], help="or: the dataset's preprocess shard manifests")
+    s.add_argument("--feature-index", help="or: the checked index of a features_dir (every slide ok)")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_qc_status)
+
+
+def _add_external_feature_index_parser(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser(
+        "external-feature-index",
+        help="check a folder of per-slide features other tools wrote (TRIDENT, CLAM) against a sheet; write its index",
+    )
+    s.add_argument("--features-dir", required=True, help="datasets.X.features_dir")
+    s.add_argument("--sheet", required=True, help="the dataset's slide sheet: every slide needs a file")
+    s.add_argument("--classes", nargs="+", required=True)
+    s.add_argument("--dim", type=int, help="expected feature dimension (default: the one most slides have)")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_external_feature_index)
 
 
 def _add_feature_index_parser(sub: argparse._SubParsersAction) -> None:
@@ -235,6 +259,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     _add_preprocess_shard_parser(sub)
     _add_qc_status_parser(sub)
     _add_feature_index_parser(sub)
+    _add_external_feature_index_parser(sub)
     _add_qc_table_parser(sub)
     _add_qc_pictures_parser(sub)
     heatmap_commands.add_parsers(sub)  # heatmaps keep their parsers in their own module

@@ -138,3 +138,18 @@ def write_status_table_from_manifests(manifests: list[str | Path], out_csv: str 
     with atomic_path(out_csv) as tmp:
         table.to_csv(tmp, index=False)
     return table
+
+
+def write_status_table_from_feature_index(index_csv: str | Path, out_csv: str | Path) -> pd.DataFrame:
+    """The same table for a dataset whose features another tool wrote (datasets.X.features_dir): its
+    checked index (slidetrain.wsi.external_features) has a non-empty file for every slide, so every
+    slide is ok; the pipeline did not preprocess these slides and excludes none."""
+    import pandas as pd
+
+    index = pd.read_csv(index_csv, dtype={"slide_id": str})
+    table = pd.DataFrame(
+        {"slide_id": index.slide_id, "status": "ok", "reason": ""}, columns=["slide_id", "status", "reason"]
+    )
+    with atomic_path(out_csv) as tmp:
+        table.to_csv(tmp, index=False)
+    return table

@@ -50,6 +50,14 @@ def _as_nd(features: np.ndarray, slide_id: str, path: Path) -> np.ndarray:
     return features.astype(np.float32, copy=False)
 
 
+def _check_h5(f: h5py.File, slide_id: str, path: Path) -> None:
+    """A complete file (slidetrain's own carry the flag) with a `features` dataset."""
+    if "complete" in f.attrs and not bool(f.attrs["complete"]):
+        raise SlideError(slide_id, f"{path}: feature file is incomplete (extraction was interrupted)")
+    if "features" not in f:
+        raise SlideError(slide_id, f"{path}: no `features` dataset (found {sorted(f.keys())})")
+
+
 def read_slide_features(features_dir: str | Path, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
     """(features (N, D) float32, coords (N, 2)) of one slide from slidetrain's, TRIDENT's or CLAM's layout."""
     path = find_feature_file(features_dir, slide_id)
@@ -68,10 +76,7 @@ def read_slide_features(features_dir: str | Path, slide_id: str) -> tuple[np.nda
     else:
         try:
             with h5py.File(path, "r") as f:
-                if "complete" in f.attrs and not bool(f.attrs["complete"]):
-                    raise SlideError(slide_id, f"{path}: feature file is incomplete (extraction was interrupted)")
-                if "features" not in f:
-                    raise SlideError(slide_id, f"{path}: no `features` dataset (found {sorted(f.keys())})")
+                _check_h5(f, slide_id, path)
                 features = _as_nd(f["features"][:], slide_id, path)
                 coords = f["coords"][:] if "coords" in f else np.full((len(features), 2), -1, np.int64)
         except OSError as err:
@@ -80,6 +85,29 @@ def read_slide_features(features_dir: str | Path, slide_id: str) -> tuple[np.nda
     if len(coords) != len(features):
         raise SlideError(slide_id, f"{path}: {len(features)} feature rows but {len(coords)} coordinates")
     return features, coords
+
+
+def slide_feature_shape(features_dir: str | Path, slide_id: str) -> tuple[Path, int, int]:
+    """(file, N tiles, D) of one slide, from the h5 dataset shapes without reading the features (a folder of
+    foundation-model features holds tens of GB); a .pt file is read whole. Errors as read_slide_features."""
+    path = find_feature_file(features_dir, slide_id)
+    if path.suffix == ".pt":
+        features, _ = read_slide_features(features_dir, slide_id)
+        return path, *features.shape
+    try:
+        with h5py.File(path, "r") as f:
+            _check_h5(f, slide_id, path)
+            shape = f["features"].shape
+            n_coords = f["coords"].shape[0] if "coords" in f else None
+    except OSError as err:
+        raise SlideError(slide_id, f"{path}: not a readable h5 file ({err})") from err
+    if len(shape) == 3 and shape[0] == 1:  # (1, N, D): some CLAM versions
+        shape = shape[1:]
+    if len(shape) != 2:
+        raise SlideError(slide_id, f"{path}: `features` has shape {shape}, expected (N, D)")
+    if n_coords is not None and n_coords != shape[0]:
+        raise SlideError(slide_id, f"{path}: {shape[0]} feature rows but {n_coords} coordinates")
+    return path, int(shape[0]), int(shape[1])
 
 
 def check_dims(dims: dict[str, int], features_dir: str | Path, expected: int | None = None) -> int:
@@ -99,20 +127,36 @@ def check_dims(dims: dict[str, int], features_dir: str | Path, expected: int | N
 
 
 def external_feature_index(features_dir: str | Path, slide_ids: list[str], out_csv: str | Path, dim: int | None = None):
-    """index.csv (slide_id, n_tiles, dim, empty) of a folder of precomputed features, checked slide by slide."""
+    """index.csv (slide_id, n_tiles, dim, empty, path) of a folder of precomputed features, checked slide by slide.
+
+    Every slide of the sheet needs a file with at least one tile, all of one dimension (`dim` when given):
+    the MIL methods train on them as they are, so a slide without a file, with no tiles or of another
+    dimension is an error naming it and the folder (the missing ones listed together)."""
     import pandas as pd
 
     from slidetrain.io import atomic_path
 
-    rows, dims = [], {}
+    rows, dims, missing = [], {}, []
     for slide_id in slide_ids:
-        features, _ = read_slide_features(features_dir, slide_id)
-        dims[slide_id] = features.shape[1]
-        rows.append(
-            {"slide_id": slide_id, "n_tiles": len(features), "dim": features.shape[1], "empty": len(features) == 0}
+        try:
+            find_feature_file(features_dir, slide_id)
+        except SlideError:
+            missing.append(slide_id)
+            continue
+        path, n_tiles, dims[slide_id] = slide_feature_shape(features_dir, slide_id)
+        if n_tiles == 0:
+            raise SlideError(slide_id, f"{path} holds no tiles; features in {features_dir} need at least one per slide")
+        rows.append({"slide_id": slide_id, "n_tiles": n_tiles, "dim": dims[slide_id], "empty": False, "path": path})
+    if missing:
+        first = missing[0]
+        raise SlideError(
+            first,
+            f"no feature file in {features_dir} (looked for "
+            f"{', '.join(p.format(s=first) for p in CANDIDATES)}); {len(missing)} of {len(slide_ids)} slides "
+            f"of the sheet have none: {missing[:10]}",
         )
     check_dims(dims, features_dir, dim)
-    table = pd.DataFrame(rows, columns=["slide_id", "n_tiles", "dim", "empty"])
+    table = pd.DataFrame(rows, columns=["slide_id", "n_tiles", "dim", "empty", "path"])
     with atomic_path(out_csv) as tmp:
         table.to_csv(tmp, index=False)
     return table
