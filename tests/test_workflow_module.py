@@ -541,3 +541,13 @@ def test_the_default_config_plans(monkeypatch):
     assert runs.table1_metrics(plan)
     w = SimpleNamespace(dataset="synthetic")
     assert params.feature_index(plan, w.dataset).startswith("results/synthetic/features/")
+
+
+def test_a_weights_file_is_a_job_input_and_none_or_imagenet_is_not():
+    assert params.weights_files({"weights": "results/pretrain/resnet18/encoder.pt"}) == [
+        "results/pretrain/resnet18/encoder.pt"
+    ]
+    assert params.weights_files('{"weights": "/models/uni.bin", "k": 8}') == ["/models/uni.bin"]
+    for value in ("none", "imagenet", None):
+        assert params.weights_files({"weights": value}) == []
+    assert params.weights_files({"epochs": 3}) == []
