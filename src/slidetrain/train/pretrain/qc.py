@@ -46,13 +46,15 @@ def write_qc(history: pd.DataFrame, tiles: torch.Tensor, cfg: PretrainConfig, pn
     ax.plot(data.step, data.pair_accuracy, color="tab:green", label="pair found")
     ax.axhline(chance, color="grey", ls="--", lw=1, label=f"chance ({chance:.3f})")
     ax.set(xlabel="step", ylabel="fraction of views", ylim=(0, 1), title="nearest other view is its pair")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
     for i in range(N_PAIRS):
         for row, views in ((1, v1), (2, v2)):
             ax = fig.add_subplot(grid[row, i])
             ax.imshow(views[i])
-            ax.set_axis_off()
-    fig.suptitle("two views of the same tile (columns), as the encoder saw them", y=0.36, fontsize=9)
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_ylabel(f"view {row}", fontsize=8)
+    fig.suptitle(f"{cfg.arch} SimCLR pretraining; below, two views of one tile per column as the encoder saw them")
     fig.tight_layout()
     with atomic_path(csv) as tmp:
         data.to_csv(tmp, index=False)
