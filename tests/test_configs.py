@@ -171,3 +171,27 @@ def test_workflow_downloads_with_the_concurrency_limit_and_excludes_a_bad_slide(
         assert (tmp_path / f"resources/mine/slides/{slide}.tif").read_bytes() == blobs[slide]
     reason = exclusion_reason(tmp_path / "resources/mine/slides/s2.tif")
     assert reason is not None and "s2" in reason and "md5" in reason
+
+
+@pytest.mark.workflow
+def test_the_difficulty_probe_trains_each_preset_and_scores_no_test_part(tmp_path):
+    weights = tmp_path / "encoder.pt"
+    overlay = tmp_path / "weights.yaml"
+    overlay.write_text(yaml.safe_dump({"features": {"weights": str(weights)}}))
+    probe = yaml.safe_load((REPO / "config" / "difficulty.yaml").read_text())["difficulty_probe"]
+    # --forceall: every job is planned whatever a local results/ already holds
+    jobs = dry_run(REPO / "config" / "difficulty.yaml", "results/bench/difficulty.csv", "--forceall")
+    rules = {j["rule"] for j in jobs}
+    assert "evaluate_mil" not in rules and "difficulty_probe" in rules
+    trained = {(j["dataset"], j["method"], j["split"]) for j in jobs if j["rule"] == "train_mil"}
+    assert trained == {(d, m, s) for d in probe["datasets"] for m in probe["methods"] for s in probe["splits"]}
+    drawn = {j["dataset"] for j in jobs if j["rule"] == "synthesize_shard"}
+    assert drawn == set(probe["datasets"]) == {f"synthetic_{p}" for p in ("classic", "mild", "moderate", "hard")}
+    out = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-p", "-F", "-s", str(REPO / "Snakefile"), "-d", str(REPO),
+         "results/bench/difficulty.csv", "--configfile", str(REPO / "config" / "difficulty.yaml"), str(overlay)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    feature_jobs = sum(j["rule"] == "extract_features_shard" for j in jobs)
+    assert out.stdout.count(f"--weights {weights}") == feature_jobs + 1  # every features shard and the table

@@ -285,6 +285,41 @@ def test_synthesize_args_list_only_drawn_slides_with_labels_and_stain(plan):
     assert "loc_3" not in shard_jobs.synthesize_shard_args(plan, "graded", local)
 
 
+def test_synthesize_args_name_a_difficulty_other_than_classic_only(config):
+    """Classic adds no argument, so the rule's parameters (a rerun trigger) are what they were before."""
+    config["datasets"]["graded"]["synthetic_difficulty"] = "classic"
+    plan = build_plan(config, SCHEMA, _no_row_validation)
+    shard = next(sh for sh, m in plan.shards["graded"].items() if "syn_0" in m)
+    assert "--difficulty" not in shard_jobs.synthesize_shard_args(plan, "graded", shard)
+    config["datasets"]["graded"]["synthetic_difficulty_overrides"] = {"n_sites": 2, "lesion_fraction": [0.02, 0.05]}
+    config["datasets"]["graded"]["synthetic_difficulty"] = "hard"
+    args = shlex.split(
+        shard_jobs.synthesize_shard_args(build_plan(config, SCHEMA, _no_row_validation), "graded", shard)
+    )
+    assert args[args.index("--difficulty") + 1] == "hard"
+    overrides = json.loads(args[args.index("--difficulty-overrides") + 1])
+    assert overrides == {"lesion_fraction": [0.02, 0.05], "n_sites": 2}
+
+
+def test_difficulty_probe_runs_list_history_dirs_and_name_bad_keys(plan, config):
+    config["datasets"]["graded"]["synthetic_difficulty"] = "moderate"
+    config["difficulty_probe"] = {"datasets": ["graded"], "methods": ["abmil"], "splits": ["mccv1"]}
+    probe = runs.difficulty_probe_runs(build_plan(config, SCHEMA, _no_row_validation))
+    assert [(r["dataset"], r["difficulty"], r["method"], r["split"], r["seed"]) for r in probe] == [
+        ("graded", "moderate", "abmil", "mccv1", "0"),
+        ("graded", "moderate", "abmil", "mccv1", "1"),
+    ]
+    assert probe[1]["run_dir"] == "results/graded/runs/abmil/mccv1/1"
+    for bad, message in (
+        ({"datasets": ["synthetic"]}, r"difficulty_probe.datasets names \['synthetic'\]"),
+        ({"datasets": ["graded"], "methods": ["local_k4"]}, r"difficulty_probe.methods \['local_k4'\]"),
+        ({"datasets": ["graded"], "methods": ["abmil"], "splits": ["mccv7"]}, r"difficulty_probe.splits \['mccv7'\]"),
+    ):
+        config["difficulty_probe"] = bad
+        with pytest.raises(ConfigError, match=message):
+            runs.difficulty_probe_runs(build_plan(config, SCHEMA, _no_row_validation))
+
+
 def test_an_unknown_shard_names_dataset_shard_and_the_shards_it_has(plan):
     with pytest.raises(ConfigError, match=r"dataset 'graded' has no shard 'h111111' at shards.slides_per_shard = 2"):
         shard_jobs.shard_members(plan, "graded", "h111111")

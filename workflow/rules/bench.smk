@@ -320,3 +320,29 @@ rule bench_read_speed:
     shell:
         "slidetrain bench-read --slides {input} --threads {params.threads} --repeats {params.repeats}"
         " --out {output} > {log} 2>&1"
+
+
+# How hard each synthetic difficulty is: validation AUROC of difficulty_probe.methods on difficulty_probe.splits
+# of each of its datasets (config/difficulty.yaml draws every preset as a dataset of its own). Its inputs
+# are the runs' training histories only: no test part is scored for it.
+rule difficulty_probe:
+    input:
+        lambda w: [f"{r['run_dir']}/history.csv" for r in difficulty_probe_runs()],
+    output:
+        "results/bench/difficulty.csv",
+    params:
+        runs=lambda w: json.dumps(difficulty_probe_runs()),
+        overrides=lambda w: json.dumps(
+            {d: config["datasets"][d].get("synthetic_difficulty_overrides") or {} for d in config["datasets"]}
+        ),
+        encoder=config["features"]["encoder"],
+        weights=config["features"]["weights"],
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/bench/difficulty.log",
+    benchmark:
+        "benchmarks/bench/difficulty.tsv"
+    shell:
+        "slidetrain bench-difficulty --runs '{params.runs}' --overrides '{params.overrides}'"
+        " --encoder {params.encoder} --weights {params.weights:q} --out {output} > {log} 2>&1"

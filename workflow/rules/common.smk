@@ -184,6 +184,10 @@ def attention_methods(dataset):
     return _runs.attention_methods(PLAN, dataset)
 
 
+def difficulty_probe_runs():
+    return _runs.difficulty_probe_runs(PLAN)
+
+
 # Benchmarks (workflow/rules/bench.smk)
 def _bench_cfg(key, default=None):
     return config.get("bench", {}).get(key, default)

@@ -332,6 +332,27 @@ def _add_bench_preprocess_parser(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=cmd_bench_preprocess)
 
 
+def cmd_bench_difficulty(a: argparse.Namespace) -> None:
+    from slidetrain.bench.difficulty import difficulty_table, summary
+
+    table = difficulty_table(a.runs, a.out, encoder=a.encoder, weights=a.weights, overrides=a.overrides)
+    print(summary(table))
+
+
+def _add_bench_difficulty_parser(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser(
+        "bench-difficulty", help="validation AUROC per synthetic difficulty and method (from history.csv, never test)"
+    )
+    s.add_argument(
+        "--runs", type=json_arg, required=True, help="JSON list of {dataset, difficulty, method, split, seed, run_dir}"
+    )
+    s.add_argument("--overrides", type=json_arg, default={}, help="JSON: dataset -> synthetic_difficulty_overrides")
+    s.add_argument("--encoder", required=True, help="the features' encoder (recorded in the table)")
+    s.add_argument("--weights", required=True, help="the features' weights: none (random init) or a path (recorded)")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_bench_difficulty)
+
+
 def _add_bench_bags_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("bench-bags", help="write synthetic feature bags for the MIL throughput benchmark")
     s.add_argument("--out-dir", required=True)
@@ -405,6 +426,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     _add_bench_tilebag_step_parser(sub)
     _add_bench_features_parser(sub)
     _add_bench_preprocess_parser(sub)
+    _add_bench_difficulty_parser(sub)
     _add_bench_bags_parser(sub)
     _add_bench_mil_parser(sub)
     _add_distributed_single_parser(sub)

@@ -6,6 +6,7 @@ import itertools
 from collections.abc import Iterable
 
 from slidetrain.configs import METHODS
+from slidetrain.errors import ConfigError
 from slidetrain.workflow.plan import Plan
 
 
@@ -94,3 +95,36 @@ def tilebag_runs(plan: Plan, kind: str) -> list[str]:
             seed=plan.seeds,
         )
     return files
+
+
+def difficulty_probe_runs(plan: Plan) -> list[dict]:
+    """The runs of the difficulty probe (config `difficulty_probe`): its methods on its datasets, on its
+    splits, times the seeds, each with its run directory (where training writes history.csv) and the
+    dataset's synthetic_difficulty. Called only when the probe's target is asked for, so a config whose
+    datasets replace the default's fails here, naming the key, and nowhere else."""
+    probe = plan.config.get("difficulty_probe") or {}
+    datasets, methods = list(probe.get("datasets", [])), list(probe.get("methods", []))
+    unknown = [d for d in datasets if d not in plan.config["datasets"]]
+    if unknown:
+        raise ConfigError(
+            f"difficulty_probe.datasets names {unknown}, which the config does not define; its datasets:"
+            f" {sorted(plan.config['datasets'])}"
+        )
+    not_mil = [m for m in methods if m not in plan.mil_methods]
+    if not_mil:
+        raise ConfigError(
+            f"difficulty_probe.methods {not_mil}: expected frozen-feature methods {sorted(plan.mil_methods)}"
+        )
+    runs = []
+    for dataset in datasets:
+        splits = list(probe.get("splits", plan.splits_of(dataset)[:1]))
+        missing = [s for s in splits if s not in plan.splits_of(dataset)]
+        if missing:
+            raise ConfigError(f"difficulty_probe.splits {missing}: dataset {dataset!r} has {plan.splits_of(dataset)}")
+        difficulty = plan.config["datasets"][dataset].get("synthetic_difficulty", "classic")
+        for method, split, seed in itertools.product(methods, splits, plan.seeds):
+            run_dir = f"results/{dataset}/runs/{method}/{split}/{seed}"
+            runs.append(
+                dict(dataset=dataset, difficulty=difficulty, method=method, split=split, seed=seed, run_dir=run_dir)
+            )
+    return runs

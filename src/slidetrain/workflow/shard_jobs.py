@@ -6,6 +6,7 @@ per-slide outputs keep their paths, and the shard's manifest is what Snakemake t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from shlex import quote
 
@@ -51,16 +52,23 @@ def shard_slides_arg(plan: Plan, dataset: str, shard: str) -> str:
 
 def synthesize_shard_args(plan: Plan, dataset: str, shard: str) -> str:
     """`slidetrain synthesize-shard` arguments: the shard's drawn slides with their labels, the dataset's
-    seed, size range and (if set) stain scale."""
+    seed, size range and (if set) stain scale and difficulty. A classic difficulty without overrides
+    adds no argument, so the rule's parameters (a rerun trigger) stay as they were before difficulties."""
     ds: Mapping = plan.dataset_cfg(dataset)
     labels = plan.sheets[dataset].label
     members = synthetic_slides(plan, dataset, shard_members(plan, dataset, shard))
     slides = " ".join(quote(f"{s}={labels.at[s]}") for s in members)
     size = " ".join(map(str, ds["synthetic_size_range_px"]))
-    stain = " ".join(map(str, ds["synthetic_stain_scale"])) if ds.get("synthetic_stain_scale") else ""
-    return f"--slides {slides} --seed {ds['synthetic_seed']} --size-range-px {size}" + (
-        f" --stain-scale {stain}" if stain else ""
-    )
+    args = f"--slides {slides} --seed {ds['synthetic_seed']} --size-range-px {size}"
+    if ds.get("synthetic_stain_scale"):
+        args += " --stain-scale " + " ".join(map(str, ds["synthetic_stain_scale"]))
+    difficulty = ds.get("synthetic_difficulty", "classic")
+    overrides = ds.get("synthetic_difficulty_overrides") or {}
+    if difficulty != "classic" or overrides:
+        args += f" --difficulty {quote(difficulty)}"
+    if overrides:
+        args += f" --difficulty-overrides {quote(json.dumps(dict(overrides), sort_keys=True))}"
+    return args
 
 
 def bench_shard(plan: Plan) -> tuple[str, str]:

@@ -14,9 +14,10 @@ from slidetrain.wsi import heatmap_commands
 
 
 def cmd_synthesize(a: argparse.Namespace) -> None:
-    from slidetrain.wsi.synthetic import synthetic_spec, write_synthetic_slide
+    from slidetrain.wsi.synthetic import resolve_difficulty, synthetic_spec, write_synthetic_slide
 
-    spec = synthetic_spec(a.slide_id, a.label, a.seed, tuple(a.size_range_px))
+    difficulty = resolve_difficulty(a.difficulty, a.difficulty_overrides)
+    spec = synthetic_spec(a.slide_id, a.label, a.seed, tuple(a.size_range_px), difficulty=difficulty)
     if a.size_px:  # an exact size, e.g. the 40,960 x 30,720 benchmark slide
         import dataclasses
 
@@ -77,6 +78,8 @@ def cmd_synthesize_shard(a: argparse.Namespace) -> None:
         tuple(a.size_range_px),
         manifest=a.manifest,
         stain_scale=tuple(a.stain_scale),
+        difficulty=a.difficulty,
+        difficulty_overrides=a.difficulty_overrides,
     )
 
 
@@ -137,7 +140,17 @@ def _add_synthesize_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--size-px", type=int, nargs=2, help="exact level-0 width and height (overrides the range)")
     s.add_argument("--out", required=True)
     s.add_argument("--truth")
+    _add_difficulty_arguments(s)
     s.set_defaults(func=cmd_synthesize)
+
+
+def _add_difficulty_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--difficulty", default="classic", help="difficulty preset (slidetrain.wsi.synthetic.DIFFICULTY_PRESETS)"
+    )
+    s.add_argument(
+        "--difficulty-overrides", type=json_arg, default={}, help="JSON: per-key overrides of the preset's Difficulty"
+    )
 
 
 def _add_preprocess_parser(sub: argparse._SubParsersAction) -> None:
@@ -190,6 +203,7 @@ def _add_synthesize_shard_parser(sub: argparse._SubParsersAction) -> None:
         default=(1.0, 1.0),
         help="hematoxylin, eosin factors on every slide's stain (an external cohort's shift)",
     )
+    _add_difficulty_arguments(s)
     s.add_argument("--manifest", required=True)
     s.set_defaults(func=cmd_synthesize_shard)
 

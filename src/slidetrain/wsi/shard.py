@@ -170,14 +170,19 @@ def synthesize_shard(
     size_range_px: tuple[int, int],
     manifest: str | Path | None = None,
     stain_scale: tuple[float, float] = (1.0, 1.0),
+    difficulty: str = "classic",
+    difficulty_overrides: dict | None = None,
 ) -> list[dict]:
-    """Draw every (slide_id, label) as a pyramidal TIFF + truth npz in out_dir (resources/{dataset}/slides)."""
+    """Draw every (slide_id, label) as a pyramidal TIFF + truth npz in out_dir (resources/{dataset}/slides);
+    `difficulty` and its overrides: slidetrain.wsi.synthetic.resolve_difficulty."""
     import numpy as np
 
-    from slidetrain.wsi.synthetic import synthetic_spec, write_synthetic_slide
+    from slidetrain.wsi.synthetic import resolve_difficulty, synthetic_spec, write_synthetic_slide
+
+    resolved = resolve_difficulty(difficulty, difficulty_overrides)  # a bad name or key fails before any slide
 
     def spec_of(task: SlideTask):
-        return synthetic_spec(task.slide_id, task.source, seed, tuple(size_range_px), tuple(stain_scale))
+        return synthetic_spec(task.slide_id, task.source, seed, tuple(size_range_px), tuple(stain_scale), resolved)
 
     def done(task: SlideTask) -> dict | None:
         if not task.outputs["slide"].exists():

@@ -6,6 +6,11 @@ its own dataset. The slides imitate what the real pipeline has to cope with
 stain variation) and carry a learnable slide label: an ordinal grade shown by
 local lesions that cover a minority of the tissue, so a slide classifier has
 to find them (multiple-instance setting) rather than read a global colour.
+How hard that is, is a Difficulty (DIFFICULTY_PRESETS, per dataset in the
+config): `classic` draws dark, dense lesions that colour alone gives away; the
+graded presets draw smaller lesions whose nuclei are stained like normal ones
+and differ in size, outline and density, with stain shifts between simulated
+sites, as real atypia does.
 
 How (and why it is fast): everything macroscopic (tissue pieces, lesions, pen,
 stain variation) is drawn as small masks on a grid at downsample 16 (which
@@ -82,13 +87,156 @@ _PEN_OD = {
 _DEBRIS_OD = np.array([0.9, 1.0, 1.15], np.float32)  # grey-brown dust
 
 # Nucleus populations: (impulses per 5x px, gaussian sigma in 5x px, hematoxylin OD, offset
-# subtracted from the blob profile, which sets how far a nucleus extends).
-# Lesions differ from normal tissue in density, size and darkness, each visible at 5x.
-_NUCLEI = {
-    "normal": (0.012, 0.9, 1.55, 0.15),
-    "low": (0.030, 1.25, 2.0, 0.1),
-    "high": (0.050, 1.6, 2.6, 0.05),
+# subtracted from the blob profile, which sets how far a nucleus extends). Normal tissue's; the
+# lesions' come from the difficulty (LesionLook), which in `classic` differ in density, size and
+# darkness, each visible at 5x.
+_NORMAL_NUCLEI = (0.012, 0.9, 1.55, 0.15)
+
+
+@dataclass(frozen=True)
+class LesionLook:
+    """How lesion tissue differs from normal tissue in pixels; pairs are (low grade, high grade).
+
+    Normal nuclei are (0.012, 0.9, 1.55, 0.15) in the units of `low_nuclei`. The defaults are the
+    `classic` look: dark, dense nuclei in a basophilic, stroma-poor, gap-free region, which colour
+    alone gives away. A look with lesion nuclei at the normal OD (1.55), little cytoplasm wash and
+    stroma loss and the normal white gaps shows atypia in size, shape and density only.
+    """
+
+    # (nuclei per 5x px, nucleus gaussian sigma in 5x px, hematoxylin OD, profile offset: larger = smaller nucleus)
+    low_nuclei: tuple[float, float, float, float] = (0.030, 1.25, 2.0, 0.1)
+    high_nuclei: tuple[float, float, float, float] = (0.050, 1.6, 2.6, 0.05)
+    irregularity: tuple[float, float] = (0.0, 0.4)  # amplitude of the noise that makes outlines uneven
+    cytoplasm_od: tuple[float, float] = (0.35, 0.7)  # hematoxylin OD of the basophilic cytoplasm wash
+    stroma_loss: tuple[float, float] = (0.35, 0.6)  # share of eosin the lesion crowds out
+    lesion_gaps: float = 0.0  # share of normal tissue's white gaps (lumens, fat) that lesions keep
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LesionLook:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+CLASSIC_LOOK = LesionLook()
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """What makes the grade hard to read: lesion size (drawn per slide), lesion look (pixels) and
+    stain shifts between simulated sites. `classic` (all defaults) is the original task.
+
+    Ranges are (low, high) of a uniform draw per slide; `n_lesions` is inclusive. A slide's site is
+    a stable hash of its id (sites are not tied to the label or the split); each site scales
+    hematoxylin and eosin by exp(N(0, site_stain_sd)), drawn once per (dataset seed, site), on top
+    of the per-slide jitter and `stain_scale`.
+    """
+
+    lesion_fraction: tuple[float, float] = (0.08, 0.25)  # share of the tissue area that is lesion
+    n_lesions: tuple[int, int] = (2, 6)
+    n_sites: int = 0  # 0: no site effect
+    site_stain_sd: float = 0.0
+    low_nuclei: tuple[float, float, float, float] = CLASSIC_LOOK.low_nuclei
+    high_nuclei: tuple[float, float, float, float] = CLASSIC_LOOK.high_nuclei
+    irregularity: tuple[float, float] = CLASSIC_LOOK.irregularity
+    cytoplasm_od: tuple[float, float] = CLASSIC_LOOK.cytoplasm_od
+    stroma_loss: tuple[float, float] = CLASSIC_LOOK.stroma_loss
+    lesion_gaps: float = CLASSIC_LOOK.lesion_gaps
+
+    def look(self) -> LesionLook:
+        return LesionLook(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LesionLook)})
+
+
+# Graded presets, easiest first. mild is, key by key, the midpoint of classic and moderate; hard draws
+# lesion nuclei at the normal OD (atypia in size, outline and density only) on 2-6% of the tissue.
+DIFFICULTY_PRESETS: dict[str, Difficulty] = {
+    "classic": Difficulty(),
+    "mild": Difficulty(
+        lesion_fraction=(0.06, 0.185),
+        n_lesions=(2, 5),
+        n_sites=4,
+        site_stain_sd=0.05,
+        low_nuclei=(0.025, 1.175, 1.875, 0.11),
+        high_nuclei=(0.039, 1.45, 2.25, 0.075),
+        irregularity=(0.1, 0.4),
+        cytoplasm_od=(0.225, 0.45),
+        stroma_loss=(0.25, 0.45),
+        lesion_gaps=0.25,
+    ),
+    "moderate": Difficulty(
+        lesion_fraction=(0.04, 0.12),
+        n_lesions=(1, 4),
+        n_sites=4,
+        site_stain_sd=0.1,
+        low_nuclei=(0.020, 1.1, 1.75, 0.12),
+        high_nuclei=(0.028, 1.3, 1.9, 0.1),
+        irregularity=(0.2, 0.4),
+        cytoplasm_od=(0.1, 0.2),
+        stroma_loss=(0.15, 0.3),
+        lesion_gaps=0.5,
+    ),
+    "hard": Difficulty(
+        lesion_fraction=(0.02, 0.06),
+        n_lesions=(1, 3),
+        n_sites=4,
+        site_stain_sd=0.15,
+        low_nuclei=(0.016, 1.05, 1.55, 0.13),
+        high_nuclei=(0.020, 1.2, 1.6, 0.12),
+        irregularity=(0.25, 0.45),
+        cytoplasm_od=(0.03, 0.06),
+        stroma_loss=(0.05, 0.12),
+        lesion_gaps=0.8,
+    ),
 }
+
+
+# Per key of Difficulty: (items in the value, or 0 for a scalar, the allowed interval, the item type).
+_DIFFICULTY_KEYS: dict[str, tuple[int, tuple[float, float], type]] = {
+    "lesion_fraction": (2, (0.001, 0.9), float),
+    "n_lesions": (2, (1, 50), int),
+    "n_sites": (0, (0, 1000), int),
+    "site_stain_sd": (0, (0.0, 1.0), float),
+    "low_nuclei": (4, (0.0, 10.0), float),
+    "high_nuclei": (4, (0.0, 10.0), float),
+    "irregularity": (2, (0.0, 2.0), float),
+    "cytoplasm_od": (2, (0.0, 3.0), float),
+    "stroma_loss": (2, (0.0, 0.8), float),
+    "lesion_gaps": (0, (0.0, 1.0), float),
+}
+
+
+def _difficulty_value(key: str, value: Any) -> Any:
+    """One override checked against _DIFFICULTY_KEYS: a number or a list of the right length in range."""
+    n_items, (lo, hi), kind = _DIFFICULTY_KEYS[key]
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    shape = f"{n_items} numbers" if n_items else "a number"
+    ok = isinstance(value, (list, tuple)) == (n_items > 0) and len(items) == max(n_items, 1)
+    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items)
+    ok = ok and all(lo <= v <= hi and (kind is float or float(v).is_integer()) for v in items)
+    if ok and key in ("lesion_fraction", "n_lesions"):
+        ok = items[0] <= items[1]
+    if ok and key in ("low_nuclei", "high_nuclei"):
+        ok = items[0] <= 1.0 and items[1] > 0
+    if not ok:
+        raise ConfigError(
+            f"synthetic_difficulty_overrides.{key} = {value!r}: expected {shape} in [{lo}, {hi}]"
+            + (" (low <= high)" if key in ("lesion_fraction", "n_lesions") else "")
+            + (" (nuclei per px <= 1, sigma > 0)" if key.endswith("_nuclei") else "")
+        )
+    items = [kind(v) for v in items]
+    return tuple(items) if n_items else items[0]
+
+
+def resolve_difficulty(name: str = "classic", overrides: dict[str, Any] | None = None) -> Difficulty:
+    """The preset `name` (DIFFICULTY_PRESETS) with per-key `overrides`; an unknown name, key or a bad
+    value is a ConfigError naming it."""
+    if name not in DIFFICULTY_PRESETS:
+        raise ConfigError(f"synthetic_difficulty = {name!r}: expected one of {sorted(DIFFICULTY_PRESETS)}")
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(_DIFFICULTY_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"synthetic_difficulty_overrides: unknown keys {unknown}; expected some of {list(_DIFFICULTY_KEYS)}"
+        )
+    return dataclasses.replace(DIFFICULTY_PRESETS[name], **{k: _difficulty_value(k, v) for k, v in overrides.items()})
 
 
 @dataclass(frozen=True)
@@ -120,16 +268,27 @@ class SyntheticSpec:
     mpp: float = LEVEL0_MPP
     jpeg_quality: int = 90
     tile_px: int = TILE_PX
+    # Set by a difficulty other than `classic` only; None leaves them out of to_dict, so a classic
+    # spec (and the TIFF description and truth file that carry it) is the same as before they existed.
+    site: int | None = None  # simulated staining site (Difficulty.n_sites)
+    lesion_look: LesionLook | None = None  # None: CLASSIC_LOOK
 
     @property
     def grade(self) -> int:
         return GRADE_OF_NAME[self.label]
 
+    @property
+    def look(self) -> LesionLook:
+        return self.lesion_look or CLASSIC_LOOK
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SyntheticSpec:
+        d = dict(d)
+        if d.get("lesion_look") is not None:
+            d["lesion_look"] = LesionLook.from_dict(d["lesion_look"])
         return cls(**d)
 
 
@@ -187,8 +346,9 @@ def synthetic_spec(
     seed: int,
     size_range_px: tuple[int, int] = (3000, 6000),
     stain_scale: tuple[float, float] = (1.0, 1.0),
+    difficulty: Difficulty | None = None,
 ) -> SyntheticSpec:
-    """The drawing spec of one slide, a pure function of (slide_id, label, seed, stain_scale).
+    """The drawing spec of one slide, a pure function of (slide_id, label, seed, stain_scale, difficulty).
 
     The random draws do not depend on the label (only which of them are used
     does), so size, pieces, pen and stain carry no information about the class.
@@ -196,7 +356,11 @@ def synthetic_spec(
     `stain_scale` (hematoxylin, eosin) multiplies every slide's drawn stain
     strengths: another staining centre (an external cohort's stain shift); the
     random draws are the same, so (1, 1) is the dataset as before.
+    `difficulty` (None: `classic`, see resolve_difficulty) sets the lesion ranges,
+    the lesions' look and the site stain shifts; the site draws use their own
+    random streams, so the other fields are drawn as in `classic`.
     """
+    difficulty = difficulty or DIFFICULTY_PRESETS["classic"]
     if label not in GRADE_OF_NAME:
         raise SheetError(
             f"slide {slide_id}: unknown synthetic label {label!r}; expected one of {sorted(GRADE_OF_NAME)}"
@@ -218,8 +382,8 @@ def synthetic_spec(
     short_px = max(512, 16 * round(long_px * aspect / 16))
     n_pieces = int(rng.integers(1, 5))
     tissue_fraction = float(rng.uniform(0.25, 0.5))
-    lesion_fraction = float(rng.uniform(0.08, 0.25))
-    n_lesions = int(rng.integers(2, 7))
+    lesion_fraction = float(rng.uniform(*difficulty.lesion_fraction))
+    n_lesions = int(rng.integers(difficulty.n_lesions[0], difficulty.n_lesions[1] + 1))
     high_share = float(rng.uniform(0.6, 1.0))
     has_pen = bool(rng.random() < 0.15)
     pen_color = str(rng.choice(sorted(_PEN_OD)))
@@ -227,6 +391,8 @@ def synthetic_spec(
     stain_h = float(rng.uniform(0.88, 1.12))
     stain_e = float(rng.uniform(0.85, 1.15))
     draw_seed = int(rng.integers(0, 2**62))
+    site, (site_h, site_e) = _site_stain(slide_id, seed, difficulty)
+    look = difficulty.look()
     return SyntheticSpec(
         slide_id=str(slide_id),
         label=label,
@@ -241,9 +407,25 @@ def synthetic_spec(
         has_pen=has_pen,
         pen_color=pen_color,
         has_debris=has_debris,
-        stain_h=stain_h * scale_h,
-        stain_e=stain_e * scale_e,
+        stain_h=stain_h * scale_h * site_h,
+        stain_e=stain_e * scale_e * site_e,
+        site=site,
+        lesion_look=None if look == CLASSIC_LOOK else look,
     )
+
+
+def _site_stain(slide_id: str, seed: int, difficulty: Difficulty) -> tuple[int | None, tuple[float, float]]:
+    """(site, (hematoxylin, eosin) factors) of a slide; (None, (1, 1)) without sites.
+
+    The site is a stable hash of the slide id, and its factors a draw seeded by (dataset seed,
+    site): the same for every slide of the site, independent of the label.
+    """
+    if difficulty.n_sites == 0:
+        return None, (1.0, 1.0)
+    site = _stable_seed("synthetic-site", seed, slide_id) % difficulty.n_sites
+    rng = np.random.default_rng(_stable_seed("synthetic-site-stain", seed, site))
+    factors = np.exp(rng.normal(0.0, difficulty.site_stain_sd, size=2))
+    return site, (float(factors[0]), float(factors[1]))
 
 
 # ----------------------------------------------------------------------------- macroscopic layout
@@ -444,8 +626,10 @@ def _layout(spec: SyntheticSpec) -> _Layout:
         return ndimage.gaussian_filter(mask.astype(np.float32), 0.7)
 
     gaps = _smooth_noise(rng, shape, 70 / um_per_cell)
-    # Lumens, fat, tears: white spaces in normal tissue, none in the dense lesions.
-    gaps = np.clip((gaps - 1.3) * 1.5, 0, 1) * (grade == 0)
+    # Lumens, fat, tears: white spaces in normal tissue; lesions keep `lesion_gaps` of them (none in
+    # classic's dense lesions). float32 factors: x * 1 and x * 0 as the classic bool mask gave.
+    kept = np.where(grade == 0, np.float32(1.0), np.float32(spec.look.lesion_gaps))
+    gaps = np.clip((gaps - 1.3) * 1.5, 0, 1) * kept
     stain = 0.5 + 0.12 * _smooth_noise(rng, shape, 600 / um_per_cell)
     density = 0.5 + 0.15 * _smooth_noise(rng, shape, 250 / um_per_cell)
     orient = 0.5 + 0.5 * np.tanh(3.0 * _smooth_noise(rng, shape, 150 / um_per_cell))
@@ -552,6 +736,7 @@ def _stroma_fibres(nrm: np.ndarray, orient: np.ndarray) -> np.ndarray:
 
 
 def _nuclei_density(
+    look: LesionLook,
     tissue: np.ndarray,
     low_m: np.ndarray,
     high_m: np.ndarray,
@@ -564,17 +749,25 @@ def _nuclei_density(
     each population's size (normal tissue, low- and high-grade lesions)."""
     density = dens_f * 1.2 + 0.4  # ~1 +- 35% in normal tissue
     normal_w = tissue * np.clip(1.0 - low_m - high_m, 0.0, 1.0) * density * (1.0 - gaps)
+    low_w, high_w = low_m * tissue, high_m * tissue
+    if look.lesion_gaps:  # lesions that keep white gaps keep them free of nuclei too
+        low_w *= 1.0 - gaps
+        high_w *= 1.0 - gaps
     hema = np.zeros_like(tissue)
-    for name, weight in (("normal", normal_w), ("low", low_m * tissue), ("high", high_m * tissue)):
-        rate, sigma, od, thresh = _NUCLEI[name]
+    populations = (
+        (_NORMAL_NUCLEI, 0.0, normal_w),
+        (look.low_nuclei, look.irregularity[0], low_w),
+        (look.high_nuclei, look.irregularity[1], high_w),
+    )
+    for (rate, sigma, od, thresh), irregularity, weight in populations:
         if not weight.any():
             continue
         impulses = (uni < rate * weight).astype(np.float32)
         blob = _gauss(impulses, sigma)
         blob *= 2 * np.pi * sigma * sigma * 1.6  # ~1.6 at an isolated nucleus centre
-        if name == "high":  # pleomorphic: irregular outlines, uneven chromatin
+        if irregularity:  # pleomorphic: irregular outlines, uneven chromatin
             lumpy = _gauss(nrm, 0.8)
-            lumpy *= 0.4 * 2.0 * math.sqrt(np.pi) * 0.8  # 0.4 x unit-variance isotropic noise
+            lumpy *= irregularity * 2.0 * math.sqrt(np.pi) * 0.8  # irregularity x unit-variance isotropic noise
             lumpy += 1.0
             blob *= lumpy
         # A soft ramp, not a hard threshold: 2-4 px nuclei stay round after upsampling to 20x.
@@ -603,13 +796,14 @@ def _render_strip(spec: SyntheticSpec, layout: _Layout, rows: tuple[int, int]) -
     high_m = _ramp(high_f, 3.0)
 
     fib = _stroma_fibres(nrm, orient)  # (he, W5), unit variance
-    hema = _nuclei_density(tissue, low_m, high_m, gaps, dens_f, uni, nrm)  # (he, W5) optical density
+    look = spec.look
+    hema = _nuclei_density(look, tissue, low_m, high_m, gaps, dens_f, uni, nrm)  # (he, W5) optical density
 
     # Halo no longer needed: crop everything to the strip's own rows.
     keep = slice(r0 - e0, r1 - e0)
     tissue, low_m, high_m, gaps, fib, hema, nrm = (a[keep] for a in (tissue, low_m, high_m, gaps, fib, hema, nrm))
     low, high = low_m * tissue, high_m * tissue
-    hema += 0.06 * tissue + 0.35 * low + 0.7 * high  # basophilic cytoplasm in lesions
+    hema += 0.06 * tissue + look.cytoplasm_od[0] * low + look.cytoplasm_od[1] * high  # basophilic cytoplasm
     hema *= spec.stain_h
 
     stain = stain_f[keep] + 0.26  # slow staining variation
@@ -617,7 +811,7 @@ def _render_strip(spec: SyntheticSpec, layout: _Layout, rows: tuple[int, int]) -
     eosin *= tissue
     eosin *= 1.0 - gaps
     eosin *= stain
-    eosin *= np.clip(1.0 - 0.35 * low_m - 0.6 * high_m, 0.2, 1.0)  # lesions crowd out stroma
+    eosin *= np.clip(1.0 - look.stroma_loss[0] * low_m - look.stroma_loss[1] * high_m, 0.2, 1.0)  # crowded out
     eosin *= 0.55 * spec.stain_e
 
     pen = pen_f[keep] if spec.has_pen else None
