@@ -346,3 +346,31 @@ rule difficulty_probe:
     shell:
         "slidetrain bench-difficulty --runs '{params.runs}' --overrides '{params.overrides}'"
         " --encoder {params.encoder} --weights {params.weights:q} --out {output} > {log} 2>&1"
+
+
+# Forward tiles/s and peak RSS of each encoder at random init on the CPU, one process per encoder (the
+# ViT-g entries hold 4.5 GB of fp32 weights each, so they never share a process or overlap).
+_ENCODERS_CPU = _bench_cfg("encoders_cpu", {})
+
+
+rule bench_encoders_cpu:
+    output:
+        "results/bench/encoders_cpu.csv",
+    params:
+        # no list: the command's default, every registered ResNet and published foundation model
+        models=" ".join(["--models", *_ENCODERS_CPU["models"]]) if _ENCODERS_CPU.get("models") else "",
+        batch=_ENCODERS_CPU.get("batch", 4),
+        repeats=_ENCODERS_CPU.get("repeats", 2),
+    conda:
+        "../../envs/slidetrain.yaml"
+    log:
+        "logs/bench/encoders_cpu.log",
+    benchmark:
+        "benchmarks/bench/encoders_cpu.tsv"
+    threads: _ENCODERS_CPU.get("threads", 2)
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    shell:
+        "slidetrain bench-encoders-cpu {params.models}"
+        " --batch {params.batch} --repeats {params.repeats} --threads {threads} --out {output} > {log} 2>&1"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slidetrain.bench import heatmaps
+from slidetrain.bench import encoders_cpu, heatmaps
 from slidetrain.cli_args import json_arg, torch_threads
 
 
@@ -434,3 +434,4 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     _add_distributed_equivalence_parser(sub)
     _add_distributed_scaling_parser(sub)
     heatmaps.add_parser(sub)
+    encoders_cpu.add_parser(sub)

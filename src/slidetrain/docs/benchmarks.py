@@ -124,6 +124,13 @@ CATALOGUE: tuple[Result, ...] = (
         cost="a Table 1 attention run, the large synthetic slide drawn and masked",
     ),
     Result(
+        "results/bench/encoders_cpu.csv",
+        "Tile encoders on the CPU: forward tiles/s and peak memory at random init",
+        "Every registered ResNet and foundation model (`bench.encoders_cpu`), one process each, forward of a "
+        "batch of 224-px tiles (resized to the model's input size), tiles/s and the process' peak RSS in GB.",
+        cost="about 10 minutes on 2 cores; the ViT-g models need about 6.5 GB of free RAM",
+    ),
+    Result(
         "results/tables/tilebag_table1.csv",
         "Campanella et al. Table 1: AUROC against K and strategy",
         "Tile-bag K sweep (single), parallel and half strategies, frozen-feature MIL rows.",

@@ -297,6 +297,8 @@ FOUNDATION_SPECS: dict[str, FoundationSpec] = {
     ]
 }
 FOUNDATION_NAMES = tuple(FOUNDATION_SPECS)
+#: entries that are slidetrain's own test architectures, not published models (benchmarks leave them out)
+TEST_ONLY_NAMES = ("vit_tiny_test",)
 
 
 def spec(name: str) -> FoundationSpec:
