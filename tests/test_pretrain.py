@@ -140,3 +140,20 @@ def test_a_pretraining_cohort_used_by_a_table_or_sharing_a_patient_is_refused():
         check_pretrain_cohorts({**config, "table1": {"datasets": ["main", "pre"]}}, sheets)
     with pytest.raises(ConfigError, match="shares slides or patients with main: \\['p2'\\]"):
         check_pretrain_cohorts(config, {**sheets, "pre": sheet(["c"], ["p2"])})
+
+
+def test_the_pretraining_jobs_read_the_cohort_and_refuse_an_unmarked_one(monkeypatch):
+    import copy
+
+    from slidetrain.workflow import build_plan, pretrain_jobs
+
+    monkeypatch.chdir(ROOT)
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    plan = build_plan(copy.deepcopy(config), ROOT / "workflow" / "schemas" / "sheet.schema.yaml")
+    assert pretrain_jobs.pretrain_cohort(plan) == "synthetic_pretrain"
+    assert "--tiles-dir results/synthetic_pretrain/tiles" in pretrain_jobs.cohort_args(plan, "synthetic_pretrain")
+    assert pretrain_jobs.probe_split(plan) == "results/synthetic/splits/mccv0.csv"
+    assert pretrain_jobs.probe_args(plan).endswith("--classes normal low_grade high_grade --ordinal")
+    plan.config["pretrain"]["cohort"] = "synthetic"
+    with pytest.raises(ConfigError, match="must be marked pretrain_only"):
+        pretrain_jobs.pretrain_cohort(plan)

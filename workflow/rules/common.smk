@@ -10,6 +10,7 @@ from slidetrain.workflow import build_plan, method_regex
 from slidetrain.workflow import params as _params
 from slidetrain.workflow import runs as _runs
 from slidetrain.workflow import shard_jobs as _shard_jobs
+from slidetrain.workflow import pretrain_jobs as _pretrain_jobs
 from slidetrain.workflow import slide_files as _slide_files
 from slidetrain.workflow import tilebag_params as _tilebag
 from snakemake.utils import validate as _validate_rows
@@ -158,6 +159,27 @@ def method_params(method):
 
 def weights_files(params):
     return _params.weights_files(params)
+
+
+# Pretraining (workflow/rules/pretrain.smk)
+def pretrain_cohort_manifests(wildcards):
+    return manifests(_pretrain_jobs.pretrain_cohort(PLAN), "preprocess")
+
+
+def pretrain_cohort_args(wildcards):
+    return _pretrain_jobs.cohort_args(PLAN, _pretrain_jobs.pretrain_cohort(PLAN))
+
+
+def pretrain_probe_args(wildcards):
+    return _pretrain_jobs.probe_args(PLAN)
+
+
+def pretrain_probe_split(wildcards):
+    return _pretrain_jobs.probe_split(PLAN)
+
+
+def pretrain_probe_manifests(wildcards):
+    return manifests(config["pretrain"]["probe"]["dataset"], "preprocess")
 
 
 def _image_device():

@@ -1,28 +1,12 @@
 # Self-supervised pretraining of the default encoders (slidetrain.train.pretrain): SimCLR on the tiles
 # of the pretraining cohort, a dataset drawn for it alone (pretrain_only: never split, trained or tested
-# on). results/pretrain/{arch}/encoder.pt is a local state dict like any other `weights:` file; the
-# default config names it wherever the papers start from ImageNet, so Snakemake builds it first.
-
-
-def pretrain_cohort():
-    cohort = config["pretrain"]["cohort"]
-    if not dataset_cfg(cohort).get("pretrain_only", False):
-        raise ValueError(f"pretrain.cohort: dataset {cohort!r} must be marked pretrain_only: true")
-    return cohort
-
-
-def pretrain_cohort_args(wildcards):
-    cohort = pretrain_cohort()
-    return (
-        f"--sheet {dataset_cfg(cohort)['sheet']} --slides-dir resources/{cohort}/slides"
-        f" --tiles-dir results/{cohort}/tiles --tile-px {config['preprocess']['tile_px']}"
-        f" --target-magnification {config['preprocess']['target_magnification']}"
-    )
+# on). results/pretrain/{arch}/encoder.pt is a local state dict like any other `weights:` file; a job
+# whose config names it lists it as an input, so Snakemake builds it first. docs/pretraining.md.
 
 
 rule pretrain_encoder:
     input:
-        lambda w: manifests(pretrain_cohort(), "preprocess"),
+        pretrain_cohort_manifests,
     output:
         encoder="results/pretrain/{arch}/encoder.pt",
         history="results/pretrain/{arch}/history.csv",
@@ -54,15 +38,14 @@ rule pretrain_encoder:
 rule pretrain_probe:
     input:
         encoder="results/pretrain/{arch}/encoder.pt",
-        split=lambda w: f"results/{config['pretrain']['probe']['dataset']}/splits/{config['pretrain']['probe']['split']}.csv",
-        preprocess=lambda w: manifests(config["pretrain"]["probe"]["dataset"], "preprocess"),
+        split=pretrain_probe_split,
+        preprocess=pretrain_probe_manifests,
     output:
         "results/pretrain/{arch}/probe.csv",
+    wildcard_constraints:
+        arch="resnet18|resnet34|resnet50",
     params:
-        sheet=lambda w: dataset_cfg(config["pretrain"]["probe"]["dataset"])["sheet"],
-        dataset=config["pretrain"]["probe"]["dataset"],
-        classes=lambda w: " ".join(dataset_cfg(config["pretrain"]["probe"]["dataset"])["classes"]),
-        ordinal=lambda w: "--ordinal" if dataset_cfg(config["pretrain"]["probe"]["dataset"]).get("ordinal") else "",
+        data=pretrain_probe_args,
         max_tiles=config["pretrain"]["probe"].get("max_tiles_per_slide", 32),
     conda:
         "../../envs/slidetrain.yaml"
@@ -72,11 +55,8 @@ rule pretrain_probe:
         "benchmarks/pretrain/{arch}_probe.tsv"
     threads: config["pretrain"].get("threads", 1)
     shell:
-        "slidetrain pretrain-probe --arch {wildcards.arch} --weights {input.encoder} --sheet {params.sheet}"
-        " --slides-dir resources/{params.dataset}/slides --tiles-dir results/{params.dataset}/tiles"
-        " --tile-px {config[preprocess][tile_px]} --target-magnification {config[preprocess][target_magnification]}"
-        " --max-tiles-per-slide {params.max_tiles} --split {input.split} --classes {params.classes} {params.ordinal}"
-        " --threads {threads} --out {output} > {log} 2>&1"
+        "slidetrain pretrain-probe --arch {wildcards.arch} --weights {input.encoder} {params.data}"
+        " --max-tiles-per-slide {params.max_tiles} --split {input.split} --threads {threads} --out {output} > {log} 2>&1"
 
 
 rule pretrain:
