@@ -35,11 +35,11 @@ from slidetrain.train.tilebag.executors import StepContext, build_executor, full
 from slidetrain.train.tilebag.model import (
     TileBagConfig,
     TileBagModel,
-    bag_statistics_copy,
     logged_rates,
     param_groups,
     set_train_mode,
 )
+from slidetrain.train.tilebag.slide_norm import SlideNormEncoder
 
 log = logging.getLogger(__name__)
 
@@ -245,16 +245,25 @@ class TileBagTrainer:
         seed: int | None = None,
         workers: int | None = None,
     ) -> Prediction:
-        """Probabilities of every slide of `refs`: all tiles in chunks, or R seeded repeats of K tiles."""
+        """Probabilities of every slide of `refs`: all tiles in chunks, or R seeded repeats of K tiles.
+
+        Under `eval_bn: bag` each slide's tiles are normalised with all its tiles' statistics, in one or
+        several passes over its chunks (slide_norm.py)."""
         cfg = self.cfg
         mode = mode or cfg.eval_tiles
         repeats = repeats or (cfg.eval_repeats if mode == "sampled" else 1)
         sampling = BagSampling(**{**self.sampling.__dict__, "k": cfg.eval_k or cfg.k, "augment": False})
-        bags = EvalBags(
-            refs, sampling, mode=mode, chunk=cfg.eval_chunk, repeats=repeats, seed=self.seed if seed is None else seed
-        )
         self.model.eval()
-        encoder = bag_statistics_copy(self.model.encoder) if cfg.eval_bn == "bag" else self.model.encoder
+        encoder = SlideNormEncoder(self.model.encoder, bag=cfg.eval_bn == "bag")
+        bags = EvalBags(
+            refs,
+            sampling,
+            mode=mode,
+            chunk=cfg.eval_chunk,
+            repeats=repeats,
+            seed=self.seed if seed is None else seed,
+            passes=encoder.plan(cfg.eval_chunk),
+        )
         collector = PredictionCollector(len(refs), self.class_weights)
         chunks: list[torch.Tensor] = []
         chunk_coords: list[np.ndarray] = []
@@ -263,9 +272,14 @@ class TileBagTrainer:
         for item in loader:
             item = check_item(item)
             with autocast():
-                chunks.append(full_precision(encoder(item["tiles"].to(self.device))))  # (B, D)
-            chunk_coords.append(item["coords"].numpy())
+                features = encoder.encode(item["tiles"].to(self.device), item["pass"], item["passes"])  # (B, D)
+            if features is not None:
+                chunks.append(full_precision(features))
+                chunk_coords.append(item["coords"].numpy())
             if not item["last"]:
+                continue
+            encoder.end_pass(item["pass"], item["passes"])
+            if item["pass"] < item["passes"] - 1:
                 continue
             out = self.model.aggregator(torch.cat(chunks))  # features (N, D)
             collector.add(
