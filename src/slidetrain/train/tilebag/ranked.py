@@ -47,6 +47,7 @@ from slidetrain.data.tilebag import (
 from slidetrain.errors import ConfigError, TrainingError
 from slidetrain.models.encoders import build_encoder
 from slidetrain.train import common
+from slidetrain.train.cpu_bf16 import warn_if_emulated
 from slidetrain.train.optim import build_optimizer, build_scheduler
 from slidetrain.train.tilebag.distributed_executor import DistributedEngine, Topology, split_bag
 from slidetrain.train.tilebag.encoder_stages import encoder_groups, freeze_first_blocks
@@ -125,6 +126,8 @@ class RankedTileBagTrainer:
         self.optimizer = self.engine.optimizer
         self.schedule = build_scheduler(self.optimizer, cfg, math.ceil(len(self.sampler) / cfg.accumulation))
         self.step_count = 0  # slides seen in this process, for the collectives' error messages
+        if not self.primary:  # the encoder ranks run the convolutions
+            warn_if_emulated(self.device.type, cfg.amp)
 
     def loss_fn(self, out, label):
         return self.engine.aggregator.loss(out, label, self.class_weights)

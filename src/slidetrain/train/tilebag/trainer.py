@@ -30,6 +30,7 @@ from slidetrain.data.tilebag import (
 from slidetrain.errors import ConfigError, TrainingError
 from slidetrain.evaluate.metrics import classification_metrics
 from slidetrain.models.base import MILModel, MILOutput
+from slidetrain.train.cpu_bf16 import warn_if_emulated
 from slidetrain.train.optim import build_optimizer, build_scheduler
 from slidetrain.train.tilebag.executors import StepContext, build_executor, full_precision
 from slidetrain.train.tilebag.model import (
@@ -152,6 +153,7 @@ class TileBagTrainer:
             device=device,
         )
         self.class_weights = None if class_weights is None else class_weights.to(device)
+        warn_if_emulated(device.type, cfg.amp)
 
     # ---------------------------------------------------------------- state for checkpoints
     def state_dict(self) -> dict:
