@@ -112,20 +112,3 @@ def test_frozen_encoder_has_no_backward_and_keeps_bn_stats():
     assert all(p.grad is None for p in encoder.parameters())
     after = encoder.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN running stats
-
-
-def test_bag_statistics_copy_normalises_per_call_and_leaves_the_encoder_alone():
-    from slidetrain.train.tilebag.model import bag_statistics_copy
-
-    encoder, _, tiles = _setup()
-    encoder.train()
-    encoder(tiles * 3 + 1)  # running statistics away from the batch's
-    before = copy.deepcopy(encoder.state_dict())
-    bag = bag_statistics_copy(encoder)
-    with torch.no_grad():
-        out = bag(tiles)
-        reference = copy.deepcopy(encoder).train()(tiles)  # training-mode BN: the batch's statistics
-        running = copy.deepcopy(encoder).eval()(tiles)
-    torch.testing.assert_close(out, reference)
-    assert not torch.allclose(out, running)
-    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())

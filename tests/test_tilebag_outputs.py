@@ -66,6 +66,22 @@ def test_tilebag_table1_rows_and_paper_values(tmp_path):
     assert pd.read_csv(tmp_path / "t.csv").shape == out.shape
 
 
+def test_tilebag_table1_shows_a_run_left_out_with_its_reason(tmp_path):
+    runs = [write_run(tmp_path, "tilebag_k16", s, 0.9) for s in ("mccv0", "mccv1")]
+    reason = "bf16 autocast (amp) is emulated on this CPU: no AVX512-BF16 or AMX"
+    out = tilebag_table1(
+        [r / "metrics.json" for r in runs], tmp_path / "t.csv", paper_k={16: 700}, not_run={"tilebag_half_k16": reason}
+    )
+    half = out[out.strategy == "half"].iloc[0]
+    assert (half.algorithm, half.k, half.n_splits, half.note) == ("Proposed", 16, 0, f"not run: {reason}")
+    assert np.isnan(half.auc_mean) and np.isnan(half.auc_std)
+    assert not np.isnan(half.paper_auc_mean)  # the paper's parallel-half row at K=700 still sits beside
+    assert out[out.strategy == "single"].iloc[0].note == ""
+    assert "not run: bf16 autocast" in (tmp_path / "t.csv").read_text()
+    with pytest.raises(ConfigError, match="listed as not run but its metrics are given"):
+        tilebag_table1([r / "metrics.json" for r in runs], tmp_path / "t2.csv", not_run={"tilebag_k16": reason})
+
+
 def test_tilebag_table1_rejects_unknown_runs(tmp_path):
     run = write_run(tmp_path, "abmil", "mccv0", 0.6)
     with pytest.raises(ConfigError, match="abmil"):

@@ -8,6 +8,7 @@ and history must equal fit_tilebag's with `executor: plain` on the same data and
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -19,7 +20,8 @@ import pytest
 import torch
 
 from _entry import ENTRY
-from slidetrain.train.tilebag import fit_tilebag
+from slidetrain.data.tilebag import read_coords
+from slidetrain.train.tilebag import evaluate_tilebag, fit_tilebag
 
 pytestmark = pytest.mark.equivalence
 
@@ -168,3 +170,38 @@ def test_killed_rank_fails_naming_it_and_a_rerun_resumes(tiled_synthetic, split,
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming" in proc.stderr
     assert_same_run(plain_run, out)  # exact resume: epoch 2 continues from the saved state of every rank
+
+
+def test_distributed_validation_normalises_as_one_process_test_scoring(tiled_synthetic, split, tmp_path):
+    """eval_bn: bag on the ranks: each encoder rank holds half of the validation slide's tiles, in
+    several chunks; their BatchNorm statistics are merged over both ranks, so rank 0 scores the slide
+    as `evaluate-tilebag` does in one process with every tile. The validation part is one slide, so
+    its loss (-log p of its label) pins its probabilities; predictions.csv holds them rounded to
+    float32 (PredictionCollector), hence the tolerance (each rank's chunks normalised by their own
+    statistics, as before, moved p from 0.983 to 0.9999 here)."""
+    root, sheet, refs = tiled_synthetic
+    out = tmp_path / "ranked"
+    params = {**RANKED, "sync_bn": False, "eval_bn": "bag", "epochs": 1, "eval_chunk": 8, "input_px": 16}
+    proc = torchrun_train(out, tiled_synthetic, split, params)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    val_loss = pd.read_csv(out / "history.csv")["val_loss"].item()
+
+    frame = pd.read_csv(split)
+    frame["part"] = frame["part"].replace({"val": "test", "test": "val"})  # the validation slide, scored as a test
+    as_test = tmp_path / "val_as_test.csv"
+    frame.to_csv(as_test, index=False)
+    val_ref = refs[4]
+    assert len(read_coords(val_ref)) > 4 * params["eval_chunk"]  # each rank's share takes several chunks
+    evaluate_tilebag(
+        out / "model.pt",
+        as_test,
+        sheet,
+        root,
+        root,
+        CLASSES,
+        tmp_path / "predictions.csv",
+        tmp_path / "metrics.json",
+        n_bootstrap=10,
+    )
+    row = pd.read_csv(tmp_path / "predictions.csv").set_index("slide_id").loc[val_ref.slide_id]
+    assert row[f"prob_{CLASSES[val_ref.label]}"] == pytest.approx(math.exp(-val_loss), rel=1e-7)

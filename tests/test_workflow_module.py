@@ -368,6 +368,40 @@ def test_tilebag_runs(plan, config):
     assert len(history) == 3 * 2
 
 
+def test_tilebag_amp_runs_are_left_out_with_a_reason_where_bf16_is_emulated(plan, config, monkeypatch):
+    from slidetrain.train import cpu_bf16
+
+    config["tilebag"] = {
+        "datasets": ["graded"],
+        "splits": 1,
+        "k_sweep": [16],
+        "strategies": {"parallel": {"executor": "distributed"}, "half": {"amp": True}},
+        "strategy_k": [16],
+    }
+
+    def run_dirs() -> set[str]:
+        return {f.split("/")[3] for f in runs.tilebag_runs(plan, "metrics", tilebag_params.tilebag_emulated_amp(plan))}
+
+    monkeypatch.setattr(cpu_bf16, "cpu_bf16", lambda: cpu_bf16.CpuBf16(True, "avx512_bf16"))
+    assert run_dirs() == {"tilebag_k16", "tilebag_parallel_k16", "tilebag_half_k16"}
+    assert tilebag_params.tilebag_not_run_args(plan) == ""
+
+    monkeypatch.setattr(cpu_bf16, "cpu_bf16", lambda: cpu_bf16.CpuBf16(False, "no AVX512-BF16 or AMX (x86_64 CPU)"))
+    assert run_dirs() == {"tilebag_k16", "tilebag_parallel_k16"}
+    args = shlex.split(tilebag_params.tilebag_not_run_args(plan))
+    assert args == [
+        "--not-run",
+        "tilebag_half_k16=bf16 autocast (amp) is emulated on this CPU: no AVX512-BF16 or AMX (x86_64 CPU)",
+    ]
+
+    def no_probe():
+        raise AssertionError("the CPU is probed only for AMP on a CPU device")
+
+    monkeypatch.setattr(cpu_bf16, "cpu_bf16", no_probe)
+    config["tilebag"]["params"] = {"device": "cuda"}  # fp16 autocast on a GPU: nothing to leave out
+    assert run_dirs() == {"tilebag_k16", "tilebag_parallel_k16", "tilebag_half_k16"}
+
+
 # --- rule parameters ------------------------------------------------------------------------------------
 
 

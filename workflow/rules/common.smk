@@ -240,7 +240,12 @@ def _tilebag_threads():
 
 
 def _tilebag_runs(kind):
-    return _runs.tilebag_runs(PLAN, kind)
+    # called by input functions, so the CPU probe behind the left-out runs runs only for tile-bag targets
+    return _runs.tilebag_runs(PLAN, kind, _tilebag.tilebag_emulated_amp(PLAN))
+
+
+def _tilebag_not_run_args(wildcards):
+    return _tilebag.tilebag_not_run_args(PLAN)
 
 
 def _tilebag_strategy(w):

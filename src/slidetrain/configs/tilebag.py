@@ -62,9 +62,10 @@ class TileBagConfig(TrainConfig):
     eval_k: int = 0  # 0 = k
     eval_repeats: int = 1
     eval_chunk: int = 256  # tiles per encoder call at evaluation
-    # BatchNorm at evaluation: running (torch's eval mode: the running statistics) | bag (each encoder
-    # call normalised by its own tiles' statistics, as every training step is: one slide per step means
-    # BN's batch is one slide's bag; running statistics never change). See docs/tilebag.md (Data) for why it matters.
+    # BatchNorm at evaluation: running (torch's eval mode: the running statistics) | bag (each slide
+    # normalised by the statistics of all its evaluation tiles, as every training step normalises its one
+    # slide's bag; exact over eval_chunk and encoder ranks, at extra passes when a slide needs several
+    # calls; running statistics never change). docs/tilebag.md (Data) says why it matters.
     eval_bn: str = "running"
     # The authors' optimiser (REFERENCE_NOTES "Multi-GPU end-to-end")
     epochs: int = 40

@@ -310,6 +310,8 @@ class EvalChunk:
     repeat: int  # -1 for "all tiles"
     start: int
     stop: int
+    pass_index: int = 0  # which pass over the slide's chunks (eval_bn: bag, slide_norm.py)
+    passes: int = 1
 
 
 class EvalBags(Dataset):
@@ -322,6 +324,11 @@ class EvalBags(Dataset):
 
     `share(n) -> slice`: one encoder rank's part of each slide's n evaluation tiles (distributed
     evaluation); a slide whose share is empty stops with a SlideError naming it.
+
+    `passes(n) -> int`: how many times a slide of n tiles is gone through in mode "all" (slide
+    BatchNorm statistics take a pass per layer when the tiles need several calls; the items of
+    pass p carry "pass" = p and "passes", `last` marks each pass's final chunk). A sampled bag is read
+    whole, so it takes one pass.
     """
 
     def __init__(
@@ -333,6 +340,7 @@ class EvalBags(Dataset):
         repeats: int = 1,
         seed: int = 0,
         share: Callable[[int], slice] | None = None,
+        passes: Callable[[int], int] | None = None,
     ):
         if mode not in ("all", "sampled"):
             raise ConfigError(f"eval_tiles: unknown value {mode!r}; expected all or sampled")
@@ -352,8 +360,11 @@ class EvalBags(Dataset):
                     "rank one; use fewer ranks or eval_tiles: sampled",
                 )
             if mode == "all":
+                n_passes = passes(n) if passes is not None else 1
                 self.items += [
-                    EvalChunk(i, -1, a, min(a + chunk, part.stop)) for a in range(part.start, part.stop, chunk)
+                    EvalChunk(i, -1, a, min(a + chunk, part.stop), p, n_passes)
+                    for p in range(n_passes)
+                    for a in range(part.start, part.stop, chunk)
                 ]
             else:  # (start, stop) index the sampled bag, read whole
                 self.items += [EvalChunk(i, r, part.start, part.stop) for r in range(repeats)]
@@ -385,6 +396,8 @@ class EvalBags(Dataset):
             "tiles": tiles,
             "coords": torch.from_numpy(picked),
             "last": last,
+            "pass": item.pass_index,
+            "passes": item.passes,
         }
 
 

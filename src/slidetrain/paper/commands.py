@@ -28,7 +28,8 @@ def cmd_tilebag_table1(a: argparse.Namespace) -> None:
     from slidetrain.paper.tilebag_tables import tilebag_table1
 
     paper_k = {int(k): int(v) for k, _, v in (x.partition("=") for x in a.paper_k or [])}
-    tilebag_table1(a.metrics, a.out, paper_k=paper_k, markdown=a.markdown)
+    not_run = dict(x.split("=", 1) for x in a.not_run or [])
+    tilebag_table1(a.metrics, a.out, paper_k=paper_k, markdown=a.markdown, not_run=not_run)
 
 
 def cmd_tilebag_figure4(a: argparse.Namespace) -> None:
@@ -127,6 +128,9 @@ def _add_tilebag_table1_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("tilebag-table1", help="Campanella et al. Table 1: K sweep and frozen-feature rows")
     s.add_argument("--metrics", nargs="+", required=True, help="metrics.json of every run (path names the run)")
     s.add_argument("--paper-k", nargs="*", help="K=PAPER_K: the paper's K whose values a scaled K sits beside")
+    s.add_argument(
+        "--not-run", action="append", help="RUN=REASON: a run left out on this machine, shown as a row with the reason"
+    )
     s.add_argument("--out", required=True)
     s.add_argument("--markdown")
     s.set_defaults(func=cmd_tilebag_table1)

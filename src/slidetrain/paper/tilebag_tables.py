@@ -34,6 +34,7 @@ TILEBAG_TABLE1_COLUMNS = [
     "n_splits",
     "paper_auc_mean",
     "paper_auc_std",
+    "note",  # why a row has no value (a run left out on this machine), else empty
 ]
 TILEBAG_RUN = re.compile(r"^tilebag(?:_(?P<strategy>parallel|half))?_k(?P<k>\d+)$")
 
@@ -58,45 +59,53 @@ def _run_kind(method: str) -> tuple[str, int | None, str] | None:
     return None
 
 
+def _kind(method: str) -> tuple[str, int | None, str]:
+    kind = _run_kind(method)
+    if kind is None:
+        raise ConfigError(
+            f"tilebag-table1: run {method!r} is neither tilebag[_parallel|_half]_k<K> nor one of {sorted(FROZEN_ROWS)}"
+        )
+    return kind
+
+
+def _paper_values(paper: pd.DataFrame, method: str, paper_k: dict[int, int]) -> dict:
+    """The paper's row beside run `method` ({} for a K that paper_k does not map)."""
+    algorithm, k, strategy = _kind(method)
+    if algorithm != "Proposed":
+        where = f"tilebag-table1: run {method!r}"
+        return paper_row(paper, "tilebag_table1", where, algorithm=algorithm, embedding=FROZEN_ROWS[method][1])
+    if k not in paper_k:  # a K the config maps to the paper's K; an unmapped K has no paper value
+        return {}
+    require_value(paper, "tilebag_table1", "k", paper_k[k], f"tilebag.paper_k (for K={k})")
+    return paper_row(
+        paper,
+        "tilebag_table1",
+        f"tilebag-table1: run {method!r} (K={k} -> paper K={paper_k[k]}, strategy {strategy!r})",
+        algorithm="Proposed",
+        gpu_strategy=STRATEGY_PAPER[strategy],
+        k=paper_k[k],
+    )
+
+
 def tilebag_table1(
     metrics_paths: list[str | Path],
     out_csv: str | Path,
     paper_k: dict[int, int] | None = None,
     markdown: str | Path | None = None,
+    not_run: dict[str, str] | None = None,
 ) -> pd.DataFrame:
-    """Mean and std of test AUROC (in %) over splits per row, with the paper's values beside."""
+    """Mean and std of test AUROC (in %) over splits per row, with the paper's values beside.
+
+    `not_run`: {run name: reason} of runs the workflow left out on this machine (tilebag_half_k16 where
+    bf16 autocast would be emulated); each gets its row, no value, and the reason in `note`."""
     runs = collect_runs(metrics_paths)
     paper = paper_table("tilebag_table1")
     paper_k = paper_k or {}
     rows = []
     for method, group in runs.groupby("method", sort=False):
-        kind = _run_kind(method)
-        if kind is None:
-            raise ConfigError(
-                f"tilebag-table1: run {method!r} is neither tilebag[_parallel|_half]_k<K> nor one of "
-                f"{sorted(FROZEN_ROWS)}"
-            )
-        algorithm, k, strategy = kind
+        algorithm, k, strategy = _kind(method)
         auc = 100 * group.auroc.astype(float)
-        ref = {}
-        if algorithm != "Proposed":
-            ref = paper_row(
-                paper,
-                "tilebag_table1",
-                f"tilebag-table1: run {method!r}",
-                algorithm=algorithm,
-                embedding=FROZEN_ROWS[method][1],
-            )
-        elif k in paper_k:  # a K the config maps to the paper's K; an unmapped K has no paper value
-            require_value(paper, "tilebag_table1", "k", paper_k[k], f"tilebag.paper_k (for K={k})")
-            ref = paper_row(
-                paper,
-                "tilebag_table1",
-                f"tilebag-table1: run {method!r} (K={k} -> paper K={paper_k[k]}, strategy {strategy!r})",
-                algorithm="Proposed",
-                gpu_strategy=STRATEGY_PAPER[strategy],
-                k=paper_k[k],
-            )
+        ref = _paper_values(paper, method, paper_k)
         rows.append(
             {
                 "algorithm": algorithm,
@@ -107,6 +116,21 @@ def tilebag_table1(
                 "n_splits": int(group.split.nunique()),
                 "paper_auc_mean": float(ref.get("auc_mean", float("nan"))),
                 "paper_auc_std": float(ref.get("auc_std", float("nan"))),
+                "note": "",
+            }
+        )
+    for method, reason in (not_run or {}).items():
+        if method in set(runs.method):
+            raise ConfigError(f"tilebag-table1: run {method!r} is listed as not run but its metrics are given")
+        algorithm, k, strategy = _kind(method)
+        ref = _paper_values(paper, method, paper_k)
+        rows.append(
+            {
+                **dict.fromkeys(TILEBAG_TABLE1_COLUMNS, float("nan")),
+                **{"algorithm": algorithm, "k": k, "strategy": strategy, "n_splits": 0},
+                "paper_auc_mean": float(ref.get("auc_mean", float("nan"))),
+                "paper_auc_std": float(ref.get("auc_std", float("nan"))),
+                "note": f"not run: {reason}",
             }
         )
     table = pd.DataFrame(rows, columns=TILEBAG_TABLE1_COLUMNS)

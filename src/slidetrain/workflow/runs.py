@@ -69,14 +69,17 @@ def tilebag_splits(plan: Plan) -> list[str]:
     return plan.splits[: plan.config.get("tilebag", {}).get("splits", len(plan.splits))]
 
 
-def tilebag_runs(plan: Plan, kind: str) -> list[str]:
-    """metrics.json (kind "metrics") or history.csv of the tile-bag K sweep and strategies; with
-    "metrics", then the frozen-feature MIL runs beside them."""
+def tilebag_runs(plan: Plan, kind: str, left_out: Iterable[str] = ()) -> list[str]:
+    """metrics.json (kind "metrics") or history.csv of the tile-bag K sweep and strategies, but the runs
+    `left_out` (tilebag_params.tilebag_emulated_amp); with "metrics", then the frozen-feature MIL runs
+    beside them."""
     tilebag = plan.config.get("tilebag", {})
     name = "metrics.json" if kind == "metrics" else "history.csv"
     # the K sweep (single), then the other strategies at tilebag.strategy_k (tilebag_{strategy}_k{K})
     runs = [f"tilebag_k{k}" for k in tilebag.get("k_sweep", [])]
     runs += [f"tilebag_{s}_k{k}" for s in tilebag.get("strategies", {}) for k in tilebag.get("strategy_k", [])]
+    skip = set(left_out)
+    runs = [r for r in runs if r not in skip]
     splits, datasets = tilebag_splits(plan), tilebag.get("datasets", [])
     files = expand(
         "results/{dataset}/runs/{run}/{split}/{seed}/{name}",

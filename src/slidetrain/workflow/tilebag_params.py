@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from typing import Any
 
 from slidetrain.configs.tilebag import FOUNDATION_ENCODERS
@@ -53,6 +54,35 @@ def tilebag_run_params(plan: Plan, run: str) -> str:
     return json.dumps(
         {**tilebag_cfg(plan, "params", {}), **tilebag_cfg(plan, "strategies", {}).get(strategy, {}), "k": k}
     )
+
+
+def tilebag_emulated_amp(plan: Plan) -> dict[str, str]:
+    """{run: reason} of the tile-bag runs left out on this machine: their strategy asks for AMP on a CPU
+    whose bf16 autocast is emulated (an AVX2-only CPU: 729 s against 42 s in fp32 per run). Their rows
+    stay in tilebag_table1 with the reason; no run trains in fp32 under the strategy's name.
+
+    Asked only when some strategy has `amp: true` on a CPU device, so that torch is imported at
+    parse time only then (slidetrain.train.cpu_bf16 probes the CPU through torch)."""
+    base = tilebag_cfg(plan, "params", {})
+    amp_on_cpu = [
+        name
+        for name, keys in tilebag_cfg(plan, "strategies", {}).items()
+        if {**base, **keys}.get("amp") and str({**base, **keys}.get("device", "cpu")).startswith("cpu")
+    ]
+    if not amp_on_cpu:
+        return {}
+    from slidetrain.train import cpu_bf16
+
+    found = cpu_bf16.cpu_bf16()
+    if found.native:
+        return {}
+    reason = f"bf16 autocast (amp) is emulated on this CPU: {found.detail}"
+    return {f"tilebag_{s}_k{k}": reason for s in amp_on_cpu for k in tilebag_cfg(plan, "strategy_k", [])}
+
+
+def tilebag_not_run_args(plan: Plan) -> str:
+    """tilebag-table1's --not-run RUN=REASON arguments, shell-quoted."""
+    return " ".join(f"--not-run {shlex.quote(f'{run}={why}')}" for run, why in tilebag_emulated_amp(plan).items())
 
 
 def tilebag_nproc(plan: Plan) -> int:

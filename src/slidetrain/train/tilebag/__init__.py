@@ -269,13 +269,13 @@ def evaluate_tilebag(
     if cfg.executor == "distributed":  # the trained model is a plain TileBagModel: score it in one process
         cfg = replace(cfg, executor="plain")
     device = resolve_device(cfg.device)
-    model = build_tilebag_model(cfg, len(class_names), seed)
-    model.load_state_dict(saved["state_dict"])
     split = read_split(split_csv, allow_external=True)
     test = _refs(split, "test", class_names, sheet_csv, slides_dir, tiles_dir)
     samp = BagSampling(k=cfg.k, input_px=cfg.input_px, augment=False, **saved["sampling"])
-    trainer = TileBagTrainer(model, cfg, samp, test, seed, device)
-    pred = trainer.predict(test)
+    with default_dtype(cfg.dtype):  # a float64 run is scored in float64, as its validation was
+        model = build_tilebag_model(cfg, len(class_names), seed)
+        model.load_state_dict(saved["state_dict"])
+        pred = TileBagTrainer(model, cfg, samp, test, seed, device).predict(test)
     table = predictions_table([r.slide_id for r in test], [r.label for r in test], pred.mean_probs, class_names)
     with atomic_path(predictions_csv) as tmp:
         table.to_csv(tmp, index=False)

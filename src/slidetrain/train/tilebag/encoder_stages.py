@@ -82,13 +82,20 @@ def freeze_first_blocks(encoder: nn.Module, n_blocks: int) -> int:
     return frozen
 
 
+def is_frozen_norm(m: nn.Module) -> bool:
+    """A BatchNorm layer whose parameters are all frozen (frozen encoder, freeze_blocks): it normalises
+    with its running statistics in training too."""
+    if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return False
+    params = list(m.parameters())
+    return bool(params) and not any(p.requires_grad for p in params)
+
+
 def keep_frozen_norms_in_eval(encoder: nn.Module) -> None:
     """BatchNorm layers whose parameters are all frozen keep their running statistics in training mode."""
     for m in encoder.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            params = list(m.parameters())
-            if params and not any(p.requires_grad for p in params):
-                m.eval()
+        if is_frozen_norm(m):
+            m.eval()
 
 
 def encoder_groups(encoder: nn.Module, lr: float, layer_decay: float) -> list[dict]:

@@ -84,19 +84,3 @@ def selection_metric(cfg: TileBagConfig, ordinal: bool) -> str:
     if cfg.selection_metric not in allowed:
         raise ConfigError(f"selection_metric: expected auto or one of {list(allowed)}, got {cfg.selection_metric!r}")
     return cfg.selection_metric
-
-
-def bag_statistics_copy(encoder: nn.Module) -> nn.Module:
-    """A copy of `encoder` whose BatchNorm layers normalise with each call's batch statistics (eval_bn: bag).
-
-    Without running buffers, BatchNorm uses the batch's statistics even in eval mode and updates
-    nothing, so the trained encoder's state stays untouched.
-    """
-    import copy
-
-    bag = copy.deepcopy(encoder)
-    for m in bag.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean, m.running_var, m.num_batches_tracked = None, None, None
-            m.track_running_stats = False
-    return bag.eval()

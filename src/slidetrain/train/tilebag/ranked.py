@@ -12,8 +12,9 @@ draw and augmentation as one process, so the shares together are exactly `plain`
 reads no pixels, only the labels (through a DataLoader all the same, so that it draws from
 torch's generator what `plain` draws and the aggregator's dropout masks match). Validation runs on
 the same ranks: each encoder rank encodes its share of every slide's evaluation tiles with an
-eval-mode copy of its encoder (BatchNorm running statistics, or its own chunk statistics under
-`eval_bn: bag`), rank 0 gathers them and scores the slide. Metrics are broadcast from rank 0, so
+eval-mode copy of its encoder (BatchNorm running statistics, or under `eval_bn: bag` statistics
+merged over every encoder rank's tiles of the slide, as one process's), rank 0 gathers them and
+scores the slide. Metrics are broadcast from rank 0, so
 every rank takes the same selection and early-stopping decisions; rank 0 writes the checkpoint
 (every rank's state, gathered), history.csv and the run files; a rerun resumes every rank from it.
 
@@ -46,16 +47,17 @@ from slidetrain.data.tilebag import (
 from slidetrain.errors import ConfigError, TrainingError
 from slidetrain.models.encoders import build_encoder
 from slidetrain.train import common
+from slidetrain.train.cpu_bf16 import warn_if_emulated
 from slidetrain.train.optim import build_optimizer, build_scheduler
 from slidetrain.train.tilebag.distributed_executor import DistributedEngine, Topology, split_bag
-from slidetrain.train.tilebag.encoder_stages import encoder_groups
+from slidetrain.train.tilebag.encoder_stages import encoder_groups, freeze_first_blocks
 from slidetrain.train.tilebag.executors import full_precision
 from slidetrain.train.tilebag.model import (
     TileBagConfig,
     TileBagModel,
-    bag_statistics_copy,
     logged_rates,
 )
+from slidetrain.train.tilebag.slide_norm import SlideNormEncoder
 from slidetrain.train.tilebag.trainer import Prediction, PredictionCollector
 
 
@@ -124,6 +126,8 @@ class RankedTileBagTrainer:
         self.optimizer = self.engine.optimizer
         self.schedule = build_scheduler(self.optimizer, cfg, math.ceil(len(self.sampler) / cfg.accumulation))
         self.step_count = 0  # slides seen in this process, for the collectives' error messages
+        if not self.primary:  # the encoder ranks run the convolutions
+            warn_if_emulated(self.device.type, cfg.amp)
 
     def loss_fn(self, out, label):
         return self.engine.aggregator.loss(out, label, self.class_weights)
@@ -208,12 +212,22 @@ class RankedTileBagTrainer:
         return self.broadcast(row)
 
     # ---------------------------------------------------------------- evaluation on the same ranks
-    def _eval_encoder(self) -> torch.nn.Module:
-        """A plain eval-mode copy of this rank's encoder (no SyncBN, no DDP: ranks encode different chunk counts)."""
+    def _eval_encoder(self) -> SlideNormEncoder:
+        """A plain eval-mode copy of this rank's encoder (no SyncBN, no DDP: ranks encode different chunk
+        counts); under `eval_bn: bag` its BatchNorm statistics span every encoder rank's tiles of the slide,
+        as one process's span all of them."""
         encoder = build_encoder(self.cfg.backbone, "none", seed=self.seed)  # weights come from the trained state below
         encoder.load_state_dict(self.engine.model.state_dict())
-        encoder = encoder.to(self.device).eval()
-        return bag_statistics_copy(encoder) if self.cfg.eval_bn == "bag" else encoder
+        freeze_first_blocks(encoder, self.cfg.freeze_blocks)  # their BatchNorm keeps running statistics, as in training
+        return SlideNormEncoder(encoder.to(self.device), bag=self.cfg.eval_bn == "bag", gather=self._gather_moments)
+
+    def _gather_moments(self, mine: torch.Tensor) -> list[torch.Tensor]:
+        """Every encoder rank's packed BatchNorm moments (1 + 2C,), in rank order (all_gather, encoder group)."""
+        mine = mine.to(self.topo.comm_device)
+        out = [torch.empty_like(mine) for _ in range(self.topo.n_encoders)]
+        with self.engine.comm.guard("slide BatchNorm statistics (all_gather)"):
+            dist.all_gather(out, mine, group=self.topo.encoder_group)
+        return out
 
     @torch.no_grad()
     def predict(
@@ -252,16 +266,29 @@ class RankedTileBagTrainer:
         return collector.result(repeats)
 
     def _encode_shares(self, refs, sampling, mode, repeats, seed, workers) -> None:
-        bags = EvalBags(
-            refs, sampling, mode=mode, chunk=self.cfg.eval_chunk, repeats=repeats, seed=seed, share=self.rank_share
-        )
         encoder = self._eval_encoder()
+        # the plan knows every rank's share size, so all ranks take the same passes over a slide
+        plan = encoder.plan(self.cfg.eval_chunk, self.topo.n_encoders)
+        bags = EvalBags(
+            refs,
+            sampling,
+            mode=mode,
+            chunk=self.cfg.eval_chunk,
+            repeats=repeats,
+            seed=seed,
+            share=self.rank_share,
+            passes=plan,
+        )
         chunks: list[torch.Tensor] = []
         for item in bag_loader(bags, workers=workers):
             item = check_item(item)
             with self.engine.autocast():
-                chunks.append(full_precision(encoder(item["tiles"].to(self.device))))  # (c, D)
+                features = encoder.encode(item["tiles"].to(self.device), item["pass"], item["passes"])  # (c, D)
+            if features is not None:
+                chunks.append(full_precision(features))
             if item["last"]:
+                encoder.end_pass(item["pass"], item["passes"])
+            if item["last"] and item["pass"] == item["passes"] - 1:
                 self.step_count += 1
                 self.engine.predict_features(torch.cat(chunks), self.step_count)  # (k_r, D) to rank 0
                 chunks = []

@@ -30,16 +30,17 @@ from slidetrain.data.tilebag import (
 from slidetrain.errors import ConfigError, TrainingError
 from slidetrain.evaluate.metrics import classification_metrics
 from slidetrain.models.base import MILModel, MILOutput
+from slidetrain.train.cpu_bf16 import warn_if_emulated
 from slidetrain.train.optim import build_optimizer, build_scheduler
 from slidetrain.train.tilebag.executors import StepContext, build_executor, full_precision
 from slidetrain.train.tilebag.model import (
     TileBagConfig,
     TileBagModel,
-    bag_statistics_copy,
     logged_rates,
     param_groups,
     set_train_mode,
 )
+from slidetrain.train.tilebag.slide_norm import SlideNormEncoder
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ class TileBagTrainer:
             device=device,
         )
         self.class_weights = None if class_weights is None else class_weights.to(device)
+        warn_if_emulated(device.type, cfg.amp)
 
     # ---------------------------------------------------------------- state for checkpoints
     def state_dict(self) -> dict:
@@ -245,16 +247,25 @@ class TileBagTrainer:
         seed: int | None = None,
         workers: int | None = None,
     ) -> Prediction:
-        """Probabilities of every slide of `refs`: all tiles in chunks, or R seeded repeats of K tiles."""
+        """Probabilities of every slide of `refs`: all tiles in chunks, or R seeded repeats of K tiles.
+
+        Under `eval_bn: bag` each slide's tiles are normalised with all its tiles' statistics, in one or
+        several passes over its chunks (slide_norm.py)."""
         cfg = self.cfg
         mode = mode or cfg.eval_tiles
         repeats = repeats or (cfg.eval_repeats if mode == "sampled" else 1)
         sampling = BagSampling(**{**self.sampling.__dict__, "k": cfg.eval_k or cfg.k, "augment": False})
-        bags = EvalBags(
-            refs, sampling, mode=mode, chunk=cfg.eval_chunk, repeats=repeats, seed=self.seed if seed is None else seed
-        )
         self.model.eval()
-        encoder = bag_statistics_copy(self.model.encoder) if cfg.eval_bn == "bag" else self.model.encoder
+        encoder = SlideNormEncoder(self.model.encoder, bag=cfg.eval_bn == "bag")
+        bags = EvalBags(
+            refs,
+            sampling,
+            mode=mode,
+            chunk=cfg.eval_chunk,
+            repeats=repeats,
+            seed=self.seed if seed is None else seed,
+            passes=encoder.plan(cfg.eval_chunk),
+        )
         collector = PredictionCollector(len(refs), self.class_weights)
         chunks: list[torch.Tensor] = []
         chunk_coords: list[np.ndarray] = []
@@ -263,9 +274,14 @@ class TileBagTrainer:
         for item in loader:
             item = check_item(item)
             with autocast():
-                chunks.append(full_precision(encoder(item["tiles"].to(self.device))))  # (B, D)
-            chunk_coords.append(item["coords"].numpy())
+                features = encoder.encode(item["tiles"].to(self.device), item["pass"], item["passes"])  # (B, D)
+            if features is not None:
+                chunks.append(full_precision(features))
+                chunk_coords.append(item["coords"].numpy())
             if not item["last"]:
+                continue
+            encoder.end_pass(item["pass"], item["passes"])
+            if item["pass"] < item["passes"] - 1:
                 continue
             out = self.model.aggregator(torch.cat(chunks))  # features (N, D)
             collector.add(
