@@ -176,6 +176,7 @@ def test_workflow_downloads_with_the_concurrency_limit_and_excludes_a_bad_slide(
 @pytest.mark.workflow
 def test_the_difficulty_probe_trains_each_preset_and_scores_no_test_part(tmp_path):
     weights = tmp_path / "encoder.pt"
+    weights.write_bytes(b"")  # a weights file is a job input: it must exist for the plan (never read by -n)
     overlay = tmp_path / "weights.yaml"
     overlay.write_text(yaml.safe_dump({"features": {"weights": str(weights)}}))
     probe = yaml.safe_load((REPO / "config" / "difficulty.yaml").read_text())["difficulty_probe"]
