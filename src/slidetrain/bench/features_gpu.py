@@ -6,6 +6,11 @@ them into uint8 batches (pinned), the encoder runs on the device (AMP on or off)
 features of each 1,024-tile "slide" come back to the host and are written as .npy files.
 Model only: the same encoder on the same batches already decoded in (pinned) host memory.
 Goal on one GPU: >= 2,000 tiles/s end to end (issue 16).
+
+Then the pathology foundation models (issue 27): UNI's ViT-L/16 (`uni`) and H-optimus-0's ViT-g/14
+(`hoptimus0`) at 224 px under bfloat16 autocast, at random init (nothing downloads), end to end and
+model only on the same JPEG tiles, each row beside the tiles/s users report for UNI2-h extraction in
+TRIDENT (paper/data/external_throughput.csv). --tiny: the test ViT (`vit_tiny_test`) on the CPU.
 """
 
 from __future__ import annotations
@@ -24,6 +29,10 @@ from slidetrain.wsi.encode import TileEncoder, encode_batches, tile_loader
 
 GOAL_TILES_PER_S = 2000
 TILES_PER_SLIDE = 1024
+#: the foundation models timed (registry names) and the reported rate each row is set beside
+FOUNDATION_ENCODERS = ("uni", "hoptimus0")
+TINY_FOUNDATION_ENCODERS = ("vit_tiny_test",)
+REFERENCE = ("UNI2-h", "TRIDENT")
 
 
 def synthetic_jpeg_tiles(n: int, tile_px: int, seed: int = 0) -> list[bytes]:
@@ -149,6 +158,55 @@ def features_throughput_section(ctx) -> Iterator[dict]:
                 "goal_end_to_end": GOAL_TILES_PER_S,
                 "meets_goal": bool(end_to_end_rate >= GOAL_TILES_PER_S),
             }
+        yield from foundation_rows(ctx, jpegs, tile_px, workers=worker_counts[-1], deadline=deadline)
     finally:
         # later sections (local_learning's max_memory_allocated) must not pay for autotuning workspaces
         torch.backends.cudnn.benchmark = benchmark
+
+
+def build_on_device(name: str, device: torch.device) -> torch.nn.Module:
+    """A foundation model at random init, built on `device` (a ViT-g's initialisation on the CPU takes
+    tens of seconds; on the GPU well under one)."""
+    with torch.device(device):
+        return build_encoder(name, "none", 0)
+
+
+def foundation_rows(ctx, jpegs: list[bytes], tile_px: int, workers: int, deadline: float) -> Iterator[dict]:
+    """One row per foundation model: tiles/s end to end and model only under bfloat16 autocast (CUDA),
+    beside the reported UNI2-h rate in TRIDENT. A model not started before `deadline` is a skipped row."""
+    from slidetrain.paper.reference import external_tiles_per_s
+
+    names = TINY_FOUNDATION_ENCODERS if ctx.tiny else FOUNDATION_ENCODERS
+    n_tiles, batch_size = (32, 16) if ctx.tiny else (2048, 256)  # two 1,024-tile "slides": a ViT-g runs ~0.5k/s
+    reference = external_tiles_per_s(*REFERENCE)
+    dataset = JpegTileBatches(jpegs, n_tiles, batch_size)
+    out_dir = Path(ctx.tmp_dir) / "features_npy"
+    for name in names:
+        row = {"device": str(ctx.device), "encoder": name, "tile_px": tile_px, "batch_size": batch_size}
+        row |= {"workers": workers, "n_tiles": n_tiles}
+        row |= {"reference_tiles_per_s": reference, "reference": " in ".join(REFERENCE) + " (users' reports)"}
+        if time.perf_counter() > deadline:
+            yield {**row, "status": "skipped: out of the section's time"}
+            continue
+        t0 = time.perf_counter()
+        run = TileEncoder(build_on_device(name, ctx.device), ctx.device, amp=True, amp_dtype=torch.bfloat16)
+        build_s = time.perf_counter() - t0
+        model = model_only(run, dataset)
+        rate = end_to_end(run, dataset, workers, out_dir)
+        for f in out_dir.glob("*.npy"):
+            f.unlink()
+        yield {
+            **row,
+            "amp": run.amp,
+            "amp_dtype": "bfloat16" if run.amp else None,  # autocast is CUDA-only in TileEncoder
+            "input_px": run.encoder.spec.input_size,  # the card's size the tiles are resized to
+            "tiles_per_s_end_to_end": round(rate, 1),
+            "tiles_per_s_model_only": round(model, 1),
+            "ratio": round(rate / model, 3),
+            "vs_reference": round(rate / reference, 2),
+            "build_s": round(build_s, 1),
+            "status": "ok",
+        }
+        del run
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()

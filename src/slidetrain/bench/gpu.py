@@ -126,12 +126,14 @@ def distributed_equivalence_section(ctx: GpuContext) -> Iterable[dict]:
     return gpu_section(ctx)
 
 
-def paper_tiles_per_gb() -> dict[str, float]:
-    """Campanella et al.'s ResNet50 maximum tiles per GB of their GPU, by our precision names
-    (paper/data/tilebag_memory.csv, the one source of those counts)."""
+def paper_tiles_per_gb(encoder_name: str = "resnet50") -> dict[str, float]:
+    """Campanella et al.'s maximum tiles per GB of their GPU, by our precision names (paper/data/
+    tilebag_memory.csv, the one source of those counts): ResNet50's for every ResNet (the tiny run's
+    ResNet18 stands in for it), NaN for an encoder the paper did not measure (UNI's ViT-L)."""
     from slidetrain.paper.reference import paper_tiles_per_gb as per_gb
 
-    return {precision: per_gb("resnet50", precision) for precision in ("fp32", "amp")}
+    paper_name = "resnet50" if encoder_name.startswith("resnet") else encoder_name
+    return {precision: per_gb(paper_name, precision) for precision in ("fp32", "amp")}
 
 
 def paper_image_size() -> tuple[int, int]:
@@ -142,28 +144,21 @@ def paper_image_size() -> tuple[int, int]:
     return min((parse_size(s) for s in paper_table("local_table2").image_size), key=lambda wh: wh[0] * wh[1])
 
 
-def tilebag_section(ctx: GpuContext) -> Iterator[dict]:
-    """Campanella et al.: max tiles per forward + backward for ResNet50 at 224 px (fp32, AMP), then a few
-    plain-executor training steps (ResNet50 + GMA, one slide per step) per K on in-memory tiles.
+def max_tiles_rows(ctx: GpuContext, encoder_name: str, tile_px: int, limit: int) -> Iterator[dict]:
+    """One row per precision (fp32, AMP): the most tiles one forward + backward of `encoder_name` holds.
 
-    On CUDA the search stops within 1/64 of the answer (time box); a probe that fails to allocate
-    (OOM, cuDNN or cuBLAS workspace) is a miss.
-    --tiny: ResNet18 at 64 px on the CPU (peak RSS of a fresh process per probe, 2 GiB, N <= 4).
+    On CUDA the search stops within 1/64 of the answer for the ResNets, 1/16 for the foundation models
+    (a ViT-L probe takes seconds); a probe that fails to allocate (OOM, cuDNN or cuBLAS workspace) is a
+    miss. On the CPU: peak RSS of a fresh process per probe against 2 GiB. Paper rate: NaN for an
+    encoder Campanella et al. did not measure.
     """
-    # one piece: a section is one generator that yields each row as it is measured, so the section cap
-    # stops it between rows with the rows so far written (bench/section_runner.py); its parts share the
-    # device, budget and deadline set at its top.
     from slidetrain.bench.max_tiles import cuda_fits, fits, search_max
-    from slidetrain.models import build_model, method_config
-    from slidetrain.models.encoders import build_encoder, encoder_dim
-    from slidetrain.train.tilebag.executors import PlainExecutor, StepContext
+    from slidetrain.models.foundation import FOUNDATION_NAMES
 
     cuda = ctx.device.type == "cuda"
-    encoder_name, tile_px = ("resnet50", 224) if not ctx.tiny else ("resnet18", 64)
     budget = torch.cuda.get_device_properties(ctx.device).total_memory if cuda else 2 * 2**30
-    limit = 16384 if not ctx.tiny else 4
-    resolution = 1 / 64 if cuda else 0.0
-    paper = paper_tiles_per_gb()
+    resolution = (1 / 16 if encoder_name in FOUNDATION_NAMES else 1 / 64) if cuda else 0.0
+    paper = paper_tiles_per_gb(encoder_name)
     for precision in ("fp32", "amp"):
         probes = []
 
@@ -191,6 +186,28 @@ def tilebag_section(ctx: GpuContext) -> Iterator[dict]:
         }
         if cuda:
             torch.cuda.empty_cache()
+
+
+def tilebag_section(ctx: GpuContext) -> Iterator[dict]:
+    """Campanella et al.: max tiles per forward + backward for ResNet50 at 224 px (fp32, AMP), then a few
+    plain-executor training steps (ResNet50 + GMA, one slide per step) per K on in-memory tiles, then
+    (issue 27) max tiles per step when UNI's ViT-L/16 (`uni`, random init) is trained end to end (fp32, AMP).
+
+    On CUDA the search stops within 1/64 of the answer (1/16 for the ViT-L; time box); a probe that fails
+    to allocate (OOM, cuDNN or cuBLAS workspace) is a miss.
+    --tiny: ResNet18 at 64 px on the CPU (peak RSS of a fresh process per probe, 2 GiB, N <= 4), and the
+    test ViT (`vit_tiny_test`) at 32 px, N <= 2.
+    """
+    # one piece: a section is one generator that yields each row as it is measured, so the section cap
+    # stops it between rows with the rows so far written (bench/section_runner.py); its parts share the
+    # device, budget and deadline set at its top.
+    from slidetrain.models import build_model, method_config
+    from slidetrain.models.encoders import build_encoder, encoder_dim
+    from slidetrain.train.tilebag.executors import PlainExecutor, StepContext
+
+    cuda = ctx.device.type == "cuda"
+    encoder_name, tile_px = ("resnet50", 224) if not ctx.tiny else ("resnet18", 64)
+    yield from max_tiles_rows(ctx, encoder_name, tile_px, limit=16384 if not ctx.tiny else 4)
     # a few sweep steps: time per training step at several K (AMP on CUDA as the paper trains)
     encoder = build_encoder(encoder_name).to(ctx.device).train()
     aggregator = build_model("gma", encoder_dim(encoder_name), 2, method_config("gma", {})).to(ctx.device).train()
@@ -234,6 +251,12 @@ def tilebag_section(ctx: GpuContext) -> Iterator[dict]:
             "loss": round(result.loss, 4),
         }
         del tiles
+    # issue 27: UNI's ViT-L/16 trained end to end (random init), last so that a cap keeps the rows above
+    del encoder, aggregator, params, optimizer
+    if cuda:
+        torch.cuda.empty_cache()
+    vit, vit_px = ("uni", 224) if not ctx.tiny else ("vit_tiny_test", 32)
+    yield from max_tiles_rows(ctx, vit, vit_px, limit=16384 if not ctx.tiny else 2)
 
 
 def local_learning_section(ctx: GpuContext) -> Iterator[dict]:
@@ -373,13 +396,13 @@ SECTIONS: list[Section] = [
     Section(
         "offload_sweep",
         offload_sweep_section,
-        0.20,
+        0.18,
         ("torchvision", "slidetrain.bench.offload_sweep", "slidetrain.partitioned.offload_engine"),
     ),
     Section(
         "distributed_equivalence",
         distributed_equivalence_section,
-        0.30,
+        0.26,
         (
             "slidetrain.bench.distributed_equivalence",
             "slidetrain.train.tilebag.distributed_executor",
@@ -390,19 +413,25 @@ SECTIONS: list[Section] = [
     Section(
         "tilebag",
         tilebag_section,
-        0.24,
-        ("slidetrain.bench.max_tiles", "slidetrain.train.tilebag.executors", "slidetrain.paper.reference"),
+        0.26,
+        (
+            "slidetrain.bench.max_tiles",
+            "slidetrain.train.tilebag.executors",
+            "slidetrain.paper.reference",
+            "timm",
+            "slidetrain.models.foundation",
+        ),
     ),
     Section(
         "features_throughput",
         features_throughput_section,
-        0.12,
-        ("PIL", "slidetrain.bench.features_gpu", "slidetrain.wsi.encode"),
+        0.18,
+        ("PIL", "slidetrain.bench.features_gpu", "slidetrain.wsi.encode", "timm", "slidetrain.models.foundation"),
     ),
     Section(
         "local_learning",
         local_learning_section,
-        0.14,
+        0.12,
         ("slidetrain.bench.local_memory", "slidetrain.train.wholeimage.registry"),
     ),
 ]

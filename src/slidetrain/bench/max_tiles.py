@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -74,7 +75,10 @@ def forward_backward(
     """One training forward + backward of `n_tiles` random tiles with a dummy loss on the features."""
     torch.set_num_threads(max(1, threads))
     dev = torch.device(device)
-    model = build_probe_encoder(encoder_name, tile_px).to(dev).train()
+    # a foundation model is built on the GPU itself: a ViT-L's random init on the CPU costs seconds per probe
+    with torch.device(dev) if dev.type == "cuda" and encoder_name not in ENCODERS + RESNETS else nullcontext():
+        model = build_probe_encoder(encoder_name, tile_px)
+    model = model.to(dev).train()
     x = torch.randn(n_tiles, 3, tile_px, tile_px, device=dev)  # (N, 3, P, P)
     amp = precision == "amp"
     dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16

@@ -96,3 +96,13 @@ def paper_tiles_per_gb(encoder: str, precision: str, paper: pd.DataFrame | None 
         precision=MEMORY_PRECISIONS[precision],
     )
     return float(row[column]) / gb
+
+
+def external_tiles_per_s(encoder: str, tool: str) -> float:
+    """Tiles per second other tools' users report for a foundation model's feature extraction
+    (paper/data/external_throughput.csv; e.g. UNI2-h in TRIDENT), beside the GPU script's own."""
+    table = paper_table("external_throughput")
+    row = paper_row(
+        table, "external_throughput", f"reported tiles/s of {encoder} in {tool}", encoder=encoder, tool=tool
+    )
+    return float(row.value)

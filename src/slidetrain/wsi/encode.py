@@ -36,11 +36,15 @@ class Normalizer:
 
 
 class TileEncoder:
-    """The encoder, on its device, in inference mode; `amp` runs it in float16 autocast on CUDA."""
+    """The encoder, on its device, in inference mode; `amp` runs it in `amp_dtype` (float16 unless
+    given, e.g. bfloat16 for ViTs) autocast on CUDA."""
 
-    def __init__(self, encoder: torch.nn.Module, device: torch.device, amp: bool = False):
+    def __init__(
+        self, encoder: torch.nn.Module, device: torch.device, amp: bool = False, amp_dtype: torch.dtype = torch.float16
+    ):
         self.device = device
         self.amp = bool(amp) and device.type == "cuda"
+        self.amp_dtype = amp_dtype
         channels_last = device.type == "cuda"
         self.encoder = encoder.to(device).eval()
         if channels_last:
@@ -50,7 +54,7 @@ class TileEncoder:
     @torch.inference_mode()
     def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
         """uint8 (B, T, T, 3) -> float32 features (B, D), left on the device (no sync per batch)."""
-        with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
+        with torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.amp):
             return self.encoder(self.normalize(tiles)).float()
 
 
