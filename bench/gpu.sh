@@ -11,14 +11,14 @@ cd "$(dirname "$0")/.."
 out="${1:?usage: bench/gpu.sh OUT_DIR [--tiny] [--only SECTION...] [--budget-s S]}"
 shift
 
-# The sections' caps add up to the budget (gpu.py's defaults: 300 s, --tiny 900 s). The outer
+# The sections' caps add up to the budget (gpu.py's defaults: 300 s, --tiny 1800 s). The outer
 # limit adds the preflight's cap (30 s), imports and each section's unwinding: it only fires if a
 # section hangs inside one C call, where its own cap cannot reach it.
 budget_s=300
 prev=""
 for arg in "$@"; do
     case "$arg" in
-        --tiny) budget_s=900 ;;
+        --tiny) budget_s=1800 ;;
     esac
 done
 for arg in "$@"; do

@@ -34,10 +34,9 @@ def test_table_of_tiny_encoders(tmp_path):
         assert row.params_m == round(row.params / 1e6, 2)
         assert row.dim == encoder_dim(row.model)
         # memory, checked against something the benchmark does not measure: the process held the fp32
-        # weights, so its peak RSS, and its growth after importing torch, exceed their bytes
+        # weights, so its peak RSS exceeds their bytes (ru_maxrss: the import peak can hide a small model)
         weight_bytes = 4 * row.params
         assert row.peak_rss_gb * 1e9 > weight_bytes, row.model
-        assert (row.peak_rss_gb - row.import_rss_gb) * 1e9 > weight_bytes, row.model
         assert isinstance(row.cpu, str) and row.cpu
 
 

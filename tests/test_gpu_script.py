@@ -39,7 +39,7 @@ def _env(**extra) -> dict:
     }
 
 
-def _run_script(out: Path, *args: str, timeout: float = 900, **env) -> subprocess.CompletedProcess:
+def _run_script(out: Path, *args: str, timeout: float = 2000, **env) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["bash", str(REPO / "bench" / "gpu.sh"), str(out), "--tiny", *args],
         capture_output=True,

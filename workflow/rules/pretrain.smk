@@ -17,14 +17,14 @@ rule pretrain_encoder:
     params:
         cohort=pretrain_cohort_args,
         params=lambda w: json.dumps(config["pretrain"].get("params", {})),
-        max_tiles=config["pretrain"].get("max_tiles_per_slide", 64),
+        max_tiles=lambda w: config["pretrain"].get("max_tiles_per_slide", 64),
     conda:
         "../../envs/slidetrain.yaml"
     log:
         "logs/pretrain/{arch}.log",
     benchmark:
         "benchmarks/pretrain/{arch}.tsv"
-    threads: config["pretrain"].get("threads", 1)
+    threads: config.get("pretrain", {}).get("threads", 1)
     resources:
         mem_mb=4000,
         runtime=60,
@@ -46,14 +46,14 @@ rule pretrain_probe:
         arch="resnet18|resnet34|resnet50",
     params:
         data=pretrain_probe_args,
-        max_tiles=config["pretrain"]["probe"].get("max_tiles_per_slide", 32),
+        max_tiles=lambda w: config["pretrain"]["probe"].get("max_tiles_per_slide", 32),
     conda:
         "../../envs/slidetrain.yaml"
     log:
         "logs/pretrain/{arch}_probe.log",
     benchmark:
         "benchmarks/pretrain/{arch}_probe.tsv"
-    threads: config["pretrain"].get("threads", 1)
+    threads: config.get("pretrain", {}).get("threads", 1)
     shell:
         "slidetrain pretrain-probe --arch {wildcards.arch} --weights {input.encoder} {params.data}"
         " --max-tiles-per-slide {params.max_tiles} --split {input.split} --threads {threads} --out {output} > {log} 2>&1"
@@ -61,4 +61,4 @@ rule pretrain_probe:
 
 rule pretrain:
     input:
-        expand("results/pretrain/{arch}/{f}", arch=config["pretrain"]["archs"], f=["encoder.pt", "probe.csv"]),
+        expand("results/pretrain/{arch}/{f}", arch=config.get("pretrain", {}).get("archs", []), f=["encoder.pt", "probe.csv"]),

@@ -50,7 +50,7 @@ from slidetrain.bench.section_runner import (
 #: seconds all sections may take together (their caps are shares of it); bench/gpu.sh passes it
 #: and sets its outer `timeout` from it. The CPU rehearsal runs on loaded CI cores: more room.
 DEFAULT_BUDGET_S = 300.0
-TINY_BUDGET_S = 900.0
+TINY_BUDGET_S = 1800.0
 PREFLIGHT_CAP_S = 30.0
 
 

@@ -8,6 +8,10 @@ from slidetrain.workflow.plan import Plan
 
 def pretrain_cohort(plan: Plan) -> str:
     """`pretrain.cohort`, which must be a dataset marked pretrain_only (never split, trained or tested on)."""
+    if "pretrain" not in plan.config:
+        raise ConfigError(
+            "a weights file under results/pretrain/ needs the config's `pretrain` block (docs/pretraining.md)"
+        )
     cohort = plan.config["pretrain"]["cohort"]
     if cohort not in plan.sheets:
         raise ConfigError(f"pretrain.cohort: {cohort!r} is not a dataset; known: {sorted(plan.sheets)}")
