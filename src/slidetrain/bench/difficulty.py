@@ -16,12 +16,12 @@ The rule `difficulty_probe` (workflow/rules/bench.smk) trains the runs and calls
 from __future__ import annotations
 
 import json
-import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
 
+from slidetrain.docs.benchmarks import cpu_model
 from slidetrain.errors import ConfigError
 from slidetrain.io import atomic_path
 
@@ -74,24 +74,13 @@ def difficulty_table(
                 **selected_validation(Path(run["run_dir"]) / "history.csv"),
                 "encoder": encoder,
                 "weights": weights,
-                "cpu": _cpu_model(),
+                "cpu": cpu_model(),
             }
         )
     table = pd.DataFrame(rows)
     with atomic_path(out) as tmp:
         table.to_csv(tmp, index=False)
     return table
-
-
-def _cpu_model() -> str:
-    """The CPU's model name: whole-image rows differ between CPU types, so every measurement names it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def summary(table: pd.DataFrame) -> str:

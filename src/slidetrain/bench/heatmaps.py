@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
 from pathlib import Path
 
+from slidetrain.docs.benchmarks import cpu_model
 from slidetrain.errors import SlidetrainError
 from slidetrain.io import atomic_path  # light: `slidetrain --help` imports this module
 
@@ -131,16 +131,6 @@ def prepare_large_slide(
     }
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def bench_heatmaps(a: argparse.Namespace) -> None:
     import pandas as pd
 
@@ -195,7 +185,7 @@ def bench_heatmaps(a: argparse.Namespace) -> None:
                 "cpu_seconds": timed["cpu_seconds"],
                 "import_rss_mb": timed["import_rss_mb"],
                 "peak_rss_mb": timed["peak_rss_mb"],
-                "cpu": _cpu_name(),
+                "cpu": cpu_model(),
             }
         )
         print(json.dumps(rows[-1]), flush=True)
