@@ -18,8 +18,9 @@ from slidetrain.workflow_config import replace_named_blocks
 REPO = Path(__file__).resolve().parents[1]
 
 
-def dry_run(configfile: Path, *targets: str) -> list[dict]:
-    """The jobs `snakemake -n` plans: one dict per job with its rule and wildcards."""
+def dry_run(configfile: Path, *targets: str, expect_failure: bool = False):
+    """The jobs `snakemake -n` plans: one dict per job with its rule and wildcards (or, expecting a
+    failure, what it printed)."""
     out = subprocess.run(
         [
             sys.executable,
@@ -39,6 +40,9 @@ def dry_run(configfile: Path, *targets: str) -> list[dict]:
         timeout=600,
         cwd=REPO,
     )
+    if expect_failure:
+        assert out.returncode != 0, out.stdout[-3000:]
+        return out.stdout + out.stderr
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     jobs = []
     for block in re.split(r"\n(?=(?:local)?rule \w+:)", out.stdout):
@@ -80,6 +84,11 @@ def test_a_config_copied_from_the_default_with_one_real_dataset_plans_nothing_sy
     config["datasets"] = {"mine": {"sheet": str(sheet), "classes": ["LUAD", "LUSC"]}}
     config["table1"] = {"datasets": ["mine"], "methods": ["maxpool", "abmil"]}
     path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(config))
+    # the default's encoder is pretrained on the synthetic cohort the user's config no longer has
+    failed = dry_run(path, "results/tables/table1.csv", expect_failure=True)
+    assert "pretrain.cohort: 'synthetic_pretrain' is not a dataset" in failed and "imagenet" in failed
+    config["features"]["weights"] = "imagenet"  # real slides: the papers' start
     path.write_text(yaml.safe_dump(config))
     # the QC table (rule all's) plans every dataset of the config: without the replacement it also
     # planned the default's 150 synthetic slides
@@ -186,8 +195,8 @@ def test_the_difficulty_probe_trains_each_preset_and_scores_no_test_part(tmp_pat
     assert "evaluate_mil" not in rules and "difficulty_probe" in rules
     trained = {(j["dataset"], j["method"], j["split"]) for j in jobs if j["rule"] == "train_mil"}
     assert trained == {(d, m, s) for d in probe["datasets"] for m in probe["methods"] for s in probe["splits"]}
-    drawn = {j["dataset"] for j in jobs if j["rule"] == "synthesize_shard"}
-    assert drawn == set(probe["datasets"]) == {f"synthetic_{p}" for p in ("classic", "mild", "moderate", "hard")}
+    drawn = {j["dataset"] for j in jobs if j["rule"] == "synthesize_shard"} - {"synthetic_pretrain"}  # its encoder's
+    assert drawn == set(probe["datasets"]) == {f"synthetic_{p}" for p in ("classic", "mild", "moderate", "subtle", "hard")}
     out = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "-p", "-F", "-s", str(REPO / "Snakefile"), "-d", str(REPO),
          "results/bench/difficulty.csv", "--configfile", str(REPO / "config" / "difficulty.yaml"), str(overlay)],

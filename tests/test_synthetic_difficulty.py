@@ -3,8 +3,10 @@ others show atypia at near-normal colour, on smaller lesions, with stain shifts 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +160,28 @@ def test_the_config_schema_lists_the_presets_and_override_keys_with_their_bounds
         node = keys[key]["items"] if n_items else keys[key]
         assert (node["minimum"], node["maximum"]) == (lo, hi), key
         assert keys[key].get("minItems", 0) == n_items, key
+
+
+def _midpoint(easy, hard):
+    """Key by key midpoint of two presets: counts rounded up, the harder preset's number of sites."""
+    out = {}
+    for f in dataclasses.fields(easy):
+        a, b = getattr(easy, f.name), getattr(hard, f.name)
+        if f.name == "n_sites":
+            out[f.name] = b
+        elif f.name == "n_lesions":
+            out[f.name] = tuple(math.ceil((x + y) / 2) for x, y in zip(a, b))
+        elif isinstance(a, tuple):
+            out[f.name] = tuple((x + y) / 2 for x, y in zip(a, b))
+        else:
+            out[f.name] = (a + b) / 2
+    return out
+
+
+@pytest.mark.parametrize("name, easy, hard", [("mild", "classic", "moderate"), ("subtle", "moderate", "hard")])
+def test_intermediate_presets_are_midpoints(name, easy, hard):
+    want = _midpoint(DIFFICULTY_PRESETS[easy], DIFFICULTY_PRESETS[hard])
+    got = dataclasses.asdict(DIFFICULTY_PRESETS[name])
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert np.allclose(got[key], value, rtol=0, atol=1e-12), (name, key, got[key], value)

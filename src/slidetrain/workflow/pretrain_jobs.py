@@ -14,7 +14,11 @@ def pretrain_cohort(plan: Plan) -> str:
         )
     cohort = plan.config["pretrain"]["cohort"]
     if cohort not in plan.sheets:
-        raise ConfigError(f"pretrain.cohort: {cohort!r} is not a dataset; known: {sorted(plan.sheets)}")
+        raise ConfigError(
+            f"pretrain.cohort: {cohort!r} is not a dataset; known: {sorted(plan.sheets)}. A `weights:` key names"
+            " an encoder pretrained on it (results/pretrain/): keep that dataset's block, name a pretrain_only"
+            " dataset of yours, or set the weights keys to imagenet or a weights file (docs/pretraining.md)"
+        )
     if not plan.dataset_cfg(cohort).get("pretrain_only", False):
         raise ConfigError(f"pretrain.cohort: dataset {cohort!r} must be marked pretrain_only: true")
     return cohort

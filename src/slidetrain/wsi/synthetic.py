@@ -145,8 +145,9 @@ class Difficulty:
         return LesionLook(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LesionLook)})
 
 
-# Graded presets, easiest first. mild is, key by key, the midpoint of classic and moderate; hard draws
-# lesion nuclei at the normal OD (atypia in size, outline and density only) on 2-6% of the tissue.
+# Graded presets, easiest first. hard draws lesion nuclei at the normal OD (atypia in size, outline and
+# density only) on 2-6% of the tissue. mild is, key by key, the midpoint of classic and moderate, and
+# subtle of moderate and hard (counts rounded up, the harder preset's sites; tests/test_synthetic_difficulty.py).
 DIFFICULTY_PRESETS: dict[str, Difficulty] = {
     "classic": Difficulty(),
     "mild": Difficulty(
@@ -172,6 +173,18 @@ DIFFICULTY_PRESETS: dict[str, Difficulty] = {
         cytoplasm_od=(0.1, 0.2),
         stroma_loss=(0.15, 0.3),
         lesion_gaps=0.5,
+    ),
+    "subtle": Difficulty(
+        lesion_fraction=(0.03, 0.09),
+        n_lesions=(1, 4),
+        n_sites=4,
+        site_stain_sd=0.125,
+        low_nuclei=(0.018, 1.075, 1.65, 0.125),
+        high_nuclei=(0.024, 1.25, 1.75, 0.11),
+        irregularity=(0.225, 0.425),
+        cytoplasm_od=(0.065, 0.13),
+        stroma_loss=(0.1, 0.21),
+        lesion_gaps=0.65,
     ),
     "hard": Difficulty(
         lesion_fraction=(0.02, 0.06),
