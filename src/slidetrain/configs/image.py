@@ -60,7 +60,8 @@ class WholeImageConfig:
     oom_retries: int = 1  # on_oom=crop: crops of 1/6 per edge before giving up (code: 1)
     selection_metric: str = "val_loss"  # val_loss | val_auroc | val_accuracy (validation part only)
     # BatchNorm running statistics from the training slides once before training, then frozen
-    # (for a randomly initialised backbone; the reference's ImageNet statistics need none)
+    # (for a backbone whose statistics are not those of the images: a random init, or the default's
+    # encoder pretrained on small tile views; the reference's ImageNet statistics need none)
     calibrate_bn: bool = False
     # Less memory, the same gradients (default none: the paper's memory profile): blocks
     # (recompute each residual block in the backward) | tiles (recompute each module tile by tile,

@@ -45,7 +45,8 @@ class TrainConfig:
     max_instances: int = 0  # 0 = all; else random subset per training bag (memory guard)
     # none (the references: raw features) | standardize (per-dimension z-score with the training
     # part's statistics, stored with the model). Random-init encoders give features of mean ~35 and
-    # norm ~1000, on which attention MILs saturate at their reference learning rates.
+    # norm ~1000, on which attention MILs saturate; the default config standardises its pretrained
+    # features too, as validation favoured (config/config.yaml).
     feature_norm: str = "none"
 
     def selection_rule(self) -> tuple[str, float]:
