@@ -195,8 +195,10 @@ def test_the_difficulty_probe_trains_each_preset_and_scores_no_test_part(tmp_pat
     assert "evaluate_mil" not in rules and "difficulty_probe" in rules
     trained = {(j["dataset"], j["method"], j["split"]) for j in jobs if j["rule"] == "train_mil"}
     assert trained == {(d, m, s) for d in probe["datasets"] for m in probe["methods"] for s in probe["splits"]}
-    drawn = {j["dataset"] for j in jobs if j["rule"] == "synthesize_shard"} - {"synthetic_pretrain"}  # its encoder's
-    assert drawn == set(probe["datasets"]) == {f"synthetic_{p}" for p in ("classic", "mild", "moderate", "subtle", "hard")}
+    # the pretraining cohort is drawn for the features' encoder
+    drawn = {j["dataset"] for j in jobs if j["rule"] == "synthesize_shard"} - {"synthetic_pretrain"}
+    presets = ("classic", "mild", "moderate", "subtle", "hard")
+    assert drawn == set(probe["datasets"]) == {f"synthetic_{p}" for p in presets}
     out = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "-p", "-F", "-s", str(REPO / "Snakefile"), "-d", str(REPO),
          "results/bench/difficulty.csv", "--configfile", str(REPO / "config" / "difficulty.yaml"), str(overlay)],

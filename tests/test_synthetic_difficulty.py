@@ -170,9 +170,9 @@ def _midpoint(easy, hard):
         if f.name == "n_sites":
             out[f.name] = b
         elif f.name == "n_lesions":
-            out[f.name] = tuple(math.ceil((x + y) / 2) for x, y in zip(a, b))
+            out[f.name] = tuple(math.ceil((x + y) / 2) for x, y in zip(a, b, strict=True))
         elif isinstance(a, tuple):
-            out[f.name] = tuple((x + y) / 2 for x, y in zip(a, b))
+            out[f.name] = tuple((x + y) / 2 for x, y in zip(a, b, strict=True))
         else:
             out[f.name] = (a + b) / 2
     return out
