@@ -11,7 +11,8 @@ rule extract_features_shard:
         "results/{dataset}/shards/features/{encoder}/{shard}.tsv",
     params:
         slides=shard_slides_arg,
-        weights=config["features"]["weights"],
+        # the weights file as the job's input names it (none, imagenet or a foundation model's name otherwise)
+        weights=lambda w, input: input.weights[0] if len(input.weights) else config["features"]["weights"],
         # passed only when set: an empty value would be a missing argument
         sha256=f"--weights-sha256 {config['features']['sha256']}" if config["features"].get("sha256") else "",
         batch_size=config["features"]["batch_size"],
