@@ -553,6 +553,8 @@ def test_the_default_big_layers_arms_differ_only_in_training_the_encoder(monkeyp
             assert {k: getattr(frozen, k) for k in same} == {k: getattr(trained, k) for k in same}
             assert (frozen.encoder, trained.encoder) == ("frozen", "trained")
     assert frozen.weights == "results/pretrain/resnet18/encoder.pt"
+    # each slide's own statistics: running statistics left the trained arm at chance (config/config.yaml)
+    assert frozen.eval_bn == trained.eval_bn == "bag"
 
 
 def test_big_layers_arms_evaluated_differently_are_refused(offload_plan):

@@ -104,10 +104,15 @@ class Plan:
 
     def main_datasets(self) -> list[str]:
         """Datasets of the main job's QC table and preprocessing benchmark: all but the test-only cohorts
-        (`test_only: true`, e.g. Big-Layers' external cohort, built only by the targets that test on it)
-        and the pretraining cohort (`pretrain_only: true`, read only by results/pretrain/)."""
+        (`test_only: true`, e.g. Big-Layers' external cohort, built only by the targets that test on it),
+        the pretraining cohort (`pretrain_only: true`, read only by results/pretrain/) and cohorts other
+        targets train on (`main_job: false`, e.g. Big-Layers' synthetic_classic)."""
         side = ("test_only", "pretrain_only")
-        return [d for d in self.sheets if not any(self.config["datasets"][d].get(k, False) for k in side)]
+
+        def main(d: dict) -> bool:
+            return d.get("main_job", True) and not any(d.get(k, False) for k in side)
+
+        return [d for d in self.sheets if main(self.config["datasets"][d])]
 
 
 def method_regex(methods: Iterable[str]) -> str:
